@@ -1,0 +1,29 @@
+"""omse: post-training low-bit quantization by exact Minimum Mean Squared Error."""
+
+from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
+from .granularity import PerChannel, PerGroup, PerTensor
+from .grids import Grid, make_grid
+from .mmse import mmse_scale, mmse_solve
+from .primitives import dequantize, fake_quantize, pack_int4, quantize, unpack_int4
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "ConfigError",
+    "Grid",
+    "OmseError",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "UnsupportedLayerError",
+    "dequantize",
+    "fake_quantize",
+    "make_grid",
+    "mmse_scale",
+    "mmse_solve",
+    "pack_int4",
+    "quantize",
+    "unpack_int4",
+]

@@ -1,0 +1,282 @@
+"""Model-level API: ``omse.quantize(model, calib_batches, QuantConfig(...)) -> quantized copy``.
+
+Pipeline: copy -> fold BatchNorm -> wrap every Conv/Linear in a :class:`QuantizedLayer` with
+kernel-wise MMSE weights -> one streaming calibration pass (histograms of every quantized layer's
+input, weights already quantized) -> MMSE activation scales -> optional residual tensors within a
+MAC budget and post-training corrections (:mod:`omse.corrections`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .errors import CalibrationError, ConfigError, UnsupportedLayerError
+from .fold import QUANTIZABLE, _set_module, fold_batchnorm
+from .grids import Grid
+from .layers import QuantizedLayer, layer_macs_per_output
+from .ranges import make_range_setter
+from .stats import HistogramStats
+
+__all__ = ["quantize", "quantized_layers", "Calibration", "prepare_batches", "UNSUPPORTED"]
+
+# Layer types with weights that omse does not quantize (left in float with a warning).
+UNSUPPORTED = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Conv3d,
+    nn.LSTM,
+    nn.GRU,
+    nn.RNN,
+    nn.MultiheadAttention,
+    nn.Bilinear,
+)
+
+
+@dataclass
+class Calibration:
+    """What calibration produced: per-layer input statistics, timings and notes."""
+
+    stats: dict[str, HistogramStats] = field(default_factory=dict)
+    seconds: float = 0.0
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)
+    batches: int = 0
+
+
+def _first_tensor(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        raise ConfigError(
+            "dict batches are passed as keyword arguments; use calib batches of tensors"
+        )
+    raise CalibrationError(
+        f"calibration batch of type {type(batch).__name__} is not a tensor or (inputs, labels) tuple"
+    )
+
+
+def prepare_batches(calib_batches: Iterable) -> list:
+    """Validate calibration data; returns a re-iterable list of model inputs.
+
+    Each batch is a tensor, an ``(inputs, ...)`` tuple (the first item is used) or a dict of
+    keyword tensors (transformers). One-shot iterators are read once into a list.
+    """
+    if calib_batches is None:
+        raise CalibrationError("calib_batches is None; pass an iterable of input batches")
+    if isinstance(calib_batches, torch.Tensor):
+        raise CalibrationError(
+            "calib_batches is a single tensor; pass an iterable of batches, e.g. [x] or x.split(8)"
+        )
+    try:
+        batches = list(calib_batches) if isinstance(calib_batches, Iterator) else calib_batches
+        items = list(batches)
+    except TypeError:
+        raise CalibrationError(
+            f"calib_batches of type {type(calib_batches).__name__} is not iterable"
+        ) from None
+    if not items:
+        raise CalibrationError("calib_batches is empty; omse needs at least one calibration batch")
+    out = []
+    ref_shape = None
+    for i, b in enumerate(items):
+        if isinstance(b, dict):
+            for k, v in b.items():
+                if (
+                    isinstance(v, torch.Tensor)
+                    and v.is_floating_point()
+                    and not torch.isfinite(v).all()
+                ):
+                    raise CalibrationError(f"calibration batch {i} input {k!r} contains NaN or Inf")
+            out.append(b)
+            continue
+        x = _first_tensor(b)
+        if not x.is_floating_point():
+            raise CalibrationError(
+                f"calibration batch {i} has dtype {x.dtype}; the model's inputs must be floating point"
+            )
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"calibration batch {i} contains NaN or Inf")
+        if ref_shape is None:
+            ref_shape = x.shape[1:]
+        elif x.shape[1:] != ref_shape:
+            raise CalibrationError(
+                f"calibration batch {i} has shape {tuple(x.shape)}, unlike batch 0 {tuple((-1, *ref_shape))}"
+            )
+        out.append(x)
+    return out
+
+
+def run_model(model: nn.Module, batch) -> torch.Tensor:
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """Every :class:`QuantizedLayer` of ``model`` by its (original) layer name."""
+    return {m.name: m for m in model.modules() if isinstance(m, QuantizedLayer)}
+
+
+def _check_weights(model: nn.Module) -> None:
+    for n, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ConfigError(f"parameter {n!r} contains NaN or Inf; omse cannot quantize it")
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module, layers: dict[str, QuantizedLayer], batches: list, bins: int, progress: bool
+) -> dict[str, HistogramStats]:
+    """One pass over ``batches``: a histogram of every layer's input, and its MACs per sample."""
+    stats = {n: HistogramStats(bins) for n in layers}
+    handles = []
+    batch_idx = [0]
+
+    def hook(mod: QuantizedLayer, inp):
+        x = inp[0]
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"layer {mod.name!r} got NaN or Inf inputs on calibration batch {batch_idx[0]}"
+            )
+        stats[mod.name].update(x)
+        return None
+
+    def macs_hook(mod: QuantizedLayer, inp, out):
+        per_sample = out.numel() // max(out.shape[0], 1) if out.dim() > 1 else out.numel()
+        channels = mod.float_weight.shape[0]
+        mod.macs = int(per_sample // channels * channels * layer_macs_per_output(mod.layer))
+
+    for m in layers.values():
+        handles.append(m.register_forward_pre_hook(hook))
+        handles.append(m.register_forward_hook(macs_hook))
+    try:
+        for i, b in enumerate(tqdm(batches, desc="calibrating", disable=not progress, leave=False)):
+            batch_idx[0] = i
+            run_model(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def set_activation_scales(
+    layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]
+) -> None:
+    """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs."""
+    for name, layer in layers.items():
+        cfg = layer.cfg
+        st = stats.get(name)
+        if cfg.act_bits is None or st is None or st.n == 0:
+            layer.set_act(None, None)
+            continue
+        kind = "unsigned" if st.nonnegative else cfg.act_grid
+        grid = Grid(cfg.act_bits, kind)  # type: ignore[arg-type]
+        scale = make_range_setter(cfg.act_method).fit(st, grid)
+        layer.set_act(scale, grid)
+
+
+def quantize(
+    model: nn.Module,
+    calib_batches: Iterable,
+    config: QuantConfig | None = None,
+    *,
+    fold_bn: bool = True,
+    progress: bool = False,
+    calibration: Calibration | None = None,
+) -> nn.Module:
+    """Return a quantized copy of ``model`` (``model`` itself is not modified).
+
+    Args:
+        model: a PyTorch module; Conv1d/Conv2d (grouped, depthwise) and Linear layers are
+            quantized, other layers with weights are left in float (listed in a warning).
+        calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
+            of keyword tensors); 16-64 images are typical. Never evaluation data.
+        config: :class:`QuantConfig`; default W4A8, kernel-wise MMSE.
+        fold_bn: fold BatchNorm into the preceding layer first.
+        progress: show progress bars.
+        calibration: if given, filled with statistics, timings and notes.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be an omse.QuantConfig, got {type(config).__name__}")
+    cal = calibration if calibration is not None else Calibration()
+    t0 = time.perf_counter()
+    batches = prepare_batches(calib_batches)
+    _check_weights(model)
+    if model.training:
+        warnings.warn(
+            "model is in training mode; omse quantizes an eval() copy (BatchNorm uses running stats)",
+            stacklevel=2,
+        )
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+
+    first = batches[0]
+    if fold_bn and not isinstance(first, dict):
+        cal.folded = fold_batchnorm(qmodel, first)
+
+    names = [n for n, _ in qmodel.named_modules() if n]
+    bad = config.unmatched_patterns(names)
+    if bad:
+        warnings.warn(f"override/skip patterns match no module: {bad}", stacklevel=2)
+
+    targets: dict[str, nn.Module] = {}
+    for name, m in qmodel.named_modules():
+        if not name or config.is_skipped(name):
+            continue
+        if isinstance(m, QUANTIZABLE):
+            if any(name.startswith(t + ".") for t in targets):
+                continue
+            targets[name] = m
+        elif isinstance(m, UNSUPPORTED) or (
+            type(m).__module__.split(".")[0] != "torch"
+            and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        ):
+            cal.left_float.append(f"{name} ({type(m).__name__})")
+    if cal.left_float:
+        msg = "omse leaves these layers in float (unsupported type): " + ", ".join(cal.left_float)
+        if config.strict:
+            raise UnsupportedLayerError(msg + "; remove strict=True or add them to skip")
+        warnings.warn(msg, stacklevel=2)
+    if not targets:
+        raise ConfigError("the model has no Conv/Linear layer to quantize (after skip)")
+
+    layers: dict[str, QuantizedLayer] = {}
+    for name, m in tqdm(targets.items(), desc="weights", disable=not progress, leave=False):
+        ql = QuantizedLayer(m, name, config.for_layer(name))
+        _set_module(qmodel, name, ql)
+        layers[name] = ql
+
+    if (
+        config.equalize
+        or config.extra_mac_budget > 0
+        or config.bias_correction
+        or config.output_aware
+    ):
+        from .corrections import apply_corrections
+
+        apply_corrections(qmodel, layers, batches, config, progress=progress)
+
+    cal.stats = collect_input_stats(qmodel, layers, batches, config.act_bins, progress)
+    set_activation_scales(layers, cal.stats)
+    if config.bias_correction:
+        from .corrections import bias_correction
+
+        bias_correction(qmodel, model, layers, batches, progress=progress)
+    cal.batches = len(batches)
+    cal.seconds = time.perf_counter() - t0
+    qmodel.omse_config = config  # type: ignore[attr-defined]
+    return qmodel

@@ -1,0 +1,387 @@
+"""Command line: ``omse demo | quantize | eval | report | export | save | inspect``.
+
+Every failure omse anticipates is one line on stderr and exit code 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OmseError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model", help="built-in model name (see `omse models`) or package.module:factory"
+    )
+    p.add_argument(
+        "--weights", help="weights file for a package.module:factory model (safetensors)"
+    )
+    p.add_argument("--calib", help="folder of calibration images (default: the model's own set)")
+    p.add_argument("--calib-size", type=int, default=32, help="number of calibration images")
+    p.add_argument("--weight-bits", "-w", type=int, default=4)
+    p.add_argument("--act-bits", "-a", default="8", help="activation bits, or 'float'")
+    p.add_argument("--method", default="mmse", help="weight and activation range method")
+    p.add_argument(
+        "--granularity", default="per_channel", help="per_channel | per_tensor | per_group<N>"
+    )
+    p.add_argument(
+        "--budget", type=float, default=0.0, help="extra MACs for residual tensors (fraction)"
+    )
+    p.add_argument("--first-last-8bit", action="store_true", help="first and last layer at W8A8")
+    p.add_argument(
+        "--skip", action="append", default=[], help="module name (pattern) left in float"
+    )
+    p.add_argument("--bias-correction", action="store_true")
+    p.add_argument("--equalize", action="store_true")
+    p.add_argument("--output-aware", action="store_true")
+    p.add_argument("--strict", action="store_true", help="fail on layers omse cannot quantize")
+    p.add_argument("--json", help="write the results as JSON to this path")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="omse", description="Post-training low-bit quantization by exact MMSE."
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="the default job: EfficientNet-Lite0 table (results/demo.json)")
+    d.add_argument("--calib-size", type=int, default=32)
+    d.add_argument("--views", type=int, default=200)
+    d.add_argument("--json", default="results/demo.json")
+    d.add_argument("--quick", action="store_true", help="fewer rows")
+    d.add_argument("--no-report", action="store_true", help="skip the W4A4 per-layer report")
+
+    q = sub.add_parser("quantize", help="quantize a model and evaluate it against FP32")
+    _add_quant_args(q)
+    q.add_argument("--out", help="write the packed quantized checkpoint here (.safetensors)")
+
+    e = sub.add_parser("eval", help="evaluate a saved omse checkpoint (or FP32 model) against FP32")
+    e.add_argument("model", help="built-in model name, or a checkpoint written by `omse save`")
+    e.add_argument("--views", type=int, default=200)
+    e.add_argument("--json")
+    e.add_argument("--force", action="store_true")
+
+    r = sub.add_parser("report", help="per-layer report (markdown, CSV, PNG)")
+    _add_quant_args(r)
+    r.add_argument("--out-dir", default="results/report")
+
+    x = sub.add_parser("export", help="quantize and export (ONNX QDQ)")
+    _add_quant_args(x)
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", required=True)
+
+    s = sub.add_parser("save", help="quantize and save a packed 4-bit checkpoint")
+    _add_quant_args(s)
+    s.add_argument("--out", required=True)
+
+    sub.add_parser("models", help="list built-in models")
+    return ap
+
+
+def _config_from_args(args) -> Any:
+    from .config import QuantConfig
+    from .demo import LITE0_FIRST_LAST
+
+    act = (
+        None
+        if str(args.act_bits).lower() in ("float", "none", "32")
+        else _int(args.act_bits, "--act-bits")
+    )
+    overrides = {}
+    if args.first_last_8bit:
+        if args.model == "efficientnet-lite0":
+            overrides = LITE0_FIRST_LAST
+        else:
+            overrides = {
+                "__first__": {"weight_bits": 8, "act_bits": 8},
+                "__last__": {"weight_bits": 8, "act_bits": 8},
+            }
+    return QuantConfig(
+        weight_bits=args.weight_bits,
+        act_bits=act,
+        weight_method=args.method,
+        act_method=args.method,
+        granularity=args.granularity,
+        extra_mac_budget=args.budget,
+        skip=tuple(args.skip),
+        overrides=overrides,
+        bias_correction=args.bias_correction,
+        equalize=args.equalize,
+        output_aware=args.output_aware,
+        strict=args.strict,
+    )
+
+
+def _int(v: str, name: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise OmseError(f"{name} must be an integer or 'float', got {v!r}") from None
+
+
+def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
+    if "__first__" not in overrides:
+        return overrides
+    from .fold import QUANTIZABLE
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    return {names[0]: overrides["__first__"], names[-1]: overrides["__last__"]}
+
+
+def _load_task(args):
+    """(model, preprocess, calib batches, eval inputs, eval labels, name)."""
+    from .data import calibration_images, imagenet_views, load_image_folder
+    from .models import REGISTRY, get_model, load_user_model
+
+    if args.model in REGISTRY:
+        spec = get_model(args.model)
+        model = spec.build()
+        pre = spec.preprocess
+        if spec.task == "fmnist":
+            from .fmnist import load_fmnist
+
+            xs, ys = load_fmnist("test")
+            ev_x, ev_y = xs[:2000], ys[:2000]
+            calib = load_fmnist("train")[0][: args.calib_size]
+        else:
+            ev_x, ev_y = imagenet_views(200)
+            calib = (
+                load_image_folder(args.calib, spec.input_shape[-1], args.calib_size)
+                if args.calib
+                else calibration_images(args.calib_size)
+            )
+    else:
+        model = load_user_model(args.model, args.weights)
+        pre = None
+        if not args.calib:
+            raise OmseError("a user model needs --calib FOLDER (calibration images)")
+        calib = load_image_folder(args.calib, limit=args.calib_size)
+        ev_x, ev_y = calib, None  # no evaluation set known for a user's model: report on calib
+    batches = [
+        pre(calib[i : i + 8]) if pre else calib[i : i + 8] for i in range(0, calib.shape[0], 8)
+    ]
+    return model, pre, batches, ev_x, ev_y
+
+
+def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
+    from .api import Calibration, quantize
+    from .metrics import compare_logits, predict
+
+    model, pre, batches, ev_x, ev_y = _load_task(args)
+    cfg = _config_from_args(args)
+    if "__first__" in cfg.overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, overrides=_resolve_first_last(model, cfg.overrides))
+    cal = Calibration()
+    qmodel = quantize(model, batches, cfg, calibration=cal, progress=True)
+    ref = predict(model, ev_x, pre, progress=True, desc="FP32")
+    out = predict(qmodel, ev_x, pre, progress=True, desc="quantized")
+    a = compare_logits(ref, out, ev_y)
+    res = {
+        "model": args.model,
+        "config": cfg.to_dict(),
+        "agreement": a.agreement,
+        "kl": a.kl,
+        "top1": a.top1,
+        "fp32_top1": compare_logits(ref, ref, ev_y).top1,
+        "eval_inputs": a.n,
+        "calib_batches": cal.batches,
+        "calib_seconds": round(cal.seconds, 3),
+        "left_float": cal.left_float,
+    }
+    return (model, qmodel, pre, batches, ev_x), res
+
+
+def _write_json(path: str | None, obj: dict, force: bool) -> None:
+    if path:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", force=force)
+
+
+def _print_result(res: dict) -> None:
+    top1 = "-" if res["top1"] is None else f"{res['top1']:.1%}"
+    print(
+        f"{res['model']}: agreement with FP32 {res['agreement']:.1%}, KL {res['kl']:.4f}, "
+        f"top-1 {top1} (FP32 {res['fp32_top1'] if res['fp32_top1'] is None else format(res['fp32_top1'], '.1%')}), "
+        f"{res['eval_inputs']} inputs, calibration {res['calib_seconds']:.1f} s"
+    )
+
+
+def cmd_demo(args) -> int:
+    from .demo import markdown_table, run_demo
+
+    if args.json and Path(args.json).exists():
+        pass  # results/demo.json is the demo's own output, refreshed each run
+    t = time.perf_counter()
+    result = run_demo(
+        n_calib=args.calib_size, n_views=args.views, out_json=args.json, quick=args.quick
+    )
+    print()
+    print(markdown_table(result))
+    if not args.no_report:
+        try:
+            from .report import demo_report
+        except ImportError:
+            demo_report = None
+        if demo_report is not None:
+            demo_report(calib_size=args.calib_size)
+    print(f"\nwrote {args.json} in {time.perf_counter() - t:.0f} s")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .io import check_output_path
+
+    if args.json:
+        check_output_path(args.json, args.force)
+    if args.out:
+        check_output_path(args.out, args.force)
+    (_, qmodel, *_), res = _quantize_and_eval(args)
+    _print_result(res)
+    if args.out:
+        from .checkpoint import save
+
+        save(qmodel, args.out, force=args.force)
+        print(f"wrote {args.out}")
+    _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .metrics import compare_logits, predict
+    from .models import REGISTRY, get_model
+
+    if args.json:
+        from .io import check_output_path
+
+        check_output_path(args.json, args.force)
+    if args.model in REGISTRY:
+        spec = get_model(args.model)
+        ref_model, qmodel, name = spec.build(), None, args.model
+    else:
+        from .checkpoint import load, read_header
+
+        header = read_header(args.model)
+        name = header.get("model")
+        if name not in REGISTRY:
+            raise OmseError(f"checkpoint {args.model} names model {name!r}, not a built-in model")
+        spec = get_model(name)
+        ref_model, qmodel = spec.build(), load(args.model)
+    if spec.task == "fmnist":
+        from .fmnist import load_fmnist
+
+        xs, ys = load_fmnist("test")
+    else:
+        from .data import imagenet_views
+
+        xs, ys = imagenet_views(args.views)
+    ref = predict(ref_model, xs, spec.preprocess, progress=True, desc="FP32")
+    out = predict(qmodel, xs, spec.preprocess, progress=True, desc="quantized") if qmodel else ref
+    a = compare_logits(ref, out, ys)
+    res = {
+        "model": name,
+        "agreement": a.agreement,
+        "kl": a.kl,
+        "top1": a.top1,
+        "n": a.n,
+        "fp32_top1": compare_logits(ref, ref, ys).top1,
+    }
+    print(json.dumps(res, indent=2))
+    _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    (model, qmodel, pre, batches, _), res = _quantize_and_eval(args)
+    _print_result(res)
+    paths = report(qmodel, model, batches, args.out_dir, force=args.force)
+    for p in paths:
+        print(f"wrote {p}")
+    _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .io import check_output_path
+
+    check_output_path(args.out, args.force)
+    (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
+    _print_result(res)
+    export_onnx(qmodel, batches[0][:1], args.out, force=args.force)
+    print(f"wrote {args.out}")
+    _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_save(args) -> int:
+    from .checkpoint import save
+    from .io import check_output_path
+
+    check_output_path(args.out, args.force)
+    (_, qmodel, *_), res = _quantize_and_eval(args)
+    _print_result(res)
+    save(qmodel, args.out, force=args.force)
+    print(f"wrote {args.out}")
+    _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        print(f"{name}\t{spec.task}\tinput {list(spec.input_shape)}")
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "export": cmd_export,
+    "save": cmd_save,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.cmd](args)
+    except OmseError as e:
+        if args.debug:
+            raise
+        print(f"omse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("omse: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

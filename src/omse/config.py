@@ -1,0 +1,188 @@
+"""Typed quantization configuration, validated on construction, with per-layer overrides."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+from .granularity import Granularity, PerChannel, parse_granularity
+from .grids import MAX_BITS, MIN_BITS
+from .ranges import METHODS
+
+__all__ = ["QuantConfig", "LayerConfig"]
+
+_GRIDS = ("full", "narrow")
+
+
+def _check_bits(name: str, value: int | None, allow_none: bool) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ConfigError(f"{name} must be set (an int in {MIN_BITS}..{MAX_BITS})")
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        extra = " or None for float activations" if allow_none else ""
+        raise ConfigError(
+            f"{name}={value!r} is invalid: use an int in {MIN_BITS}..{MAX_BITS}{extra}"
+        )
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What one layer gets: weight bits/granularity/method/grid, input-activation bits/method.
+
+    ``act_bits=None`` leaves the layer's input in float. ``residual_terms`` is the number of extra
+    low-precision tensors quantizing the weight residual (0 = plain), normally set by the budget.
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    weight_method: str = "mmse"
+    act_method: str = "mmse"
+    granularity: Granularity = field(default_factory=lambda: PerChannel(0))
+    weight_grid: str = "full"
+    act_grid: str = "full"
+    residual_terms: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits, allow_none=False)
+        _check_bits("act_bits", self.act_bits, allow_none=True)
+        for k in ("weight_method", "act_method"):
+            if getattr(self, k) not in METHODS:
+                raise ConfigError(
+                    f"{k}={getattr(self, k)!r} is unknown; use one of {sorted(METHODS)}"
+                )
+        if self.weight_grid not in _GRIDS:
+            raise ConfigError(f"weight_grid={self.weight_grid!r}: use 'full' or 'narrow'")
+        if self.act_grid not in _GRIDS:
+            raise ConfigError(
+                f"act_grid={self.act_grid!r}: use 'full' or 'narrow' (unsigned is chosen "
+                "automatically for non-negative inputs)"
+            )
+        object.__setattr__(self, "granularity", parse_granularity(self.granularity))
+        if not isinstance(self.residual_terms, int) or not 0 <= self.residual_terms <= 3:
+            raise ConfigError(f"residual_terms={self.residual_terms!r}: use 0..3")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Model-wide quantization settings.
+
+    Args:
+        weight_bits: bits of every weight tensor (2..8).
+        act_bits: bits of every quantized layer's input activation (2..8), or None for float.
+        weight_method / act_method: range setting, ``mmse`` (default), ``minmax``,
+            ``percentile`` or ``aciq``.
+        granularity: weight scales ``per_channel`` (kernel-wise, default), ``per_tensor`` or
+            ``per_group<N>`` (or a :class:`~omse.granularity.Granularity`).
+        overrides: per-layer changes by module name (``fnmatch`` patterns allowed), e.g.
+            ``{"_conv_stem": {"weight_bits": 8, "act_bits": 8}}``; the first matching pattern wins.
+        skip: module names (patterns allowed) left entirely in float.
+        extra_mac_budget: extra integer MACs allowed for residual tensors, as a fraction of the
+            quantized model's MACs (0 = none; 1.0 = every kernel gets one extra term).
+        residual_criterion: how kernels are ranked for the budget: ``output`` (layer-output error
+            on calibration data, default) or ``weight`` (weight MSE).
+        max_terms: the most tensors one kernel may get (1 + residual terms).
+        bias_correction / equalize / output_aware: post-training corrections (see README).
+        strict: raise on layers omse cannot quantize instead of warning.
+        act_bins: histogram bins of the streaming activation statistics.
+        seed: seed for anything random (nothing in the default pipeline is).
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    weight_method: str = "mmse"
+    act_method: str = "mmse"
+    granularity: Any = "per_channel"
+    weight_grid: str = "full"
+    act_grid: str = "full"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    extra_mac_budget: float = 0.0
+    residual_criterion: str = "output"
+    max_terms: int = 2
+    bias_correction: bool = False
+    equalize: bool = False
+    output_aware: bool = False
+    strict: bool = False
+    act_bins: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "granularity", parse_granularity(self.granularity))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        self.base_layer()  # validates bits, methods and grids
+        b = self.extra_mac_budget
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= float(b) <= 2.0:
+            raise ConfigError(
+                f"extra_mac_budget={b!r} is outside [0, 2] (a fraction of the model's MACs)"
+            )
+        if self.residual_criterion not in ("output", "weight"):
+            raise ConfigError(
+                f"residual_criterion={self.residual_criterion!r}: use 'output' or 'weight'"
+            )
+        if not isinstance(self.max_terms, int) or not 1 <= self.max_terms <= 4:
+            raise ConfigError(f"max_terms={self.max_terms!r}: use 1..4")
+        if not isinstance(self.act_bins, int) or self.act_bins < 256 or self.act_bins % 2:
+            raise ConfigError(f"act_bins={self.act_bins!r}: use an even int >= 256")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError("overrides must be a dict {module name pattern: {field: value}}")
+        allowed = {f.name for f in fields(LayerConfig)}
+        for pattern, ov in self.overrides.items():
+            if not isinstance(ov, dict):
+                raise ConfigError(f"override for {pattern!r} must be a dict of LayerConfig fields")
+            bad = set(ov) - allowed
+            if bad:
+                raise ConfigError(
+                    f"override for {pattern!r} has unknown fields {sorted(bad)}; allowed: {sorted(allowed)}"
+                )
+            replace(self.base_layer(), **ov)  # validate now, not mid-run
+
+    def base_layer(self) -> LayerConfig:
+        return LayerConfig(
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            weight_method=self.weight_method,
+            act_method=self.act_method,
+            granularity=self.granularity,
+            weight_grid=self.weight_grid,
+            act_grid=self.act_grid,
+        )
+
+    def is_skipped(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def for_layer(self, name: str) -> LayerConfig:
+        """The layer's settings: the base config with the first matching override applied."""
+        base = self.base_layer()
+        for pattern, ov in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return replace(base, **ov)
+        return base
+
+    def unmatched_patterns(self, names: list[str]) -> list[str]:
+        """Override and skip patterns that match no module name (likely typos)."""
+        pats = list(self.overrides) + list(self.skip)
+        return [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["granularity"] = str(self.granularity)
+        d["skip"] = list(self.skip)
+        d["overrides"] = {
+            k: {kk: (str(vv) if kk == "granularity" else vv) for kk, vv in v.items()}
+            for k, v in self.overrides.items()
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ConfigError(f"unknown QuantConfig fields {sorted(bad)}")
+        d = dict(d)
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"])
+        return cls(**d)

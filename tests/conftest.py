@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _has(pkg: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(pkg) is not None
+
+
+needs_models = pytest.mark.skipif(
+    not (_has("efficientnet_lite_pytorch") and _has("foolbox")),
+    reason="model packages not installed (make test installs them)",
+)
