@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .errors import CalibrationError, ConfigError, UnsupportedLayerError
+from .errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from .fold import QUANTIZABLE, _set_module, fold_batchnorm
 from .grids import Grid
 from .layers import QuantizedLayer, layer_macs_per_output
@@ -162,7 +162,8 @@ def collect_input_stats(
     try:
         for i, b in enumerate(tqdm(batches, desc="calibrating", disable=not progress, leave=False)):
             batch_idx[0] = i
-            run_model(model, b)
+            with model_forward_errors(i, b):
+                run_model(model, b)
     finally:
         for h in handles:
             h.remove()
@@ -226,7 +227,8 @@ def quantize(
 
     first = batches[0]
     if fold_bn and not isinstance(first, dict):
-        cal.folded = fold_batchnorm(qmodel, first)
+        with model_forward_errors(0, first):
+            cal.folded = fold_batchnorm(qmodel, first)
 
     names = [n for n, _ in qmodel.named_modules() if n]
     bad = config.unmatched_patterns(names)

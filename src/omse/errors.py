@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
     "OmseError",
     "ConfigError",
     "CalibrationError",
     "CheckpointError",
     "UnsupportedLayerError",
+    "model_forward_errors",
 ]
 
 
@@ -29,3 +33,28 @@ class CheckpointError(OmseError, ValueError):
 
 class UnsupportedLayerError(OmseError, TypeError):
     """A layer cannot be quantized or exported (raised under ``strict=True``)."""
+
+
+def _describe(batch: object) -> str:
+    shape, dtype = getattr(batch, "shape", None), getattr(batch, "dtype", None)
+    if shape is not None:
+        return f"shape {tuple(shape)}, dtype {dtype}"
+    if isinstance(batch, dict):
+        return f"keys {sorted(map(str, batch))}"
+    return type(batch).__name__
+
+
+@contextlib.contextmanager
+def model_forward_errors(batch_index: int, batch: object) -> Iterator[None]:
+    """Turn a failure of the user's model on calibration batch ``batch_index`` (wrong shape,
+    dtype, device, ...) into a :class:`CalibrationError` naming the batch; omse's own errors and
+    ``KeyboardInterrupt`` pass through unchanged. The original exception is chained (``--debug``)."""
+    try:
+        yield
+    except OmseError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CalibrationError(
+            f"the model failed to run calibration batch {batch_index} ({_describe(batch)}): {first}"
+        ) from e
