@@ -50,8 +50,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (exit code 2, as every anticipated failure)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="omse", description="Post-training low-bit quantization by exact MMSE."
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -147,6 +154,13 @@ def _load_task(args):
     from .data import calibration_images, imagenet_views, load_image_folder
     from .models import REGISTRY, get_model, load_user_model
 
+    if args.calib_size < 1:
+        raise OmseError(f"--calib-size must be >= 1, got {args.calib_size}")
+    if args.weights and args.model in REGISTRY:
+        raise OmseError(
+            f"--weights is for package.module:factory models; {args.model!r} is built in "
+            "and ships its own weights"
+        )
     if args.model in REGISTRY:
         spec = get_model(args.model)
         model = spec.build()
@@ -367,6 +381,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
