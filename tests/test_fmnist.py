@@ -47,6 +47,15 @@ ALLOWED_LEAVES = (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module's small CPU forwards on one thread (fast and stable on shared CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
     """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
