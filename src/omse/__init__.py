@@ -1,15 +1,22 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error."""
 
+from .api import Calibration, quantize, quantized_layers
+from .config import LayerConfig, QuantConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
 from .granularity import PerChannel, PerGroup, PerTensor
 from .grids import Grid, make_grid
 from .mmse import mmse_scale, mmse_solve
-from .primitives import dequantize, fake_quantize, pack_int4, quantize, unpack_int4
+from .primitives import dequantize, fake_quantize, pack_int4, unpack_int4
+from .primitives import quantize as quantize_tensor
+from .report import report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "CalibrationError",
+    "LayerConfig",
+    "QuantConfig",
     "CheckpointError",
     "ConfigError",
     "Grid",
@@ -25,5 +32,8 @@ __all__ = [
     "mmse_solve",
     "pack_int4",
     "quantize",
+    "quantize_tensor",
+    "quantized_layers",
+    "report",
     "unpack_int4",
 ]

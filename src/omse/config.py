@@ -111,7 +111,19 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
-        object.__setattr__(self, "skip", tuple(self.skip))
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        try:
+            skip = tuple(skip)
+        except TypeError:
+            raise ConfigError(f"skip={self.skip!r}: use a list of module name patterns") from None
+        if not all(isinstance(p, str) for p in skip):
+            raise ConfigError(f"skip={self.skip!r}: every pattern must be a string")
+        object.__setattr__(self, "skip", skip)
+        for k in ("bias_correction", "equalize", "output_aware", "strict"):
+            if not isinstance(getattr(self, k), bool):
+                raise ConfigError(f"{k}={getattr(self, k)!r}: use True or False")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r}: use an int")
         self.base_layer()  # validates bits, methods and grids
         b = self.extra_mac_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= float(b) <= 2.0:
@@ -122,14 +134,25 @@ class QuantConfig:
             raise ConfigError(
                 f"residual_criterion={self.residual_criterion!r}: use 'output' or 'weight'"
             )
-        if not isinstance(self.max_terms, int) or not 1 <= self.max_terms <= 4:
+        if (
+            isinstance(self.max_terms, bool)
+            or not isinstance(self.max_terms, int)
+            or not 1 <= self.max_terms <= 4
+        ):
             raise ConfigError(f"max_terms={self.max_terms!r}: use 1..4")
-        if not isinstance(self.act_bins, int) or self.act_bins < 256 or self.act_bins % 2:
-            raise ConfigError(f"act_bins={self.act_bins!r}: use an even int >= 256")
+        if (
+            isinstance(self.act_bins, bool)
+            or not isinstance(self.act_bins, int)
+            or self.act_bins < 256
+            or self.act_bins % 4
+        ):
+            raise ConfigError(f"act_bins={self.act_bins!r}: use a multiple of 4, >= 256")
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides must be a dict {module name pattern: {field: value}}")
         allowed = {f.name for f in fields(LayerConfig)}
         for pattern, ov in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"override key {pattern!r} must be a module name (pattern) string")
             if not isinstance(ov, dict):
                 raise ConfigError(f"override for {pattern!r} must be a dict of LayerConfig fields")
             bad = set(ov) - allowed
@@ -137,7 +160,10 @@ class QuantConfig:
                 raise ConfigError(
                     f"override for {pattern!r} has unknown fields {sorted(bad)}; allowed: {sorted(allowed)}"
                 )
-            replace(self.base_layer(), **ov)  # validate now, not mid-run
+            try:
+                replace(self.base_layer(), **ov)  # validate now, not mid-run
+            except ConfigError as e:
+                raise ConfigError(f"override for {pattern!r}: {e}") from None
 
     def base_layer(self) -> LayerConfig:
         return LayerConfig(

@@ -75,6 +75,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("act_scale", None)
         self.n_terms = 0
         self.macs = 0
+        self.quant_enabled = True
         self.set_weight_terms(
             quantize_weight_terms(
                 self.float_weight, self.w_grid, cfg.granularity, cfg.weight_method, 1
@@ -122,7 +123,13 @@ class QuantizedLayer(nn.Module):
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
-        self.layer.weight.data = self.dequantized_weight().to(self.layer.weight.dtype)
+        w = self.dequantized_weight() if self.quant_enabled else self.float_weight
+        self.layer.weight.data = w.to(self.layer.weight.dtype)
+
+    def set_quant_enabled(self, enabled: bool) -> None:
+        """Switch between the quantized layer and its float (BN-folded) original."""
+        self.quant_enabled = bool(enabled)
+        self.refresh_weight()
 
     def extra_kernels(self) -> int:
         """Kernels carrying a residual term, summed over terms >= 1."""
@@ -138,7 +145,7 @@ class QuantizedLayer(nn.Module):
         self.a_grid = grid
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_scale is None or self.a_grid is None:
+        if self.act_scale is None or self.a_grid is None or not self.quant_enabled:
             return x
         return fake_quantize(x, self.act_scale, self.a_grid)
 

@@ -92,15 +92,28 @@ def build_model(name: str) -> nn.Module:
     return get_model(name).build()
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file with ``weights_only=True``.
 
     Pickle files are never unpickled beyond tensors: a file that needs arbitrary objects is refused.
     """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"weights file {p} is a directory")
     if not p.is_file():
         raise CheckpointError(f"weights file {p} does not exist")
-    head = p.read_bytes()[:16]
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {p}: {e}") from e
+    if not head:
+        raise CheckpointError(f"weights file {p} is empty")
     if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -109,15 +122,15 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(
-                f"weights file {p} is not a valid safetensors file: {e}"
-            ) from None
+                f"weights file {p} is not a valid safetensors file: {_first_line(e)}"
+            ) from e
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"weights file {p} is neither safetensors nor a weights-only torch file "
-            f"(refused, not unpickled): {str(e).splitlines()[0][:200]}"
-        ) from None
+            f"(refused, not unpickled): {_first_line(e)}"
+        ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -129,26 +142,33 @@ def load_user_model(target: str, weights: str | Path | None = None) -> nn.Module
     """Build ``package.module:factory`` and load ``weights`` into it (strict)."""
     if ":" not in target:
         raise OmseError(
-            f"model {target!r} is not built in and not of the form 'package.module:factory'"
+            f"unknown model {target!r}: not a built-in model ({', '.join(sorted(REGISTRY))}) "
+            "and not of the form 'package.module:factory'"
         )
     mod_name, _, attr = target.partition(":")
     try:
         mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise OmseError(f"cannot import module {mod_name!r} for model {target!r}: {e}") from None
+    except Exception as e:  # ImportError, or anything the module raises while importing
+        raise OmseError(
+            f"cannot import module {mod_name!r} for model {target!r}: {type(e).__name__}: {e}"
+        ) from e
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise OmseError(f"{mod_name!r} has no callable {attr!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:
+        raise OmseError(f"{target}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise OmseError(f"{target}() returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         sd = load_weights(weights)
         try:
             model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()
+        except (RuntimeError, ValueError, TypeError) as e:
+            first = str(e).split("\n")
             raise CheckpointError(
-                f"weights file {weights} does not match {target}: {' '.join(first[:3])[:400]}"
-            ) from None
+                f"weights file {weights} does not match {target}: "
+                f"{' '.join(x.strip() for x in first[:3])[:400]}"
+            ) from e
     return model.eval()

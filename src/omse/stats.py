@@ -1,8 +1,11 @@
 """Streaming, mergeable, memory-bounded tensor statistics for calibration.
 
 :class:`HistogramStats` keeps a fixed number of bins over a symmetric range ``[-R, R]`` where
-``R`` is a power of two; when a batch exceeds ``R`` the range doubles and adjacent bins merge
-pairwise, exactly. Each bin stores its count and the sum of its values, so the centroid of each
+``R`` is a power of two strictly above every magnitude seen; when a batch reaches ``R`` the range
+doubles and adjacent bins merge pairwise, exactly: a value's bin is computed as
+``floor(x / R * bins/2) + bins/2`` (scaling by a power of two is exact in binary floating point),
+so the counts after any sequence of doublings or merges equal those of a single pass over all the
+data. Each bin stores its count and the sum of its values, so the centroid of each
 bin is known and the MMSE problem can be solved on ``bins`` weighted points instead of every
 value seen. Memory is ``O(bins)``, independent of the number of batches.
 """
@@ -19,6 +22,7 @@ from .errors import CalibrationError
 __all__ = ["HistogramStats", "DEFAULT_BINS"]
 
 DEFAULT_BINS = 4096
+_MAX_MAGNITUDE = 2.0**1022
 
 
 @dataclass
@@ -41,17 +45,37 @@ class HistogramStats:
     sum_4: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.bins < 2 or self.bins % 2:
-            raise CalibrationError(f"histogram bins must be an even number >= 2, got {self.bins}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int):
+            raise CalibrationError(f"histogram bins must be an int, got {self.bins!r}")
+        if self.bins < 4 or self.bins % 4:
+            # pairwise merging on range doubling maps old bin j to new bin j//2 + bins/4
+            raise CalibrationError(
+                f"histogram bins must be a multiple of 4 (>= 4), got {self.bins}"
+            )
         if self.counts is None:
             self.counts = torch.zeros(self.bins, dtype=torch.float64)
             self.sums = torch.zeros(self.bins, dtype=torch.float64)
 
     # -- updating ---------------------------------------------------------------------------------
-    def _grow_to(self, radius: float) -> None:
-        """Double the range until it covers ``radius``; bins merge pairwise (exact)."""
+    @staticmethod
+    def _radius_for(amax: float) -> float:
+        """The smallest power of two strictly greater than ``amax`` (0 for 0)."""
+        if amax <= 0.0:
+            return 0.0
+        if amax >= _MAX_MAGNITUDE:
+            raise CalibrationError(
+                f"calibration values reach {amax:.3g}; magnitudes >= 2^1022 cannot be histogrammed"
+            )
+        return math.ldexp(1.0, math.frexp(amax)[1])  # amax = m * 2^e, 0.5 <= m < 1
+
+    def _grow_to(self, amax: float) -> None:
+        """Double the range until it is strictly above ``amax``; bins merge pairwise (exact)."""
+        self._double_to(self._radius_for(amax))
+
+    def _double_to(self, radius: float) -> None:
+        """Double the range up to the power of two ``radius``, merging bins pairwise (exact)."""
         if self.radius == 0.0:
-            self.radius = 2.0 ** math.ceil(math.log2(radius)) if radius > 0 else 0.0
+            self.radius = radius
             return
         while self.radius < radius:
             b = self.bins
@@ -71,7 +95,7 @@ class HistogramStats:
             raise CalibrationError("calibration values contain NaN or Inf")
         vmin, vmax = float(v.min()), float(v.max())
         amax = max(abs(vmin), abs(vmax))
-        if amax > self.radius:
+        if amax >= self.radius:
             self._grow_to(amax)
         self.n += v.numel()
         self.min, self.max = min(self.min, vmin), max(self.max, vmax)
@@ -81,8 +105,11 @@ class HistogramStats:
         self.sum_abs += float(v.abs().sum())
         self.sum_4 += float((v2 * v2).sum())
         if self.radius > 0:
-            idx = ((v + self.radius) * (self.bins / (2 * self.radius))).floor().long()
-            idx = idx.clamp_(0, self.bins - 1)
+            half = self.bins // 2
+            # v / R is exact (R a power of two, |v| < R) and so is the doubling relation between
+            # floor(v / R * half) and floor(v / 2R * half): bins agree across range doublings
+            idx = torch.floor((v / self.radius) * half).long().add_(half)
+            idx = idx.clamp_(0, self.bins - 1)  # defensive: |v| < R keeps idx in range
             self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
             self.sums.index_add_(0, idx, v)
         else:  # all zeros so far: keep them in the middle bin
@@ -99,7 +126,7 @@ class HistogramStats:
             tmp = HistogramStats(src.bins, src.radius, src.counts.clone(), src.sums.clone())
             if tmp.radius == 0.0 and out.radius > 0:
                 tmp.radius = out.radius  # zero-only histogram: its counts sit in the middle bin
-            tmp._grow_to(out.radius)
+            tmp._double_to(out.radius)
             out.counts += tmp.counts
             out.sums += tmp.sums
         out.n = self.n + other.n
