@@ -50,6 +50,8 @@ class Calibration:
     seconds: float = 0.0
     folded: list[tuple[str, str]] = field(default_factory=list)
     left_float: list[str] = field(default_factory=list)
+    equalized: list[tuple[str, str]] = field(default_factory=list)
+    corrections: dict = field(default_factory=dict)
     batches: int = 0
 
 
@@ -230,6 +232,11 @@ def quantize(
         with model_forward_errors(0, first):
             cal.folded = fold_batchnorm(qmodel, first)
 
+    if config.equalize and not isinstance(first, dict):
+        from .corrections import equalize
+
+        cal.equalized = equalize(qmodel, first)
+
     names = [n for n, _ in qmodel.named_modules() if n]
     bad = config.unmatched_patterns(names)
     if bad:
@@ -262,15 +269,10 @@ def quantize(
         _set_module(qmodel, name, ql)
         layers[name] = ql
 
-    if (
-        config.equalize
-        or config.extra_mac_budget > 0
-        or config.bias_correction
-        or config.output_aware
-    ):
+    if config.extra_mac_budget > 0 or config.output_aware:
         from .corrections import apply_corrections
 
-        apply_corrections(qmodel, layers, batches, config, progress=progress)
+        cal.corrections = apply_corrections(qmodel, layers, batches, config, progress=progress)
 
     cal.stats = collect_input_stats(qmodel, layers, batches, config.act_bins, progress)
     set_activation_scales(layers, cal.stats)

@@ -53,13 +53,17 @@ def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
                 if quick and gran == "per_tensor" and wb == 8:
                     continue
                 out.append(("", QuantConfig(wb, ab, method, method, gran)))
-    for wb, ab in [(4, None), (4, 8), (4, 4)]:
-        out.append(
-            (
-                "first/last 8-bit",
-                QuantConfig(wb, ab, "mmse", "mmse", "per_channel", overrides=LITE0_FIRST_LAST),
-            )
+    out.append(
+        (
+            "first/last 8-bit",
+            QuantConfig(4, 4, "mmse", "mmse", "per_channel", overrides=LITE0_FIRST_LAST),
         )
+    )
+    for wb, ab in [(4, None), (4, 8), (4, 4)]:
+        cfg = QuantConfig(
+            wb, ab, "mmse", "mmse", "per_channel", extra_mac_budget=0.10, bias_correction=True
+        )
+        out.append(("+ residuals at 10% MACs + bias correction", cfg))
     return out
 
 
