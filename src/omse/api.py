@@ -133,6 +133,9 @@ def _check_weights(model: nn.Module) -> None:
     for n, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ConfigError(f"parameter {n!r} contains NaN or Inf; omse cannot quantize it")
+    for n, b in model.named_buffers():  # e.g. BatchNorm running statistics, folded into weights
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise ConfigError(f"buffer {n!r} contains NaN or Inf; omse cannot quantize the model")
 
 
 @torch.no_grad()
