@@ -152,7 +152,9 @@ class QuantConfig:
         allowed = {f.name for f in fields(LayerConfig)}
         for pattern, ov in self.overrides.items():
             if not isinstance(pattern, str):
-                raise ConfigError(f"override key {pattern!r} must be a module name (pattern) string")
+                raise ConfigError(
+                    f"override key {pattern!r} must be a module name (pattern) string"
+                )
             if not isinstance(ov, dict):
                 raise ConfigError(f"override for {pattern!r} must be a dict of LayerConfig fields")
             bad = set(ov) - allowed
