@@ -259,13 +259,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
+def _check_outputs(args, *paths: str | None) -> None:
+    """Before any work: refuse outputs that exist (without --force), that are an input file, or
+    that name the same file twice."""
     from .io import check_output_path
 
-    if args.json:
-        check_output_path(args.json, args.force)
-    if args.out:
-        check_output_path(args.out, args.force)
+    inputs = tuple(Path(p) for p in (getattr(args, "weights", None), args.model) if p)
+    outs = [p for p in paths if p]
+    if len({Path(p).resolve() for p in outs}) < len(outs):
+        raise OmseError(f"two outputs name the same file: {', '.join(map(str, outs))}")
+    for p in outs:
+        check_output_path(p, args.force, inputs)
+
+
+def cmd_quantize(args) -> int:
+    _check_outputs(args, args.json, args.out)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
     if args.out:
@@ -281,10 +289,7 @@ def cmd_eval(args) -> int:
     from .metrics import compare_logits, predict
     from .models import REGISTRY, get_model
 
-    if args.json:
-        from .io import check_output_path
-
-        check_output_path(args.json, args.force)
+    _check_outputs(args, args.json)
     if args.model in REGISTRY:
         spec = get_model(args.model)
         ref_model, qmodel, name = spec.build(), None, args.model
@@ -324,6 +329,7 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from .report import report
 
+    _check_outputs(args, args.json)
     (model, qmodel, pre, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     paths = report(qmodel, model, batches, args.out_dir, force=args.force)
@@ -335,9 +341,8 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_onnx
-    from .io import check_output_path
 
-    check_output_path(args.out, args.force)
+    _check_outputs(args, args.out, args.json)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     export_onnx(qmodel, batches[0][:1], args.out, force=args.force)
@@ -348,9 +353,8 @@ def cmd_export(args) -> int:
 
 def cmd_save(args) -> int:
     from .checkpoint import save
-    from .io import check_output_path
 
-    check_output_path(args.out, args.force)
+    _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
     save(qmodel, args.out, force=args.force)
