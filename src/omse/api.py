@@ -131,6 +131,11 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def _check_weights(model: nn.Module) -> None:
     for n, p in model.named_parameters():
+        if nn.parameter.is_lazy(p):
+            raise ConfigError(
+                f"parameter {n!r} is uninitialized (a Lazy module); run the model once on an "
+                "input before quantizing it"
+            )
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ConfigError(f"parameter {n!r} contains NaN or Inf; omse cannot quantize it")
     for n, b in model.named_buffers():  # e.g. BatchNorm running statistics, folded into weights
