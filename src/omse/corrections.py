@@ -384,7 +384,7 @@ def equalize(model: nn.Module, example: torch.Tensor, iterations: int = 4) -> li
             producer[id(out)] = producer[id(inp[0])]
 
     for m in model.modules():
-        if isinstance(m, QUANTIZABLE | _HOMOGENEOUS):
+        if isinstance(m, (*QUANTIZABLE, *_HOMOGENEOUS)):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
     ref = model(example)
