@@ -1,0 +1,189 @@
+"""4-bit accuracy on EfficientNet-Lite0: residual-tensor budgets and an ablation of corrections.
+
+Agreement with FP32 (top-1) over a deterministic bank of views of the 20 foolbox ImageNet images,
+calibrated on photographs that are never evaluation images (omse.data.calibration_images).
+
+    python benchmarks/accuracy.py [--views 200] [--calib 32] [--settings W4A32,W4A8,W4A4]
+
+Prints markdown tables, writes results/accuracy.json and results/accuracy_budget.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from omse.api import Calibration, quantize, quantized_layers
+from omse.config import QuantConfig
+from omse.data import calibration_images, imagenet_views
+from omse.io import atomic_write_bytes, atomic_write_text
+from omse.metrics import compare_logits, predict
+from omse.models import get_model
+
+BUDGETS = (0.0, 0.05, 0.10, 0.25, 1.0)
+ABLATION = {
+    "MMSE (kernel-wise) only": {},
+    "+ bias correction": {"bias_correction": True},
+    "+ equalization": {"equalize": True},
+    "+ output-aware rounding (GPTQ)": {"output_aware": True},
+    "+ residuals 10% (weight-MSE criterion)": {
+        "extra_mac_budget": 0.10,
+        "residual_criterion": "weight",
+    },
+    "+ residuals 10% (output criterion)": {"extra_mac_budget": 0.10},
+    "residuals 10% + bias correction": {"extra_mac_budget": 0.10, "bias_correction": True},
+    "all: residuals 10% + bias corr. + equalization + GPTQ": {
+        "extra_mac_budget": 0.10,
+        "bias_correction": True,
+        "equalize": True,
+        "output_aware": True,
+    },
+}
+SETTINGS = {"W4A32": (4, None), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+def run(setting: str, extra: dict, ctx) -> dict:
+    wb, ab = SETTINGS[setting]
+    cfg = QuantConfig(wb, ab, **extra)
+    cal = Calibration()
+    t0 = time.perf_counter()
+    q = quantize(ctx["model"], ctx["batches"], cfg, calibration=cal)
+    secs = time.perf_counter() - t0
+    out = predict(q, ctx["views"], ctx["pre"])
+    a = compare_logits(ctx["ref"], out, ctx["labels"])
+    layers = quantized_layers(q)
+    total = sum(ql.macs for ql in layers.values())
+    extra_macs = sum(ql.extra_macs() for ql in layers.values())
+    return {
+        "setting": setting,
+        "config": {k: v for k, v in extra.items()},
+        "agreement": a.agreement,
+        "kl": a.kl,
+        "top1": a.top1,
+        "extra_macs_fraction": extra_macs / max(total, 1),
+        "calib_seconds": round(secs, 2),
+        "equalized_pairs": len(cal.equalized),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--views", type=int, default=200)
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--settings", default="W4A32,W4A8,W4A4")
+    ap.add_argument("--out", default="results/accuracy.json")
+    args = ap.parse_args(argv)
+    settings = args.settings.split(",")
+    spec = get_model("efficientnet-lite0")
+    model = spec.build()
+    views, labels = imagenet_views(args.views)
+    calib = calibration_images(args.calib)
+    pre = spec.preprocess
+    ctx = {
+        "model": model,
+        "pre": pre,
+        "views": views,
+        "labels": labels,
+        "batches": [pre(calib[i : i + 8]) for i in range(0, args.calib, 8)],
+        "ref": predict(model, views, pre),
+    }
+    rows = {"budget": [], "ablation": []}
+    for s in settings:
+        for b in BUDGETS:
+            r = run(s, {"extra_mac_budget": b, "bias_correction": True}, ctx)
+            r["budget"] = b
+            rows["budget"].append(r)
+            print(
+                f"{s} budget {b:.0%}: agreement {r['agreement']:.1%} (extra {r['extra_macs_fraction']:.1%})",
+                flush=True,
+            )
+        for name, extra in ABLATION.items():
+            if extra == {"extra_mac_budget": 0.10, "bias_correction": True}:
+                prev = next(r for r in rows["budget"] if r["setting"] == s and r["budget"] == 0.10)
+                r = dict(prev, config=extra)
+            else:
+                r = run(s, extra, ctx)
+            r["name"] = name
+            rows["ablation"].append(r)
+            print(f"{s} {name}: agreement {r['agreement']:.1%} kl {r['kl']:.3f}", flush=True)
+    result = {
+        "model": "efficientnet-lite0",
+        "views": args.views,
+        "calibration_images": args.calib,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        **rows,
+    }
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n", force=True)
+    print()
+    print(tables(result))
+    plot(result, Path(args.out).with_name("accuracy_budget.png"))
+    return 0
+
+
+def tables(result: dict) -> str:
+    settings = list(dict.fromkeys(r["setting"] for r in result["ablation"]))
+    lines = ["| correction | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    names = list(dict.fromkeys(r["name"] for r in result["ablation"]))
+    for n in names:
+        cells = []
+        for s in settings:
+            r = next(x for x in result["ablation"] if x["name"] == n and x["setting"] == s)
+            cells.append(
+                f"{r['agreement']:.1%} (KL {r['kl']:.2f}, +{r['extra_macs_fraction']:.1%} MACs)"
+            )
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| extra-MAC budget (with bias correction) | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for b in BUDGETS:
+        cells = []
+        for s in settings:
+            r = next((x for x in result["budget"] if x["budget"] == b and x["setting"] == s), None)
+            cells.append(
+                "-" if r is None else f"{r['agreement']:.1%} (used {r['extra_macs_fraction']:.1%})"
+            )
+        lines.append(f"| {b:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in dict.fromkeys(r["setting"] for r in result["budget"]):
+        rs = [r for r in result["budget"] if r["setting"] == s]
+        ax.plot(
+            [100 * r["extra_macs_fraction"] for r in rs],
+            [100 * r["agreement"] for r in rs],
+            "o-",
+            label=s,
+        )
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xlabel("extra integer MACs for residual tensors (%)")
+    ax.set_ylabel("top-1 agreement with FP32 (%)")
+    ax.set_title("EfficientNet-Lite0, kernel-wise MMSE + bias correction")
+    ax.axhline(80, color="grey", ls=":", lw=1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue(), force=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
