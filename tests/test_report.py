@@ -38,3 +38,11 @@ def test_more_bits_give_higher_sqnr():
         assert hi[n].weight_sqnr_db > lo[n].weight_sqnr_db
         assert hi[n].output_sqnr_db > lo[n].output_sqnr_db
         assert hi[n].input_sqnr_db > lo[n].input_sqnr_db
+
+
+def test_in_place_activations_do_not_corrupt_the_reference():
+    m = tiny_net()
+    m.act1.inplace = True  # the float pass's stored output must survive the in-place ReLU
+    b = tiny_batches()
+    rows = {r.name: r for r in layer_reports(omse.quantize(m, b, QuantConfig(8, 8)), b)}
+    assert rows["conv1"].output_sqnr_db > 25

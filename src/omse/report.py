@@ -87,7 +87,7 @@ def layer_reports(qmodel: nn.Module, batches: list) -> list[LayerReport]:
     ref_out: dict[str, torch.Tensor] = {}
 
     def keep_ref(mod, _inp, out):
-        ref_out[mod.name] = out.detach()
+        ref_out[mod.name] = out.detach().clone()  # a later in-place ReLU must not alter it
 
     def compare(mod, inp, out):
         x = inp[0]
