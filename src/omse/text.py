@@ -21,6 +21,7 @@ Model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -104,6 +105,11 @@ def sentence_corpus(min_words: int = 6, max_words: int = 60) -> list[str]:
 
     Deterministic for a given CPython version: ordered by SHA-256 of the sentence text.
     """
+    return list(_corpus(min_words, max_words))
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(min_words: int, max_words: int) -> tuple[str, ...]:
     seen: set[str] = set()
     out: list[str] = []
     topics = _docs_text()
@@ -116,7 +122,7 @@ def sentence_corpus(min_words: int = 6, max_words: int = 60) -> list[str]:
                 seen.add(norm)
                 out.append(s)
     out.sort(key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-    return out
+    return tuple(out)
 
 
 def corpus_split(n_eval: int = 1000, n_calib: int = 64) -> tuple[list[str], list[str]]:
@@ -196,17 +202,23 @@ def load_minilm(max_seq_length: int | None = None):
         import json
 
         cfg = path / "sentence_bert_config.json"
-        max_seq_length = json.loads(cfg.read_text()).get("max_seq_length", 256) if cfg.is_file() else 256
+        max_seq_length = (
+            json.loads(cfg.read_text()).get("max_seq_length", 256) if cfg.is_file() else 256
+        )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.model_max_length = int(max_seq_length)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the unused pooler weights are expected
+    hf_log = transformers.utils.logging
+    verbosity, bars = hf_log.get_verbosity(), hf_log.is_progress_bar_enabled()
+    hf_log.set_verbosity_error()  # the unused pooler weights are expected
+    hf_log.disable_progress_bar()
     try:
         bert = AutoModel.from_pretrained(
             str(path), local_files_only=True, add_pooling_layer=False, dtype=torch.float32
         )
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        hf_log.set_verbosity(verbosity)
+        if bars:
+            hf_log.enable_progress_bar()
     return tok, SentenceEncoder(bert.eval()).eval()
 
 
@@ -231,7 +243,9 @@ def tokenize_batches(
 
 
 @torch.no_grad()
-def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]], order: list[int]) -> torch.Tensor:
+def embed(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], order: list[int]
+) -> torch.Tensor:
     """Embeddings ``[N, D]`` of the sentences behind ``batches``, in the original order."""
     out = torch.cat([model(**b).float() for b in batches])
     res = torch.empty_like(out)
