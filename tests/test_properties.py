@@ -109,6 +109,68 @@ def test_error_non_increasing_in_bits(x, bits, kind):
     assert _rel(hi, lo, x).all()
 
 
+@SETTINGS
+@given(x=slices(max_rows=1, max_cols=20), bits=BITS, kind=KINDS, data=st.data())
+def test_weighted_solve_equals_repeated_values(x, bits, kind, data):
+    """Integer weights (histogram counts) mean repeated values: the same optimal error."""
+    grid = Grid(bits, kind)
+    counts = data.draw(st.lists(st.integers(0, 4), min_size=x.shape[1], max_size=x.shape[1]))
+    assume(sum(counts) > 0)
+    w = torch.tensor(counts, dtype=torch.float64).reshape(1, -1)
+    x64 = x.double()
+    weighted = mmse_solve(x64, grid, w).sse
+    rep = x64.reshape(-1).repeat_interleave(torch.tensor(counts)).reshape(1, -1)
+    repeated = mmse_solve(rep, grid).sse
+    assert _close(weighted, repeated, rep)
+
+
+def _close(a, b, x):
+    return ((a - b).abs() <= 1e-9 * torch.maximum(a, b) + 1e-20 * (x.double() ** 2).sum(-1)).all()
+
+
+@SETTINGS
+@given(x=slices(), bits=BITS, kind=KINDS, k=st.integers(-20, 20))
+def test_solver_is_scale_equivariant(x, bits, kind, k):
+    """Scaling the data by a power of two scales the optimal step and error exactly."""
+    grid = Grid(bits, kind)
+    x64 = x.double()
+    a = mmse_solve(x64, grid)
+    b = mmse_solve(x64 * 2.0**k, grid)
+    nz = x64.abs().amax(1) > 0
+    assert torch.equal(b.scale[nz], a.scale[nz] * 2.0**k)
+    assert torch.equal(b.sse, a.sse * 4.0**k)
+
+
+@SETTINGS
+@given(x=slices(), bits=BITS)
+def test_narrow_grid_is_sign_symmetric(x, bits):
+    grid = Grid(bits, "narrow")
+    x64 = x.double()
+    assert _close(mmse_solve(x64, grid).sse, mmse_solve(-x64, grid).sse, x64)
+
+
+@SETTINGS
+@given(parts=st.deferred(lambda: chunks()), bits=BITS)
+def test_histogram_mmse_at_most_minmax_on_its_points(parts, bits):
+    """On a histogram, MMSE solves the weighted problem on bin centroids: never worse there."""
+    h = HistogramStats(256)
+    for p in parts:
+        h.update(p)
+    assume(h.n > 0 and h.absmax > 0)
+    v, w = h.points()
+    energy = float((w * v * v).sum())
+    for kind in ("full", "narrow", "unsigned"):
+        grid = Grid(bits, kind)
+
+        def err(s, grid=grid):
+            q = torch.clamp(torch.round(v / s), grid.qmin, grid.qmax)
+            return float((w * (v - s * q) ** 2).sum())
+
+        s_mmse, s_mm = MMSE().fit(h, grid), MinMax().fit(h, grid)
+        assert s_mmse > 0 and torch.isfinite(s_mmse)
+        assert err(s_mmse) <= err(s_mm) * (1 + 1e-9) + 1e-20 * energy + 1e-300
+
+
 @FEW
 @given(
     x=slices(max_rows=4, max_cols=12),

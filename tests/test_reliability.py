@@ -275,6 +275,12 @@ def test_model_and_config_types_checked():
         quantize(small_net(), batches(1), {"weight_bits": 4})  # type: ignore[arg-type]
 
 
+def test_uninitialized_lazy_module():
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match="'1.weight' is uninitialized"):
+        quantize(model, [torch.randn(2, 4)])
+
+
 def test_model_without_quantizable_layers():
     with pytest.raises(ConfigError, match="no Conv/Linear"):
         quantize(nn.Sequential(nn.ReLU()).eval(), batches(1))
