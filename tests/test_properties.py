@@ -320,6 +320,7 @@ def _check_loader(load, path):
     return out
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @SETTINGS
 @given(
     data=st.one_of(
@@ -337,34 +338,44 @@ def test_load_weights_fuzz(tmp_path_factory, data, suffix):
         assert isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values())
 
 
-def _checkpoint_bytes():
-    ckpt = pytest.importorskip("omse.checkpoint")
+def _ckpt_arch():
     from torch import nn
 
-    from omse.api import quantize as omse_quantize
-
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
     ).eval()
-    q = omse_quantize(model, [torch.randn(2, 3, 6, 6)])
-    return ckpt, q
 
 
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory):
-    ckpt, q = _checkpoint_bytes()
+    """A packed checkpoint of a small quantized model (4-bit codes and 8-bit override)."""
+    ckpt = pytest.importorskip("omse.checkpoint")
+    from omse.api import quantize as omse_quantize
+    from omse.config import QuantConfig
+
+    q = omse_quantize(
+        _ckpt_arch(), [torch.randn(2, 3, 6, 6)], QuantConfig(overrides={"4": {"weight_bits": 8}})
+    )
     p = tmp_path_factory.mktemp("ckpt") / "q.safetensors"
     try:
         ckpt.save(q, p)
+        back = ckpt.load(p, model=_ckpt_arch())
     except Exception as e:  # a model the checkpoint format does not cover yet
-        pytest.skip(f"omse.checkpoint.save cannot save the test model: {e}")
+        pytest.skip(f"omse.checkpoint cannot round-trip the test model: {e}")
+    probe = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(back(probe), q(probe))  # the uncorrupted file is loadable
     return ckpt, p.read_bytes()
 
 
 @FEW
-@given(seed=st.integers(0, 2**32 - 1), how=st.sampled_from(["truncate", "flip", "zero"]))
-def test_checkpoint_load_fuzz(checkpoint_file, tmp_path_factory, seed, how):
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    how=st.sampled_from(["truncate", "flip", "zero", "header"]),
+    with_model=st.booleans(),
+)
+def test_checkpoint_load_fuzz(checkpoint_file, tmp_path_factory, seed, how, with_model):
     import random
 
     ckpt, data = checkpoint_file
@@ -375,9 +386,15 @@ def test_checkpoint_load_fuzz(checkpoint_file, tmp_path_factory, seed, how):
     elif how == "flip":
         for _ in range(rng.randint(1, 8)):
             b[rng.randrange(len(b))] = rng.randrange(256)
-    else:
+    elif how == "zero":
         i = rng.randrange(len(b))
-        b[i : i + rng.randint(1, 256)] = bytes(len(b[i : i + 256]))[: len(b[i : i + 256])]
+        j = min(len(b), i + rng.randint(1, 256))
+        b[i:j] = bytes(j - i)
+    else:  # inside the JSON header (first 8 bytes: its length)
+        hlen = int.from_bytes(b[:8], "little")
+        for _ in range(rng.randint(1, 4)):
+            b[8 + rng.randrange(hlen)] = rng.choice(b'{}[]",:0123456789abcxyz ')
     p = tmp_path_factory.mktemp("ckfuzz") / "q.safetensors"
     p.write_bytes(bytes(b))
-    _check_loader(ckpt.load, p)
+    arch = _ckpt_arch() if with_model else None
+    _check_loader(lambda path: ckpt.load(path, model=arch), p)
