@@ -118,6 +118,27 @@ def test_scale_equivariance():
     assert torch.allclose(s3 * 1e-6, s1, rtol=1e-9)
 
 
+@pytest.mark.parametrize(("bits", "kind"), [(8, "full"), (4, "full"), (6, "unsigned")])
+def test_many_rows_of_very_different_magnitudes_solve_like_single_rows(bits, kind):
+    """Rows are independent problems: batching 300 rows whose magnitudes span 1e-10..1e3 (as
+    BN-folded dead channels do) must give each row its own optimum."""
+    gen = torch.Generator().manual_seed(3)
+    rows = 300
+    mags = torch.logspace(-10, 3, rows, dtype=torch.float64)[torch.randperm(rows, generator=gen)]
+    x = torch.randn(rows, 80, generator=gen, dtype=torch.float64) * mags[:, None]
+    # every third row on an integer lattice (exactly representable: optimum error ~0), as
+    # low-precision weights are
+    lattice = torch.randint(-7, 8, (rows, 80), generator=gen).double() * mags[:, None] / 3
+    x = torch.where((torch.arange(rows) % 3 == 0)[:, None], lattice, x)
+    if kind == "unsigned":
+        x = x.abs()
+    grid = Grid(bits, kind)
+    batched = mmse_solve(x, grid)
+    single = torch.cat([mmse_solve(x[i : i + 1], grid).sse for i in range(rows)])
+    energy = (x * x).sum(1)
+    assert (batched.sse <= single * (1 + 1e-9) + 1e-15 * energy).all()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_rejects_non_finite(bad):
     x = torch.randn(10)

@@ -13,7 +13,7 @@ finds it exactly:
 1. an upper bound ``U`` from min-max and a few Lloyd iterations (``s <- B/C``);
 2. a window ``(s_lo, s_hi)`` outside which ``E >= U`` provably: below ``s_lo`` the clipping error
    of the largest values alone exceeds ``U``; above ``s_hi`` the values that round to zero do;
-3. every breakpoint inside the window, sorted per slice (all slices at once, flattened), with
+3. every breakpoint inside the window, sorted per slice (all slices at once, in padded rows), with
    ``B`` and ``C`` swept by cumulative sums and each piece's minimiser clamped into the piece.
 
 The answer is the global optimum over all ``s > 0`` (not only over ``(0, max|x|/qmax]``), up to
@@ -119,7 +119,8 @@ class _Side:
             (qt + 0.5) * lo_, torch.where(qt >= 1, (qt - 0.5) * h, torch.zeros_like(qt * h))
         )
         R = torch.minimum(
-            (qt + 0.5) * h, torch.where(qt + 1 < Q, (qt + 1.5) * lo_, torch.full_like(qt * lo_, inf))
+            (qt + 0.5) * h,
+            torch.where(qt + 1 < Q, (qt + 1.5) * lo_, torch.full_like(qt * lo_, inf)),
         )
         ac = 0.5 * ((qt + 1) * lo_ + qt * h)
         segs.append((torch.maximum(L, qt * h), torch.minimum(R, ac), qt * h))
@@ -248,47 +249,37 @@ def mmse_solve(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None = 
     k_hi = level0 - 1.0
     counts = torch.clamp(k_hi - k_lo + 1.0, min=0.0).to(torch.int64).reshape(-1)
     elem = torch.repeat_interleave(torch.arange(S * n), counts)
+    T = elem.numel()
     offsets = torch.cumsum(counts, 0) - counts
-    kk = k_lo.reshape(-1)[elem] + (torch.arange(elem.numel()) - offsets[elem]).to(torch.float64)
+    kk = k_lo.reshape(-1)[elem] + (torch.arange(T) - offsets[elem]).to(torch.float64)
     row = elem // n
     a_e, w_e = a.reshape(-1)[elem], w.reshape(-1)[elem]
-    bp = a_e / (kk + 0.5)
-    dB, dC = -w_e * a_e, -w_e * (2.0 * kk + 1.0)
 
-    # One start entry per row carries the state (B0, C0) just above s_lo.
-    B0, C0 = (w * a * level0).sum(1), (w * level0 * level0).sum(1)
-    rows = torch.arange(S)
-    width = s_hi - s_lo
-    key = torch.cat([rows.to(torch.float64), row.to(torch.float64) + (bp - s_lo[row]) / width[row]])
-    all_row = torch.cat([rows, row])
-    all_bp = torch.cat([s_lo, bp])
-    all_dB, all_dC = torch.cat([B0, dB]), torch.cat([C0, dC])
-    order = torch.argsort(key, stable=True)
-    all_row, all_bp, all_dB, all_dC = all_row[order], all_bp[order], all_dB[order], all_dC[order]
-    cB, cC = torch.cumsum(all_dB, 0), torch.cumsum(all_dC, 0)
-    is_start = torch.ones_like(all_row, dtype=torch.bool)
-    is_start[1:] = all_row[1:] != all_row[:-1]
-    start_idx = torch.nonzero(is_start).squeeze(1)
-    baseB = (cB[start_idx] - all_dB[start_idx])[all_row]
-    baseC = (cC[start_idx] - all_dC[start_idx])[all_row]
-    Bp, Cp = cB - baseB, cC - baseC
-    nxt = torch.empty_like(all_bp)
-    nxt[:-1] = all_bp[1:]
-    last = torch.ones_like(is_start)
-    last[:-1] = is_start[1:]
-    nxt = torch.where(last, s_hi[all_row], nxt)
-    s_star = torch.where(Cp > 0, Bp / Cp.clamp_min(1e-300), all_bp)
-    s_star = torch.minimum(torch.maximum(s_star, all_bp), nxt)
-    E = A[all_row] - 2.0 * s_star * Bp + s_star * s_star * Cp
-
-    emin = torch.full((S,), float("inf"), dtype=torch.float64).scatter_reduce(
-        0, all_row, E, "amin", include_self=True
-    )
-    tie = emin[all_row] >= E
-    cand = torch.where(tie, s_star, torch.full_like(s_star, float("inf")))
-    sweep_s = torch.full((S,), float("inf"), dtype=torch.float64).scatter_reduce(
-        0, all_row, cand, "amin", include_self=True
-    )
+    # Rows padded to [S, 1 + max count]: column 0 holds the state (B0, C0) just above s_lo,
+    # then the row's breakpoints (entries are grouped by row since elements are row-major).
+    row_tot = counts.reshape(S, n).sum(1)
+    row_start = torch.cumsum(row_tot, 0) - row_tot
+    pos = torch.arange(T) - row_start[row] + 1
+    width = int(row_tot.max()) + 1 if S else 1
+    bp = torch.full((S, width), float("inf"), dtype=torch.float64)
+    dB = torch.zeros((S, width), dtype=torch.float64)
+    dC = torch.zeros((S, width), dtype=torch.float64)
+    bp[row, pos] = a_e / (kk + 0.5)
+    dB[row, pos] = -w_e * a_e
+    dC[row, pos] = -w_e * (2.0 * kk + 1.0)
+    bp[:, 0] = s_lo
+    dB[:, 0] = (w * a * level0).sum(1)
+    dC[:, 0] = (w * level0 * level0).sum(1)
+    bp, order = torch.sort(bp, dim=1, stable=True)  # s_lo stays first: every breakpoint > s_lo
+    Bp = torch.cumsum(torch.gather(dB, 1, order), 1)
+    Cp = torch.cumsum(torch.gather(dC, 1, order), 1)
+    nxt = torch.minimum(torch.cat([bp[:, 1:], s_hi[:, None]], 1), s_hi[:, None])
+    s_star = torch.where(Cp > 0, Bp / Cp.clamp_min(1e-300), bp)
+    s_star = torch.minimum(torch.maximum(s_star, bp), nxt)
+    E = A[:, None] - 2.0 * s_star * Bp + s_star * s_star * Cp
+    E = torch.where(bp < s_hi[:, None], E, torch.full_like(E, float("inf")))
+    j_best = torch.argmin(E, dim=1, keepdim=True)  # first (smallest step) among ties
+    sweep_s = torch.gather(s_star, 1, j_best).squeeze(1)
     sweep_s = torch.where(torch.isfinite(sweep_s), sweep_s, best_s)
 
     # Exact re-evaluation; keep the upper-bound point where rounding made the sweep worse.
