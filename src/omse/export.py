@@ -1,6 +1,6 @@
 """ONNX export of a quantized model as a QDQ graph that onnxruntime executes.
 
-:func:`export_onnx` writes one ONNX file in which
+:func:`export_onnx` writes one ONNX file (opset 21, IR 10) in which
 
 - every quantized layer's **weights** are integer initializers (``INT4`` for grids of <= 4 bits,
   ``INT8`` for 5..8 bits) followed by a ``DequantizeLinear`` with the kernel-wise scales on
@@ -9,31 +9,46 @@
   branch carries the bias, and the branch outputs are added: by linearity this is the simulated
   layer);
 - every quantized layer's **input** goes through ``QuantizeLinear`` -> ``DequantizeLinear`` with
-  the calibrated scale and a zero point of the type of the grid (``UINT4``/``INT4`` for 4-bit,
-  ``UINT8``/``INT8`` for 8-bit grids), so the saturation is the grid's own range. Grids whose range
-  is not a whole container (2/3/5/6/7 bits, ``narrow``) get an exact ``Clip`` to
-  ``[qmin*s, qmax*s]`` in front of the ``QuantizeLinear``;
+  the calibrated scale and the grid's own integer type, so saturation is the grid's range:
+  ``UINT8``/``INT8`` zero points for 8-bit grids; for 4-bit grids the type is given by
+  ``output_dtype=UINT4/INT4`` with no zero-point input (zero point 0): onnxruntime 1.32 throws in
+  its ``Clip -> QuantizeLinear`` rewrite on a UINT4/INT4 zero-point tensor and its
+  ``Relu -> QuantizeLinear`` rewrite would drop a Relu before a signed INT4 one; both rewrites
+  only match a 3-input ``QuantizeLinear``. Grids that are not a whole container (2/3/5/6/7 bits,
+  ``narrow``) get an exact ``Clip`` to ``[qmin*s, qmax*s]`` in front of the ``QuantizeLinear``;
+- the **bias** of a quantized Conv is a separate ``Add`` (onnxruntime rounds a Conv bias to
+  int32 at scale ``s_x*s_w`` when its other inputs come from ``DequantizeLinear``, which the
+  simulation does not do);
 - everything else (padding, activations, pooling, residual adds, float layers) is the model's own
-  float graph as traced by ``torch.onnx.export`` (TorchScript exporter).
+  float graph as traced by ``torch.onnx.export`` (TorchScript exporter, opset 20, then declared
+  opset 21: no op it emits changed meaning).
 
-``container="int8"`` stores the same integer values in 8-bit containers (``INT8`` weights,
-``UINT8``/``INT8`` activations, plus ``Clip`` for 4-bit activation grids) and, for layers whose
-input is quantized, the bias as ``INT32`` at scale ``s_x * s_w`` (the QDQ form of
-``QLinearConv``/``QGemm``): onnxruntime's CPU graph optimiser fuses ``DQ -> Conv -> Q`` groups of
-that form into integer kernels, which it does not do for 4-bit tensors (see
-``benchmarks/latency.py``). The int32 bias rounds each bias to a multiple of ``s_x * s_w``
-(at most half an accumulator step); everything else is the same arithmetic.
+onnxruntime (CPU) executes this graph as ``DequantizeLinear`` + float ``Conv``/``Gemm``: it has no
+integer convolution for 4-bit tensors. ``container="int8"`` stores the same integer values in
+8-bit containers (``INT8`` weights, ``UINT8``/``INT8`` activations, plus ``Clip`` for 4-bit
+activation grids) and, for layers whose input is quantized, the bias as ``INT32`` at scale
+``s_x * s_w`` (the QDQ form of ``QLinearConv``/``QGemm``): onnxruntime fuses every
+``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
+feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
+each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
+arithmetic.
+
+Parity: onnxruntime and torch sum in different orders, so a pre-activation within float rounding
+of a rounding boundary can be quantized one step apart; in a deep 4-bit network those flips
+cascade, and ORT differs from the float32 simulation as much as the simulation differs from
+itself computed in float64 (see ``tests/test_export.py``).
 
 How it is built: the quantized layers are swapped for export twins that mark their input and
 weights with custom ``omse::Marker`` nodes while ``torch.onnx.export`` traces the model; the marked
 graph is then rewritten with ``onnx.helper`` (markers -> Q/DQ and integer initializers) and
-checked with the ONNX checker.
+checked with the ONNX checker (``full_check``).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -200,19 +215,29 @@ class _Rewriter:
         elem, lo, hi = _container(grid, self.container)
         base = f"{ql.name}.act"
         scale = self.const(f"{base}.scale", np.array(s, dtype=np.float32))
-        zp = self.fresh(f"{base}.zero_point")
-        self.inits.append(_int_tensor(zp, np.array(0), elem))
+        if elem in (TensorProto.INT4, TensorProto.UINT4):
+            # 4-bit: the type comes from output_dtype, with no zero-point input (= 0). A UINT4/INT4
+            # zero-point tensor trips onnxruntime's Clip/Relu -> QuantizeLinear rewrites (1.32
+            # throws on it in ClipQuantFusion, and ReluQuantTransformer would drop a Relu in front
+            # of a signed INT4 QuantizeLinear); both only match a 3-input QuantizeLinear.
+            q_inputs, q_attrs = [x, scale], {"output_dtype": elem}
+        else:
+            zp = self.fresh(f"{base}.zero_point")
+            self.inits.append(_int_tensor(zp, np.array(0), elem))
+            q_inputs, q_attrs = [x, scale, zp], {}
         nodes = []
         if (grid.qmin, grid.qmax) != (lo, hi):
             cmin = self.const(f"{base}.clip_min", np.array(np.float32(grid.qmin) * s))
             cmax = self.const(f"{base}.clip_max", np.array(np.float32(grid.qmax) * s))
             xc = self.fresh(f"{base}.clipped")
             nodes.append(helper.make_node("Clip", [x, cmin, cmax], [xc], name=f"{base}.clip"))
-            x = xc
+            q_inputs[0] = xc
         q = self.fresh(f"{base}.q")
-        nodes.append(helper.make_node("QuantizeLinear", [x, scale, zp], [q], name=f"{base}.quant"))
         nodes.append(
-            helper.make_node("DequantizeLinear", [q, scale, zp], [y], name=f"{base}.dequant")
+            helper.make_node("QuantizeLinear", q_inputs, [q], name=f"{base}.quant", **q_attrs)
+        )
+        nodes.append(
+            helper.make_node("DequantizeLinear", [q, *q_inputs[1:]], [y], name=f"{base}.dequant")
         )
         return nodes
 
@@ -232,7 +257,9 @@ class _Rewriter:
         scale = self.const(f"{base}.scale", s.astype(np.float32))
         attrs = {"axis": 0} if s.ndim == 1 else {}
         return [
-            helper.make_node("DequantizeLinear", [codes, scale], [y], name=f"{base}.dequant", **attrs)
+            helper.make_node(
+                "DequantizeLinear", [codes, scale], [y], name=f"{base}.dequant", **attrs
+            )
         ]
 
     def int32_bias(self, idx: int, bias: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
@@ -257,7 +284,6 @@ class _Rewriter:
         producers = {o: n for n in g.node for o in n.output}
         new_nodes: list[onnx.NodeProto] = []
         w_out: dict[str, int] = {}  # dequantized term-0 weight output -> layer index
-        seen: set[tuple[str, int, int]] = set()
         for node in g.node:
             if node.domain != _DOMAIN:
                 new_nodes.append(node)
@@ -265,25 +291,12 @@ class _Rewriter:
             a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
             kind = a["kind"].decode() if isinstance(a["kind"], bytes) else a["kind"]
             idx, term = int(a["idx"]), int(a["term"])
-            seen.add((kind, idx, term))
             if kind == "act":
                 new_nodes += self.act_nodes(idx, node.input[0], node.output[0])
             else:
                 new_nodes += self.weight_nodes(idx, term, node.output[0])
                 if term == 0:
                     w_out[node.output[0]] = idx
-        expected = set()
-        for i, ql in enumerate(self.layers):
-            expected |= {("w", i, t) for t in range(ql.n_terms)}
-            if ql.act_scale is not None and ql.a_grid is not None:
-                expected.add(("act", i, 0))
-        missing = expected - seen
-        if missing:
-            names = sorted({self.layers[i].name for _, i, _ in missing})
-            raise UnsupportedLayerError(
-                f"layers {names} were not traced into the ONNX graph as called layers (their "
-                "weights or inputs are used outside their forward); cannot export them"
-            )
         if self.container == "int8":
             new_nodes = self._quantize_biases(new_nodes, w_out, init_by_name, producers)
         else:
@@ -298,26 +311,42 @@ class _Rewriter:
         return self.model
 
     def _separate_biases(self, nodes, w_out):
-        """Conv(x, W, b) -> Add(Conv(x, W), b): onnxruntime rounds a Conv's float bias to int32
-        (scale s_x * s_w) when the other inputs come from DequantizeLinear; an Add keeps the
-        simulated float bias exact."""
+        """Conv/Gemm(x, W, b) -> Add(Conv/Gemm(x, W), b): onnxruntime rounds a Conv's or Gemm's
+        float bias to int32 (scale s_x * s_w) when the other inputs come from DequantizeLinear
+        (its BiasQuantization pass); an Add keeps the simulated float bias exact."""
         out = []
         for node in nodes:
-            if node.op_type == "Conv" and len(node.input) >= 3 and node.input[1] in w_out and node.input[2]:
-                ql = self.layers[w_out[node.input[1]]]
-                b = node.input[2]
-                rank = ql.float_weight.dim()
-                shape = self.const(f"{ql.name}.bias.shape", np.array([-1] + [1] * (rank - 2), dtype=np.int64))
-                b2 = self.fresh(f"{ql.name}.bias.reshaped")
-                y = node.output[0]
-                conv_y = self.fresh(f"{ql.name}.conv")
-                del node.input[2]
-                node.output[0] = conv_y
+            if not (
+                node.op_type in ("Conv", "Gemm")
+                and len(node.input) >= 3
+                and node.input[1] in w_out
+                and node.input[2]
+            ):
                 out.append(node)
-                out.append(helper.make_node("Reshape", [b, shape], [b2], name=f"{ql.name}.bias.reshape"))
-                out.append(helper.make_node("Add", [conv_y, b2], [y], name=f"{ql.name}.bias.add"))
                 continue
+            if node.op_type == "Gemm":
+                at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                if at.get("beta", 1.0) != 1.0:
+                    out.append(node)
+                    continue
+            ql = self.layers[w_out[node.input[1]]]
+            b = node.input[2]
+            y = node.output[0]
+            pre = self.fresh(f"{ql.name}.{node.op_type.lower()}")
+            del node.input[2]
+            node.output[0] = pre
             out.append(node)
+            if node.op_type == "Conv":
+                rank = ql.float_weight.dim()
+                shape = self.const(
+                    f"{ql.name}.bias.shape", np.array([-1] + [1] * (rank - 2), dtype=np.int64)
+                )
+                b2 = self.fresh(f"{ql.name}.bias.reshaped")
+                out.append(
+                    helper.make_node("Reshape", [b, shape], [b2], name=f"{ql.name}.bias.reshape")
+                )
+                b = b2
+            out.append(helper.make_node("Add", [pre, b], [y], name=f"{ql.name}.bias.add"))
         return out
 
     def _quantize_biases(self, nodes, w_out, init_by_name, producers):
@@ -365,6 +394,30 @@ def _prune(model: onnx.ModelProto) -> None:
 def _ops_changed_after_trace(model: onnx.ModelProto) -> set[str]:
     # ops whose semantics changed between the traced opset (20) and 21
     return {n.op_type for n in model.graph.node if n.op_type in ("GroupNormalization",)}
+
+
+def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> str | None:
+    """The module that calls the operator named in an exporter error (by re-tracing), if any."""
+    m = re.search(r"'(aten::[A-Za-z0-9_.]+)'", message)
+    if not m:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(model, (example,), check_trace=False).inlined_graph
+    except Exception:
+        return None
+    for node in graph.nodes():
+        if node.kind() == m.group(1):
+            scope = node.scopeName().split("/")[-1]
+            name = scope.removeprefix("__module.") if scope.startswith("__module.") else None
+            try:
+                if name:
+                    model.get_submodule(name)
+                    return name
+            except AttributeError:
+                return None
+    return None
 
 
 @torch.no_grad()
@@ -434,9 +487,17 @@ def to_onnx_model(
     except OmseError:
         raise
     except Exception as e:
-        where = f" in module {stack[-1]!r} ({type(model.get_submodule(stack[-1])).__name__})" if stack and stack[-1] else ""
+        for h in handles:
+            h.remove()
+        handles = []
+        where = stack[-1] if stack and stack[-1] else _find_op_module(model, example_input, str(e))
+        where_s = (
+            f" in module {where!r} ({type(model.get_submodule(where)).__name__})" if where else ""
+        )
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UnsupportedLayerError(f"the model cannot be exported to ONNX{where}: {msg}") from None
+        raise UnsupportedLayerError(
+            f"the model cannot be exported to ONNX{where_s}: {msg}"
+        ) from None
     finally:
         for h in handles:
             h.remove()
