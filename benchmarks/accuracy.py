@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--views", type=int, default=200)
     ap.add_argument("--calib", type=int, default=32)
-    ap.add_argument("--settings", default="W4A32,W4A8,W4A4")
+    ap.add_argument("--settings", default="W4A8,W4A4,W4A32")
     ap.add_argument("--out", default="results/accuracy.json")
     args = ap.parse_args(argv)
     settings = args.settings.split(",")
@@ -112,14 +112,16 @@ def main(argv=None) -> int:
             r["name"] = name
             rows["ablation"].append(r)
             print(f"{s} {name}: agreement {r['agreement']:.1%} kl {r['kl']:.3f}", flush=True)
-    result = {
-        "model": "efficientnet-lite0",
-        "views": args.views,
-        "calibration_images": args.calib,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        **rows,
-    }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n", force=True)
+        result = {
+            "model": "efficientnet-lite0",
+            "views": args.views,
+            "calibration_images": args.calib,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            **rows,
+        }
+        atomic_write_text(
+            Path(args.out), json.dumps(result, indent=2) + "\n", force=True
+        )  # per setting
     print()
     print(tables(result))
     plot(result, Path(args.out).with_name("accuracy_budget.png"))

@@ -351,35 +351,39 @@ _HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.LeakyReLU, nn.Dropout)
 
 
 @torch.no_grad()
-def equalize(model: nn.Module, example: torch.Tensor, iterations: int = 4) -> list[tuple[str, str]]:
+def equalize(
+    model: nn.Module, example: torch.Tensor, iterations: int = 4, tol: float = 1e-4
+) -> list[tuple[str, str]]:
     """Cross-layer equalization (Nagel et al. 2019) of traced pairs ``A -> (ReLU) -> B``.
 
-    A pair qualifies when, in a traced forward, A's output tensor reaches B only through
-    positively homogeneous modules and nothing else reads it. Channel ``i`` of A is divided by
-    ``r_i = sqrt(range_A_i / range_B_i)`` and B's input channel ``i`` multiplied by it, which leaves
-    the function unchanged and evens out per-channel weight ranges. Works on a float model before
-    quantization. Returns the equalized pairs.
+    Candidate pairs: in a traced forward, A's output tensor reaches B only through positively
+    homogeneous modules (identity, ReLU). Channel ``i`` of A is divided by
+    ``r_i = sqrt(range_A_i / range_B_i)`` and B's input channel ``i`` multiplied by it, which evens
+    out per-channel weight ranges. Each pair is kept only if the model's output on ``example`` is
+    unchanged (relative max error ``tol``): a tensor that something else also reads (a skip
+    connection, a functional op) would change it. Returns the equalized pairs.
     """
     from .fold import QUANTIZABLE
 
     names = {m: n for n, m in model.named_modules()}
-    producer: dict[int, tuple[nn.Module, bool]] = {}  # tensor id -> (layer, passed only homog.)
+    example = example[:4]
+    alive: dict[int, torch.Tensor] = {}  # keep traced tensors alive so ids are not reused
+    producer: dict[int, nn.Module] = {}
     consumers: dict[nn.Module, list[nn.Module]] = {}
-    reads: dict[int, int] = {}
     handles = []
 
     def pre(mod, inp):
-        if inp and isinstance(inp[0], torch.Tensor):
-            reads[id(inp[0])] = reads.get(id(inp[0]), 0) + 1
+        if inp and isinstance(inp[0], torch.Tensor) and isinstance(mod, QUANTIZABLE):
             src = producer.get(id(inp[0]))
-            if src is not None and isinstance(mod, QUANTIZABLE):
-                consumers.setdefault(src[0], []).append(mod)
+            if src is not None:
+                consumers.setdefault(src, []).append(mod)
 
     def post(mod, inp, out):
         if not isinstance(out, torch.Tensor):
             return
+        alive[id(out)] = out
         if isinstance(mod, QUANTIZABLE):
-            producer[id(out)] = (mod, True)
+            producer[id(out)] = mod
         elif isinstance(mod, _HOMOGENEOUS) and inp and id(inp[0]) in producer:
             producer[id(out)] = producer[id(inp[0])]
 
@@ -387,28 +391,31 @@ def equalize(model: nn.Module, example: torch.Tensor, iterations: int = 4) -> li
         if isinstance(m, (*QUANTIZABLE, *_HOMOGENEOUS)):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-    ref = model(example)
-    for h in handles:
-        h.remove()
-    pairs = []
+    try:
+        ref = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    alive.clear()
+    if not isinstance(ref, torch.Tensor):
+        return []
+    scale = ref.abs().max().clamp_min(1e-12)
+    done = []
     for a, cons in consumers.items():
-        if len(cons) != 1:
+        if len(cons) != 1 or not isinstance(a, nn.Conv2d | nn.Linear):
             continue
         b = cons[0]
-        if not isinstance(a, nn.Conv2d | nn.Linear) or not isinstance(b, nn.Conv2d | nn.Linear):
+        if not isinstance(b, nn.Conv2d | nn.Linear):
             continue
-        ga, gb = _groups(a), _groups(b)
-        if a.weight.shape[0] != b.weight.shape[1] * gb or ga not in (1, a.weight.shape[0]):
+        gb = _groups(b)
+        if a.weight.shape[0] != b.weight.shape[1] * gb or _groups(a) not in (1, a.weight.shape[0]):
             continue
         if gb not in (1, b.weight.shape[0]):
             continue
-        pairs.append((a, b))
-    done = []
-    for a, b in pairs:
         saved = (a.weight.clone(), None if a.bias is None else a.bias.clone(), b.weight.clone())
         for _ in range(iterations):
             ra = a.weight.reshape(a.weight.shape[0], -1).abs().amax(1)
-            if _groups(b) == 1:
+            if gb == 1:
                 rb = b.weight.transpose(0, 1).reshape(b.weight.shape[1], -1).abs().amax(1)
             else:  # depthwise B: its input channel i is its kernel i
                 rb = b.weight.reshape(b.weight.shape[0], -1).abs().amax(1)
@@ -417,22 +424,19 @@ def equalize(model: nn.Module, example: torch.Tensor, iterations: int = 4) -> li
             a.weight.div_(r.reshape([-1] + [1] * (a.weight.dim() - 1)))
             if a.bias is not None:
                 a.bias.div_(r)
-            if _groups(b) == 1:
+            if gb == 1:
                 b.weight.mul_(r.reshape([1, -1] + [1] * (b.weight.dim() - 2)))
             else:
                 b.weight.mul_(r.reshape([-1] + [1] * (b.weight.dim() - 1)))
-        done.append((a, b, saved))
-    out = model(example)
-    if isinstance(ref, torch.Tensor) and done:
-        err = (out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
-        if not bool(torch.isfinite(err)) or err > 1e-4:  # something read A's output elsewhere: undo
-            for a, b, (wa, ba, wb) in done:
-                a.weight.copy_(wa)
-                if ba is not None:
-                    a.bias.copy_(ba)
-                b.weight.copy_(wb)
-            return []
-    return [(names[a], names[b]) for a, b, _ in done]
+        err = (model(example) - ref).abs().max() / scale
+        if bool(torch.isfinite(err)) and err <= tol:
+            done.append((names[a], names[b]))
+        else:  # something else reads A's output: undo this pair
+            a.weight.copy_(saved[0])
+            if saved[1] is not None:
+                a.bias.copy_(saved[1])
+            b.weight.copy_(saved[2])
+    return done
 
 
 def apply_corrections(

@@ -62,9 +62,12 @@ def fold_batchnorm(
     def count(mod, _inp):
         calls[mod] = calls.get(mod, 0) + 1
 
+    alive: list[torch.Tensor] = []  # keep traced outputs alive so their ids are not reused
+
     def on_layer(mod, _inp, out):
         if isinstance(out, torch.Tensor):
             produced[id(out)] = mod
+            alive.append(out)
 
     def on_bn(mod, inp):
         src = produced.get(id(inp[0])) if inp and isinstance(inp[0], torch.Tensor) else None
@@ -85,6 +88,7 @@ def fold_batchnorm(
     finally:
         for h in handles:
             h.remove()
+        alive.clear()
     pairs = [(a, b) for a, b in pairs if calls.get(a) == 1 and calls.get(b) == 1]
     if not pairs:
         return []
