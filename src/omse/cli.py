@@ -58,15 +58,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="omse", description="Post-training low-bit quantization by exact MMSE."
-    )
+    ap = _Parser(prog="omse", description="Post-training low-bit quantization by exact MMSE.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the default job: EfficientNet-Lite0 table (results/demo.json)")
-    d.add_argument("--calib-size", type=int, default=32)
+    d.add_argument("--calib-size", type=int, default=16, help="calibration images (16-64)")
     d.add_argument("--views", type=int, default=200)
     d.add_argument("--json", default="results/demo.json")
     d.add_argument("--quick", action="store_true", help="fewer rows")

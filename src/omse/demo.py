@@ -68,7 +68,7 @@ def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
 
 
 def run_demo(
-    n_calib: int = 32,
+    n_calib: int = 16,
     n_views: int = 200,
     out_json: str | Path | None = "results/demo.json",
     progress: bool = True,

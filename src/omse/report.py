@@ -228,7 +228,7 @@ def report(
 
 
 def demo_report(
-    calib_size: int = 32, out_dir: str | Path = "results/report_w4a4", budget: float = 0.10
+    calib_size: int = 16, out_dir: str | Path = "results/report_w4a4", budget: float = 0.10
 ) -> list[Path]:
     """The demo's W4A4 report on EfficientNet-Lite0 (MMSE, residuals at ``budget``)."""
     from .api import quantize
