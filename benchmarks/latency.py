@@ -234,7 +234,7 @@ def bench_model(name: str, args, work: Path) -> tuple[dict, dict]:
     for bs in (1, 32):
         x = ev[:bs] if ev.shape[0] >= bs else ev[:1].repeat(bs, *[1] * (ev.dim() - 1))
         xn = x.numpy()
-        runs = args.runs if bs == 1 else max(3, args.runs // 4)
+        runs = args.runs if bs == 1 else max(3, args.runs // 6)
         budget = args.seconds if bs == 1 else 2 * args.seconds
         row = {}
         with torch.no_grad():
@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     ap.add_argument("--calib", type=int, default=16)
-    ap.add_argument("--eval-lite0", type=int, default=100, help="ImageNet views for parity")
+    ap.add_argument("--eval-lite0", type=int, default=50, help="ImageNet views for parity")
     ap.add_argument("--eval-fmnist", type=int, default=2000, help="test images for parity")
-    ap.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (batch 32: /4)")
+    ap.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (batch 32: /6)")
     ap.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
     ap.add_argument("--quick", action="store_true", help="fewer runs and inputs")
     ap.add_argument("--out-dir", default=str(ROOT / "results"))

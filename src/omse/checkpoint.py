@@ -7,6 +7,7 @@ File layout (safetensors; every tensor little-endian, no Python objects):
   first, :func:`omse.primitives.pack_int4`), 5..8-bit codes are ``int8``;
 - ``q.<module>.w<t>.scale``: its float32 scales (kernel-wise ``[out, 1, ...]`` or 0-d);
 - ``q.<module>.w<t>.mask``: for residual terms ``t >= 1``, which kernels carry the term (bool);
+  a residual term's ``codes`` hold only those kernels;
 - ``q.<module>.act_scale``: the float32 input-activation scale (when the input is quantized);
 - ``f.<key>``: every other entry of the model's ``state_dict`` as is (biases, un-folded
   BatchNorms, layers left in float), so nothing of the FP32 weights is needed to rebuild it.
@@ -15,7 +16,8 @@ The safetensors metadata holds one JSON header under ``"omse"`` (see :func:`read
 and version, the architecture (a :data:`omse.models.REGISTRY` name, or ``None`` for a user model),
 the :class:`~omse.config.QuantConfig`, every quantized layer's grid/config/term shapes, the module
 types of the whole quantized model (folded BatchNorms are the ``Identity`` modules), byte counts
-and a SHA-256 of the tensor data (so a corrupted byte is detected, not silently loaded).
+and a SHA-256 over the tensor table, this header and the tensor data (so a corrupted byte is
+detected, not silently loaded).
 
 :func:`load` rebuilds the architecture (registry: built without FP32 weights where the builder
 allows; a user model: ``model=``), replaces the folded BatchNorms by ``Identity``, wraps the layers
@@ -109,14 +111,22 @@ def save(
         for t, (codes, scale, mask) in enumerate(ql.terms()):
             if int(codes.min()) < ql.w_grid.qmin or int(codes.max()) > ql.w_grid.qmax:
                 raise OmseError(f"layer {ql.name!r} term {t} has codes outside {ql.w_grid}")
-            data = _pack(codes, ql.w_grid)
+            # a residual term stores only the kernels its mask selects (the others are zero)
+            rows = codes if t == 0 else codes[mask.to(torch.bool)]
+            data = _pack(rows, ql.w_grid)
             tensors[f"q.{path_}.w{t}.codes"] = data
             tensors[f"q.{path_}.w{t}.scale"] = scale.detach().to(torch.float32).contiguous()
             packed_bytes += data.numel() + scale.numel() * 4
             if t >= 1:
                 tensors[f"q.{path_}.w{t}.mask"] = mask.to(torch.bool).contiguous()
                 packed_bytes += mask.numel()
-            terms.append({"shape": list(codes.shape), "packed": ql.w_grid.bits <= 4})
+            terms.append(
+                {
+                    "shape": list(codes.shape),
+                    "rows": int(rows.shape[0]),
+                    "packed": ql.w_grid.bits <= 4,
+                }
+            )
         fp32_weight_bytes += ql.layer.weight.numel() * 4
         if ql.act_scale is not None:
             tensors[f"q.{path_}.act_scale"] = ql.act_scale.detach().to(torch.float32).reshape(())
@@ -313,23 +323,36 @@ def _unpack_terms(
     terms, masks = [], []
     for t, term in enumerate(info["terms"]):
         shape = [int(s) for s in term["shape"]]
-        numel = 1
-        for s in shape:
-            numel *= s
+        rows = int(term["rows"])
+        per_row = 1
+        for s in shape[1:]:
+            per_row *= s
+        mask = None
+        if t >= 1:
+            mask = tensors[f"q.{path_}.w{t}.mask"]
+            if mask.dtype != torch.bool or tuple(mask.shape) != (shape[0],):
+                raise CheckpointError(f"layer {path_!r} term {t}: mask of the wrong shape/type")
+            if int(mask.sum()) != rows:
+                raise CheckpointError(f"layer {path_!r} term {t}: mask and codes disagree")
+        elif rows != shape[0]:
+            raise CheckpointError(f"layer {path_!r}: the main term must hold every kernel")
         data = tensors[f"q.{path_}.w{t}.codes"]
         if term["packed"]:
-            codes = unpack_int4(data, numel, signed=grid.signed)
+            flat = unpack_int4(data, rows * per_row, signed=grid.signed)
         else:
-            if data.dtype != torch.int8 or data.numel() != numel:
+            if data.dtype != torch.int8 or data.numel() != rows * per_row:
                 raise CheckpointError(f"layer {path_!r} term {t}: codes of the wrong size/type")
-            codes = data
-        codes = codes.reshape(shape)
-        if int(codes.min()) < grid.qmin or int(codes.max()) > grid.qmax:
+            flat = data
+        if flat.numel() and (int(flat.min()) < grid.qmin or int(flat.max()) > grid.qmax):
             raise CheckpointError(f"layer {path_!r} term {t}: codes outside the grid {grid}")
+        if mask is None:
+            codes = flat.reshape(shape)
+        else:
+            codes = torch.zeros(shape, dtype=torch.int8)
+            codes[mask] = flat.reshape(rows, *shape[1:])
+            masks.append(mask)
         scale = tensors[f"q.{path_}.w{t}.scale"].to(torch.float32)
         terms.append((codes, scale))
-        if t >= 1:
-            masks.append(tensors[f"q.{path_}.w{t}.mask"].to(torch.bool))
     return terms, masks
 
 
