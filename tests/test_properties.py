@@ -114,14 +114,31 @@ def test_error_non_increasing_in_bits(x, bits, kind):
 def test_weighted_solve_equals_repeated_values(x, bits, kind, data):
     """Integer weights (histogram counts) mean repeated values: the same optimal error."""
     grid = Grid(bits, kind)
-    counts = data.draw(st.lists(st.integers(0, 4), min_size=x.shape[1], max_size=x.shape[1]))
-    assume(sum(counts) > 0)
+    # counts >= 1, as histogram bins give; see test_zero_weight_large_values_* for zeros
+    counts = data.draw(st.lists(st.integers(1, 4), min_size=x.shape[1], max_size=x.shape[1]))
     w = torch.tensor(counts, dtype=torch.float64).reshape(1, -1)
     x64 = x.double()
     weighted = mmse_solve(x64, grid, w).sse
     rep = x64.reshape(-1).repeat_interleave(torch.tensor(counts)).reshape(1, -1)
     repeated = mmse_solve(rep, grid).sse
     assert _close(weighted, repeated, rep)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mmse_solve misses the optimum when (nearly) zero-weight values are > 1e18 x the "
+    "weighted ones (reported; mmse.py is not ours to change)",
+)
+@pytest.mark.parametrize("w_big", [0.0, 1e-40])
+def test_zero_weight_large_values_do_not_hide_the_optimum(w_big):
+    x = torch.tensor([[1.0, 3.0, 2.0**-60]], dtype=torch.float64)
+    w = torch.tensor([[w_big, w_big, 1.0]], dtype=torch.float64)
+    res = mmse_solve(x, Grid(4), w)
+    # the step 2^-60 / 7 represents the weighted value exactly; clipping costs only w_big * ...
+    s = torch.tensor([2.0**-60 / 7], dtype=torch.float64)
+    q = torch.clamp(torch.round(x / s), -8, 7)
+    best = float((w * (x - s * q) ** 2).sum())
+    assert float(res.sse[0]) <= best * (1 + 1e-9) + 1e-300
 
 
 def _close(a, b, x):
