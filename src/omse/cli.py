@@ -235,6 +235,12 @@ def _print_result(res: dict) -> None:
     )
 
 
+def _registry_name(model: str) -> str | None:
+    from .models import REGISTRY
+
+    return model if model in REGISTRY else None
+
+
 def cmd_demo(args) -> int:
     from .demo import markdown_table, run_demo
 
@@ -277,7 +283,7 @@ def cmd_quantize(args) -> int:
     if args.out:
         from .checkpoint import save
 
-        save(qmodel, args.out, force=args.force)
+        save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
         print(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
     return 0
@@ -355,7 +361,7 @@ def cmd_save(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
-    save(qmodel, args.out, force=args.force)
+    save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
     print(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
     return 0
