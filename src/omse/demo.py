@@ -121,7 +121,8 @@ def run_demo(
         "eval": {"views": n_views, "images": 20, "source": "foolbox data/imagenet_*.jpg"},
         "calibration": {
             "images": n_calib,
-            "sources": sorted({p.name for p in calibration_sources()}),
+            "sources": [p.name for p in calibration_sources()][:n_calib],
+            "views": "centre crops, then mirrors and corners (omse.data.calibration_images)",
         },
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
