@@ -33,9 +33,16 @@ demo: $(STAMP) fmnist
 test: $(STAMP) fmnist
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Benchmarks are not tests: each prints markdown tables and writes JSON/PNG under results/.
+# bench.py also runs benchmarks/transformer.py and benchmarks/peers.py.
 bench: $(STAMP) fmnist
-	$(BIN)/python -m pip install -q -e '.[bench,nlp]'
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/solver_speed.py
+	$(BIN)/python -m pip install -q -e '.[bench,nlp]' torch==2.13.0
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/solver_speed.py --threads $(THREADS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/accuracy.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/bench.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/latency.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
