@@ -25,6 +25,7 @@ from omse.data import calibration_images, imagenet_views
 from omse.io import atomic_write_bytes, atomic_write_text
 from omse.metrics import compare_logits, predict
 from omse.models import get_model
+from omse.runtime import tune_allocator
 
 BUDGETS = (0.0, 0.05, 0.10, 0.25, 1.0)
 ABLATION = {
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="W4A8,W4A4,W4A32")
     ap.add_argument("--out", default="results/accuracy.json")
     args = ap.parse_args(argv)
+    tune_allocator()
     settings = args.settings.split(",")
     spec = get_model("efficientnet-lite0")
     model = spec.build()

@@ -25,6 +25,7 @@ from omse.grids import Grid
 from omse.io import atomic_write_text
 from omse.mmse import mmse_solve
 from omse.models import get_model
+from omse.runtime import tune_allocator
 from omse.primitives import quant_error
 
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/solver_speed.json")
     args = ap.parse_args(argv)
+    tune_allocator()
     torch.set_num_threads(args.threads)
     model = get_model("efficientnet-lite0").build()
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]

@@ -1,0 +1,38 @@
+"""Process-level tuning for long CPU runs.
+
+glibc returns large freed buffers to the OS and faults them back in on the next allocation; with
+the many large activation tensors of a calibration or evaluation pass this costs as much system
+time as the arithmetic itself (measured: 2.5 s of system time for 0.97 s of user time evaluating
+EfficientNet-Lite0 on 60 views; 0.3 s with this tuning). :func:`tune_allocator` raises glibc's
+trim and mmap thresholds so freed memory is reused instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+__all__ = ["tune_allocator"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def tune_allocator(threshold: int = 1 << 30) -> bool:
+    """Keep freed heap memory for reuse (glibc only; a no-op elsewhere). Returns True if applied."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, threshold) and libc.mallopt(
+            _M_MMAP_THRESHOLD, threshold
+        )
+    except (OSError, AttributeError):
+        return False
+    _done = bool(ok)
+    return _done
