@@ -42,6 +42,7 @@ def test_defaults_are_w4a8_kernelwise_mmse():
         ({"max_terms": 5}, "max_terms"),
         ({"act_bins": 100}, "act_bins"),
         ({"act_bins": 4098}, "act_bins"),
+        ({"act_bins": 3072}, "act_bins"),
         ({"act_bins": 1024.0}, "act_bins"),
         ({"strict": "yes"}, "strict"),
         ({"bias_correction": 1}, "bias_correction"),

@@ -144,9 +144,9 @@ class QuantConfig:
             isinstance(self.act_bins, bool)
             or not isinstance(self.act_bins, int)
             or self.act_bins < 256
-            or self.act_bins % 4
+            or self.act_bins & (self.act_bins - 1)
         ):
-            raise ConfigError(f"act_bins={self.act_bins!r}: use a multiple of 4, >= 256")
+            raise ConfigError(f"act_bins={self.act_bins!r}: use a power of two >= 256")
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides must be a dict {module name pattern: {field: value}}")
         allowed = {f.name for f in fields(LayerConfig)}

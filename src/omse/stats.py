@@ -2,10 +2,9 @@
 
 :class:`HistogramStats` keeps a fixed number of bins over a symmetric range ``[-R, R]`` where
 ``R`` is a power of two strictly above every magnitude seen; when a batch reaches ``R`` the range
-doubles and adjacent bins merge pairwise, exactly: a value's bin is computed as
-``floor(x / R * bins/2) + bins/2`` (scaling by a power of two is exact in binary floating point),
-so the counts after any sequence of doublings or merges equal those of a single pass over all the
-data. Each bin stores its count and the sum of its values, so the centroid of each
+doubles and adjacent bins merge pairwise, exactly: ``bins`` is a power of two too, so a value's bin
+``floor(x * (bins/2)/R) + bins/2`` is computed without rounding, and the counts after any sequence
+of doublings or merges equal those of a single pass over all the data. Each bin stores its count and the sum of its values, so the centroid of each
 bin is known and the MMSE problem can be solved on ``bins`` weighted points instead of every
 value seen. Memory is ``O(bins)``, independent of the number of batches.
 """
@@ -47,11 +46,10 @@ class HistogramStats:
     def __post_init__(self) -> None:
         if isinstance(self.bins, bool) or not isinstance(self.bins, int):
             raise CalibrationError(f"histogram bins must be an int, got {self.bins!r}")
-        if self.bins < 4 or self.bins % 4:
-            # pairwise merging on range doubling maps old bin j to new bin j//2 + bins/4
-            raise CalibrationError(
-                f"histogram bins must be a multiple of 4 (>= 4), got {self.bins}"
-            )
+        if self.bins < 4 or self.bins & (self.bins - 1):
+            # pairwise merging on range doubling maps old bin j to new bin j//2 + bins/4, and
+            # power-of-two bins make the bin index of every value exact
+            raise CalibrationError(f"histogram bins must be a power of two >= 4, got {self.bins}")
         if self.counts is None:
             self.counts = torch.zeros(self.bins, dtype=torch.float64)
             self.sums = torch.zeros(self.bins, dtype=torch.float64)
@@ -91,9 +89,10 @@ class HistogramStats:
         v = x.detach().reshape(-1).to(torch.float64)
         if v.numel() == 0:
             return self
-        if not torch.isfinite(v).all():
+        lo, hi = torch.aminmax(v)  # NaN propagates to both
+        vmin, vmax = float(lo), float(hi)
+        if not (math.isfinite(vmin) and math.isfinite(vmax)):
             raise CalibrationError("calibration values contain NaN or Inf")
-        vmin, vmax = float(v.min()), float(v.max())
         amax = max(abs(vmin), abs(vmax))
         if amax >= self.radius:
             self._grow_to(amax)
@@ -106,9 +105,10 @@ class HistogramStats:
         self.sum_4 += float((v2 * v2).sum())
         if self.radius > 0:
             half = self.bins // 2
-            # v / R is exact (R a power of two, |v| < R) and so is the doubling relation between
-            # floor(v / R * half) and floor(v / 2R * half): bins agree across range doublings
-            idx = torch.floor((v / self.radius) * half).long().add_(half)
+            # R and half are powers of two: v / R * half is exact (|v| < R; two steps, as half / R
+            # can overflow for tiny R), and so is floor(v/2R * half) = floor(floor(v/R * half) / 2):
+            # bins agree across range doublings
+            idx = (v / self.radius).mul_(half).floor_().long().add_(half)
             idx = idx.clamp_(0, self.bins - 1)  # defensive: |v| < R keeps idx in range
             self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
             self.sums.index_add_(0, idx, v)
