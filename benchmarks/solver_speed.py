@@ -25,8 +25,8 @@ from omse.grids import Grid
 from omse.io import atomic_write_text
 from omse.mmse import mmse_solve
 from omse.models import get_model
-from omse.runtime import tune_allocator
 from omse.primitives import quant_error
+from omse.runtime import tune_allocator
 
 
 def grid_search(slices: torch.Tensor, grid: Grid, points: int = 100) -> torch.Tensor:

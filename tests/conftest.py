@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
+from omse.runtime import tune_allocator
+
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+tune_allocator()
 
 
 @pytest.fixture(autouse=True)

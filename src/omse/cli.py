@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .runtime import tune_allocator
+
+    tune_allocator()
     try:
         return COMMANDS[args.cmd](args)
     except OmseError as e:
