@@ -156,3 +156,14 @@ def test_make_range_setter():
     assert make_range_setter(s) is s
     with pytest.raises(ConfigError, match="range method 'l2'"):
         make_range_setter("l2")
+
+
+def test_tiny_magnitudes_keep_their_own_step():
+    """Data of magnitude 1e-13 gets a step of that order, not the all-zero fallback of 1."""
+    from omse.grids import Grid
+    from omse.ranges import MMSE, MinMax
+
+    x = torch.tensor([[1e-13, -3e-13, 2e-13, 5e-14]], dtype=torch.float64)
+    for setter in (MMSE(), MinMax()):
+        s = setter.fit(x, Grid(4))
+        assert 1e-15 < float(s[0]) < 1e-12

@@ -27,7 +27,6 @@ from .stats import HistogramStats
 __all__ = ["RangeSetter", "MinMax", "Percentile", "ACIQ", "MMSE", "make_range_setter", "METHODS"]
 
 Stats = torch.Tensor | HistogramStats
-_TINY = 1e-12
 
 
 class RangeSetter(Protocol):
@@ -38,12 +37,14 @@ class RangeSetter(Protocol):
 
 def _clip_to_scale(clip: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Step that puts the clipping magnitude ``clip`` at the grid's largest positive code."""
-    return torch.clamp(clip / grid.qmax, min=_TINY)
+    return clip / grid.qmax
 
 
 def _fallback(scale: torch.Tensor) -> torch.Tensor:
-    # an all-zero slice: any step is exact; 1 keeps codes and exports well defined
-    return torch.where(scale > _TINY, scale, torch.ones_like(scale))
+    # an all-zero slice (step 0): any step is exact; 1 keeps codes and exports well defined.
+    # Tiny but positive steps are kept: data of magnitude 1e-13 deserves a step of 1e-14.
+    ok = (scale > 0) & torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)
+    return torch.where(ok, scale, torch.ones_like(scale))
 
 
 def _absmax(stats: Stats, grid: Grid) -> torch.Tensor:
@@ -139,7 +140,7 @@ class ACIQ:
             s = gau
         else:  # Laplace kurtosis 6, Gaussian 3 (and half-distributions alike)
             s = torch.where(kurt > 4.5, lap, gau)
-        s = _fallback(s.clamp(min=_TINY))
+        s = _fallback(s)
         return s.reshape(()) if isinstance(stats, HistogramStats) else s
 
 
