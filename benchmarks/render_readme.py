@@ -98,6 +98,47 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def latency_tables(data: dict[str, Any]) -> str:
+    """``latency.json`` (benchmarks/latency.py): median ms per model, batch size and backend,
+    then each exported graph's size and its parity with the PyTorch simulation."""
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return generic_table(data, "Latency")
+    env = data.get("env", {})
+    caption = ", ".join(f"{k} {_fmt(v)}" for k, v in env.items() if k != "note")
+    backends: list[str] = []
+    for m in models.values():
+        for per_b in m.get("latency", {}).values():
+            backends += [b for b in per_b if b not in backends]
+    lines = [
+        f"**Latency** (median ms) — {caption}" + (f"; {env['note']}" if "note" in env else ""),
+        "",
+        "| model | config | batch | " + " | ".join(backends) + " |",
+        "|---|---|---|" + "---|" * len(backends),
+    ]
+    for name, m in models.items():
+        for batch, per_b in m.get("latency", {}).items():
+            cells = [_fmt((per_b.get(b) or {}).get("median_ms")) for b in backends]
+            lines.append(
+                f"| {name} | {m.get('config', '')} | {batch} | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "| model | graph | file KiB | parity: top-1 agreement | max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        parity = m.get("parity", {})
+        for g, info in m.get("graphs", {}).items():
+            par = parity.get(f"ort_{g}_vs_sim", {})
+            kib = info.get("file_bytes")
+            lines.append(
+                f"| {name} | {g} | {'-' if kib is None else f'{kib / 1024:.1f}'} | "
+                f"{_fmt(par.get('top1_agreement'))} | {_fmt(par.get('max_abs_diff'))} |"
+            )
+    return "\n".join(lines)
+
+
 def render(results_dir: Path) -> str:
     parts: list[str] = []
     models = list(bench.MODELS) + sorted(
@@ -114,10 +155,17 @@ def render(results_dir: Path) -> str:
         import transformer
 
         parts.append(transformer.markdown_table(json.loads(tf.read_text())))
-    for name, title in (("peers", "Comparison with other PTQ libraries"), ("latency", "Latency")):
-        p = results_dir / f"{name}.json"
-        if p.is_file():
-            parts.append(generic_table(json.loads(p.read_text()), title))
+    peers = results_dir / "peers.json"
+    if peers.is_file():
+        parts.append(
+            generic_table(json.loads(peers.read_text()), "Comparison with other PTQ libraries")
+        )
+    latency = results_dir / "latency.json"
+    if latency.is_file():
+        data = json.loads(latency.read_text())
+        parts.append(
+            latency_tables(data) if isinstance(data, dict) else generic_table(data, "Latency")
+        )
     return "\n\n".join(parts) + "\n"
 
 

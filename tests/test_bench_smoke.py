@@ -120,4 +120,19 @@ def test_render_readme(bench, tmp_path):
     assert "**tiny**" in text
     assert "| library | top1 | note |" in text and "a\\|b" in text
     assert "| backend | ms |" in text and "1.25" in text
+    lat = {
+        "env": {"threads": 1, "note": "shared"},
+        "models": {
+            "tiny": {
+                "config": "W4A8",
+                "latency": {"1": {"torch_fp32": {"median_ms": 2.5}, "ort": {"median_ms": 0.5}}},
+                "graphs": {"w4": {"file_bytes": 2048}},
+                "parity": {"ort_w4_vs_sim": {"top1_agreement": 1.0, "max_abs_diff": 0.01}},
+            }
+        },
+    }
+    (tmp_path / "latency.json").write_text(json.dumps(lat))
+    text = render.render(tmp_path)
+    assert "| model | config | batch | torch_fp32 | ort |" in text
+    assert "| tiny | W4A8 | 1 | 2.5 | 0.5 |" in text and "| tiny | w4 | 2.0 | 1 | 0.01 |" in text
     assert render.main(["--results", str(tmp_path / "empty")]) == 1
