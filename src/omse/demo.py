@@ -84,7 +84,7 @@ def run_demo(
     calib = calibration_images(n_calib)
     pre = spec.preprocess
     calib_batches = [pre(calib[i : i + 8]) for i in range(0, n_calib, 8)]
-    ref = predict(model, views, pre, progress=progress, desc="FP32")
+    ref = predict(model, views, pre, batch_size=8, progress=progress, desc="FP32")
     fp = compare_logits(ref, ref, labels)
     rows = [DemoRow("fp32", None, None, None, 1.0, 0.0, float(fp.top1), 0.0)]
     log(
@@ -95,9 +95,8 @@ def run_demo(
         t0 = time.perf_counter()
         q = quantize(model, calib_batches, cfg, calibration=cal, progress=False)
         secs = time.perf_counter() - t0
-        out = predict(
-            q, views, pre, progress=progress, desc=f"W{cfg.weight_bits}A{cfg.act_bits or 32}"
-        )
+        desc = f"W{cfg.weight_bits}A{cfg.act_bits or 32}"
+        out = predict(q, views, pre, batch_size=8, progress=progress, desc=desc)
         a = compare_logits(ref, out, labels)
         row = DemoRow(
             cfg.weight_method,
