@@ -273,7 +273,6 @@ def select_residuals(
     for name, q in layers.items():
         if q.macs == 0:
             continue
-        base = q.terms()
         cfg = q.cfg
         w = q.float_weight
         approx = q.dequantized_weight()
@@ -292,7 +291,6 @@ def select_residuals(
             for k in torch.nonzero(gain > 0).squeeze(1).tolist():
                 cands.append((float(gain[k]) / cost, name, t, k, cost))
             err_prev = err_t
-        del base
     cands.sort(key=lambda c: -c[0])
     chosen: dict[str, list[torch.Tensor]] = {
         n: [torch.zeros(q.float_weight.shape[0], dtype=torch.bool) for _ in range(max_terms - 1)]
