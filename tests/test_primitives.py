@@ -102,3 +102,25 @@ def test_unpack_rejects_wrong_input():
         unpack_int4(torch.zeros(2, dtype=torch.int8), 4)
     with pytest.raises(CheckpointError, match="expected 2"):
         unpack_int4(torch.zeros(3, dtype=torch.uint8), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_neighbours_bracket_and_are_representable(dtype):
+    from omse.primitives import scale_neighbours
+
+    torch.manual_seed(0)
+    fi = torch.finfo(dtype)
+    s = torch.cat([torch.rand(1000) * 10 ** torch.empty(1000).uniform_(-4, 3), torch.tensor([1.0])])
+    lo, hi = scale_neighbours(s, dtype)
+    ok = (s >= fi.tiny) & (s <= fi.max / 2)
+    assert ((lo <= s) & (s <= hi)).all()
+    assert torch.equal(lo[ok].to(dtype).float(), lo[ok]) and torch.equal(
+        hi[ok].to(dtype).float(), hi[ok]
+    )
+    assert ((hi - lo)[ok] <= s[ok] * 2 * fi.eps).all()  # adjacent values
+    tiny = torch.tensor([1e-6, 1e30])  # outside float16's normal range: left as float32
+    lo, hi = scale_neighbours(tiny, torch.float16)
+    assert torch.equal(lo, tiny) and torch.equal(hi, tiny)
+    exact = torch.tensor([0.5, 0.1]).to(dtype).float()  # already representable: both ends equal it
+    lo, hi = scale_neighbours(exact, dtype)
+    assert torch.equal(lo, exact) and torch.equal(hi, exact)

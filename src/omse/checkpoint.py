@@ -5,7 +5,8 @@ File layout (safetensors; every tensor little-endian, no Python objects):
 - ``q.<module>.w<t>.codes``: the integer codes of weight term ``t`` of the quantized layer at
   module path ``<module>``; grids of <= 4 bits are packed two per byte (``uint8``, low nibble
   first, :func:`omse.primitives.pack_int4`), 5..8-bit codes are ``int8``;
-- ``q.<module>.w<t>.scale``: its float32 scales (kernel-wise ``[out, 1, ...]`` or 0-d);
+- ``q.<module>.w<t>.scale``: its scales (kernel-wise ``[out, 1, ...]`` or 0-d), float16 (the
+  default ``scale_dtype``; float32 where a scale needs it);
 - ``q.<module>.w<t>.mask``: for residual terms ``t >= 1``, which kernels carry the term (bool);
   a residual term's ``codes`` hold only those kernels;
 - ``q.<module>.act_scale``: the float32 input-activation scale (when the input is quantized);
@@ -80,6 +81,17 @@ def _pack(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     return codes.reshape(-1).to(torch.int8).contiguous()
 
 
+def _compact_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` in the narrowest float format that holds every value exactly (float16,
+    bfloat16 or float32): the scales omse fits are float16 values by default."""
+    s = scale.to(torch.float32).contiguous()
+    for dtype in (torch.float16, torch.bfloat16):
+        c = s.to(dtype)
+        if torch.equal(c.to(torch.float32), s):
+            return c.contiguous()
+    return s
+
+
 def save(
     qmodel: nn.Module,
     path: str | Path,
@@ -115,8 +127,9 @@ def save(
             rows = codes if t == 0 else codes[mask.to(torch.bool)]
             data = _pack(rows, ql.w_grid)
             tensors[f"q.{path_}.w{t}.codes"] = data
-            tensors[f"q.{path_}.w{t}.scale"] = scale.detach().to(torch.float32).contiguous()
-            packed_bytes += data.numel() + scale.numel() * 4
+            sc = _compact_scale(scale.detach())
+            tensors[f"q.{path_}.w{t}.scale"] = sc
+            packed_bytes += data.numel() + sc.numel() * sc.element_size()
             if t >= 1:
                 tensors[f"q.{path_}.w{t}.mask"] = mask.to(torch.bool).contiguous()
                 packed_bytes += mask.numel()

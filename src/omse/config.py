@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ConfigError
 from .granularity import Granularity, PerChannel, parse_granularity
 from .grids import MAX_BITS, MIN_BITS
+from .primitives import SCALE_DTYPES
 from .ranges import METHODS
 
 __all__ = ["QuantConfig", "LayerConfig"]
@@ -34,6 +35,8 @@ class LayerConfig:
 
     ``act_bits=None`` leaves the layer's input in float. ``residual_terms`` is the number of extra
     low-precision tensors quantizing the weight residual (0 = plain), normally set by the budget.
+    ``scale_dtype``: the format weight scales are restricted to and stored in (``float16``,
+    ``bfloat16`` or ``float32``).
     """
 
     weight_bits: int = 4
@@ -44,6 +47,7 @@ class LayerConfig:
     weight_grid: str = "full"
     act_grid: str = "full"
     residual_terms: int = 0
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
@@ -63,6 +67,10 @@ class LayerConfig:
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         if not isinstance(self.residual_terms, int) or not 0 <= self.residual_terms <= 3:
             raise ConfigError(f"residual_terms={self.residual_terms!r}: use 0..3")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"scale_dtype={self.scale_dtype!r}: use one of {sorted(SCALE_DTYPES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class QuantConfig:
         bias_correction / equalize / output_aware: post-training corrections (see README).
         strict: raise on layers omse cannot quantize instead of warning.
         act_bins: histogram bins of the streaming activation statistics.
+        scale_dtype: the format weight scales are restricted to and stored in: ``float16``
+            (default; each fitted scale moves to the better of its two float16 neighbours, a
+            relative change <= 2^-11), ``bfloat16`` or ``float32``.
         seed: seed for anything random (nothing in the default pipeline is).
     """
 
@@ -107,6 +118,7 @@ class QuantConfig:
     output_aware: bool = False
     strict: bool = False
     act_bins: int = 4096
+    scale_dtype: str = "float16"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -176,6 +188,7 @@ class QuantConfig:
             granularity=self.granularity,
             weight_grid=self.weight_grid,
             act_grid=self.act_grid,
+            scale_dtype=self.scale_dtype,
         )
 
     def is_skipped(self, name: str) -> bool:

@@ -280,7 +280,7 @@ def select_residuals(
         out = w.shape[0]
         cost = q.macs / out
         extra_terms = quantize_weight_terms(
-            w - approx, q.w_grid, cfg.granularity, cfg.weight_method, max_terms - 1
+            w - approx, q.w_grid, cfg.granularity, cfg.weight_method, max_terms - 1, cfg.scale_dtype
         )
         proposals[name] = extra_terms
         acc = approx

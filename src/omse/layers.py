@@ -15,7 +15,14 @@ from .config import LayerConfig
 from .errors import ConfigError
 from .granularity import Granularity
 from .grids import Grid
-from .primitives import dequantize, fake_quantize, quantize
+from .primitives import (
+    SCALE_DTYPES,
+    dequantize,
+    fake_quantize,
+    quant_error,
+    quantize,
+    scale_neighbours,
+)
 from .ranges import make_range_setter
 
 __all__ = ["QuantizedLayer", "quantize_weight_terms", "layer_macs_per_output"]
@@ -28,18 +35,28 @@ def quantize_weight_terms(
     granularity: Granularity,
     method: str = "mmse",
     terms: int = 1,
+    scale_dtype: str = "float16",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Quantize ``weight`` and then ``terms - 1`` successive residuals.
 
     weight ``[out, ...]`` -> list of ``(codes int8 [out, ...], scale broadcastable [out, 1, ...])``;
     term ``t`` quantizes ``weight - sum_{u<t} s_u * Q_u`` with its own range setting.
+    ``scale_dtype`` (``float16`` by default): every fitted scale is moved to whichever of its two
+    bracketing ``scale_dtype`` values gives the lower error, so a checkpoint stores it in that
+    dtype without loss (a depthwise 3x3 kernel: 4.5 bytes of codes + 2 of scale, not + 4).
+    Scales outside the normal range of ``scale_dtype`` stay float32.
     """
     setter = make_range_setter(method)
+    dtype = SCALE_DTYPES[scale_dtype]
     out = []
     resid = weight.detach().to(torch.float32)
     for _ in range(terms):
         slices = granularity.to_slices(resid)
         scale = setter.fit(slices, grid).to(torch.float32)
+        if dtype != torch.float32:
+            lo, hi = scale_neighbours(scale, dtype)
+            better_hi = quant_error(slices, hi, grid) < quant_error(slices, lo, grid)
+            scale = torch.where(better_hi, hi, lo)
         scale = granularity.expand(scale, resid)
         q = quantize(resid, scale, grid)
         out.append((q, scale))
@@ -78,7 +95,12 @@ class QuantizedLayer(nn.Module):
         self.quant_enabled = True
         self.set_weight_terms(
             quantize_weight_terms(
-                self.float_weight, self.w_grid, cfg.granularity, cfg.weight_method, 1
+                self.float_weight,
+                self.w_grid,
+                cfg.granularity,
+                cfg.weight_method,
+                1,
+                cfg.scale_dtype,
             )
         )
 

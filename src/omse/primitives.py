@@ -19,7 +19,12 @@ __all__ = [
     "quant_error",
     "pack_int4",
     "unpack_int4",
+    "SCALE_DTYPES",
+    "scale_neighbours",
 ]
+
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Storage formats a weight scale may be restricted to (names as in configs)."""
 
 
 def _check_scale(scale: torch.Tensor) -> None:
@@ -50,6 +55,28 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Ten
     """``scale * clamp(round(x / scale), qmin, qmax)`` in ``x``'s dtype (simulated quantization)."""
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     return torch.clamp(torch.round(x / scale), grid.qmin, grid.qmax) * scale
+
+
+def scale_neighbours(scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two values of ``dtype`` that bracket each float32 ``scale``: ``(lo, hi)``, float32.
+
+    scale ``[...]`` -> ``lo <= scale <= hi``, each exactly representable in ``dtype``, so a scale
+    picked from them is stored in ``dtype`` without loss. Where ``scale`` lies outside the
+    normal range of ``dtype`` (subnormal or near overflow, where its relative precision is lost)
+    both are ``scale`` itself: that entry stays float32.
+    """
+    s = scale.to(torch.float32)
+    if dtype == torch.float32:
+        return s, s
+    fi = torch.finfo(dtype)
+    near = s.to(dtype)
+    up = torch.nextafter(near, torch.full_like(near, float("inf"))).to(torch.float32)
+    down = torch.nextafter(near, torch.full_like(near, float("-inf"))).to(torch.float32)
+    nf = near.to(torch.float32)
+    lo = torch.where(nf <= s, nf, down)
+    hi = torch.where(nf >= s, nf, up)
+    ok = (s >= fi.tiny) & (s <= fi.max / 2)
+    return torch.where(ok, lo, s), torch.where(ok, hi, s)
 
 
 def quant_error(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
