@@ -107,3 +107,36 @@ def test_every_range_method_runs(method):
     q = omse.quantize(tiny_net(), tiny_batches(2), QuantConfig(4, 8, method, method))
     out = q(torch.randn(2, 3, 12, 12))
     assert torch.isfinite(out).all()
+
+
+def test_set_integer_mode_matches_fake_quantization():
+    """Integer mode (codes convolved exactly, rescaled after) computes the same values as fake
+    quantization up to float rounding, and can be switched back; bad input is refused."""
+    from omse.api import set_integer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 5),
+    ).eval()
+    x = torch.randn(16, 3, 8, 8)
+    q = omse.quantize(net, [x[:8]], QuantConfig(weight_bits=4, act_bits=8))
+    with torch.no_grad():
+        fake = q(x)
+        assert set_integer(q) is q
+        assert all(ql.integer for ql in quantized_layers(q).values())
+        exact = q(x)
+        set_integer(q, False)
+        assert torch.equal(q(x), fake)
+    assert (exact - fake).abs().max() <= 1e-5 * fake.abs().max()
+    for ql in quantized_layers(q).values():
+        bound = ql.accumulator_bound()
+        codes = ql.terms()[0][0].abs().reshape(ql.terms()[0][0].shape[0], -1).sum(1).max()
+        assert bound == int(codes) * max(-ql.a_grid.qmin, ql.a_grid.qmax) < 2**24
+    with pytest.raises(omse.ConfigError, match="enabled"):
+        set_integer(q, "yes")
+    with pytest.raises(omse.ConfigError, match="no quantized layer"):
+        set_integer(net)

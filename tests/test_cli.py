@@ -324,3 +324,19 @@ def test_installed_command_in_a_subprocess(work):
     assert "does not match omse_climod:factory" in line and "size mismatch" in line
     assert r.stderr.strip() == line
     assert _fingerprint(work) == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--integer"], ["--container", "int8"]])
+def test_export_writes_a_graph_onnxruntime_runs(cli, work, extra):
+    ort = pytest.importorskip("onnxruntime")
+    out = work / f"m{len(extra)}{'i' if '--integer' in extra else ''}.onnx"
+    rc, stdout, err = cli("export", *USER, "--out", out, *extra)
+    assert rc == 0, err
+    assert f"wrote {out}" in stdout
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.RandomState(0).rand(2, *sess.get_inputs()[0].shape[1:]).astype(np.float32)
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert y.shape[0] == 2 and np.isfinite(y).all()
+    onnx = pytest.importorskip("onnx")
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert ("Mul" in ops) == ("--integer" in extra)

@@ -25,7 +25,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from omse.api import quantize, quantized_layers
+from omse.api import quantize, quantized_layers, set_integer
 from omse.config import QuantConfig
 from omse.errors import OmseError, UnsupportedLayerError
 from omse.export import export_onnx, to_onnx_model
@@ -187,6 +187,49 @@ def test_int8_container_fuses_integer_kernels(tmp_path):
     assert np.abs(out - sim).max() <= tol
 
 
+# -- integer form: the exact arithmetic of an integer runtime ------------------------------------
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("container", ["int4", "int8"])
+def test_integer_form_is_bit_exact(tmp_path, act_bits, container):
+    """``integer=True``: the layers run on integer codes (exact accumulators) and rescale by
+    ``s_x * s_w`` after; onnxruntime then reproduces omse's integer mode bit for bit, residual
+    branches included, with and without its graph optimisations."""
+    q = _quantized(QuantConfig(weight_bits=4, act_bits=act_bits))
+    x = _data(64, seed=2)
+    with torch.no_grad():
+        fake = q(x).numpy()
+    set_integer(q, True)
+    assert all(ql.accumulator_bound() < 2**24 for ql in quantized_layers(q).values())
+    path = export_onnx(q, _data(1), tmp_path / "m.onnx", integer=True, container=container)
+    out, sim = _run(q, path, x)
+    np.testing.assert_array_equal(out, sim)
+    out0, _ = _run(q, path, x, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_array_equal(out0, sim)
+    # the same values as fake quantization, up to float rounding
+    assert np.abs(sim - fake).max() <= 1e-5 * np.abs(fake).max()
+
+
+def test_integer_form_graph(tmp_path):
+    q = _quantized(QuantConfig(weight_bits=4, act_bits=4))
+    m = to_onnx_model(q, _data(1), integer=True)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    ops = [n.op_type for n in m.graph.node]
+    layers = quantized_layers(q)
+    n_terms = sum(ql.n_terms for ql in layers.values())
+    assert ops.count("Mul") == n_terms and ops.count("QuantizeLinear") == len(layers)
+    for name, ql in layers.items():
+        assert float(inits[f"{name}.act.unit_scale"]) == 1.0  # DQ to the codes themselves
+        for t, (codes, _, _) in enumerate(ql.terms()):
+            assert float(inits[f"{name}.w{t}.scale"]) == 1.0
+            np.testing.assert_array_equal(inits[f"{name}.w{t}.w_codes"], codes.numpy())
+            m_t = inits[f"{name}.w{t}.multiplier"]
+            np.testing.assert_array_equal(m_t, ql.multiplier(t).numpy())
+    w = [i for i in m.graph.initializer if i.name.endswith("w_codes")]
+    assert all(i.data_type == TensorProto.INT4 for i in w)
+    with pytest.raises(OmseError, match="integer"):
+        to_onnx_model(q, _data(1), integer="yes")
+
+
 def test_refuses_overwrite_and_bad_args(tmp_path):
     q = _quantized(QuantConfig(weight_bits=4, act_bits=8), residual=False)
     p = tmp_path / "m.onnx"
@@ -240,7 +283,7 @@ def test_lite0_parity(tmp_path):
         ql.set_weight_terms(
             quantize_weight_terms(ql.float_weight, ql.w_grid, ql.cfg.granularity, "minmax", 2)
         )
-    x = spec.preprocess(imagenet_views(8)[0])
+    x = spec.preprocess(imagenet_views(16)[0])
     path = export_onnx(q, x[:1], tmp_path / "lite0.onnx")
     out, sim = _run(q, path, x)
     with torch.no_grad():
@@ -266,3 +309,57 @@ def test_lite0_parity(tmp_path):
     decidable = (top2[:, 1] - top2[:, 0]) > 2 * np.abs(sim64 - sim).max()
     assert decidable.sum() >= len(x) // 2
     assert (out.argmax(1) == sim.argmax(1))[decidable].mean() >= 0.995
+
+    # the integer form has no such noise: ORT reproduces omse's integer mode on every view
+    # (issue bar: logits within one output step, top-1 agreement >= 99.5%; measured: bit-equal)
+    set_integer(q, True)
+    assert max(ql.accumulator_bound() for ql in quantized_layers(q).values()) < 2**24
+    path = export_onnx(q, x[:1], tmp_path / "lite0_int.onnx", integer=True)
+    out, sim = _run(q, path, x)
+    assert np.abs(out - sim).max() <= _one_step(q)
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.995
+
+
+# -- the Fashion-MNIST zoo -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fmnist_data():
+    from omse.fmnist import load_fmnist, normalize
+
+    try:
+        train, _ = load_fmnist("train")
+        test, _ = load_fmnist("test")
+    except OmseError as e:
+        pytest.skip(f"Fashion-MNIST is not installed: {e}")
+    # calibration: training images; evaluation: test images (never the same images)
+    return normalize(train[:64]), normalize(test[:1000])
+
+
+@pytest.mark.parametrize("name", ["fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg"])
+def test_zoo_parity(tmp_path, fmnist_data, name):
+    """The issue's bar on every zoo net, W4A8 kernel-wise MMSE with residual tensors at 10% extra
+    MACs and bias correction, on 1000 test images: the integer-form graph reproduces omse's integer
+    mode (logits within one output step; measured: equal) and the QDQ graph agrees on top-1 >= 99.5%
+    with the fake-quantized simulation."""
+    from omse.fmnist import weights_path
+    from omse.models import get_model
+
+    if not weights_path(name).is_file():
+        pytest.skip(f"{name} weights are not in this checkout")
+    calib, x = fmnist_data
+    model = get_model(name).build()
+    cfg = QuantConfig(weight_bits=4, act_bits=8, extra_mac_budget=0.1, bias_correction=True)
+    q = quantize(model, calib.split(32), cfg)
+    qdq = export_onnx(q, x[:1], tmp_path / "qdq.onnx")
+    out_qdq, sim_fake = _run(q, qdq, x)
+    set_integer(q, True)
+    exact = export_onnx(q, x[:1], tmp_path / "int.onnx", integer=True)
+    out, sim = _run(q, exact, x)
+    step = _one_step(q)
+    assert np.abs(out - sim).max() <= step
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.995
+    assert (out_qdq.argmax(1) == sim_fake.argmax(1)).mean() >= 0.995
+    # QDQ form: ORT convolves dequantized floats in its own order; a pre-activation within float
+    # rounding of a rounding boundary flips one code and the flip travels (measured: 81-96% of
+    # inputs within one step, the worst ~25 steps); most inputs are untouched
+    per_input = np.abs(out_qdq - sim_fake).max(1)
+    assert np.median(per_input) <= step and (per_input <= step).mean() >= 0.75

@@ -1,6 +1,6 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error."""
 
-from .api import Calibration, quantize, quantized_layers
+from .api import Calibration, quantize, quantized_layers, set_integer
 from .config import LayerConfig, QuantConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
 from .granularity import PerChannel, PerGroup, PerTensor
@@ -35,5 +35,6 @@ __all__ = [
     "quantize_tensor",
     "quantized_layers",
     "report",
+    "set_integer",
     "unpack_int4",
 ]

@@ -26,7 +26,14 @@ from .layers import QuantizedLayer, layer_macs_per_output
 from .ranges import make_range_setter
 from .stats import HistogramStats
 
-__all__ = ["quantize", "quantized_layers", "Calibration", "prepare_batches", "UNSUPPORTED"]
+__all__ = [
+    "quantize",
+    "quantized_layers",
+    "set_integer",
+    "Calibration",
+    "prepare_batches",
+    "UNSUPPORTED",
+]
 
 # Layer types with weights that omse does not quantize (left in float with a warning).
 UNSUPPORTED = (
@@ -127,6 +134,25 @@ def run_model(model: nn.Module, batch) -> torch.Tensor:
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     """Every :class:`QuantizedLayer` of ``model`` by its (original) layer name."""
     return {m.name: m for m in model.modules() if isinstance(m, QuantizedLayer)}
+
+
+def set_integer(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run every quantized layer whose input is quantized as an integer runtime does (``True``)
+    or as fake quantization (``False``, the default after :func:`quantize`); returns ``model``.
+
+    Integer mode convolves integer codes (exact while :meth:`QuantizedLayer.accumulator_bound`
+    stays below 2^24) and rescales by ``s_x * s_w``: the same values in exact arithmetic, but
+    independent of summation order, so it matches ``export_onnx(..., integer=True)`` executed by
+    onnxruntime. Calibration and corrections always run in fake-quantization mode.
+    """
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"enabled={enabled!r}: use True or False")
+    layers = quantized_layers(model)
+    if not layers:
+        raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
+    for q in layers.values():
+        q.integer = enabled
+    return model
 
 
 def _check_weights(model: nn.Module) -> None:

@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="quantize and export (ONNX QDQ)")
     _add_quant_args(x)
     x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument(
+        "--container",
+        default="int4",
+        choices=["int4", "int8"],
+        help="int4: INT4/UINT4 tensors (opset 21); int8: the same values in 8-bit containers, "
+        "which onnxruntime fuses into integer QLinearConv kernels",
+    )
+    x.add_argument(
+        "--integer",
+        action="store_true",
+        help="integer form: layers run on the integer codes and rescale after (a Mul), so "
+        "onnxruntime reproduces omse's integer mode (omse.set_integer) bit for bit",
+    )
     x.add_argument("--out", required=True)
 
     s = sub.add_parser("save", help="quantize and save a packed 4-bit checkpoint")
@@ -349,7 +362,14 @@ def cmd_export(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
-    export_onnx(qmodel, batches[0][:1], args.out, force=args.force)
+    export_onnx(
+        qmodel,
+        batches[0][:1],
+        args.out,
+        force=args.force,
+        container=args.container,
+        integer=args.integer,
+    )
     print(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
     return 0

@@ -93,6 +93,7 @@ class QuantizedLayer(nn.Module):
         self.n_terms = 0
         self.macs = 0
         self.quant_enabled = True
+        self.integer = False
         self.set_weight_terms(
             quantize_weight_terms(
                 self.float_weight,
@@ -171,7 +172,74 @@ class QuantizedLayer(nn.Module):
             return x
         return fake_quantize(x, self.act_scale, self.a_grid)
 
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's integer codes ``clamp(round(x / s_x), qmin, qmax)`` in ``x``'s dtype."""
+        s = self.act_scale.to(x.dtype)
+        return torch.clamp(torch.round(x / s), self.a_grid.qmin, self.a_grid.qmax)
+
+    def multiplier(self, term: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Requantization multiplier ``s_x * s_w`` of term ``term`` (``dtype``), shaped to
+        broadcast over the layer's output: ``[out, 1, ...]`` for a conv, ``[out]`` for a Linear,
+        0-d for a per-tensor scale."""
+        s = getattr(self, f"w_scale{term}")
+        m = self.act_scale.to(dtype) * s.to(dtype)
+        if m.numel() == 1:
+            return m.reshape(())
+        if isinstance(self.layer, nn.Linear):
+            return m.reshape(-1)
+        return m.reshape([-1] + [1] * (self.float_weight.dim() - 2))
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer as an integer runtime computes it: the integer input codes convolved with
+        each term's integer weight codes (an exact integer accumulator while every partial sum
+        stays below 2^24 in float32, see :meth:`accumulator_bound`), times the multiplier
+        ``s_x * s_w``, plus the float bias: ``(acc_0 * m_0 + b) + acc_1 * m_1 + ...``.
+
+        Equal in exact arithmetic to the fake-quantized forward; in float it does not depend on
+        the summation order of the convolution, so any runtime that computes the same graph
+        (``export_onnx(..., integer=True)``) gets the same outputs.
+        """
+        xq = self.input_codes(x)
+        layer = self.layer
+        # the module's own forward (it may pad, as "same"-padding subclasses do) with the codes
+        # as its weight and a zero bias (adding 0.0 to an integer is exact)
+        zero_bias = None if layer.bias is None else torch.zeros_like(layer.bias, dtype=x.dtype)
+        out = None
+        for t, (q, _, _) in enumerate(self.terms()):
+            params = {"weight": q.to(x.dtype)}
+            if zero_bias is not None:
+                params["bias"] = zero_bias
+            acc = torch.func.functional_call(layer, params, (xq,))
+            y = acc * self.multiplier(t, x.dtype)
+            if t == 0 and layer.bias is not None:
+                b = layer.bias.to(x.dtype)
+                if not isinstance(layer, nn.Linear):
+                    b = b.reshape([-1] + [1] * (self.float_weight.dim() - 2))
+                y = y + b
+            out = y if out is None else out + y
+        return out
+
+    def accumulator_bound(self) -> int:
+        """The largest ``|partial sum|`` the integer accumulator can reach: ``max|q_x| *
+        max_kernel sum|q_w|`` over the terms (int); below ``2**24`` float32 sums it exactly."""
+        if self.a_grid is None:
+            return 0
+        qx = max(abs(self.a_grid.qmin), abs(self.a_grid.qmax))
+        per_kernel = [
+            q.abs().to(torch.int64).reshape(q.shape[0], -1).sum(1).max() for q, _, _ in self.terms()
+        ]
+        return int(qx * max(int(v) for v in per_kernel))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (
+            self.integer
+            and self.quant_enabled
+            and self.act_scale is not None
+            and self.a_grid is not None
+            and not args
+            and not kwargs
+        ):
+            return self.integer_forward(x)
         return self.layer(self.quantize_input(x), *args, **kwargs)
 
     def extra_repr(self) -> str:
