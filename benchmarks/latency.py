@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from omse.api import quantize, quantized_layers  # noqa: E402
+from omse.api import quantize, quantized_layers, set_integer  # noqa: E402
 from omse.checkpoint import read_header, save  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
 from omse.export import export_onnx  # noqa: E402
@@ -191,10 +191,12 @@ def bench_model(name: str, args, work: Path) -> tuple[dict, dict]:
         q = quantize(model, calib.split(16), cfg)
     t_quant = time.perf_counter() - t0
 
-    paths = {k: work / f"{name}.{k}.onnx" for k in ("fp32", "w4_qdq", "w4_int8c")}
+    paths = {k: work / f"{name}.{k}.onnx" for k in ("fp32", "w4_qdq", "w4_int8c", "w4_int")}
     _export_fp32(model, ev[:1], paths["fp32"])
     export_onnx(q, ev[:1], paths["w4_qdq"], force=True)
     export_onnx(q, ev[:1], paths["w4_int8c"], force=True, container="int8")
+    export_onnx(q, ev[:1], paths["w4_int"], force=True, integer=True)
+    q_int = set_integer(copy.deepcopy(q), True)
 
     # graphs after onnxruntime's optimizer: which kernels really run
     graphs = {}
@@ -225,6 +227,15 @@ def bench_model(name: str, args, work: Path) -> tuple[dict, dict]:
     for k in ("w4_qdq", "w4_int8c", "w4_qdq_folded"):
         out = np.concatenate([sessions[k].run(None, {"input": b.numpy()})[0] for b in ev.split(50)])
         parity[f"ort_{k}_vs_sim"] = _parity(out, sim)
+    # the integer form against omse's integer mode (the same arithmetic)
+    with torch.no_grad():
+        sim_int = torch.cat([q_int(b) for b in ev.split(50)]).numpy()
+    out = np.concatenate(
+        [sessions["w4_int"].run(None, {"input": b.numpy()})[0] for b in ev.split(50)]
+    )
+    parity["ort_w4_int_vs_sim"] = _parity(out, sim_int)
+    parity["ort_w4_int_vs_sim"]["bit_equal"] = bool(np.array_equal(out, sim_int))
+    parity["sim_int_vs_sim"] = _parity(sim_int, sim)
     with torch.no_grad():
         fp = torch.cat([model(b) for b in ev.split(50)]).numpy()
     parity["sim_vs_fp32"] = _parity(sim, fp)
@@ -280,8 +291,8 @@ def bench_model(name: str, args, work: Path) -> tuple[dict, dict]:
 def _tables(results: dict, sizes: dict) -> str:
     lines = [
         "| model | batch | torch FP32 ms | ORT FP32 ms | ORT W4 QDQ (INT4) ms "
-        "| ORT W4 QDQ, weights folded ms | ORT W4 int8-container ms |",
-        "|---|---|---|---|---|---|---|",
+        "| ORT W4 QDQ, weights folded ms | ORT W4 int8-container ms | ORT W4 integer form ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         for bs, row in r["latency"].items():
@@ -289,7 +300,7 @@ def _tables(results: dict, sizes: dict) -> str:
                 f"| {name} | {bs} | {row['torch_fp32']['median_ms']:.2f} | "
                 f"{row['ort_fp32']['median_ms']:.2f} | {row['ort_w4_qdq']['median_ms']:.2f} | "
                 f"{row['ort_w4_qdq_folded']['median_ms']:.2f} | "
-                f"{row['ort_w4_int8c']['median_ms']:.2f} |"
+                f"{row['ort_w4_int8c']['median_ms']:.2f} | {row['ort_w4_int']['median_ms']:.2f} |"
             )
     lines += [
         "",
@@ -297,7 +308,7 @@ def _tables(results: dict, sizes: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        for k in ("w4_qdq", "w4_qdq_folded", "w4_int8c"):
+        for k in ("w4_qdq", "w4_qdq_folded", "w4_int8c", "w4_int"):
             g, p = r["graphs"][k], r["parity"][f"ort_{k}_vs_sim"]
             lines.append(
                 f"| {name} | {k} | {g['integer_kernels']} | {g['float_compute']} | "
