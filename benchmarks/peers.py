@@ -2,8 +2,10 @@
 
 For every model and setting (W4A32, W4A8, W4A4 and W8A8 as reference) this runs
 
-- omse: kernel-wise MMSE weights, MMSE per-tensor activations (``QuantConfig(W, A)``), and, where
-  the option is implemented, ``QuantConfig(W, A, extra_mac_budget=0.10)``;
+- omse: kernel-wise MMSE weights, MMSE per-tensor activations (``QuantConfig(W, A)``); the same
+  with bias correction (``mmse+bc``: no extra MACs, like every peer recipe); and the default 4-bit
+  recipe ``QuantConfig(W, A, extra_mac_budget=0.10, bias_correction=True)`` (``mmse+res10+bc``:
+  residual tensors on at most 10% extra integer MACs);
 - Brevitas (a) ``ptq-mse``: MSE scales for per-channel weights and per-tensor activations on every
   Conv/Linear input (Brevitas' ``layerwise`` backend, the one that quantizes what omse quantizes),
   (b) ``best``: graph equalization (20 iterations, merge bias) + the same quantizers + GPTQ (act
@@ -313,7 +315,9 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_omse(budget: float | None = None, on_original: bool = False) -> Runner:
+def run_omse(
+    budget: float | None = None, on_original: bool = False, bias_correction: bool = False
+) -> Runner:
     def runner(wl: Workload, wb: int, ab: int | None, cache: dict) -> Outcome:
         from omse.api import Calibration, quantize
         from omse.config import QuantConfig
@@ -322,6 +326,8 @@ def run_omse(budget: float | None = None, on_original: bool = False) -> Runner:
         kwargs: dict[str, Any] = {"weight_bits": wb, "act_bits": ab}
         if budget is not None:
             kwargs["extra_mac_budget"] = budget
+        if bias_correction:
+            kwargs["bias_correction"] = True
         try:
             cfg = QuantConfig(**kwargs)
         except (ConfigError, TypeError) as e:
@@ -860,7 +866,10 @@ def methods(tools: list[str], adaround_iters: int, aimet_path: str | None) -> li
     if "omse" in tools:
         out += [
             Method("omse", "mmse", run_omse(), "omse"),
-            Method("omse", "mmse+budget0.10", run_omse(budget=0.10), "omse"),
+            # no extra MACs, like every peer recipe
+            Method("omse", "mmse+bc", run_omse(bias_correction=True), "omse"),
+            # the default 4-bit recipe: residual tensors on 10% extra MACs + bias correction
+            Method("omse", "mmse+res10+bc", run_omse(budget=0.10, bias_correction=True), "omse"),
             Method(
                 "omse",
                 "mmse (unadapted Lite0)",

@@ -108,7 +108,8 @@ def test_run_in_process_skips_missing_and_done(peers, workload, monkeypatch, tmp
     )
     assert {(r.tool, r.config, r.setting) for r in rows} == {
         ("omse", "mmse", "W4A8"),
-        ("omse", "mmse+budget0.10", "W4A8"),
+        ("omse", "mmse+bc", "W4A8"),
+        ("omse", "mmse+res10+bc", "W4A8"),
     }
     again, _ = peers.run_in_process(
         ["tiny"], ["omse"], ["W4A8"], args, rows, None, log=lambda m: None
