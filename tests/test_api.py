@@ -140,3 +140,14 @@ def test_set_integer_mode_matches_fake_quantization():
         set_integer(q, "yes")
     with pytest.raises(omse.ConfigError, match="no quantized layer"):
         set_integer(net)
+
+
+def test_set_integer_warns_where_float32_cannot_hold_the_accumulator():
+    from omse.api import set_integer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40000, 2)).eval()  # 8-bit x 8-bit codes over 40000 inputs
+    x = torch.randn(4, 40000)
+    q = omse.quantize(net, [x], QuantConfig(weight_bits=8, act_bits=8))
+    with pytest.warns(UserWarning, match=r"\['0'\].*2\^24"):
+        set_integer(q)

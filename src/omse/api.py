@@ -152,6 +152,14 @@ def set_integer(model: nn.Module, enabled: bool = True) -> nn.Module:
         raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
     for q in layers.values():
         q.integer = enabled
+    if enabled:
+        big = [n for n, q in layers.items() if q.accumulator_bound() >= 2**24]
+        if big:
+            warnings.warn(
+                f"layers {big} can accumulate |sums| >= 2^24, which float32 does not hold "
+                "exactly: integer mode still computes them, but not bit-exactly in every order",
+                stacklevel=2,
+            )
     return model
 
 
