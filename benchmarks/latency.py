@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "note": "shared machine: latencies are medians of repeated runs at 1 thread",
+        "note": "latencies are medians of repeated runs; load_average: 1-minute load at the end",
     }
     out = Path(args.out_dir)
     atomic_write_text(
