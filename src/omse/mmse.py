@@ -191,6 +191,9 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
         w = weights.detach().to(torch.float64).expand_as(x)
         if (w < 0).any() or not torch.isfinite(w).all():
             raise ConfigError("mmse_solve weights must be finite and >= 0")
+        # a value of weight 0 adds nothing to E(s) at any step: drop it (as 0) so that it cannot
+        # set the normalisation, the min-max start or the search window
+        x = torch.where(w > 0, x, torch.zeros_like(x))
     if n == 0:
         raise ConfigError("mmse_solve got empty slices")
 
