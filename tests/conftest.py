@@ -14,6 +14,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small models: they gain nothing from two, and on a shared
+    2-core machine two spinning threads per process make the module many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _has(pkg: str) -> bool:
     import importlib.util
 

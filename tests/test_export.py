@@ -34,14 +34,7 @@ from omse.layers import quantize_weight_terms
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these small models gain nothing from two, and on a shared 2-core
-    machine two spinning threads per process make the module many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SmallNet(nn.Module):

@@ -47,13 +47,7 @@ ALLOWED_LEAVES = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's small CPU forwards on one thread (fast and stable on shared CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:

@@ -153,12 +153,7 @@ class _ExportLayer(nn.Module):
                 acc = self.layer(xq, *args, **kwargs)
                 y = _Marker.apply(acc, acc * self.ql.multiplier(t), "mul", self.idx, t)
                 if t == 0 and bias is not None:
-                    b = (
-                        bias
-                        if isinstance(self.layer, nn.Linear)
-                        else bias.reshape([-1] + [1] * (self.ql.float_weight.dim() - 2))
-                    )
-                    y = y + b
+                    y = y + self.ql.per_output_channel(bias)
                 out = y if out is None else out + y
         finally:
             self.layer.bias = bias

@@ -183,11 +183,14 @@ class QuantizedLayer(nn.Module):
         0-d for a per-tensor scale."""
         s = getattr(self, f"w_scale{term}")
         m = self.act_scale.to(dtype) * s.to(dtype)
-        if m.numel() == 1:
-            return m.reshape(())
+        return m.reshape(()) if m.numel() == 1 else self.per_output_channel(m)
+
+    def per_output_channel(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` with one value per output channel ``[out]`` shaped to broadcast over the layer's
+        output: ``[out]`` for a Linear, ``[out, 1, ...]`` for a conv."""
         if isinstance(self.layer, nn.Linear):
-            return m.reshape(-1)
-        return m.reshape([-1] + [1] * (self.float_weight.dim() - 2))
+            return v.reshape(-1)
+        return v.reshape([-1] + [1] * (self.float_weight.dim() - 2))
 
     def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as an integer runtime computes it: the integer input codes convolved with
@@ -212,10 +215,7 @@ class QuantizedLayer(nn.Module):
             acc = torch.func.functional_call(layer, params, (xq,))
             y = acc * self.multiplier(t, x.dtype)
             if t == 0 and layer.bias is not None:
-                b = layer.bias.to(x.dtype)
-                if not isinstance(layer, nn.Linear):
-                    b = b.reshape([-1] + [1] * (self.float_weight.dim() - 2))
-                y = y + b
+                y = y + self.per_output_channel(layer.bias.to(x.dtype))
             out = y if out is None else out + y
         return out
 

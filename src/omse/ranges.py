@@ -43,7 +43,7 @@ def _clip_to_scale(clip: torch.Tensor, grid: Grid) -> torch.Tensor:
 def _fallback(scale: torch.Tensor) -> torch.Tensor:
     # an all-zero slice (step 0): any step is exact; 1 keeps codes and exports well defined.
     # Tiny but positive steps are kept: data of magnitude 1e-13 deserves a step of 1e-14.
-    ok = (scale > 0) & torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)
+    ok = torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)
     return torch.where(ok, scale, torch.ones_like(scale))
 
 

@@ -4,9 +4,9 @@
 ``R`` is a power of two strictly above every magnitude seen; when a batch reaches ``R`` the range
 doubles and adjacent bins merge pairwise, exactly: ``bins`` is a power of two too, so a value's bin
 ``floor(x * (bins/2)/R) + bins/2`` is computed without rounding, and the counts after any sequence
-of doublings or merges equal those of a single pass over all the data. Each bin stores its count and the sum of its values, so the centroid of each
-bin is known and the MMSE problem can be solved on ``bins`` weighted points instead of every
-value seen. Memory is ``O(bins)``, independent of the number of batches.
+of doublings or merges equal those of a single pass over all the data. Each bin stores its count
+and the sum of its values, so the centroid of each bin is known and the MMSE problem can be solved
+on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, independent of the number of batches.
 """
 
 from __future__ import annotations
