@@ -3,7 +3,7 @@
 For EfficientNet-Lite0 and the Fashion-MNIST zoo (models whose weights are missing are skipped),
 quantized W4A8 (``QuantConfig(weight_bits=4, act_bits=8)``, kernel-wise MMSE):
 
-- exports three ONNX graphs and times them in onnxruntime (CPU, one thread, batch 1 and 32,
+- exports four ONNX graphs and times them in onnxruntime (CPU, one thread, batch 1 and 32,
   median of repeated runs), next to torch FP32:
   * ``ort_fp32``: the FP32 model (``torch.onnx.export``);
   * ``ort_w4_qdq``: omse's export, INT4 weight initializers + UINT8/INT8 activation Q/DQ;
@@ -11,10 +11,11 @@ quantized W4A8 (``QuantConfig(weight_bits=4, act_bits=8)``, kernel-wise MMSE):
     constant-folds the weight ``DequantizeLinear`` at load (4-bit file, FP32 weights in memory);
   * ``ort_w4_int8c``: the same integer values in 8-bit containers with int32 biases
     (``container="int8"``), the QDQ form onnxruntime fuses into ``QLinearConv``/``QGemm``;
+  * ``ort_w4_int``: the integer form (``integer=True``), compared with omse's integer mode;
 - counts the op types of onnxruntime's *optimized* graph (``optimized_model_filepath``): integer
   kernels (``QLinearConv``, ``QGemm``, ``QLinearMatMul``, ``ConvInteger``, ``MatMulInteger``,
   ``MatMulNBits``) vs float ``Conv``/``FusedConv``/``Gemm`` fed by ``DequantizeLinear``;
-- checks parity of both ORT graphs against omse's simulation on evaluation inputs (top-1
+- checks parity of the ORT graphs against omse's simulation on evaluation inputs (top-1
   agreement, max |logit difference|) next to the simulation's own float-order noise (the same
   simulation in float64);
 - saves each quantized model with :func:`omse.checkpoint.save` and compares its size with the

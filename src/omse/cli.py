@@ -257,21 +257,16 @@ def _registry_name(model: str) -> str | None:
 def cmd_demo(args) -> int:
     from .demo import markdown_table, run_demo
 
-    if args.json and Path(args.json).exists():
-        pass  # results/demo.json is the demo's own output, refreshed each run
-    t = time.perf_counter()
+    t = time.perf_counter()  # results/demo.json is the demo's own output, refreshed each run
     result = run_demo(
         n_calib=args.calib_size, n_views=args.views, out_json=args.json, quick=args.quick
     )
     print()
     print(markdown_table(result))
     if not args.no_report:
-        try:
-            from .report import demo_report
-        except ImportError:
-            demo_report = None
-        if demo_report is not None:
-            demo_report(calib_size=args.calib_size)
+        from .report import demo_report
+
+        demo_report(calib_size=args.calib_size)
     print(f"\nwrote {args.json} in {time.perf_counter() - t:.0f} s")
     return 0
 

@@ -77,6 +77,7 @@ def run_demo(
     log=print,
 ) -> dict[str, Any]:
     """Run the default job and return the JSON-able result (also written to ``out_json``)."""
+    t_start = time.perf_counter()
     torch.manual_seed(0)
     spec = get_model("efficientnet-lite0")
     model = spec.build()
@@ -124,6 +125,7 @@ def run_demo(
             "views": "centre crops, then mirrors and corners (omse.data.calibration_images)",
         },
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - t_start, 1),  # the table's wall time
     }
     if out_json:
         atomic_write_text(Path(out_json), json.dumps(result, indent=2) + "\n", force=True)
