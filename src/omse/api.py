@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from .fold import QUANTIZABLE, _set_module, fold_batchnorm
+from .graph import layer_routes, trace
 from .grids import Grid
 from .layers import QuantizedLayer, layer_macs_per_output
 from .ranges import make_range_setter
@@ -60,6 +61,8 @@ class Calibration:
     equalized: list[tuple[str, str]] = field(default_factory=list)
     corrections: dict = field(default_factory=dict)
     batches: int = 0
+    output_stats: dict[str, HistogramStats] = field(default_factory=dict)
+    output_quantized: list[str] = field(default_factory=list)
 
 
 def _first_tensor(batch) -> torch.Tensor:
@@ -177,12 +180,86 @@ def _check_weights(model: nn.Module) -> None:
             raise ConfigError(f"buffer {n!r} contains NaN or Inf; omse cannot quantize the model")
 
 
+def plan_output_quantizers(
+    qmodel: nn.Module, layers: dict[str, QuantizedLayer], example
+) -> tuple[dict[str, tuple[float, float]], dict[str, str], dict[str, float]]:
+    """For ``target="int8"``: the layers that need an output quantizer, with the ``(lo, hi)``
+    range the ``Relu``/``Clip`` after them impose (see :func:`omse.graph.layer_routes`): those
+    whose output does not reach exactly one quantized input through quantizer-transparent ops;
+    and ``{consumer: producer}`` for the quantized inputs that read such an output beside other
+    readers (they share the producer's output quantizer: one scale per tensor, as an integer
+    runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
+    scale :func:`cap_activation_scales` caps."""
+    if isinstance(example, dict):
+        raise ConfigError(
+            "target='int8' traces the model on one input tensor; dict (keyword) inputs are not "
+            "supported yet: use target='int4'"
+        )
+    proto, qls = trace(qmodel, example[:1])
+    routes = layer_routes(proto)
+    plan, shares, caps = {}, {}, {}
+    for i, ql in enumerate(qls):
+        r = routes.get(i)
+        if r is None:  # the layer does not reach the traced output (unused)
+            continue
+        fused = r.kind == "fused" and qls[r.consumer].cfg.act_bits is not None
+        if fused and set(r.chain) <= {"Relu", "Clip"} and r.clamp[1] < float("inf"):
+            caps[qls[r.consumer].name] = r.clamp[1]
+        if not fused and r.kind != "graph_output" and ql.cfg.act_bits is not None:
+            plan[ql.name] = r.clamp
+            for j in r.shared:
+                if qls[j].cfg.act_bits == ql.cfg.act_bits:
+                    shares[qls[j].name] = ql.name
+    return plan, shares, caps
+
+
+def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, float]) -> None:
+    """Lower each capped input scale so that its grid ends at or below the cap (``qmax * s <=
+    hi``): the ``Clip(.., hi)`` in front of the layer (a ReLU6) is then implied by the quantizer,
+    and an integer runtime fuses the producer's requantization with it."""
+    for name, hi in caps.items():
+        ql = layers[name]
+        if ql.act_scale is None or ql.a_grid is None or ql.a_grid.qmax <= 0:
+            continue
+        qmax = torch.tensor(float(ql.a_grid.qmax), dtype=torch.float32)
+        s = ql.act_scale.to(torch.float32)
+        if bool(qmax * s <= hi):
+            continue
+        s = torch.tensor(hi, dtype=torch.float32) / qmax
+        while bool(qmax * s > hi):  # float32 rounding: step down until the grid fits
+            s = torch.nextafter(s, torch.zeros_like(s))
+        ql.set_act(s, ql.a_grid)
+
+
+def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:
+    """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, at
+    the layer's activation bits; unsigned grids for non-negative outputs."""
+    for name, st in stats.items():
+        layer = layers[name]
+        cfg = layer.cfg
+        if st.n == 0:
+            continue
+        grid = Grid(cfg.act_bits, "unsigned" if st.nonnegative else cfg.act_grid)  # type: ignore[arg-type]
+        layer.set_output(make_range_setter(cfg.act_method).fit(st, grid), grid)
+
+
 @torch.no_grad()
 def collect_input_stats(
-    model: nn.Module, layers: dict[str, QuantizedLayer], batches: list, bins: int, progress: bool
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    batches: list,
+    bins: int,
+    progress: bool,
+    out_clamp: dict[str, tuple[float, float]] | None = None,
+    out_stats: dict[str, HistogramStats] | None = None,
 ) -> dict[str, HistogramStats]:
-    """One pass over ``batches``: a histogram of every layer's input, and its MACs per sample."""
+    """One pass over ``batches``: a histogram of every layer's input, and its MACs per sample;
+    for the layers in ``out_clamp``, also a histogram of their output clamped to its range
+    (filled into ``out_stats``)."""
     stats = {n: HistogramStats(bins) for n in layers}
+    out_clamp = out_clamp or {}
+    if out_stats is not None:
+        out_stats.update({n: HistogramStats(bins) for n in out_clamp})
     handles = []
     batch_idx = [0]
 
@@ -199,6 +276,9 @@ def collect_input_stats(
         per_sample = out.numel() // max(out.shape[0], 1) if out.dim() > 1 else out.numel()
         channels = mod.float_weight.shape[0]
         mod.macs = int(per_sample // channels * channels * layer_macs_per_output(mod.layer))
+        if out_stats is not None and mod.name in out_clamp:
+            lo, hi = out_clamp[mod.name]
+            out_stats[mod.name].update(out.clamp(lo, hi))
 
     for m in layers.values():
         handles.append(m.register_forward_pre_hook(hook))
@@ -316,8 +396,23 @@ def quantize(
 
         cal.corrections = apply_corrections(qmodel, layers, batches, config, progress=progress)
 
-    cal.stats = collect_input_stats(qmodel, layers, batches, config.act_bins, progress)
+    out_clamp: dict[str, tuple[float, float]] = {}
+    shares: dict[str, str] = {}
+    caps: dict[str, float] = {}
+    if config.target == "int8":
+        out_clamp, shares, caps = plan_output_quantizers(qmodel, layers, first)
+        cal.output_quantized = sorted(out_clamp)
+
+    cal.stats = collect_input_stats(
+        qmodel, layers, batches, config.act_bins, progress, out_clamp, cal.output_stats
+    )
     set_activation_scales(layers, cal.stats)
+    cap_activation_scales(layers, caps)
+    set_output_scales(layers, cal.output_stats)
+    for consumer, producer in shares.items():
+        src = layers[producer]
+        if src.out_scale is not None:
+            layers[consumer].set_act(src.out_scale, src.out_grid)
     if config.bias_correction:
         from .corrections import bias_correction
 

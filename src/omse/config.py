@@ -15,6 +15,7 @@ from .ranges import METHODS
 __all__ = ["QuantConfig", "LayerConfig"]
 
 _GRIDS = ("full", "narrow")
+TARGETS = ("int4", "int8")
 
 
 def _check_bits(name: str, value: int | None, allow_none: bool) -> None:
@@ -29,6 +30,11 @@ def _check_bits(name: str, value: int | None, allow_none: bool) -> None:
         )
 
 
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ConfigError(f"target={target!r}: use one of {list(TARGETS)}")
+
+
 @dataclass(frozen=True)
 class LayerConfig:
     """What one layer gets: weight bits/granularity/method/grid, input-activation bits/method.
@@ -36,7 +42,8 @@ class LayerConfig:
     ``act_bits=None`` leaves the layer's input in float. ``residual_terms`` is the number of extra
     low-precision tensors quantizing the weight residual (0 = plain), normally set by the budget.
     ``scale_dtype``: the format weight scales are restricted to and stored in (``float16``,
-    ``bfloat16`` or ``float32``).
+    ``bfloat16`` or ``float32``). ``target``: the hardware the layer is quantized for (see
+    :class:`QuantConfig`).
     """
 
     weight_bits: int = 4
@@ -48,8 +55,10 @@ class LayerConfig:
     act_grid: str = "full"
     residual_terms: int = 0
     scale_dtype: str = "float16"
+    target: str = "int4"
 
     def __post_init__(self) -> None:
+        _check_target(self.target)
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         for k in ("weight_method", "act_method"):
@@ -99,6 +108,15 @@ class QuantConfig:
             (default; each fitted scale moves to the better of its two float16 neighbours, a
             relative change <= 2^-11), ``bfloat16`` or ``float32``.
         seed: seed for anything random (nothing in the default pipeline is).
+        target: the hardware the model is quantized for, ``"int4"`` (default: accelerators
+            with 4-bit MACs; residual tensors are extra integer convolutions) or ``"int8"``
+            (runtimes with 8-bit integer kernels: onnxruntime CPU, OpenVINO, TensorRT, XNNPACK).
+            ``"int8"`` changes what is simulated so that the export runs as integer kernels end
+            to end: each residual term's step is an integer fraction ``s1/k`` of the first
+            term's, so the two merge into one 8-bit kernel (no extra MACs at run time); a layer
+            whose output goes anywhere but one quantized layer's input gets an 8-bit output
+            quantizer (the requantized output of an integer kernel); biases are rounded to
+            int32 at ``s_x * s_w``. Exports default to the model's target.
     """
 
     weight_bits: int = 4
@@ -120,8 +138,10 @@ class QuantConfig:
     act_bins: int = 4096
     scale_dtype: str = "float16"
     seed: int = 0
+    target: str = "int4"
 
     def __post_init__(self) -> None:
+        _check_target(self.target)
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         skip = (self.skip,) if isinstance(self.skip, str) else self.skip
         try:
@@ -152,6 +172,11 @@ class QuantConfig:
             or not 1 <= self.max_terms <= 4
         ):
             raise ConfigError(f"max_terms={self.max_terms!r}: use 1..4")
+        if self.target == "int8" and self.max_terms > 2:
+            raise ConfigError(
+                f"max_terms={self.max_terms} with target='int8': two terms merge into one 8-bit "
+                "kernel, three do not; use max_terms=2 or target='int4'"
+            )
         if (
             isinstance(self.act_bins, bool)
             or not isinstance(self.act_bins, int)
@@ -170,6 +195,11 @@ class QuantConfig:
             if not isinstance(ov, dict):
                 raise ConfigError(f"override for {pattern!r} must be a dict of LayerConfig fields")
             bad = set(ov) - allowed
+            if "target" in ov:
+                raise ConfigError(
+                    f"override for {pattern!r} sets 'target': the target is model-wide; set "
+                    "QuantConfig(target=...)"
+                )
             if bad:
                 raise ConfigError(
                     f"override for {pattern!r} has unknown fields {sorted(bad)}; allowed: {sorted(allowed)}"
@@ -189,6 +219,7 @@ class QuantConfig:
             weight_grid=self.weight_grid,
             act_grid=self.act_grid,
             scale_dtype=self.scale_dtype,
+            target=self.target,
         )
 
     def is_skipped(self, name: str) -> bool:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .grids import Grid
-from .layers import QuantizedLayer, quantize_weight_terms
+from .layers import QuantizedLayer, max_code_ratio, quantize_weight_terms, ratio_residual_term
 from .primitives import dequantize, quantize
 
 __all__ = [
@@ -279,9 +279,20 @@ def select_residuals(
         err_prev = _kernel_errors(q, stats.get(name), approx, criterion)
         out = w.shape[0]
         cost = q.macs / out
-        extra_terms = quantize_weight_terms(
-            w - approx, q.w_grid, cfg.granularity, cfg.weight_method, max_terms - 1, cfg.scale_dtype
-        )
+        if cfg.target == "int8":  # s2 = s1 / k: the two terms merge into one 8-bit kernel
+            k_max = max_code_ratio(q.w_grid)
+            if k_max < 2:
+                continue  # (8-bit weights) no finer residual step fits one 8-bit kernel
+            extra_terms = [ratio_residual_term(w - approx, q.terms()[0][1], q.w_grid, k_max)]
+        else:
+            extra_terms = quantize_weight_terms(
+                w - approx,
+                q.w_grid,
+                cfg.granularity,
+                cfg.weight_method,
+                max_terms - 1,
+                cfg.scale_dtype,
+            )
         proposals[name] = extra_terms
         acc = approx
         for t, (c, sc) in enumerate(extra_terms, start=1):

@@ -52,10 +52,6 @@ checked with the ONNX checker (``full_check``).
 
 from __future__ import annotations
 
-import copy
-import io
-import re
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -65,99 +61,32 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from .config import TARGETS
 from .errors import ConfigError, OmseError, UnsupportedLayerError
 from .fold import QUANTIZABLE
 from .granularity import PerChannel, PerTensor
+from .graph import (
+    DOMAIN,
+    TRACE_OPSET,
+    TracedLayer,
+    const_value,
+    fold_constants,
+    fold_pads,
+    layer_routes,
+    marker_attrs,
+    trace,
+)
 from .grids import Grid
 from .io import atomic_path, check_output_path
 from .layers import QuantizedLayer
-from .primitives import dequantize, fake_quantize
 
-__all__ = ["export_onnx", "onnx_weight_codes", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["export_onnx", "to_onnx_model", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no semantic change to 21)
-_TRACE_OPSET = 20
-_DOMAIN = "omse"
 
 Container = Literal["int4", "int8"]
-
-
-# -- marking ------------------------------------------------------------------------------------
-class _Marker(torch.autograd.Function):
-    """Identity-like op that traces as ``omse::Marker(x)`` with the layer index, kind and term.
-
-    ``kind="act"``: the input activation of layer ``idx`` (forward returns its fake quantization);
-    ``kind="w"``: term ``term`` of the weight of layer ``idx`` (forward returns it unchanged).
-    """
-
-    @staticmethod
-    def forward(ctx, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
-        return value.clone()
-
-    @staticmethod
-    def symbolic(g, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
-        out = g.op(f"{_DOMAIN}::Marker", x, kind_s=kind, idx_i=idx, term_i=term)
-        out.setType(x.type())
-        return out
-
-
-class _ExportLayer(nn.Module):
-    """Stand-in for a :class:`QuantizedLayer` while tracing: marked input, one branch per term."""
-
-    def __init__(self, ql: QuantizedLayer, idx: int, integer: bool = False):
-        super().__init__()
-        self.idx = idx
-        self.ql = ql
-        self.layer = ql.layer
-        self.act_scale = ql.act_scale
-        self.a_grid = ql.a_grid
-        self.integer = integer and ql.act_scale is not None and ql.a_grid is not None
-        if self.integer:  # integer codes in float containers, rescaled after the layer
-            self.term_weights = [q.to(torch.float32) for q, _, _ in ql.terms()]
-        else:
-            self.term_weights = [dequantize(q, s).to(torch.float32) for q, s, _ in ql.terms()]
-        # the wrapped module reads self.weight in its own forward; it becomes a plain attribute
-        # that each branch points at its marked term
-        del self.layer.weight
-        self.layer.weight = self.term_weights[0]
-
-    def forward(self, x, *args, **kwargs):
-        if self.integer:
-            return self._integer_forward(x, *args, **kwargs)
-        if self.act_scale is not None and self.a_grid is not None:
-            x = _Marker.apply(x, fake_quantize(x, self.act_scale, self.a_grid), "act", self.idx, 0)
-        bias = self.layer.bias
-        out = None
-        try:
-            for t, w in enumerate(self.term_weights):
-                self.layer.weight = _Marker.apply(w, w, "w", self.idx, t)
-                if t == 1 and bias is not None:
-                    self.layer.bias = None
-                y = self.layer(x, *args, **kwargs)
-                out = y if out is None else out + y
-        finally:
-            self.layer.bias = bias
-        return out
-
-    def _integer_forward(self, x, *args, **kwargs):
-        """Mirror of :meth:`QuantizedLayer.integer_forward` with markers: input codes, integer
-        weight codes, ``Mul`` by ``s_x * s_w`` per term, the bias added to term 0."""
-        xq = _Marker.apply(x, self.ql.input_codes(x), "act", self.idx, 0)
-        bias = self.layer.bias
-        out = None
-        try:
-            self.layer.bias = None
-            for t, w in enumerate(self.term_weights):
-                self.layer.weight = _Marker.apply(w, w, "w", self.idx, t)
-                acc = self.layer(xq, *args, **kwargs)
-                y = _Marker.apply(acc, acc * self.ql.multiplier(t), "mul", self.idx, t)
-                if t == 0 and bias is not None:
-                    y = y + self.ql.per_output_channel(bias)
-                out = y if out is None else out + y
-        finally:
-            self.layer.bias = bias
-        return out
+Target = Literal["int4", "int8"]
 
 
 def _check_layer(ql: QuantizedLayer) -> None:
@@ -208,28 +137,30 @@ def _int_tensor(name: str, values: np.ndarray, elem: int) -> onnx.TensorProto:
     return numpy_helper.from_array(values.astype(np_type), name)
 
 
-def onnx_weight_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
-    """Integer weight initializers written by :func:`export_onnx`: ``{name: (elem type, values)}``
-    (values as int64, INT4 unpacked by onnx)."""
-    out = {}
-    for init in model.graph.initializer:
-        if init.name.endswith(".w_codes") or ".w_codes" in init.name:
-            out[init.name] = (init.data_type, numpy_helper.to_array(init).astype(np.int64))
-    return out
+def _export_terms(ql: QuantizedLayer, target: Target) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The weight terms the graph holds: one merged 8-bit kernel for ``int8``, else every term."""
+    if target == "int8":
+        return [ql.merged_term()]
+    return [(q, s) for q, s, _ in ql.terms()]
 
 
 class _Rewriter:
+    """Markers -> Q/DQ nodes and integer initializers (see the module docstring)."""
+
     def __init__(
         self,
         model: onnx.ModelProto,
         layers: list[QuantizedLayer],
         container: Container,
         integer: bool = False,
+        target: Target = "int4",
     ):
         self.model = model
         self.layers = layers
         self.container = container
         self.integer = integer
+        self.target = target
+        self.terms = [_export_terms(ql, target) for ql in layers]
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = {i.name for i in model.graph.initializer}
         self.names |= {o for n in model.graph.node for o in n.output}
@@ -248,24 +179,33 @@ class _Rewriter:
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
-    def act_nodes(self, idx: int, x: str, y: str) -> list[onnx.NodeProto]:
-        ql = self.layers[idx]
-        grid, s = ql.a_grid, np.float32(ql.act_scale.item())
+    def qdq_nodes(
+        self, base: str, grid: Grid, scale: torch.Tensor, x: str, y: str, unit: bool = False
+    ) -> list[onnx.NodeProto]:
+        """``x -> [Clip] -> QuantizeLinear -> DequantizeLinear -> y`` on ``grid`` (``unit``: the
+        DequantizeLinear yields the integer codes themselves, scale 1)."""
+        s = np.float32(scale.item())
         elem, lo, hi = _container(grid, self.container)
-        base = f"{ql.name}.act"
-        scale = self.const(f"{base}.scale", np.array(s, dtype=np.float32))
-        if elem in (TensorProto.INT4, TensorProto.UINT4):
+        scale_n = self.const(f"{base}.scale", np.array(s, dtype=np.float32))
+        if self.target == "int8" and grid.signed:
+            # every activation UINT8: a signed grid is the same values at zero point 128
+            # (onnxruntime's integer Conv wants input and output of one type)
+            zp = self.fresh(f"{base}.zero_point")
+            self.inits.append(_int_tensor(zp, np.array(128), TensorProto.UINT8))
+            q_inputs, q_attrs = [x, scale_n, zp], {}
+        elif elem in (TensorProto.INT4, TensorProto.UINT4):
             # 4-bit: the type comes from output_dtype, with no zero-point input (= 0). A UINT4/INT4
             # zero-point tensor trips onnxruntime's Clip/Relu -> QuantizeLinear rewrites (1.32
             # throws on it in ClipQuantFusion, and ReluQuantTransformer would drop a Relu in front
             # of a signed INT4 QuantizeLinear); both only match a 3-input QuantizeLinear.
-            q_inputs, q_attrs = [x, scale], {"output_dtype": elem}
+            q_inputs, q_attrs = [x, scale_n], {"output_dtype": elem}
         else:
             zp = self.fresh(f"{base}.zero_point")
             self.inits.append(_int_tensor(zp, np.array(0), elem))
-            q_inputs, q_attrs = [x, scale, zp], {}
+            q_inputs, q_attrs = [x, scale_n, zp], {}
+        narrow = (grid.qmin, grid.qmax) != (lo, hi)
         nodes = []
-        if (grid.qmin, grid.qmax) != (lo, hi):
+        if narrow and self.target != "int8":
             cmin = self.const(f"{base}.clip_min", np.array(np.float32(grid.qmin) * s))
             cmax = self.const(f"{base}.clip_max", np.array(np.float32(grid.qmax) * s))
             xc = self.fresh(f"{base}.clipped")
@@ -276,10 +216,30 @@ class _Rewriter:
             helper.make_node("QuantizeLinear", q_inputs, [q], name=f"{base}.quant", **q_attrs)
         )
         dq_inputs = [q, *q_inputs[1:]]
-        if self._integer_layer(idx):  # dequantize to the integer codes themselves
+        if unit:
             dq_inputs[1] = self.const(f"{base}.unit_scale", np.array(1.0, dtype=np.float32))
+        if narrow and self.target == "int8":
+            # an integer kernel's output Q must follow it directly: the grid's narrower range is
+            # a Clip on the dequantized codes (exact on grid values), requantized after it
+            d = self.fresh(f"{base}.dq")
+            nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [d], name=f"{base}.dq"))
+            cmin = self.const(f"{base}.clip_min", np.array(np.float32(grid.qmin) * s))
+            cmax = self.const(f"{base}.clip_max", np.array(np.float32(grid.qmax) * s))
+            xc = self.fresh(f"{base}.clipped")
+            nodes.append(helper.make_node("Clip", [d, cmin, cmax], [xc], name=f"{base}.clip"))
+            q2 = self.fresh(f"{base}.q2")
+            nodes.append(
+                helper.make_node("QuantizeLinear", [xc, *q_inputs[1:]], [q2], name=f"{base}.q2")
+            )
+            dq_inputs[0] = q2
         nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [y], name=f"{base}.dequant"))
         return nodes
+
+    def act_nodes(self, idx: int, x: str, y: str) -> list[onnx.NodeProto]:
+        ql = self.layers[idx]
+        return self.qdq_nodes(
+            f"{ql.name}.act", ql.a_grid, ql.act_scale, x, y, unit=self._integer_layer(idx)
+        )
 
     def _integer_layer(self, idx: int) -> bool:
         ql = self.layers[idx]
@@ -287,23 +247,26 @@ class _Rewriter:
 
     def mul_nodes(self, idx: int, term: int, x: str, y: str) -> list[onnx.NodeProto]:
         ql = self.layers[idx]
-        m = ql.multiplier(term).detach().to(torch.float32).numpy()
+        s = self.terms[idx][term][1]
+        m = ql.per_output_channel((ql.act_scale.to(torch.float32) * s).reshape(-1))
         base = f"{ql.name}.w{term}"
-        mult = self.const(f"{base}.multiplier", m.astype(np.float32))
+        mult = self.const(f"{base}.multiplier", m.detach().numpy().astype(np.float32))
         return [helper.make_node("Mul", [x, mult], [y], name=f"{base}.rescale")]
 
     def weight_scale(self, idx: int, term: int) -> np.ndarray:
-        _, s, _ = self.layers[idx].terms()[term]
-        s = s.detach().to(torch.float32).numpy()
+        s = self.terms[idx][term][1].detach().to(torch.float32).numpy()
         return s.reshape(()) if s.size == 1 else s.reshape(-1)
 
     def weight_nodes(self, idx: int, term: int, y: str) -> list[onnx.NodeProto]:
         ql = self.layers[idx]
-        q, _, _ = ql.terms()[term]
+        q, _ = self.terms[idx][term]
         s = self.weight_scale(idx, term)
         if self._integer_layer(idx):  # the scale moves to the Mul after the layer
             s = np.array(1.0, dtype=np.float32)
-        elem, _, _ = _container(ql.w_grid, self.container)
+        if self.target == "int8":
+            elem = TensorProto.INT8
+        else:
+            elem, _, _ = _container(ql.w_grid, self.container)
         base = f"{ql.name}.w{term}"
         codes = self.fresh(f"{base}.w_codes")
         self.inits.append(_int_tensor(codes, q.to(torch.int64).numpy(), elem))
@@ -317,10 +280,15 @@ class _Rewriter:
 
     def int32_bias(self, idx: int, bias: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
         ql = self.layers[idx]
-        s_x = np.float64(ql.act_scale.item())
-        s_w = self.weight_scale(idx, 0).astype(np.float64)
-        s_b = (s_x * np.broadcast_to(s_w, bias.shape)).astype(np.float32)
-        qb = np.clip(np.round(bias.astype(np.float64) / s_b), -(2**31), 2**31 - 1)
+        sb = ql.bias_scale()
+        if sb is not None:  # target int8: the layer already adds codes * s_b (float32)
+            s_b = sb.detach().numpy().astype(np.float32)
+            qb = np.clip(np.round(bias.astype(np.float32) / s_b), -(2**31), 2**31 - 1)
+        else:
+            s_x = np.float64(ql.act_scale.item())
+            s_w = self.weight_scale(idx, 0).astype(np.float64)
+            s_b = (s_x * np.broadcast_to(s_w, bias.shape)).astype(np.float32)
+            qb = np.clip(np.round(bias.astype(np.float64) / s_b), -(2**31), 2**31 - 1)
         base = f"{ql.name}.bias"
         codes = self.fresh(f"{base}.b_codes")
         self.inits.append(_int_tensor(codes, qb, TensorProto.INT32))
@@ -331,34 +299,94 @@ class _Rewriter:
         )
         return [node], y
 
+    # -- target int8: where each layer's output is requantized -----------------------------------
+    def _int8_plan(self) -> tuple[dict[int, tuple[str, int | None]], set[int]]:
+        """Per out marker: ``("output", None)`` (its own quantizer), ``("fused", j)`` (layer
+        ``j``'s input quantizer moved up to it) or ``("float", None)`` (the graph output); and
+        the layers whose input quantizer is then redundant (nothing between the two)."""
+        routes = layer_routes(self.model)
+        plan: dict[int, tuple[str, int | None]] = {}
+        dropped: set[int] = set()
+        for idx, r in routes.items():
+            ql = self.layers[idx]
+            if ql.out_scale is not None:
+                plan[idx] = ("output", None)
+                for j in r.shared:  # a reader that shares this quantizer needs no Q/DQ of its own
+                    qj = self.layers[j]
+                    same = qj.a_grid == ql.out_grid and bool(qj.act_scale == ql.out_scale)
+                    if same:
+                        dropped.add(j)
+            elif r.kind == "fused" and self.layers[r.consumer].act_scale is not None:
+                plan[idx] = ("fused", r.consumer)
+                qj = self.layers[r.consumer]
+                s = float(np.float32(qj.act_scale.item()))
+                lo, hi = r.clamp
+                covers = lo <= qj.a_grid.qmin * s and hi >= qj.a_grid.qmax * s
+                if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
+                    dropped.add(r.consumer)  # nothing between the two quantizers changes a value
+            elif r.kind == "graph_output":
+                plan[idx] = ("float", None)
+            else:
+                raise UnsupportedLayerError(
+                    f"layer {ql.name!r}: its output goes to {r.reader} without an output "
+                    "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
+                    "the model with QuantConfig(target='int8')"
+                )
+        return plan, dropped
+
     def run(self, opset: int) -> onnx.ModelProto:
         g = self.model.graph
-        init_by_name = {i.name: i for i in g.initializer}
-        producers = {o: n for n in g.node for o in n.output}
+        if self.target == "int8" or self.container == "int8":
+            # constant shape arithmetic (a static "same" padding) -> initializers, and zero Pads
+            # into their Conv: the QDQ fusion needs DequantizeLinear -> Conv
+            fold_constants(self.model)
+            fold_pads(self.model)
+        plan, dropped = self._int8_plan() if self.target == "int8" else ({}, set())
         new_nodes: list[onnx.NodeProto] = []
         w_out: dict[str, int] = {}  # dequantized term-0 weight output -> layer index
         for node in g.node:
-            if node.domain != _DOMAIN:
+            if node.domain != DOMAIN:
                 new_nodes.append(node)
                 continue
-            a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
-            kind = a["kind"].decode() if isinstance(a["kind"], bytes) else a["kind"]
-            idx, term = int(a["idx"]), int(a["term"])
+            kind, idx, term = marker_attrs(node)
+            x, y = node.input[0], node.output[0]
+            ql = self.layers[idx]
             if kind == "act":
-                new_nodes += self.act_nodes(idx, node.input[0], node.output[0])
+                if ql.act_scale is None or ql.a_grid is None or idx in dropped:
+                    new_nodes.append(helper.make_node("Identity", [x], [y]))
+                else:
+                    new_nodes += self.act_nodes(idx, x, y)
             elif kind == "mul":
-                new_nodes += self.mul_nodes(idx, term, node.input[0], node.output[0])
+                new_nodes += self.mul_nodes(idx, term, x, y)
+            elif kind == "out":
+                how, j = plan.get(idx, ("output" if ql.out_scale is not None else "float", None))
+                if how == "output":
+                    new_nodes += self.qdq_nodes(f"{ql.name}.out", ql.out_grid, ql.out_scale, x, y)
+                elif how == "fused":
+                    qj = self.layers[j]
+                    new_nodes += self.qdq_nodes(f"{ql.name}.requant", qj.a_grid, qj.act_scale, x, y)
+                else:
+                    new_nodes.append(helper.make_node("Identity", [x], [y]))
             else:
                 new_nodes += self.weight_nodes(idx, term, node.output[0])
                 if term == 0:
                     w_out[node.output[0]] = idx
-        if self.container == "int8":
-            new_nodes = self._quantize_biases(new_nodes, w_out, init_by_name, producers)
-        else:
-            new_nodes = self._separate_biases(new_nodes, w_out)
         del g.node[:]
         g.node.extend(new_nodes)
         g.initializer.extend(self.inits)
+        self.inits = []
+        producers = {o: n for n in g.node for o in n.output}
+        init_by_name = {i.name: i for i in g.initializer}
+        if self.container == "int8" or self.target == "int8":
+            nodes = self._quantize_biases(list(g.node), w_out, init_by_name, producers)
+        else:
+            nodes = self._separate_biases(list(g.node), w_out)
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(self.inits)
+        if self.target == "int8":
+            _drop_redundant_clips(self.model)
+        _remove_identities(self.model)
         _prune(self.model)
         del self.model.opset_import[:]
         self.model.opset_import.append(helper.make_opsetid("", opset))
@@ -429,6 +457,85 @@ class _Rewriter:
         return out
 
 
+def _qdq_range(graph: onnx.GraphProto, dq: onnx.NodeProto) -> tuple[float, float] | None:
+    """``[(qmin - z) * s, (qmax - z) * s]``, the values a per-tensor 8-bit ``DequantizeLinear``
+    yields (its container's range), or None."""
+    inits = {i.name: i for i in graph.initializer}
+    if len(dq.input) < 2 or dq.input[1] not in inits:
+        return None
+    s = numpy_helper.to_array(inits[dq.input[1]])
+    if s.size != 1:
+        return None
+    if len(dq.input) < 3 or dq.input[2] not in inits:
+        return None
+    zp = inits[dq.input[2]]
+    z = int(numpy_helper.to_array(zp).reshape(-1)[0])
+    lo, hi = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}.get(
+        zp.data_type, (None, None)
+    )
+    if lo is None:
+        return None
+    s = np.float32(s.item())
+    return float(np.float32(lo - z) * s), float(np.float32(hi - z) * s)
+
+
+def _drop_redundant_clips(model: onnx.ModelProto) -> int:
+    """``DequantizeLinear -> Relu/Clip`` where the Relu/Clip cannot change any value the
+    DequantizeLinear yields (``[lo, hi]`` covers its codes' range) becomes an ``Identity``: the
+    quantizer already saturates there, and runtimes then see ``Q -> DQ -> next``."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    changed = 0
+    for node in g.node:
+        if node.op_type not in ("Relu", "Clip"):
+            continue
+        src = producers.get(node.input[0])
+        if src is None or src.op_type != "DequantizeLinear":
+            continue
+        rng = _qdq_range(g, src)
+        if rng is None:
+            continue
+        lo, hi = (0.0, float("inf")) if node.op_type == "Relu" else (-float("inf"), float("inf"))
+        if node.op_type == "Clip":
+            if len(node.input) > 1 and node.input[1]:
+                v = const_value(g, node.input[1])
+                lo = -float("inf") if v is None else float(v)
+                if v is None:
+                    continue
+            if len(node.input) > 2 and node.input[2]:
+                v = const_value(g, node.input[2])
+                if v is None:
+                    continue
+                hi = float(v)
+        if lo <= rng[0] and hi >= rng[1]:
+            y = node.output[0]
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
+            node.output[0] = y
+            changed += 1
+    return changed
+
+
+def _remove_identities(model: onnx.ModelProto) -> None:
+    """Bypass ``Identity`` nodes (readers take the Identity's input) unless they produce a graph
+    output."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    alias: dict[str, str] = {}
+    keep = []
+    for node in g.node:
+        for k, i in enumerate(node.input):
+            if i in alias:
+                node.input[k] = alias[i]
+        if node.op_type == "Identity" and node.domain == "" and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+
+
 def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes and initializers nothing reads (the float weights the markers replaced)."""
     g = model.graph
@@ -451,28 +558,9 @@ def _ops_changed_after_trace(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node if n.op_type in ("GroupNormalization",)}
 
 
-def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> str | None:
-    """The module that calls the operator named in an exporter error (by re-tracing), if any."""
-    m = re.search(r"'(aten::[A-Za-z0-9_.]+)'", message)
-    if not m:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.jit.trace(model, (example,), check_trace=False).inlined_graph
-    except Exception:
-        return None
-    for node in graph.nodes():
-        if node.kind() == m.group(1):
-            scope = node.scopeName().split("/")[-1]
-            name = scope.removeprefix("__module.") if scope.startswith("__module.") else None
-            try:
-                if name:
-                    model.get_submodule(name)
-                    return name
-            except AttributeError:
-                return None
-    return None
+def _model_target(qls: list[QuantizedLayer]) -> str:
+    targets = {ql.cfg.target for ql in qls}
+    return "int8" if targets == {"int8"} else "int4"
 
 
 @torch.no_grad()
@@ -482,20 +570,43 @@ def to_onnx_model(
     opset: int = 21,
     container: Container = "int4",
     integer: bool = False,
+    target: Target | None = None,
 ) -> onnx.ModelProto:
     """The QDQ :class:`onnx.ModelProto` of ``qmodel`` (see :func:`export_onnx`), not written."""
     if not isinstance(integer, bool):
         raise ConfigError(f"integer={integer!r}: use True or False")
     if container not in ("int4", "int8"):
         raise ConfigError(f"container={container!r}: use 'int4' or 'int8'")
+    if target is not None and target not in TARGETS:
+        raise ConfigError(f"target={target!r}: use one of {list(TARGETS)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset={opset!r}: use an int in {MIN_OPSET}..{MAX_OPSET}")
     if not isinstance(example_input, torch.Tensor):
         raise ConfigError("example_input must be one input tensor (a batch, e.g. x[:1])")
-    model = copy.deepcopy(qmodel).eval()
-    qls = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
+    qls = [m for m in qmodel.modules() if isinstance(m, QuantizedLayer)]
     if not qls:
         raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
+    target = target or _model_target(qls)
+    if target == "int8":
+        if integer:
+            raise ConfigError(
+                "integer=True writes the float-exact integer form for target='int4'; "
+                "target='int8' already runs integer kernels"
+            )
+        container = "int8"
+        for ql in qls:
+            if ql.cfg.target != "int8":
+                raise ConfigError(
+                    f"layer {ql.name!r} was quantized for target={ql.cfg.target!r}: an int8 "
+                    "export needs the int8 simulation (merged residuals, output quantizers); "
+                    "quantize with QuantConfig(target='int8')"
+                )
+            if ql.act_scale is None or ql.a_grid is None:
+                raise UnsupportedLayerError(
+                    f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
+                    "integer kernels on quantized inputs; quantize its input (act_bits) or use "
+                    "target='int4'"
+                )
     for ql in qls:
         _check_layer(ql)
         if opset < 21 and container == "int4":
@@ -505,69 +616,19 @@ def to_onnx_model(
                     f"layer {ql.name!r} has 4-bit tensors: INT4 needs opset 21 "
                     f"(got opset={opset}); use opset=21 or container='int8'"
                 )
-    names = {m: n for n, m in model.named_modules()}
-    for i, ql in enumerate(qls):
-        name = names[ql]
-        twin = _ExportLayer(ql, i, integer)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, twin)
-
-    # which module was being traced when the exporter failed (for the error message)
-    stack: list[str] = []
-    handles = []
-    mod_names = {m: n for n, m in model.named_modules()}
-
-    def enter(mod, _inp):
-        stack.append(mod_names[mod])
-
-    def leave(_mod, _inp, _out):
-        stack.pop()
-
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(enter))
-        handles.append(m.register_forward_hook(leave))
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example_input,),
-                buf,
-                dynamo=False,
-                opset_version=min(opset, _TRACE_OPSET),
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                custom_opsets={_DOMAIN: 1},
-                do_constant_folding=True,
-            )
-    except OmseError:
-        raise
-    except Exception as e:
-        for h in handles:
-            h.remove()
-        handles = []
-        where = stack[-1] if stack and stack[-1] else _find_op_module(model, example_input, str(e))
-        where_s = (
-            f" in module {where!r} ({type(model.get_submodule(where)).__name__})" if where else ""
-        )
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UnsupportedLayerError(
-            f"the model cannot be exported to ONNX{where_s}: {msg}"
-        ) from None
-    finally:
-        for h in handles:
-            h.remove()
-    proto = onnx.load_from_string(buf.getvalue())
-    if opset > _TRACE_OPSET:
+    proto, traced = trace(
+        qmodel,
+        example_input,
+        twin=lambda ql, i: TracedLayer(ql, i, _export_terms(ql, target), integer),
+    )
+    if opset > TRACE_OPSET:
         changed = _ops_changed_after_trace(proto)
         if changed:
             raise UnsupportedLayerError(
                 f"ops {sorted(changed)} changed meaning in opset {opset}; export with opset=20 "
                 "and container='int8'"
             )
-    proto = _Rewriter(proto, qls, container, integer).run(opset)
+    proto = _Rewriter(proto, traced, container, integer, target).run(opset)
     proto.producer_name = "omse"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -583,6 +644,7 @@ def export_onnx(
     force: bool = False,
     opset: int = 21,
     *,
+    target: Target | None = None,
     container: Container = "int4",
     integer: bool = False,
 ) -> Path:
@@ -593,22 +655,36 @@ def export_onnx(
             per-channel (axis 0) or per-tensor weight scales.
         example_input: one input batch for tracing (the batch dimension is exported dynamic).
         path: output ``.onnx`` file, written atomically; an existing file needs ``force=True``.
-        opset: ONNX opset (21 for INT4/UINT4 tensors; 13..20 with ``container="int8"``).
-        container: ``"int4"`` (default: 4-bit tensors as INT4/UINT4) or ``"int8"`` (same values
-            in 8-bit containers with an int32 bias, the form onnxruntime fuses into integer
-            ``QLinearConv``/``QGemm`` kernels).
-        integer: write the integer form of every layer whose input is quantized: its input
-            ``DequantizeLinear`` and weight ``DequantizeLinear`` have scale 1 (the layer runs on
-            the integer codes, an exact accumulator while the sums stay below 2^24), followed by
-            a ``Mul`` by the per-channel ``s_x * s_w`` and the bias ``Add``. The same arithmetic
-            as :func:`omse.set_integer` mode, so onnxruntime reproduces the simulation exactly
-            instead of to within summation-order noise.
+        opset: ONNX opset (21 for INT4/UINT4 tensors; 13..20 with ``target="int8"`` or
+            ``container="int8"``).
+        target: the hardware the graph is for; default: the target the model was quantized for
+            (:attr:`QuantConfig.target`).
+
+            - ``"int8"``: runtimes with 8-bit integer kernels (onnxruntime CPU, OpenVINO,
+              TensorRT, XNNPACK). Every quantized Conv/Gemm is ``DequantizeLinear -> op ->
+              QuantizeLinear`` with an int32 bias, which onnxruntime fuses into ``QLinearConv``
+              / ``QGemm``: one 8-bit kernel per layer (residual terms merged), the output
+              requantized for the next layer, constant shape arithmetic folded and zero padding
+              moved into the Conv. Needs a model quantized with ``QuantConfig(target="int8")``.
+            - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
+              as branches (extra MACs), biases as float ``Add``.
+        container: for ``target="int4"`` models: ``"int8"`` stores the same values in 8-bit
+            containers with an int32 bias (the older QDQ form; prefer ``target="int8"``).
+        integer: for ``target="int4"``: write the integer form of every layer whose input is
+            quantized: its input ``DequantizeLinear`` and weight ``DequantizeLinear`` have scale
+            1 (the layer runs on the integer codes, an exact accumulator while the sums stay
+            below 2^24), followed by a ``Mul`` by the per-channel ``s_x * s_w`` and the bias
+            ``Add``: the arithmetic of :func:`omse.set_integer`, so onnxruntime reproduces the
+            simulation exactly instead of to within summation-order noise.
 
     Raises:
-        UnsupportedLayerError: a layer the exporter cannot represent (named in the message).
+        UnsupportedLayerError: a layer the target cannot express (named in the message).
+        ConfigError: an argument out of range, or a model quantized for another target.
     """
     p = check_output_path(path, force)
-    proto = to_onnx_model(qmodel, example_input, opset=opset, container=container, integer=integer)
+    proto = to_onnx_model(
+        qmodel, example_input, opset=opset, container=container, integer=integer, target=target
+    )
     data = proto.SerializeToString()
     with atomic_path(p, force) as tmp:
         tmp.write_bytes(data)

@@ -25,7 +25,17 @@ from .primitives import (
 )
 from .ranges import make_range_setter
 
-__all__ = ["QuantizedLayer", "quantize_weight_terms", "layer_macs_per_output"]
+__all__ = [
+    "QuantizedLayer",
+    "quantize_weight_terms",
+    "ratio_residual_term",
+    "max_code_ratio",
+    "layer_macs_per_output",
+    "INT8_RANGE",
+]
+
+INT8_RANGE = (-128, 127)
+"""The codes an 8-bit integer kernel holds: merged residual kernels must fit."""
 
 
 @torch.no_grad()
@@ -64,6 +74,46 @@ def quantize_weight_terms(
     return out
 
 
+def max_code_ratio(grid: Grid, container: tuple[int, int] = INT8_RANGE) -> int:
+    """The largest integer ``k`` for which ``k * Q1 + Q2`` (``Q1``, ``Q2`` on ``grid``) always
+    fits ``container``: 15 for the 4-bit full grid in int8 (``15 * -8 - 8 = -128``), 17 for the
+    narrow one, 0 where no ratio fits (8-bit weights)."""
+    lo, hi = container
+    k_lo = (lo - grid.qmin) // grid.qmin if grid.qmin < 0 else hi
+    k_hi = (hi - grid.qmax) // grid.qmax if grid.qmax > 0 else hi
+    return max(0, min(k_lo, k_hi))
+
+
+@torch.no_grad()
+def ratio_residual_term(
+    resid: torch.Tensor, s1: torch.Tensor, grid: Grid, k_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MMSE residual term whose step divides the first term's: ``s2 = s1 / k`` per kernel.
+
+    resid ``[out, ...]`` (``W - s1 * Q1``), s1 ``[out, 1, ...]`` (or 0-d) -> ``(Q2 [out, ...]
+    int8, s2 [out, 1, ...] float32)`` with ``k`` in ``1..k_max`` chosen per kernel by exhaustive
+    search (the exact optimum over the admissible steps). Then ``s1*Q1 + s2*Q2 = s2 * (k*Q1 +
+    Q2)``: one integer kernel of codes ``k*Q1 + Q2`` (which fit 8 bits for ``k <= k_max``, see
+    :func:`max_code_ratio`).
+    """
+    if k_max < 1:
+        raise ConfigError(f"no integer step ratio fits {grid} twice in one 8-bit kernel")
+    r = resid.detach().to(torch.float32)
+    out = r.shape[0]
+    s1 = torch.as_tensor(s1, dtype=torch.float32).expand(
+        [out] + [1] * (r.dim() - 1) if s1.numel() == 1 else s1.shape
+    )
+    best_err = torch.full((out,), float("inf"))
+    best_s = s1.clone()
+    for k in range(1, k_max + 1):
+        s = s1 / k
+        err = ((r - dequantize(quantize(r, s, grid), s)) ** 2).reshape(out, -1).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better.reshape(s.shape[:1] + (1,) * (s.dim() - 1)), s, best_s)
+    return quantize(r, best_s, grid), best_s
+
+
 def layer_macs_per_output(layer: nn.Module) -> int:
     """Multiply-accumulates per output element: ``in/groups * prod(kernel)`` (Linear: ``in``)."""
     w = layer.weight
@@ -90,6 +140,8 @@ class QuantizedLayer(nn.Module):
         self.a_grid: Grid | None = None
         self.register_buffer("float_weight", layer.weight.detach().clone(), persistent=False)
         self.register_buffer("act_scale", None)
+        self.register_buffer("out_scale", None)
+        self.out_grid: Grid | None = None
         self.n_terms = 0
         self.macs = 0
         self.quant_enabled = True
@@ -139,10 +191,48 @@ class QuantizedLayer(nn.Module):
         ]
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: ``sum_t s_t * Q_t``; for ``target="int8"`` the
+        merged kernel ``s * (k*Q1 + Q2)`` (:meth:`merged_term`), the same value up to float
+        rounding and exactly what the int8 export holds."""
+        if self.cfg.target == "int8" and self.n_terms > 1:
+            q, s = self.merged_term()
+            return dequantize(q, s)
         w = torch.zeros_like(self.float_weight)
         for q, s, _ in self.terms():
             w = w + dequantize(q, s)
         return w
+
+    def merged_term(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as one integer kernel: ``(codes int16 [out, ...], scale [out, 1, ...])``.
+
+        One term: its own codes and scale. Two terms whose steps satisfy ``s2 = s1 / k`` (``k``
+        an integer, as :func:`ratio_residual_term` fits them): kernels with a residual get
+        codes ``k*Q1 + Q2`` at step ``s2``, the others keep ``Q1`` at ``s1``. Raises
+        :class:`ConfigError` for terms that do not merge into 8 bits.
+        """
+        terms = self.terms()
+        q1, s1, _ = terms[0]
+        if len(terms) == 1:
+            return q1.to(torch.int16), s1
+        if len(terms) > 2:
+            raise ConfigError(
+                f"layer {self.name!r}: {len(terms)} terms do not merge into one kernel"
+            )
+        q2, s2, m = terms[1]
+        out = q1.shape[0]
+        shape = [out] + [1] * (q1.dim() - 1)
+        s1 = s1.expand(shape) if s1.numel() == 1 else s1
+        k = torch.round(s1 / s2)
+        ok = (k >= 1) & (s1 / k == s2)
+        mk = m.reshape(shape)
+        codes = torch.where(mk, k * q1.to(torch.float32) + q2.to(torch.float32), q1.float())
+        lo, hi = INT8_RANGE
+        if not bool(ok[m].all()) or int(codes.min()) < lo or int(codes.max()) > hi:
+            raise ConfigError(
+                f"layer {self.name!r}: its residual term is not an integer fraction of the first "
+                "that fits one 8-bit kernel; quantize with QuantConfig(target='int8')"
+            )
+        return codes.to(torch.int16), torch.where(mk, s2, s1)
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
@@ -171,6 +261,46 @@ class QuantizedLayer(nn.Module):
         if self.act_scale is None or self.a_grid is None or not self.quant_enabled:
             return x
         return fake_quantize(x, self.act_scale, self.a_grid)
+
+    def set_output(self, scale: torch.Tensor | None, grid: Grid | None) -> None:
+        """Quantize the layer's output with ``scale`` on ``grid`` (``None``: leave it float).
+
+        Set for ``target="int8"`` where the output goes to anything but one quantized layer's
+        input (a residual add, a pooling): the integer kernel's requantized output."""
+        self.out_scale = None if scale is None else scale.detach().to(torch.float32).reshape(())
+        self.out_grid = grid
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_scale is None or self.out_grid is None or not self.quant_enabled:
+            return y
+        return fake_quantize(y, self.out_scale, self.out_grid)
+
+    def bias_scale(self) -> torch.Tensor | None:
+        """The int32 bias step ``s_x * s_w`` per output channel ``[out]`` for ``target="int8"``
+        layers with a quantized input and a bias (as integer kernels hold it), else None."""
+        layer = self.layer
+        if (
+            self.cfg.target != "int8"
+            or self.act_scale is None
+            or self.a_grid is None
+            or getattr(layer, "bias", None) is None
+        ):
+            return None
+        _, s = self.merged_term()
+        s = s.reshape(-1).to(torch.float32)
+        return (self.act_scale.to(torch.float32) * s).expand(layer.bias.shape[0])
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds: rounded to the int32 grid of :meth:`bias_scale` where that
+        applies (the bias an integer runtime adds), else the float bias."""
+        b = getattr(self.layer, "bias", None)
+        if b is None or not self.quant_enabled:
+            return b
+        sb = self.bias_scale()
+        if sb is None:
+            return b
+        codes = torch.clamp(torch.round(b.detach().to(torch.float32) / sb), -(2**31), 2**31 - 1)
+        return (codes * sb).to(b.dtype)
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The input's integer codes ``clamp(round(x / s_x), qmin, qmax)`` in ``x``'s dtype."""
@@ -207,6 +337,7 @@ class QuantizedLayer(nn.Module):
         # the module's own forward (it may pad, as "same"-padding subclasses do) with the codes
         # as its weight and a zero bias (adding 0.0 to an integer is exact)
         zero_bias = None if layer.bias is None else torch.zeros_like(layer.bias, dtype=x.dtype)
+        bias = self.effective_bias()
         out = None
         for t, (q, _, _) in enumerate(self.terms()):
             params = {"weight": q.to(x.dtype)}
@@ -214,10 +345,10 @@ class QuantizedLayer(nn.Module):
                 params["bias"] = zero_bias
             acc = torch.func.functional_call(layer, params, (xq,))
             y = acc * self.multiplier(t, x.dtype)
-            if t == 0 and layer.bias is not None:
-                y = y + self.per_output_channel(layer.bias.to(x.dtype))
+            if t == 0 and bias is not None:
+                y = y + self.per_output_channel(bias.to(x.dtype))
             out = y if out is None else out + y
-        return out
+        return self.quantize_output(out)
 
     def accumulator_bound(self) -> int:
         """The largest ``|partial sum|`` the integer accumulator can reach: ``max|q_x| *
@@ -240,8 +371,18 @@ class QuantizedLayer(nn.Module):
             and not kwargs
         ):
             return self.integer_forward(x)
-        return self.layer(self.quantize_input(x), *args, **kwargs)
+        x = self.quantize_input(x)
+        if self.bias_scale() is not None and self.quant_enabled:
+            params = {"weight": self.layer.weight, "bias": self.effective_bias()}
+            y = torch.func.functional_call(self.layer, params, (x, *args), kwargs)
+        else:
+            y = self.layer(x, *args, **kwargs)
+        return self.quantize_output(y)
 
     def extra_repr(self) -> str:
         a = str(self.a_grid) if self.a_grid is not None else "float"
-        return f"name={self.name!r}, weight={self.w_grid} x{self.n_terms} {self.cfg.granularity}, act={a}"
+        o = f", out={self.out_grid}" if self.out_grid is not None else ""
+        return (
+            f"name={self.name!r}, weight={self.w_grid} x{self.n_terms} {self.cfg.granularity}, "
+            f"act={a}{o}, target={self.cfg.target}"
+        )
