@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on this machine's disk (an unpinned torch pulls CUDA)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[models,test]'
+	$(BIN)/python -m pip install -q -e '.[models,test,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)
