@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from .fold import QUANTIZABLE, _set_module, fold_batchnorm
-from .graph import layer_routes, trace
+from .graph import layer_routes, shared_input_candidates, trace
 from .grids import Grid
-from .layers import QuantizedLayer, layer_macs_per_output
+from .layers import QuantizedLayer, layer_macs_per_output, share_input_quantizer
 from .ranges import make_range_setter
 from .stats import HistogramStats
 
@@ -187,8 +187,9 @@ def plan_output_quantizers(
     range the ``Relu``/``Clip`` after them impose (see :func:`omse.graph.layer_routes`): those
     whose output does not reach exactly one quantized input through quantizer-transparent ops;
     and ``{consumer: producer}`` for the quantized inputs that read such an output beside other
-    readers (they share the producer's output quantizer: one scale per tensor, as an integer
-    runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
+    readers, or a module output whose quantizer another layer's input carries (see
+    :class:`~omse.layers.SharedInputQuantizer`): they share that quantizer (one scale per tensor,
+    as an integer runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
     scale :func:`cap_activation_scales` caps."""
     if isinstance(example, dict):
         raise ConfigError(
@@ -197,7 +198,19 @@ def plan_output_quantizers(
         )
     proto, qls = trace(qmodel, example[:1])
     routes = layer_routes(proto)
-    plan, shares, caps = {}, {}, {}
+    names = [ql.name for ql in qls]
+    carriers: dict[str, str] = {}  # module -> the layer whose input quantizer it carries
+    shares: dict[str, str] = {}
+    for layer, module in _producer_modules(
+        qmodel, example[:1], [names[i] for i in shared_input_candidates(proto)]
+    ).items():
+        first = carriers.get(module)
+        if first is None:
+            carriers[module] = layer
+            share_input_quantizer(qmodel, layers[layer], module)
+        elif layers[layer].cfg.act_bits == layers[first].cfg.act_bits:
+            shares[layer] = first  # two quantized readers of one tensor: one quantizer
+    plan, caps = {}, {}
     for i, ql in enumerate(qls):
         r = routes.get(i)
         if r is None:  # the layer does not reach the traced output (unused)
@@ -205,12 +218,45 @@ def plan_output_quantizers(
         fused = r.kind == "fused" and qls[r.consumer].cfg.act_bits is not None
         if fused and set(r.chain) <= {"Relu", "Clip"} and r.clamp[1] < float("inf"):
             caps[qls[r.consumer].name] = r.clamp[1]
-        if not fused and r.kind != "graph_output" and ql.cfg.act_bits is not None:
+        if not fused and ql.cfg.act_bits is not None:  # graph outputs too: QGemm then DQ
             plan[ql.name] = r.clamp
             for j in r.shared:
                 if qls[j].cfg.act_bits == ql.cfg.act_bits:
                     shares[qls[j].name] = ql.name
     return plan, shares, caps
+
+
+@torch.no_grad()
+def _producer_modules(model: nn.Module, example: torch.Tensor, wanted: list[str]) -> dict[str, str]:
+    """``{layer: module}``: for each quantized layer in ``wanted``, the innermost module (not a
+    quantized layer) whose forward returns the very tensor the layer gets as input."""
+    produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keeps traced tensors alive so ids are not reused
+    found: dict[str, str] = {}
+    handles = []
+
+    def post(_mod, _inp, out, name):
+        if isinstance(out, torch.Tensor) and id(out) not in produced:
+            produced[id(out)] = name  # "" for a quantized layer: its output quantizer is shared
+            alive.append(out)
+
+    def pre(mod, inp):
+        if mod.name in wanted and inp and id(inp[0]) in produced:
+            found[mod.name] = produced[id(inp[0])]
+
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        if isinstance(m, QuantizedLayer) and m.name in wanted:
+            handles.append(m.register_forward_pre_hook(pre))
+        tag = "" if isinstance(m, QuantizedLayer) else name
+        handles.append(m.register_forward_hook(lambda mod, i, o, n=tag: post(mod, i, o, n)))
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v for k, v in found.items() if v}
 
 
 def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, float]) -> None:
@@ -409,10 +455,12 @@ def quantize(
     set_activation_scales(layers, cal.stats)
     cap_activation_scales(layers, caps)
     set_output_scales(layers, cal.output_stats)
-    for consumer, producer in shares.items():
+    for consumer, producer in shares.items():  # one quantizer per tensor
         src = layers[producer]
         if src.out_scale is not None:
             layers[consumer].set_act(src.out_scale, src.out_grid)
+        elif src.act_scale is not None:
+            layers[consumer].set_act(src.act_scale, src.a_grid)
     if config.bias_correction:
         from .corrections import bias_correction
 

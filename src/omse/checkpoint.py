@@ -45,7 +45,7 @@ from .errors import CheckpointError, OmseError
 from .fold import _set_module
 from .grids import Grid
 from .io import atomic_path, check_output_path
-from .layers import QuantizedLayer
+from .layers import QuantizedLayer, share_input_quantizer
 from .primitives import pack_int4, unpack_int4
 
 __all__ = ["save", "load", "read_header", "FORMAT", "VERSION"]
@@ -69,7 +69,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def _quantized_keys(path: str, ql: QuantizedLayer) -> set[str]:
     """state_dict keys of a quantized layer that the packed entries replace."""
-    keys = {f"{path}.layer.weight", f"{path}.act_scale"}
+    keys = {f"{path}.layer.weight", f"{path}.act_scale", f"{path}.out_scale"}
     for t in range(ql.n_terms):
         keys |= {f"{path}.w_codes{t}", f"{path}.w_scale{t}", f"{path}.w_mask{t}"}
     return keys
@@ -143,12 +143,16 @@ def save(
         fp32_weight_bytes += ql.layer.weight.numel() * 4
         if ql.act_scale is not None:
             tensors[f"q.{path_}.act_scale"] = ql.act_scale.detach().to(torch.float32).reshape(())
+        if ql.out_scale is not None:
+            tensors[f"q.{path_}.out_scale"] = ql.out_scale.detach().to(torch.float32).reshape(())
         layers[path_] = {
             "name": ql.name,
             "type": type(ql.layer).__name__,
             "cfg": _layer_cfg_dict(ql.cfg),
             "w_grid": [ql.w_grid.bits, ql.w_grid.kind],
             "a_grid": None if ql.a_grid is None else [ql.a_grid.bits, ql.a_grid.kind],
+            "out_grid": None if ql.out_grid is None else [ql.out_grid.bits, ql.out_grid.kind],
+            "input_from": ql.input_from,
             "terms": terms,
             "bias": ql.layer.bias is not None,
             "macs": int(ql.macs),
@@ -418,6 +422,7 @@ def _restore(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -
         if kind == "Identity" and isinstance(m, nn.modules.batchnorm._BatchNorm):
             _set_module(model, name, nn.Identity())
     # 2. wrap the quantized layers, installing their integer terms and activation scales
+    wrapped: dict[str, QuantizedLayer] = {}
     for path_, info in layers.items():
         layer = dict(model.named_modules()).get(path_)
         if layer is None:
@@ -454,8 +459,18 @@ def _restore(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -
         ql.set_weight_terms(terms, masks)
         act = tensors.get(f"q.{path_}.act_scale")
         ql.set_act(act, a_grid if act is not None else None)
+        out = tensors.get(f"q.{path_}.out_scale")
+        if out is not None and info.get("out_grid") is not None:
+            ql.set_output(out, Grid(*info["out_grid"]))
         ql.macs = int(info.get("macs", 0))
         _set_module(model, path_, ql)
+        wrapped[path_] = ql
+    for path_, info in layers.items():  # module outputs that carry a layer's input quantizer
+        if info.get("input_from"):
+            try:
+                share_input_quantizer(model, wrapped[path_], info["input_from"])
+            except (AttributeError, OmseError) as e:
+                raise _mismatch(f"cannot attach {path_!r}'s input quantizer: {e}", header) from None
     # 3. the module structure must now be the saved one
     got = {n: type(m).__name__ for n, m in model.named_modules() if n}
     if got != modules_rec:

@@ -272,11 +272,11 @@ class _Rewriter:
         self.inits.append(_int_tensor(codes, q.to(torch.int64).numpy(), elem))
         scale = self.const(f"{base}.scale", s.astype(np.float32))
         attrs = {"axis": 0} if s.ndim == 1 else {}
-        return [
-            helper.make_node(
-                "DequantizeLinear", [codes, scale], [y], name=f"{base}.dequant", **attrs
-            )
-        ]
+        inputs = [codes, scale]
+        if self.target == "int8":  # explicit zero points: onnxruntime's QGemm fusion wants them
+            inputs.append(self.fresh(f"{base}.zero_point"))
+            self.inits.append(_int_tensor(inputs[-1], np.zeros(s.shape, np.int64), elem))
+        return [helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)]
 
     def int32_bias(self, idx: int, bias: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
         ql = self.layers[idx]
@@ -293,29 +293,31 @@ class _Rewriter:
         codes = self.fresh(f"{base}.b_codes")
         self.inits.append(_int_tensor(codes, qb, TensorProto.INT32))
         scale = self.const(f"{base}.scale", s_b)
+        inputs = [codes, scale]
+        if self.target == "int8":
+            inputs.append(self.fresh(f"{base}.zero_point"))
+            self.inits.append(_int_tensor(inputs[-1], np.zeros(s_b.shape), TensorProto.INT32))
         y = self.fresh(f"{base}.dq")
-        node = helper.make_node(
-            "DequantizeLinear", [codes, scale], [y], name=f"{base}.dequant", axis=0
-        )
+        node = helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", axis=0)
         return [node], y
 
     # -- target int8: where each layer's output is requantized -----------------------------------
-    def _int8_plan(self) -> tuple[dict[int, tuple[str, int | None]], set[int]]:
+    def _int8_plan(self) -> tuple[dict[int, tuple[str, int | None]], set[tuple[str, int]]]:
         """Per out marker: ``("output", None)`` (its own quantizer), ``("fused", j)`` (layer
         ``j``'s input quantizer moved up to it) or ``("float", None)`` (the graph output); and
-        the layers whose input quantizer is then redundant (nothing between the two)."""
+        the input-quantizer markers ``(kind, j)`` that are then redundant (the tensor already
+        carries the same quantizer)."""
         routes = layer_routes(self.model)
         plan: dict[int, tuple[str, int | None]] = {}
-        dropped: set[int] = set()
+        dropped: set[tuple[str, int]] = set()
         for idx, r in routes.items():
             ql = self.layers[idx]
             if ql.out_scale is not None:
                 plan[idx] = ("output", None)
                 for j in r.shared:  # a reader that shares this quantizer needs no Q/DQ of its own
                     qj = self.layers[j]
-                    same = qj.a_grid == ql.out_grid and bool(qj.act_scale == ql.out_scale)
-                    if same:
-                        dropped.add(j)
+                    if qj.a_grid == ql.out_grid and bool(qj.act_scale == ql.out_scale):
+                        dropped.add(("act", j))
             elif r.kind == "fused" and self.layers[r.consumer].act_scale is not None:
                 plan[idx] = ("fused", r.consumer)
                 qj = self.layers[r.consumer]
@@ -323,7 +325,8 @@ class _Rewriter:
                 lo, hi = r.clamp
                 covers = lo <= qj.a_grid.qmin * s and hi >= qj.a_grid.qmax * s
                 if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
-                    dropped.add(r.consumer)  # nothing between the two quantizers changes a value
+                    # nothing between the two quantizers changes a value
+                    dropped.add((r.consumer_kind, r.consumer))
             elif r.kind == "graph_output":
                 plan[idx] = ("float", None)
             else:
@@ -332,6 +335,17 @@ class _Rewriter:
                     "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
                     "the model with QuantConfig(target='int8')"
                 )
+        # an input marker right after a shared (module-output) quantizer with its own scale
+        producers = {o: n for n in self.model.graph.node for o in n.output}
+        for node in self.model.graph.node:
+            if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+                continue
+            src = producers.get(node.input[0])
+            if src is None or src.domain != DOMAIN or marker_attrs(src)[0] != "tq":
+                continue
+            qj, qk = self.layers[marker_attrs(node)[1]], self.layers[marker_attrs(src)[1]]
+            if qj.a_grid == qk.a_grid and bool(qj.act_scale == qk.act_scale):
+                dropped.add(("act", marker_attrs(node)[1]))
         return plan, dropped
 
     def run(self, opset: int) -> onnx.ModelProto:
@@ -351,9 +365,13 @@ class _Rewriter:
             kind, idx, term = marker_attrs(node)
             x, y = node.input[0], node.output[0]
             ql = self.layers[idx]
-            if kind == "act":
-                if ql.act_scale is None or ql.a_grid is None or idx in dropped:
+            if kind in ("act", "tq"):
+                if ql.act_scale is None or ql.a_grid is None or (kind, idx) in dropped:
                     new_nodes.append(helper.make_node("Identity", [x], [y]))
+                elif kind == "tq":  # the layer's input quantizer on the module output it shares
+                    unit = self._integer_layer(idx)
+                    s = ql.act_scale
+                    new_nodes += self.qdq_nodes(f"{ql.name}.shared", ql.a_grid, s, x, y, unit)
                 else:
                     new_nodes += self.act_nodes(idx, x, y)
             elif kind == "mul":

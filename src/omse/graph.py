@@ -37,11 +37,12 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from .errors import OmseError, UnsupportedLayerError
-from .layers import QuantizedLayer
+from .layers import DOMAIN, Marker, QuantizedLayer
 from .primitives import fake_quantize
 
 __all__ = [
     "DOMAIN",
+    "Marker",
     "TRACE_OPSET",
     "Route",
     "trace",
@@ -51,9 +52,9 @@ __all__ = [
     "layer_routes",
     "consumers",
     "const_value",
+    "shared_input_candidates",
 ]
 
-DOMAIN = "omse"
 TRACE_OPSET = 20
 # ops through which a zero-point-0 per-tensor quantizer moves without changing the result (on a
 # tensor only that op reads); Clip and Relu also narrow the range the quantizer must cover
@@ -71,21 +72,6 @@ TRANSPARENT = {
     "Pad",
 }
 _SHAPE_READERS = {"Shape", "Size"}  # read a tensor's shape, not its values
-
-
-class Marker(torch.autograd.Function):
-    """Traces as ``omse::Marker(x)`` with the layer index, kind and term; forward returns
-    ``value`` (the fake-quantized input, the weight term or the output)."""
-
-    @staticmethod
-    def forward(ctx, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
-        return value.clone()
-
-    @staticmethod
-    def symbolic(g, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
-        out = g.op(f"{DOMAIN}::Marker", x, kind_s=kind, idx_i=idx, term_i=term)
-        out.setType(x.type())
-        return out
 
 
 class TracedLayer(nn.Module):
@@ -199,6 +185,7 @@ def trace(
     names = {m: n for n, m in model.named_modules()}
     make = twin or (lambda ql, i: TracedLayer(ql, i))
     for i, ql in enumerate(qls):
+        ql.trace_idx = i  # shared input quantizers (module hooks) mark their tensor with it
         parent, _, child = names[ql].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, make(ql, i))
 
@@ -250,6 +237,30 @@ def trace(
         for h in handles:
             h.remove()
     return onnx.load_from_string(buf.getvalue()), qls
+
+
+def shared_input_candidates(model: onnx.ModelProto) -> list[int]:
+    """Layers whose input quantizer reads a tensor that other nodes read too and that is not a
+    quantized layer's output (a residual block's output, read by the next block's first layer
+    and by its skip connection): quantizing that tensor once, for every reader, lets an integer
+    runtime run the residual ``Add`` as an integer kernel (``QLinearAdd``)."""
+    g = model.graph
+    readers = consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    inputs = {i.name for i in g.input}
+    out = []
+    for node in g.node:
+        if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+            continue
+        t = node.input[0]
+        users = [u for u in readers.get(t, []) if u.op_type not in _SHAPE_READERS]
+        src = producers.get(t)
+        if len(users) < 2 or t in inputs or src is None:
+            continue
+        if src.domain == DOMAIN:  # a quantized layer's output: its output quantizer is shared
+            continue
+        out.append(marker_attrs(node)[1])
+    return out
 
 
 def marker_attrs(node: onnx.NodeProto) -> tuple[str, int, int]:
@@ -398,6 +409,7 @@ class Route:
     clamp: tuple[float, float] = (-float("inf"), float("inf"))
     reader: str = ""
     shared: tuple[int, ...] = ()
+    consumer_kind: str = "act"
 
 
 def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, float]:
@@ -437,15 +449,16 @@ def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
                 shared = tuple(
                     marker_attrs(u)[1]
                     for u in users
-                    if u.domain == DOMAIN and marker_attrs(u)[0] == "act"
+                    if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq")
                 )
                 routes[idx] = Route(
                     "output", chain=tuple(chain), clamp=(lo, hi), reader=why, shared=shared
                 )
                 break
             u = users[0]
-            if u.domain == DOMAIN and marker_attrs(u)[0] == "act":
-                routes[idx] = Route("fused", marker_attrs(u)[1], tuple(chain), (lo, hi))
+            if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq"):
+                kind, j, _ = marker_attrs(u)
+                routes[idx] = Route("fused", j, tuple(chain), (lo, hi), consumer_kind=kind)
                 break
             if u.domain != "" or u.op_type not in TRANSPARENT or u.input[0] != t:
                 routes[idx] = Route("output", chain=tuple(chain), clamp=(lo, hi), reader=u.op_type)

@@ -32,7 +32,14 @@ __all__ = [
     "max_code_ratio",
     "layer_macs_per_output",
     "INT8_RANGE",
+    "DOMAIN",
+    "Marker",
+    "SharedInputQuantizer",
+    "share_input_quantizer",
 ]
+
+DOMAIN = "omse"
+"""The ONNX domain of omse's tracing markers."""
 
 INT8_RANGE = (-128, 127)
 """The codes an 8-bit integer kernel holds: merged residual kernels must fit."""
@@ -72,6 +79,21 @@ def quantize_weight_terms(
         out.append((q, scale))
         resid = resid - dequantize(q, scale)
     return out
+
+
+class Marker(torch.autograd.Function):
+    """Traces as ``omse::Marker(x)`` with the layer index, kind and term; forward returns
+    ``value`` (the fake-quantized input, the weight term or the output). See :mod:`omse.graph`."""
+
+    @staticmethod
+    def forward(ctx, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
+        return value.clone()
+
+    @staticmethod
+    def symbolic(g, x, value, kind: str, idx: int, term: int):  # noqa: ARG004
+        out = g.op(f"{DOMAIN}::Marker", x, kind_s=kind, idx_i=idx, term_i=term)
+        out.setType(x.type())
+        return out
 
 
 def max_code_ratio(grid: Grid, container: tuple[int, int] = INT8_RANGE) -> int:
@@ -143,6 +165,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("out_scale", None)
         self.out_grid: Grid | None = None
         self.n_terms = 0
+        self.input_from: str | None = None  # module whose output carries this input quantizer
         self.macs = 0
         self.quant_enabled = True
         self.integer = False
@@ -254,7 +277,9 @@ class QuantizedLayer(nn.Module):
 
     # -- activations ------------------------------------------------------------------------------
     def set_act(self, scale: torch.Tensor | None, grid: Grid | None) -> None:
-        self.act_scale = None if scale is None else scale.detach().to(torch.float32).reshape(())
+        self.act_scale = (
+            None if scale is None else scale.detach().to(torch.float32).reshape(()).clone()
+        )
         self.a_grid = grid
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +292,9 @@ class QuantizedLayer(nn.Module):
 
         Set for ``target="int8"`` where the output goes to anything but one quantized layer's
         input (a residual add, a pooling): the integer kernel's requantized output."""
-        self.out_scale = None if scale is None else scale.detach().to(torch.float32).reshape(())
+        self.out_scale = (
+            None if scale is None else scale.detach().to(torch.float32).reshape(()).clone()
+        )
         self.out_grid = grid
 
     def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
@@ -386,3 +413,35 @@ class QuantizedLayer(nn.Module):
             f"name={self.name!r}, weight={self.w_grid} x{self.n_terms} {self.cfg.granularity}, "
             f"act={a}{o}, target={self.cfg.target}"
         )
+
+
+class SharedInputQuantizer:
+    """Forward hook of a module whose output is a quantized layer's input *and* read by other
+    code (a residual block's output, read by the next block's first layer and its skip
+    connection): the output is quantized with that layer's input quantizer for every reader, so
+    the tensor has one scale, as an integer runtime holds it (``target="int8"``). The layer's
+    own input quantizer is then the identity (the same scale twice). While :func:`omse.graph.trace`
+    runs it marks the tensor (``kind="tq"``)."""
+
+    def __init__(self, layer: QuantizedLayer):
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, inputs, output):  # noqa: ARG002
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        q = self.layer.quantize_input(output)
+        idx = getattr(self.layer, "trace_idx", None)
+        if idx is not None:
+            return Marker.apply(output, q, "tq", idx, 0)
+        return q
+
+
+def share_input_quantizer(model: nn.Module, layer: QuantizedLayer, module_name: str) -> None:
+    """Quantize ``module_name``'s output with ``layer``'s input quantizer (see
+    :class:`SharedInputQuantizer`); recorded as ``layer.input_from`` (checkpoints keep it)."""
+    module = model.get_submodule(module_name)
+    for h in list(module._forward_hooks.values()):
+        if isinstance(h, SharedInputQuantizer):
+            raise ConfigError(f"module {module_name!r} already has a shared input quantizer")
+    module.register_forward_hook(SharedInputQuantizer(layer))
+    layer.input_from = module_name
