@@ -143,12 +143,12 @@ def test_int8_export_refuses_a_model_quantized_for_int4(tmp_path):
 def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
     model = ResNetish().eval()
     cfg = QuantConfig(
-        weight_bits=4, act_bits=8, target="int8", overrides={"fc": {"act_bits": None}}
+        weight_bits=4, act_bits=8, target="int8", overrides={"dw": {"act_bits": None}}
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize(model, _data(16).split(8), cfg)
-    with pytest.raises(UnsupportedLayerError, match="'fc' has a float input"):
+    with pytest.raises(UnsupportedLayerError, match="'dw' has a float input"):
         export_onnx(q, _data(1), tmp_path / "q.onnx", target="int8")
 
 
@@ -246,3 +246,43 @@ def test_zoo_int8_openvino(zoo_int8):
     agree, median_steps = _agreement(out, sim, q)
     assert agree >= 0.995, (name, agree)
     assert median_steps <= 1.0, (name, median_steps)
+
+
+class TokenMLP(nn.Module):
+    """Linear layers on a [batch, tokens, features] input, as a transformer's projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + x
+
+
+@pytest.mark.parametrize("granularity", ["per_group32", "per_channel"])
+def test_weight_only_linear_runs_as_matmul_nbits(tmp_path, granularity):
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    x = torch.randn(16, 5, 64)
+    cfg = QuantConfig(weight_bits=4, act_bits=None, granularity=granularity, target="int8")
+    q = quantize(model, x.split(4), cfg)
+    path = export_onnx(q, x[:1], tmp_path / "q.onnx")
+    sess, ops = _optimized_ops(path, tmp_path)
+    assert ops["MatMulNBits"] == 2 and not FLOAT_COMPUTE & set(ops), ops
+    with torch.no_grad():
+        sim = q(x).numpy()
+    for xb in (x, x[:3]):  # two batch sizes through the same graph
+        out = sess.run(None, {"input": xb.numpy()})[0]
+        with torch.no_grad():
+            ref = q(xb).numpy()
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(sim).max())
+
+
+def test_per_group_weights_need_a_float_input(tmp_path):
+    model = TokenMLP().eval()
+    x = torch.randn(8, 5, 64)
+    cfg = QuantConfig(weight_bits=4, act_bits=8, granularity="per_group32", target="int8")
+    q = quantize(model, x.split(4), cfg)
+    with pytest.raises(UnsupportedLayerError, match="'up' has per_group32 weight scales"):
+        export_onnx(q, x[:1], tmp_path / "q.onnx")

@@ -191,6 +191,8 @@ def plan_output_quantizers(
     :class:`~omse.layers.SharedInputQuantizer`): they share that quantizer (one scale per tensor,
     as an integer runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
     scale :func:`cap_activation_scales` caps."""
+    if all(ql.cfg.act_bits is None for ql in layers.values()):
+        return {}, {}, {}  # weight-only: no activation quantizer to place
     if isinstance(example, dict):
         raise ConfigError(
             "target='int8' traces the model on one input tensor; dict (keyword) inputs are not "

@@ -64,7 +64,7 @@ from torch import nn
 from .config import TARGETS
 from .errors import ConfigError, OmseError, UnsupportedLayerError
 from .fold import QUANTIZABLE
-from .granularity import PerChannel, PerTensor
+from .granularity import PerChannel, PerGroup, PerTensor
 from .graph import (
     DOMAIN,
     TRACE_OPSET,
@@ -79,14 +79,26 @@ from .graph import (
 from .grids import Grid
 from .io import atomic_path, check_output_path
 from .layers import QuantizedLayer
+from .nbits import apply_matmul_nbits
 
-__all__ = ["export_onnx", "to_onnx_model", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["export_onnx", "to_onnx_model", "weight_only", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no semantic change to 21)
 
 Container = Literal["int4", "int8"]
 Target = Literal["int4", "int8"]
+
+
+def weight_only(ql: QuantizedLayer) -> bool:
+    """A Linear with a float input and one term of <= 4-bit weights: onnxruntime runs it as
+    ``MatMulNBits`` (4-bit weights in blocks along the input dimension) for ``target="int8"``."""
+    return (
+        isinstance(ql.layer, nn.Linear)
+        and (ql.act_scale is None or ql.a_grid is None)
+        and ql.w_grid.bits <= 4
+        and ql.n_terms == 1
+    )
 
 
 def _check_layer(ql: QuantizedLayer) -> None:
@@ -96,7 +108,14 @@ def _check_layer(ql: QuantizedLayer) -> None:
             "supports quantized Conv1d, Conv2d and Linear layers"
         )
     g = ql.cfg.granularity
-    if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
+    blocked = isinstance(g, PerGroup) and (g.axis, g.channel_axis) == (1, 0)
+    if blocked and not weight_only(ql):
+        raise UnsupportedLayerError(
+            f"layer {ql.name!r} has {g} weight scales: the exporter writes blocked (per-group) "
+            "weights only for weight-only Linear layers (float input, <= 4-bit weights, as "
+            "MatMulNBits); quantize it per_channel, or its input in float (act_bits=None)"
+        )
+    if not (blocked or isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
         raise UnsupportedLayerError(
             f"layer {ql.name!r} has {g} weight scales, which the ONNX exporter cannot represent "
             "(it writes per-tensor or per-output-channel DequantizeLinear); quantize it "
@@ -104,6 +123,8 @@ def _check_layer(ql: QuantizedLayer) -> None:
         )
     out = ql.float_weight.shape[0]
     for t, (q, s, _) in enumerate(ql.terms()):
+        if blocked:
+            continue
         if s.numel() not in (1, out) or (s.numel() == out and out > 1 and s.shape[0] != out):
             raise UnsupportedLayerError(
                 f"layer {ql.name!r} term {t} has scales of shape {tuple(s.shape)}, neither "
@@ -254,7 +275,12 @@ class _Rewriter:
         return [helper.make_node("Mul", [x, mult], [y], name=f"{base}.rescale")]
 
     def weight_scale(self, idx: int, term: int) -> np.ndarray:
+        """Scales as the weight DequantizeLinear takes them: 0-d, ``[out]`` (axis 0) or, for
+        per-group Linear weights, ``[out, in / group]`` (axis 1, ``block_size=group``)."""
         s = self.terms[idx][term][1].detach().to(torch.float32).numpy()
+        g = self.layers[idx].cfg.granularity
+        if isinstance(g, PerGroup):
+            return s.reshape(s.shape[0], -1)[:, :: g.size]
         return s.reshape(()) if s.size == 1 else s.reshape(-1)
 
     def weight_nodes(self, idx: int, term: int, y: str) -> list[onnx.NodeProto]:
@@ -263,17 +289,20 @@ class _Rewriter:
         s = self.weight_scale(idx, term)
         if self._integer_layer(idx):  # the scale moves to the Mul after the layer
             s = np.array(1.0, dtype=np.float32)
-        if self.target == "int8":
+        nbits = self.target == "int8" and weight_only(ql)
+        if self.target == "int8" and not nbits:
             elem = TensorProto.INT8
         else:
-            elem, _, _ = _container(ql.w_grid, self.container)
+            elem, _, _ = _container(ql.w_grid, "int4" if nbits else self.container)
         base = f"{ql.name}.w{term}"
         codes = self.fresh(f"{base}.w_codes")
         self.inits.append(_int_tensor(codes, q.to(torch.int64).numpy(), elem))
         scale = self.const(f"{base}.scale", s.astype(np.float32))
         attrs = {"axis": 0} if s.ndim == 1 else {}
+        if s.ndim == 2:
+            attrs = {"axis": 1, "block_size": ql.cfg.granularity.size}
         inputs = [codes, scale]
-        if self.target == "int8":  # explicit zero points: onnxruntime's QGemm fusion wants them
+        if self.target == "int8" and not nbits:  # explicit zero points: QGemm fusion wants them
             inputs.append(self.fresh(f"{base}.zero_point"))
             self.inits.append(_int_tensor(inputs[-1], np.zeros(s.shape, np.int64), elem))
         return [helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)]
@@ -283,7 +312,9 @@ class _Rewriter:
         sb = ql.bias_scale()
         if sb is not None:  # target int8: the layer already adds codes * s_b (float32)
             s_b = sb.detach().numpy().astype(np.float32)
-            qb = np.clip(np.round(bias.astype(np.float32) / s_b), -(2**31), 2**31 - 1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                qb = np.round(bias.astype(np.float64) / s_b.astype(np.float64))
+            qb = np.clip(np.nan_to_num(qb, nan=0.0), -(2**31) + 2**8, 2**31 - 2**8)
         else:
             s_x = np.float64(ql.act_scale.item())
             s_w = self.weight_scale(idx, 0).astype(np.float64)
@@ -312,7 +343,9 @@ class _Rewriter:
         dropped: set[tuple[str, int]] = set()
         for idx, r in routes.items():
             ql = self.layers[idx]
-            if ql.out_scale is not None:
+            if weight_only(ql):  # MatMulNBits: float in, float out
+                plan[idx] = ("float", None)
+            elif ql.out_scale is not None:
                 plan[idx] = ("output", None)
                 for j in r.shared:  # a reader that shares this quantizer needs no Q/DQ of its own
                     qj = self.layers[j]
@@ -330,8 +363,9 @@ class _Rewriter:
             elif r.kind == "graph_output":
                 plan[idx] = ("float", None)
             else:
+                reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
                 raise UnsupportedLayerError(
-                    f"layer {ql.name!r}: its output goes to {r.reader} without an output "
+                    f"layer {ql.name!r}: its output goes to {reader} without an output "
                     "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
                     "the model with QuantConfig(target='int8')"
                 )
@@ -409,6 +443,8 @@ class _Rewriter:
         del self.model.opset_import[:]
         self.model.opset_import.append(helper.make_opsetid("", opset))
         self.model.ir_version = 10 if opset >= 21 else 8
+        if self.target == "int8" and any(weight_only(ql) for ql in self.layers):
+            apply_matmul_nbits(self.model)  # weight-only Linear -> onnxruntime's 4-bit kernel
         return self.model
 
     def _separate_biases(self, nodes, w_out):
@@ -619,11 +655,11 @@ def to_onnx_model(
                     "export needs the int8 simulation (merged residuals, output quantizers); "
                     "quantize with QuantConfig(target='int8')"
                 )
-            if ql.act_scale is None or ql.a_grid is None:
+            if (ql.act_scale is None or ql.a_grid is None) and not weight_only(ql):
                 raise UnsupportedLayerError(
                     f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
-                    "integer kernels on quantized inputs; quantize its input (act_bits) or use "
-                    "target='int4'"
+                    "integer kernels on quantized inputs (and weight-only 4-bit Linear layers "
+                    "as MatMulNBits); quantize its input (act_bits) or use target='int4'"
                 )
     for ql in qls:
         _check_layer(ql)

@@ -236,7 +236,7 @@ class QuantizedLayer(nn.Module):
         terms = self.terms()
         q1, s1, _ = terms[0]
         if len(terms) == 1:
-            return q1.to(torch.int16), s1
+            return q1.to(torch.int16), self._bias_safe(q1, s1)
         if len(terms) > 2:
             raise ConfigError(
                 f"layer {self.name!r}: {len(terms)} terms do not merge into one kernel"
@@ -255,7 +255,21 @@ class QuantizedLayer(nn.Module):
                 f"layer {self.name!r}: its residual term is not an integer fraction of the first "
                 "that fits one 8-bit kernel; quantize with QuantConfig(target='int8')"
             )
-        return codes.to(torch.int16), torch.where(mk, s2, s1)
+        return codes.to(torch.int16), self._bias_safe(codes, torch.where(mk, s2, s1))
+
+    def _bias_safe(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` with the kernels whose codes are all zero raised, where needed, so that the
+        bias still fits int32 at ``s_x * s_w`` (such a kernel's output is its bias alone)."""
+        b = getattr(self.layer, "bias", None)
+        if b is None or self.act_scale is None:
+            return scale
+        out = codes.shape[0]
+        shape = [out] + [1] * (codes.dim() - 1)
+        s = scale.expand(shape) if scale.numel() == 1 else scale
+        need = (b.detach().abs().to(torch.float32) / float(self.act_scale)) / (2**31 - 2**8)
+        zero = (codes.reshape(out, -1) == 0).all(1)
+        raise_to = torch.where(zero & (s.reshape(-1) < need), need, s.reshape(-1))
+        return raise_to.reshape(shape) if bool((raise_to != s.reshape(-1)).any()) else scale
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
@@ -326,8 +340,9 @@ class QuantizedLayer(nn.Module):
         sb = self.bias_scale()
         if sb is None:
             return b
-        codes = torch.clamp(torch.round(b.detach().to(torch.float32) / sb), -(2**31), 2**31 - 1)
-        return (codes * sb).to(b.dtype)
+        codes = torch.round(b.detach().to(torch.float64) / sb.to(torch.float64))
+        codes = torch.nan_to_num(codes, nan=0.0).clamp(-(2**31) + 2**8, 2**31 - 2**8)
+        return (codes.to(torch.float32) * sb).to(b.dtype)
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The input's integer codes ``clamp(round(x / s_x), qmin, qmax)`` in ``x``'s dtype."""
