@@ -326,7 +326,9 @@ def test_installed_command_in_a_subprocess(work):
     assert _fingerprint(work) == before
 
 
-@pytest.mark.parametrize("extra", [[], ["--integer"], ["--container", "int8"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--integer"], ["--container", "int8"], ["--target", "int8", "--budget", "0.1"]]
+)
 def test_export_writes_a_graph_onnxruntime_runs(cli, work, extra):
     ort = pytest.importorskip("onnxruntime")
     out = work / f"m{len(extra)}{'i' if '--integer' in extra else ''}.onnx"

@@ -1,8 +1,10 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error."""
 
 from .api import Calibration, quantize, quantized_layers, set_integer
+from .checkpoint import load, save
 from .config import LayerConfig, QuantConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
+from .export import export_onnx
 from .granularity import PerChannel, PerGroup, PerTensor
 from .grids import Grid, make_grid
 from .mmse import mmse_scale, mmse_solve
@@ -26,6 +28,9 @@ __all__ = [
     "PerTensor",
     "UnsupportedLayerError",
     "dequantize",
+    "export_onnx",
+    "load",
+    "save",
     "fake_quantize",
     "make_grid",
     "mmse_scale",

@@ -38,6 +38,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget", type=float, default=0.0, help="extra MACs for residual tensors (fraction)"
     )
+    p.add_argument(
+        "--target",
+        default="int4",
+        choices=["int4", "int8"],
+        help="hardware the model is for: int8 (onnxruntime CPU, OpenVINO, TensorRT: one 8-bit "
+        "integer kernel per layer, residual tensors merged at no run-time cost) or int4 "
+        "(accelerators with 4-bit MACs; residual tensors are extra MACs)",
+    )
     p.add_argument("--first-last-8bit", action="store_true", help="first and last layer at W8A8")
     p.add_argument(
         "--skip", action="append", default=[], help="module name (pattern) left in float"
@@ -91,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--container",
         default="int4",
         choices=["int4", "int8"],
-        help="int4: INT4/UINT4 tensors (opset 21); int8: the same values in 8-bit containers, "
-        "which onnxruntime fuses into integer QLinearConv kernels",
+        help="with --target int4: int4 writes INT4/UINT4 tensors (opset 21); int8 the same "
+        "values in 8-bit containers (the older form; prefer --target int8)",
     )
     x.add_argument(
         "--integer",
@@ -141,6 +149,7 @@ def _config_from_args(args) -> Any:
         equalize=args.equalize,
         output_aware=args.output_aware,
         strict=args.strict,
+        target=args.target,
     )
 
 
@@ -362,10 +371,11 @@ def cmd_export(args) -> int:
         batches[0][:1],
         args.out,
         force=args.force,
+        target=args.target,
         container=args.container,
         integer=args.integer,
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (target {args.target})")
     _write_json(args.json, res, args.force)
     return 0
 
