@@ -98,45 +98,14 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def latency_tables(data: dict[str, Any]) -> str:
-    """``latency.json`` (benchmarks/latency.py): median ms per model, batch size and backend,
-    then each exported graph's size and its parity with the PyTorch simulation."""
+def latency_tables(data: dict[str, Any], sizes: dict[str, Any] | None = None) -> str:
+    """``latency.json`` (benchmarks/latency.py), rendered by the benchmark's own tables."""
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         return generic_table(data, "Latency")
-    env = data.get("env", {})
-    caption = ", ".join(f"{k} {_fmt(v)}" for k, v in env.items() if k != "note")
-    backends: list[str] = []
-    for m in models.values():
-        for per_b in m.get("latency", {}).values():
-            backends += [b for b in per_b if b not in backends]
-    lines = [
-        f"**Latency** (median ms) — {caption}" + (f"; {env['note']}" if "note" in env else ""),
-        "",
-        "| model | config | batch | " + " | ".join(backends) + " |",
-        "|---|---|---|" + "---|" * len(backends),
-    ]
-    for name, m in models.items():
-        for batch, per_b in m.get("latency", {}).items():
-            cells = [_fmt((per_b.get(b) or {}).get("median_ms")) for b in backends]
-            lines.append(
-                f"| {name} | {m.get('config', '')} | {batch} | " + " | ".join(cells) + " |"
-            )
-    lines += [
-        "",
-        "| model | graph | file KiB | parity: top-1 agreement | max abs diff |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in models.items():
-        parity = m.get("parity", {})
-        for g, info in m.get("graphs", {}).items():
-            par = parity.get(f"ort_{g}_vs_sim", {})
-            kib = info.get("file_bytes")
-            lines.append(
-                f"| {name} | {g} | {'-' if kib is None else f'{kib / 1024:.1f}'} | "
-                f"{_fmt(par.get('top1_agreement'))} | {_fmt(par.get('max_abs_diff'))} |"
-            )
-    return "\n".join(lines)
+    import latency
+
+    return latency._tables(models, (sizes or {}).get("models", {}))
 
 
 def render(results_dir: Path) -> str:
@@ -163,8 +132,12 @@ def render(results_dir: Path) -> str:
     latency = results_dir / "latency.json"
     if latency.is_file():
         data = json.loads(latency.read_text())
+        sizes = results_dir / "sizes.json"
+        sizes_data = json.loads(sizes.read_text()) if sizes.is_file() else None
         parts.append(
-            latency_tables(data) if isinstance(data, dict) else generic_table(data, "Latency")
+            latency_tables(data, sizes_data)
+            if isinstance(data, dict)
+            else generic_table(data, "Latency")
         )
     return "\n\n".join(parts) + "\n"
 

@@ -286,3 +286,34 @@ def test_per_group_weights_need_a_float_input(tmp_path):
     q = quantize(model, x.split(4), cfg)
     with pytest.raises(UnsupportedLayerError, match="'up' has per_group32 weight scales"):
         export_onnx(q, x[:1], tmp_path / "q.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.models
+def test_lite0_recipe_runs_as_integer_kernels(tmp_path):
+    """EfficientNet-Lite0, W4A8 + residuals 10% + bias correction for target int8: 49 QLinearConv
+    (residual kernels merged), 9 QLinearAdd and a QGemm in onnxruntime, nothing float between;
+    the graph agrees with the simulation on >= 99% of 100 views (never calibration images)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("foolbox")
+    from omse.data import calibration_images, imagenet_views
+    from omse.models import get_model
+
+    spec = get_model("efficientnet-lite0")
+    model = spec.build()
+    cfg = QuantConfig(
+        weight_bits=4, act_bits=8, target="int8", extra_mac_budget=0.1, bias_correction=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(model, spec.preprocess(calibration_images(16)).split(8), cfg)
+    assert sum(ql.n_terms == 2 for ql in quantized_layers(q).values()) > 0
+    x = spec.preprocess(imagenet_views(100)[0])
+    path = export_onnx(q, x[:1], tmp_path / "lite0.onnx")
+    sess, ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1, ops
+    assert not FLOAT_COMPUTE & set(ops), ops
+    with torch.no_grad():
+        sim = torch.cat([q(b) for b in x.split(25)]).numpy()
+    out = np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in x.split(25)])
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.99
