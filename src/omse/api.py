@@ -36,6 +36,10 @@ __all__ = [
     "UNSUPPORTED",
 ]
 
+OUTPUT_BITS = 8
+"""Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
+integer kernel); only input quantizers of this width are shared with them."""
+
 # Layer types with weights that omse does not quantize (left in float with a warning).
 UNSUPPORTED = (
     nn.ConvTranspose1d,
@@ -206,6 +210,8 @@ def plan_output_quantizers(
     for layer, module in _producer_modules(
         qmodel, example[:1], [names[i] for i in shared_input_candidates(proto)]
     ).items():
+        if layers[layer].cfg.act_bits != OUTPUT_BITS:
+            continue  # a narrower input grid stays that layer's own (the skip path keeps 8 bits)
         first = carriers.get(module)
         if first is None:
             carriers[module] = layer
@@ -223,7 +229,7 @@ def plan_output_quantizers(
         if not fused and ql.cfg.act_bits is not None:  # graph outputs too: QGemm then DQ
             plan[ql.name] = r.clamp
             for j in r.shared:
-                if qls[j].cfg.act_bits == ql.cfg.act_bits:
+                if qls[j].cfg.act_bits == OUTPUT_BITS:
                     shares[qls[j].name] = ql.name
     return plan, shares, caps
 
@@ -280,14 +286,15 @@ def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, flo
 
 
 def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:
-    """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, at
-    the layer's activation bits; unsigned grids for non-negative outputs."""
+    """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, on
+    8-bit grids (:data:`OUTPUT_BITS`: what an int8 kernel's requantized output holds, whatever
+    the input grids are); unsigned grids for non-negative outputs."""
     for name, st in stats.items():
         layer = layers[name]
         cfg = layer.cfg
         if st.n == 0:
             continue
-        grid = Grid(cfg.act_bits, "unsigned" if st.nonnegative else cfg.act_grid)  # type: ignore[arg-type]
+        grid = Grid(OUTPUT_BITS, "unsigned" if st.nonnegative else cfg.act_grid)  # type: ignore[arg-type]
         layer.set_output(make_range_setter(cfg.act_method).fit(st, grid), grid)
 
 
