@@ -54,6 +54,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/accuracy.py
 	OMSE_AIMET_PATH=$(CURDIR)/$(AIMET) OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/bench.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/latency.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/transformer_latency.py --threads $(THREADS)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/targets.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py

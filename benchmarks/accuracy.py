@@ -1,7 +1,7 @@
 """4-bit accuracy on EfficientNet-Lite0: residual-tensor budgets and an ablation of corrections.
 
 Agreement with FP32 (top-1) over a deterministic bank of views of the 20 foolbox ImageNet images,
-calibrated on photographs that are never evaluation images (omse.data.calibration_images).
+calibrated on photographs that are never evaluation images (omse.zoo.data.calibration_images).
 
     python benchmarks/accuracy.py [--views 200] [--calib 32] [--settings W4A32,W4A8,W4A4]
 
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from omse.api import Calibration, quantize, quantized_layers
+from omse.analysis.metrics import compare_logits, predict
 from omse.config import QuantConfig
-from omse.data import calibration_images, imagenet_views
 from omse.io import atomic_write_bytes, atomic_write_text
-from omse.metrics import compare_logits, predict
-from omse.models import get_model
+from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
+from omse.transforms.pipeline import Calibration, quantize
+from omse.zoo.data import calibration_images, imagenet_views
+from omse.zoo.models import get_model
 
 BUDGETS = (0.0, 0.05, 0.10, 0.25, 1.0)
 ABLATION = {

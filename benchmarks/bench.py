@@ -4,8 +4,8 @@ Models
     - ``fmnist-resnet20``, ``fmnist-mobilenetv2``, ``fmnist-vgg`` (the Fashion-MNIST zoo;
       a model whose weights are not trained yet is skipped): calibration on the first 256
       training images, top-1 on the 10k test set and agreement/KL with FP32.
-    - ``efficientnet-lite0``: calibration on ``omse.data.calibration_images(32)``, evaluation on
-      ``omse.data.imagenet_views(200)`` (agreement and KL with FP32, labelled top-1).
+    - ``efficientnet-lite0``: calibration on ``omse.zoo.data.calibration_images(32)``, evaluation on
+      ``omse.zoo.data.imagenet_views(200)`` (agreement and KL with FP32, labelled top-1).
 
 Settings FP32, W8A8, W4A32, W4A8, W4A4; methods ``minmax``, ``percentile``, ``aciq``, ``mmse``
 (the same method for weights and activations) and ``mmse+res10`` (MMSE with residual tensors
@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from omse.api import Calibration, quantize, quantized_layers
+from omse.analysis.metrics import compare_logits, predict
 from omse.config import QuantConfig
 from omse.io import atomic_write_text
-from omse.metrics import compare_logits, predict
+from omse.nn.layers import quantized_layers
+from omse.transforms.pipeline import Calibration, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -117,7 +118,7 @@ def run_order(configs: list[BenchConfig]) -> list[BenchConfig]:
 
 def zoo_task(name: str, n_calib: int = 256, n_eval: int | None = None) -> Task:
     """A Fashion-MNIST zoo model (raises ``CheckpointError`` when its weights are missing)."""
-    from omse import fmnist
+    from omse.zoo import fmnist
 
     model = fmnist.build(name)
     xtr, _ = fmnist.load_fmnist("train")
@@ -142,8 +143,8 @@ def zoo_task(name: str, n_calib: int = 256, n_eval: int | None = None) -> Task:
 
 
 def lite0_task(n_calib: int = 32, n_views: int = 200) -> Task:
-    from omse.data import calibration_images, imagenet_views
-    from omse.models import get_model
+    from omse.zoo.data import calibration_images, imagenet_views
+    from omse.zoo.models import get_model
 
     spec = get_model("efficientnet-lite0")
     model = spec.build()
@@ -159,8 +160,8 @@ def lite0_task(n_calib: int = 32, n_views: int = 200) -> Task:
         pre,
         4,  # 224x224 activations: batches of 4 are 2-3x faster on CPU than 50
         {
-            "calibration": f"omse.data.calibration_images({n_calib}) (scikit-image/matplotlib photos)",
-            "eval": f"omse.data.imagenet_views({n_views}): views of the 20 foolbox ImageNet images",
+            "calibration": f"omse.zoo.data.calibration_images({n_calib}) (scikit-image/matplotlib photos)",
+            "eval": f"omse.zoo.data.imagenet_views({n_views}): views of the 20 foolbox ImageNet images",
             "primary": "agreement",
         },
     )

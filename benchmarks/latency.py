@@ -28,7 +28,7 @@ and every float compute node left between integer kernels (op type and name); fo
 runtime precision of every executed layer. Parity: top-1 agreement (and max |logit difference|)
 of every graph in both runtimes with omse's simulation (the quantized torch model) and with FP32
 on evaluation inputs (never calibration images). Checkpoint size: the W4A8 model saved with
-:func:`omse.checkpoint.save` against the FP32 ``state_dict``.
+:func:`omse.deploy.checkpoint.save` against the FP32 ``state_dict``.
 
 Writes ``results/latency.json`` and ``results/sizes.json`` and prints markdown tables.
 Run: ``.venv/bin/python benchmarks/latency.py [--models ...] [--recipes ...] [--quick]``. All four
@@ -70,13 +70,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from omse.api import quantize  # noqa: E402
-from omse.checkpoint import read_header, save  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
+from omse.deploy.checkpoint import read_header, save  # noqa: E402
+from omse.deploy.export import export_onnx  # noqa: E402
 from omse.errors import ConfigError  # noqa: E402
-from omse.export import export_onnx  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
-from omse.models import get_model  # noqa: E402
+from omse.transforms.pipeline import quantize  # noqa: E402
+from omse.zoo.models import get_model  # noqa: E402
 
 MODELS = ("efficientnet-lite0", "fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg")
 RECIPES: dict[str, tuple[str, dict]] = {
@@ -156,7 +156,7 @@ def _data(name: str, n_calib: int, n_eval: int):
     """(calibration images, evaluation inputs), preprocessed; the two never overlap."""
     spec = get_model(name)
     if spec.task == "fmnist":
-        from omse.fmnist import load_fmnist
+        from omse.zoo.fmnist import load_fmnist
 
         train = load_fmnist("train")[0]
         test = load_fmnist("test")[0]
@@ -167,13 +167,13 @@ def _data(name: str, n_calib: int, n_eval: int):
             "eval": f"first {n_eval} Fashion-MNIST test images",
         }
     else:
-        from omse.data import calibration_images, imagenet_views
+        from omse.zoo.data import calibration_images, imagenet_views
 
         calib = spec.preprocess(calibration_images(n_calib))
         ev = spec.preprocess(imagenet_views(n_eval)[0])
         info = {
-            "calibration": f"omse.data.calibration_images({n_calib})",
-            "eval": f"omse.data.imagenet_views({n_eval})",
+            "calibration": f"omse.zoo.data.calibration_images({n_calib})",
+            "eval": f"omse.zoo.data.imagenet_views({n_eval})",
         }
     return calib.contiguous(), ev.contiguous(), info
 
@@ -183,12 +183,12 @@ def _available(name: str) -> str | None:
     if name not in MODELS:
         return f"unknown model (use one of {', '.join(MODELS)})"
     if name.startswith("fmnist"):
-        from omse.fmnist import weights_path
+        from omse.zoo.fmnist import weights_path
 
         if not weights_path(name).is_file():
             return f"weights {weights_path(name).name} missing"
         try:
-            from omse.fmnist import load_fmnist
+            from omse.zoo.fmnist import load_fmnist
 
             load_fmnist("test")
             load_fmnist("train")
@@ -454,7 +454,7 @@ def _ov_is_integer(precision: str, primitive: str) -> bool:
 
 
 class OpenVino:
-    """The helper ``omse.openvino_runtime`` if importable, else ``openvino.Core`` directly."""
+    """The helper ``omse.deploy.openvino`` if importable, else ``openvino.Core`` directly."""
 
     def __init__(self, threads: int, precision: str) -> None:
         self.threads = threads
@@ -474,14 +474,14 @@ class OpenVino:
             self.error = f"openvino not importable ({type(e).__name__}: {e})"
             return
         try:
-            from omse import openvino_runtime as helper
+            from omse.deploy import openvino as helper
 
             if all(hasattr(helper, f) for f in ("compile_onnx", "run", "precision_counts")):
                 self.helper = helper
             else:
-                self.notes.append("omse.openvino_runtime lacks compile_onnx/run/precision_counts")
+                self.notes.append("omse.deploy.openvino lacks compile_onnx/run/precision_counts")
         except Exception as e:
-            self.notes.append(f"omse.openvino_runtime not importable ({type(e).__name__}: {e})")
+            self.notes.append(f"omse.deploy.openvino not importable ({type(e).__name__}: {e})")
 
     @property
     def available(self) -> bool:
@@ -508,7 +508,7 @@ class OpenVino:
                 c = self.helper.compile_onnx(path, self.threads, self._hint())
                 return (
                     c,
-                    f"omse.openvino_runtime.compile_onnx(path, {self.threads}, {self._hint()!r})",
+                    f"omse.deploy.openvino.compile_onnx(path, {self.threads}, {self._hint()!r})",
                 )
             except TypeError as e:  # an older helper without precision_hint
                 self.notes.append(f"compile_onnx(path, threads, hint) failed ({e})")
@@ -1025,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
         "openvino_via": (
             None
             if ovr is None or not ovr.available
-            else ("omse.openvino_runtime" if ovr.helper else "openvino.Core")
+            else ("omse.deploy.openvino" if ovr.helper else "openvino.Core")
         ),
         "openvino_notes": (ovr.notes if ovr else []),
         "openvino_settings": (ovr.settings() if ovr and ovr.available else None),

@@ -17,7 +17,7 @@ counter (``/proc/self/clear_refs``, Linux) and runs ``omse.quantize``. Reported 
   and the statistics. This is what bounded memory means, and it stays flat;
 - ``stats KB``: ``sum(HistogramStats.nbytes())`` over ``Calibration().stats``: constant.
 
-Calibration images: :func:`omse.data.calibration_images` has at most 102 distinct views (17 bundled
+Calibration images: :func:`omse.zoo.data.calibration_images` has at most 102 distinct views (17 bundled
 photographs x 6 crops). Sizes above that are filled deterministically with further views of the
 same crops: vertical flips, then 90-degree rotations (transposes), then rotated mirrors; so 256
 images = 102 crops + 102 vertical flips + 52 transposed crops. This measures memory, not accuracy.
@@ -63,11 +63,11 @@ def _reset_peak() -> bool:
 
 def calibration_set(n: int):
     """``n`` calibration images ``[n, 3, 224, 224]``: the distinct crops of
-    :func:`omse.data.calibration_images`, then flipped / transposed views of them (see module doc)."""
+    :func:`omse.zoo.data.calibration_images`, then flipped / transposed views of them (see module doc)."""
     import torch
 
-    from omse.data import calibration_images
     from omse.errors import OmseError
+    from omse.zoo.data import calibration_images
 
     base = None
     for k in (n, 102, 96):
@@ -89,9 +89,9 @@ def child(n: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from omse.api import Calibration, quantize
     from omse.config import QuantConfig
-    from omse.models import get_model
+    from omse.transforms.pipeline import Calibration, quantize
+    from omse.zoo.models import get_model
 
     spec = get_model("efficientnet-lite0")
     model = spec.build()
@@ -102,9 +102,9 @@ def child(n: int, threads: int) -> dict:
     before = _status_kb("VmRSS")
     reset = _reset_peak()
     # the calibration pass alone: peak above the RSS at its start (needs the peak reset)
-    import omse.api
+    import omse.transforms.pipeline
 
-    orig = omse.api.collect_input_stats
+    orig = omse.transforms.pipeline.collect  # the pipeline's calibration pass(es)
     box: dict = {}
 
     def measured(*a, **k):
@@ -118,12 +118,12 @@ def child(n: int, threads: int) -> dict:
             box["secs"] = time.perf_counter() - t
             box["hwm"] = _status_kb("VmHWM")
 
-    omse.api.collect_input_stats = measured
+    omse.transforms.pipeline.collect = measured
     cal = Calibration()
     t0 = time.perf_counter()
     quantize(model, batches, QuantConfig(4, 8, "mmse", "mmse", "per_channel"), calibration=cal)
     secs = time.perf_counter() - t0
-    omse.api.collect_input_stats = orig
+    omse.transforms.pipeline.collect = orig
     peak = max(_status_kb("VmHWM") or 0, box.get("peak_so_far") or 0) if reset else None
     if peak is None:  # no reset possible: the process-lifetime peak (includes loading)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -190,7 +190,7 @@ def main() -> int:
         "model": "efficientnet-lite0",
         "config": "W4A8, kernel-wise MMSE weights, MMSE activations",
         "batch_size": BATCH,
-        "images": "omse.data.calibration_images crops; beyond 102: flipped/transposed views",
+        "images": "omse.zoo.data.calibration_images crops; beyond 102: flipped/transposed views",
         "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
         "rows": rows,
     }

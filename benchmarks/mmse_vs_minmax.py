@@ -13,13 +13,14 @@ import platform
 
 import torch
 
-from omse.api import quantize, quantized_layers
+from omse.analysis.metrics import compare_logits, predict
 from omse.config import QuantConfig
-from omse.data import calibration_images, imagenet_views
 from omse.io import atomic_write_text
-from omse.metrics import compare_logits, predict
-from omse.models import get_model
+from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
+from omse.transforms.pipeline import quantize
+from omse.zoo.data import calibration_images, imagenet_views
+from omse.zoo.models import get_model
 
 
 def main() -> None:

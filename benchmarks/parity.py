@@ -35,12 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from omse.api import quantize, quantized_layers, set_integer  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
-from omse.data import calibration_images, imagenet_views  # noqa: E402
-from omse.export import export_onnx  # noqa: E402
+from omse.deploy.export import export_onnx  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
-from omse.models import get_model  # noqa: E402
+from omse.nn.layers import quantized_layers  # noqa: E402
+from omse.transforms.pipeline import quantize, set_integer  # noqa: E402
+from omse.zoo.data import calibration_images, imagenet_views  # noqa: E402
+from omse.zoo.models import get_model  # noqa: E402
 
 CONFIGS = {
     "W4A8": QuantConfig(weight_bits=4, act_bits=8),

@@ -21,7 +21,7 @@ Every tool gets the same float model. EfficientNet-Lite0 is first converted by
 ``benchmarks/lite0_fx.py`` into an equivalent ``torch.fx``-traceable copy (plain ``nn.Conv2d`` with
 explicit ``nn.ZeroPad2d`` for asymmetric SAME padding, one ReLU6 module per use) whose logits are
 checked to be identical; omse quantizes that same copy. The metric is top-1 agreement with the FP32
-model (plus labelled top-1 and mean KL(FP32 || quantized)) from ``omse.metrics``.
+model (plus labelled top-1 and mean KL(FP32 || quantized)) from ``omse.analysis.metrics``.
 
 What a tool refuses (an exception, or a graph that does not hold what was asked for) is recorded
 in the row's ``refused`` field, never replaced by a different setting without saying so.
@@ -121,7 +121,7 @@ class Workload:
             self.ref = self.predict(self.model)
 
     def predict(self, model: nn.Module) -> torch.Tensor:
-        from omse.metrics import predict
+        from omse.analysis.metrics import predict
 
         return predict(model, self.inputs, batch_size=self.eval_batch)
 
@@ -141,8 +141,8 @@ def load_workload(name: str, quick: bool = False) -> Workload | None:
     if name == "efficientnet-lite0":
         from lite0_fx import check_equivalent, traceable_lite0
 
-        from omse.data import calibration_images, imagenet_views
-        from omse.models import get_model
+        from omse.zoo.data import calibration_images, imagenet_views
+        from omse.zoo.models import get_model
 
         spec = get_model(name)
         original = spec.build()
@@ -169,7 +169,7 @@ def load_workload(name: str, quick: bool = False) -> Workload | None:
             "adapter_max_abs_diff_eval": float((full - wl.ref).abs().max()),
         }
         return wl
-    from omse import fmnist
+    from omse.zoo import fmnist
 
     try:
         model = fmnist.build(name)
@@ -260,7 +260,7 @@ def evaluate(
     cache: dict,
     log: Callable[[str], None] = print,
 ) -> Row:
-    from omse.metrics import compare_logits
+    from omse.analysis.metrics import compare_logits
 
     row = Row(
         tool,
@@ -319,9 +319,9 @@ def run_omse(
     budget: float | None = None, on_original: bool = False, bias_correction: bool = False
 ) -> Runner:
     def runner(wl: Workload, wb: int, ab: int | None, cache: dict) -> Outcome:
-        from omse.api import Calibration, quantize
         from omse.config import QuantConfig
         from omse.errors import ConfigError
+        from omse.transforms.pipeline import Calibration, quantize
 
         kwargs: dict[str, Any] = {"weight_bits": wb, "act_bits": ab}
         if budget is not None:
@@ -1055,7 +1055,7 @@ def header(rows: list[Row], workloads: dict[str, dict], seconds: float) -> str:
         f"- run: `python benchmarks/peers.py {' '.join(sys.argv[1:])}`, {seconds / 60:.1f} min "
         f"wall (load average at the end {os.getloadavg()[0]:.1f}: timings are on a shared, "
         "busy machine)",
-        "- metric: top-1 agreement with the FP32 model (omse.metrics.compare_logits); "
+        "- metric: top-1 agreement with the FP32 model (omse.analysis.metrics.compare_logits); "
         "† = the tool did not do exactly what was asked (see notes)",
     ]
     for name, notes in workloads.items():
@@ -1174,7 +1174,7 @@ def adaround_iterations(model: str, args: argparse.Namespace) -> int:
 
 def warm_imports(tools: list[str], aimet_path: str | None) -> None:
     mods = {
-        "omse": ["omse.api"],
+        "omse": ["omse.transforms.pipeline"],
         "brevitas": ["brevitas.graph.quantize", "brevitas.graph.gptq"],
         "nncf": ["nncf", "nncf.torch"],
     }

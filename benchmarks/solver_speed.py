@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omse.grids import Grid
+from omse.core.grids import Grid
+from omse.core.mmse import mmse_solve
+from omse.core.primitives import quant_error
 from omse.io import atomic_write_text
-from omse.mmse import mmse_solve
-from omse.models import get_model
-from omse.primitives import quant_error
 from omse.runtime import tune_allocator
+from omse.zoo.models import get_model
 
 
 def grid_search(slices: torch.Tensor, grid: Grid, points: int = 100) -> torch.Tensor:

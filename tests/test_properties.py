@@ -11,14 +11,21 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from omse.core.granularity import PerChannel
+from omse.core.grids import Grid
+from omse.core.mmse import mmse_solve
+from omse.core.primitives import (
+    dequantize,
+    fake_quantize,
+    pack_int4,
+    quant_error,
+    quantize,
+    unpack_int4,
+)
+from omse.core.ranges import MMSE, MinMax
+from omse.core.stats import HistogramStats
 from omse.errors import OmseError
-from omse.granularity import PerChannel
-from omse.grids import Grid
-from omse.layers import quantize_weight_terms
-from omse.mmse import mmse_solve
-from omse.primitives import dequantize, fake_quantize, pack_int4, quant_error, quantize, unpack_int4
-from omse.ranges import MMSE, MinMax
-from omse.stats import HistogramStats
+from omse.nn.layers import quantize_weight_terms
 
 torch.set_num_threads(1)
 
@@ -355,7 +362,7 @@ def _check_loader(load, path):
     suffix=st.sampled_from([".safetensors", ".pt", ".bin"]),
 )
 def test_load_weights_fuzz(tmp_path_factory, data, suffix):
-    from omse.models import load_weights
+    from omse.zoo.models import load_weights
 
     p = tmp_path_factory.mktemp("fuzz") / f"w{suffix}"
     p.write_bytes(data)
@@ -376,9 +383,9 @@ def _ckpt_arch():
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory):
     """A packed checkpoint of a small quantized model (4-bit codes and 8-bit override)."""
-    ckpt = pytest.importorskip("omse.checkpoint")
-    from omse.api import quantize as omse_quantize
+    ckpt = pytest.importorskip("omse.deploy.checkpoint")
     from omse.config import QuantConfig
+    from omse.transforms.pipeline import quantize as omse_quantize
 
     q = omse_quantize(
         _ckpt_arch(), [torch.randn(2, 3, 6, 6)], QuantConfig(overrides={"4": {"weight_bits": 8}})
@@ -388,7 +395,7 @@ def checkpoint_file(tmp_path_factory):
         ckpt.save(q, p)
         back = ckpt.load(p, model=_ckpt_arch())
     except Exception as e:  # a model the checkpoint format does not cover yet
-        pytest.skip(f"omse.checkpoint cannot round-trip the test model: {e}")
+        pytest.skip(f"omse.deploy.checkpoint cannot round-trip the test model: {e}")
     probe = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(back(probe), q(probe))  # the uncorrupted file is loadable

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from omse.api import Calibration, quantize, quantized_layers
 from omse.config import QuantConfig
 from omse.errors import (
     CalibrationError,
@@ -26,7 +25,9 @@ from omse.errors import (
     UnsupportedLayerError,
 )
 from omse.io import atomic_path
-from omse.models import get_model, load_user_model, load_weights
+from omse.nn.layers import quantized_layers
+from omse.transforms.pipeline import Calibration, quantize
+from omse.zoo.models import get_model, load_user_model, load_weights
 
 torch.set_num_threads(1)
 
@@ -466,7 +467,7 @@ def _same(a, b):
 
 def _has_corrections():
     try:
-        import omse.corrections  # noqa: F401
+        import omse.transforms.residuals  # noqa: F401
     except Exception:
         return False
     return True
@@ -478,11 +479,15 @@ CONFIGS = [
     QuantConfig(act_bits=None, weight_method="aciq", act_method="percentile"),
     pytest.param(
         QuantConfig(extra_mac_budget=0.5, bias_correction=True),
-        marks=pytest.mark.skipif(not _has_corrections(), reason="omse.corrections not there yet"),
+        marks=pytest.mark.skipif(
+            not _has_corrections(), reason="omse.transforms.residuals not there yet"
+        ),
     ),
     pytest.param(
         QuantConfig(equalize=True),
-        marks=pytest.mark.skipif(not _has_corrections(), reason="omse.corrections not there yet"),
+        marks=pytest.mark.skipif(
+            not _has_corrections(), reason="omse.transforms.residuals not there yet"
+        ),
     ),
 ]
 
@@ -547,7 +552,8 @@ def test_interrupt_inside_the_forward_pass_leaves_no_output_and_no_hooks(tmp_pat
 REPRO = r"""
 import hashlib, torch
 from torch import nn
-from omse.api import quantize, quantized_layers
+from omse.transforms.pipeline import quantize
+from omse.nn.layers import quantized_layers
 from omse.config import QuantConfig
 
 def quant_hash():

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args) -> Any:
     from .config import QuantConfig
-    from .demo import LITE0_FIRST_LAST
+    from .zoo.demo import LITE0_FIRST_LAST
 
     act = (
         None
@@ -163,7 +163,7 @@ def _int(v: str, name: str) -> int:
 def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
     if "__first__" not in overrides:
         return overrides
-    from .fold import QUANTIZABLE
+    from .transforms.fold import QUANTIZABLE
 
     names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     return {names[0]: overrides["__first__"], names[-1]: overrides["__last__"]}
@@ -171,8 +171,8 @@ def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
 
 def _load_task(args):
     """(model, preprocess, calib batches, eval inputs, eval labels, name)."""
-    from .data import calibration_images, imagenet_views, load_image_folder
-    from .models import REGISTRY, get_model, load_user_model
+    from .zoo.data import calibration_images, imagenet_views, load_image_folder
+    from .zoo.models import REGISTRY, get_model, load_user_model
 
     if args.calib_size < 1:
         raise OmseError(f"--calib-size must be >= 1, got {args.calib_size}")
@@ -186,7 +186,7 @@ def _load_task(args):
         model = spec.build()
         pre = spec.preprocess
         if spec.task == "fmnist":
-            from .fmnist import load_fmnist
+            from .zoo.fmnist import load_fmnist
 
             xs, ys = load_fmnist("test")
             ev_x, ev_y = xs[:2000], ys[:2000]
@@ -212,8 +212,8 @@ def _load_task(args):
 
 
 def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
-    from .api import Calibration, quantize
-    from .metrics import compare_logits, predict
+    from .analysis.metrics import compare_logits, predict
+    from .transforms.pipeline import Calibration, quantize
 
     model, pre, batches, ev_x, ev_y = _load_task(args)
     cfg = _config_from_args(args)
@@ -258,13 +258,13 @@ def _print_result(res: dict) -> None:
 
 
 def _registry_name(model: str) -> str | None:
-    from .models import REGISTRY
+    from .zoo.models import REGISTRY
 
     return model if model in REGISTRY else None
 
 
 def cmd_demo(args) -> int:
-    from .demo import markdown_table, run_demo
+    from .zoo.demo import markdown_table, run_demo
 
     t = time.perf_counter()  # results/demo.json is the demo's own output, refreshed each run
     result = run_demo(
@@ -273,7 +273,7 @@ def cmd_demo(args) -> int:
     print()
     print(markdown_table(result))
     if not args.no_report:
-        from .report import demo_report
+        from .zoo.demo import demo_report
 
         demo_report(calib_size=args.calib_size)
     print(f"\nwrote {args.json} in {time.perf_counter() - t:.0f} s")
@@ -298,7 +298,7 @@ def cmd_quantize(args) -> int:
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
     if args.out:
-        from .checkpoint import save
+        from .deploy.checkpoint import save
 
         save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
         print(f"wrote {args.out}")
@@ -307,28 +307,29 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .metrics import compare_logits, predict
-    from .models import REGISTRY, get_model
+    from .analysis.metrics import compare_logits, predict
+    from .zoo.models import REGISTRY, get_model
 
     _check_outputs(args, args.json)
     if args.model in REGISTRY:
         spec = get_model(args.model)
         ref_model, qmodel, name = spec.build(), None, args.model
     else:
-        from .checkpoint import load, read_header
+        from .deploy.checkpoint import read_header
+        from .zoo.models import load_checkpoint
 
         header = read_header(args.model)
         name = header.get("model")
         if name not in REGISTRY:
             raise OmseError(f"checkpoint {args.model} names model {name!r}, not a built-in model")
         spec = get_model(name)
-        ref_model, qmodel = spec.build(), load(args.model)
+        ref_model, qmodel = spec.build(), load_checkpoint(args.model)
     if spec.task == "fmnist":
-        from .fmnist import load_fmnist
+        from .zoo.fmnist import load_fmnist
 
         xs, ys = load_fmnist("test")
     else:
-        from .data import imagenet_views
+        from .zoo.data import imagenet_views
 
         xs, ys = imagenet_views(args.views)
     ref = predict(ref_model, xs, spec.preprocess, progress=True, desc="FP32")
@@ -348,12 +349,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from .analysis.report import report
 
     _check_outputs(args, args.json)
     (model, qmodel, pre, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
-    paths = report(qmodel, model, batches, args.out_dir, force=args.force)
+    paths = report(qmodel, batches, args.out_dir, force=args.force)
     for p in paths:
         print(f"wrote {p}")
     _write_json(args.json, res, args.force)
@@ -361,7 +362,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from .deploy.export import export_onnx
 
     _check_outputs(args, args.out, args.json)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
@@ -381,7 +382,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_save(args) -> int:
-    from .checkpoint import save
+    from .deploy.checkpoint import save
 
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
@@ -393,7 +394,7 @@ def cmd_save(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import REGISTRY
+    from .zoo.models import REGISTRY
 
     for name, spec in REGISTRY.items():
         print(f"{name}\t{spec.task}\tinput {list(spec.input_shape)}")

@@ -1,4 +1,11 @@
-"""Typed quantization configuration, validated on construction, with per-layer overrides."""
+"""Typed quantization configuration, validated on construction, with per-layer overrides.
+
+Strings are parsed at the edge: ``weight_method="percentile"`` becomes a
+:class:`~omse.core.ranges.Percentile`, ``granularity="per_group32"`` a
+:class:`~omse.core.granularity.PerGroup`; objects (``Percentile(99.9)``, ``ACIQ("laplace")``) are
+taken as they are. :meth:`QuantConfig.to_dict` / :meth:`QuantConfig.from_dict` write and read a
+versioned plain dict (JSON, checkpoint headers).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,42 @@ import fnmatch
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .core.granularity import Granularity, PerChannel, parse_granularity
+from .core.grids import MAX_BITS, MIN_BITS
+from .core.primitives import SCALE_DTYPES
+from .core.ranges import RangeSetter, make_range_setter, range_setter_to_dict
 from .errors import ConfigError
-from .granularity import Granularity, PerChannel, parse_granularity
-from .grids import MAX_BITS, MIN_BITS
-from .primitives import SCALE_DTYPES
-from .ranges import METHODS
 
-__all__ = ["QuantConfig", "LayerConfig"]
+__all__ = [
+    "QuantConfig",
+    "LayerConfig",
+    "TARGETS",
+    "CONFIG_VERSION",
+    "layer_config_to_dict",
+    "layer_config_from_dict",
+]
 
 _GRIDS = ("full", "narrow")
 TARGETS = ("int4", "int8")
+CONFIG_VERSION = 2
+"""Version of :meth:`QuantConfig.to_dict`'s layout (1: methods as names only, a ``seed``)."""
+_RETIRED = {"residual_terms", "seed"}  # fields of version 1 that nothing read
+
+
+def _method(name: str, value: Any) -> RangeSetter:
+    try:
+        return make_range_setter(value)
+    except ConfigError as e:
+        raise ConfigError(f"{name}={value!r}: {e}") from None
+
+
+def _plain(v: Any) -> Any:
+    """A config value as JSON holds it (range setters and granularities by name)."""
+    if isinstance(v, Granularity):
+        return str(v)
+    if hasattr(v, "fit"):
+        return range_setter_to_dict(v)
+    return v
 
 
 def _check_bits(name: str, value: int | None, allow_none: bool) -> None:
@@ -39,21 +72,19 @@ def _check_target(target: str) -> None:
 class LayerConfig:
     """What one layer gets: weight bits/granularity/method/grid, input-activation bits/method.
 
-    ``act_bits=None`` leaves the layer's input in float. ``residual_terms`` is the number of extra
-    low-precision tensors quantizing the weight residual (0 = plain), normally set by the budget.
-    ``scale_dtype``: the format weight scales are restricted to and stored in (``float16``,
+    ``act_bits=None`` leaves the layer's input in float. ``weight_method`` / ``act_method``: a
+    range setter or its name. ``scale_dtype``: the format weight scales are restricted to and stored in (``float16``,
     ``bfloat16`` or ``float32``). ``target``: the hardware the layer is quantized for (see
     :class:`QuantConfig`).
     """
 
     weight_bits: int = 4
     act_bits: int | None = 8
-    weight_method: str = "mmse"
-    act_method: str = "mmse"
-    granularity: Granularity = field(default_factory=lambda: PerChannel(0))
+    weight_method: str | RangeSetter = "mmse"
+    act_method: str | RangeSetter = "mmse"
+    granularity: str | Granularity = field(default_factory=lambda: PerChannel(0))
     weight_grid: str = "full"
     act_grid: str = "full"
-    residual_terms: int = 0
     scale_dtype: str = "float16"
     target: str = "int4"
 
@@ -62,10 +93,7 @@ class LayerConfig:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         for k in ("weight_method", "act_method"):
-            if getattr(self, k) not in METHODS:
-                raise ConfigError(
-                    f"{k}={getattr(self, k)!r} is unknown; use one of {sorted(METHODS)}"
-                )
+            object.__setattr__(self, k, _method(k, getattr(self, k)))
         if self.weight_grid not in _GRIDS:
             raise ConfigError(f"weight_grid={self.weight_grid!r}: use 'full' or 'narrow'")
         if self.act_grid not in _GRIDS:
@@ -74,8 +102,6 @@ class LayerConfig:
                 "automatically for non-negative inputs)"
             )
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
-        if not isinstance(self.residual_terms, int) or not 0 <= self.residual_terms <= 3:
-            raise ConfigError(f"residual_terms={self.residual_terms!r}: use 0..3")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(
                 f"scale_dtype={self.scale_dtype!r}: use one of {sorted(SCALE_DTYPES)}"
@@ -90,9 +116,9 @@ class QuantConfig:
         weight_bits: bits of every weight tensor (2..8).
         act_bits: bits of every quantized layer's input activation (2..8), or None for float.
         weight_method / act_method: range setting, ``mmse`` (default), ``minmax``,
-            ``percentile`` or ``aciq``.
+            ``percentile`` or ``aciq``, or a range setter object (``Percentile(99.9)``).
         granularity: weight scales ``per_channel`` (kernel-wise, default), ``per_tensor`` or
-            ``per_group<N>`` (or a :class:`~omse.granularity.Granularity`).
+            ``per_group<N>`` (or a :class:`~omse.core.granularity.Granularity`).
         overrides: per-layer changes by module name (``fnmatch`` patterns allowed), e.g.
             ``{"_conv_stem": {"weight_bits": 8, "act_bits": 8}}``; the first matching pattern wins.
         skip: module names (patterns allowed) left entirely in float.
@@ -107,7 +133,6 @@ class QuantConfig:
         scale_dtype: the format weight scales are restricted to and stored in: ``float16``
             (default; each fitted scale moves to the better of its two float16 neighbours, a
             relative change <= 2^-11), ``bfloat16`` or ``float32``.
-        seed: seed for anything random (nothing in the default pipeline is).
         target: the hardware the model is quantized for, ``"int4"`` (default: accelerators
             with 4-bit MACs; residual tensors are extra integer convolutions) or ``"int8"``
             (runtimes with 8-bit integer kernels: onnxruntime CPU, OpenVINO, TensorRT, XNNPACK).
@@ -121,9 +146,9 @@ class QuantConfig:
 
     weight_bits: int = 4
     act_bits: int | None = 8
-    weight_method: str = "mmse"
-    act_method: str = "mmse"
-    granularity: Any = "per_channel"
+    weight_method: str | RangeSetter = "mmse"
+    act_method: str | RangeSetter = "mmse"
+    granularity: str | Granularity = "per_channel"
     weight_grid: str = "full"
     act_grid: str = "full"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -137,12 +162,13 @@ class QuantConfig:
     strict: bool = False
     act_bins: int = 4096
     scale_dtype: str = "float16"
-    seed: int = 0
     target: str = "int4"
 
     def __post_init__(self) -> None:
         _check_target(self.target)
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
+        for k in ("weight_method", "act_method"):
+            object.__setattr__(self, k, _method(k, getattr(self, k)))
         skip = (self.skip,) if isinstance(self.skip, str) else self.skip
         try:
             skip = tuple(skip)
@@ -154,8 +180,6 @@ class QuantConfig:
         for k in ("bias_correction", "equalize", "output_aware", "strict"):
             if not isinstance(getattr(self, k), bool):
                 raise ConfigError(f"{k}={getattr(self, k)!r}: use True or False")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed={self.seed!r}: use an int")
         self.base_layer()  # validates bits, methods and grids
         b = self.extra_mac_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= float(b) <= 2.0:
@@ -239,22 +263,37 @@ class QuantConfig:
         return [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["granularity"] = str(self.granularity)
+        """A plain, versioned dict (JSON-ready): range setters and granularities by name."""
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         d["skip"] = list(self.skip)
         d["overrides"] = {
-            k: {kk: (str(vv) if kk == "granularity" else vv) for kk, vv in v.items()}
-            for k, v in self.overrides.items()
+            k: {kk: _plain(vv) for kk, vv in v.items()} for k, v in self.overrides.items()
         }
-        return d
+        return {"version": CONFIG_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """The config :meth:`to_dict` wrote (this version or version 1)."""
+        d = dict(d)
+        version = d.pop("version", 1)
+        if version not in (1, CONFIG_VERSION):
+            raise ConfigError(f"QuantConfig version {version!r} is not one omse reads (1, 2)")
+        for k in _RETIRED:
+            d.pop(k, None)
         known = {f.name for f in fields(cls)}
         bad = set(d) - known
         if bad:
             raise ConfigError(f"unknown QuantConfig fields {sorted(bad)}")
-        d = dict(d)
         if "skip" in d:
             d["skip"] = tuple(d["skip"])
         return cls(**d)
+
+
+def layer_config_to_dict(cfg: LayerConfig) -> dict[str, Any]:
+    """A :class:`LayerConfig` as a plain dict (checkpoint headers)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def layer_config_from_dict(d: dict[str, Any]) -> LayerConfig:
+    """The :class:`LayerConfig` :func:`layer_config_to_dict` wrote (retired fields ignored)."""
+    return LayerConfig(**{k: v for k, v in d.items() if k not in _RETIRED})

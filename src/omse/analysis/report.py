@@ -1,0 +1,224 @@
+"""Per-layer report of where accuracy is lost: markdown table, CSV and PNG.
+
+For every quantized layer, on calibration data: MACs per sample, weight SQNR (dB), input-activation
+SQNR (the layer's input against its quantized version), output SQNR against the FP32 (BN-folded)
+network run on the same batch, and the residual tensors chosen (kernels, extra MACs). All columns
+are computed here from the model and the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write_bytes, atomic_write_text
+from ..nn.layers import QuantizedLayer, quantized_layers
+from ..transforms.statistics import run_model
+from .metrics import sqnr_db
+
+__all__ = [
+    "LayerReport",
+    "layer_reports",
+    "report",
+    "write_report",
+    "markdown",
+    "float_mode",
+]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    weight: str
+    act: str
+    macs: int
+    weight_sqnr_db: float
+    input_sqnr_db: float
+    output_sqnr_db: float
+    extra_kernels: int
+    extra_macs: int
+
+
+@contextlib.contextmanager
+def float_mode(layers: dict[str, QuantizedLayer]) -> Iterator[None]:
+    """Temporarily run every quantized layer as its float (BN-folded) original."""
+    for q in layers.values():
+        q.set_quant_enabled(False)
+    try:
+        yield
+    finally:
+        for q in layers.values():
+            q.set_quant_enabled(True)
+
+
+class _Energy:
+    def __init__(self) -> None:
+        self.sig = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: torch.Tensor, approx: torch.Tensor) -> None:
+        r, a = ref.double(), approx.double()
+        self.sig += float((r * r).sum())
+        self.noise += float(((r - a) ** 2).sum())
+
+    @property
+    def db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        return 10 * math.log10(max(self.sig, 1e-300) / self.noise)
+
+
+@torch.no_grad()
+def layer_reports(qmodel: nn.Module, batches: list) -> list[LayerReport]:
+    """Compute the per-layer report of ``qmodel`` on calibration ``batches`` (network order)."""
+    layers = quantized_layers(qmodel)
+    out_e = {n: _Energy() for n in layers}
+    in_e = {n: _Energy() for n in layers}
+    ref_out: dict[str, torch.Tensor] = {}
+
+    def keep_ref(mod, _inp, out):
+        ref_out[mod.name] = out.detach().clone()  # a later in-place ReLU must not alter it
+
+    def compare(mod, inp, out):
+        x = inp[0]
+        in_e[mod.name].add(x, mod.quantize_input(x))
+        if mod.name in ref_out:
+            out_e[mod.name].add(ref_out.pop(mod.name), out)
+
+    for b in batches:
+        hs = [q.register_forward_hook(keep_ref) for q in layers.values()]
+        try:
+            with float_mode(layers):
+                run_model(qmodel, b)
+        finally:
+            for h in hs:
+                h.remove()
+        hs = [q.register_forward_hook(compare) for q in layers.values()]
+        try:
+            run_model(qmodel, b)
+        finally:
+            for h in hs:
+                h.remove()
+        ref_out.clear()
+    rows = []
+    for name, q in layers.items():
+        kind = type(q.layer).__name__
+        if getattr(q.layer, "groups", 1) > 1 and q.layer.groups == q.float_weight.shape[0]:
+            kind += " (depthwise)"
+        rows.append(
+            LayerReport(
+                name=name,
+                kind=kind,
+                weight=f"{q.w_grid.kind}{q.w_grid.bits} x{q.n_terms}",
+                act="float" if q.a_grid is None else f"{q.a_grid.kind}{q.a_grid.bits}",
+                macs=int(q.macs),
+                weight_sqnr_db=sqnr_db(q.float_weight, q.dequantized_weight()),
+                input_sqnr_db=in_e[name].db,
+                output_sqnr_db=out_e[name].db,
+                extra_kernels=q.extra_kernels(),
+                extra_macs=q.extra_macs(),
+            )
+        )
+    return rows
+
+
+def _fmt(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.1f}"
+
+
+def markdown(rows: list[LayerReport], worst: int | None = None) -> str:
+    """Markdown table (all rows, or the ``worst`` by output SQNR)."""
+    sel = sorted(rows, key=lambda r: r.output_sqnr_db)[:worst] if worst else rows
+    lines = [
+        "| layer | type | weight | input | MACs | weight SQNR dB | input SQNR dB | output SQNR dB | extra kernels | extra MACs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sel:
+        lines.append(
+            f"| {r.name} | {r.kind} | {r.weight} | {r.act} | {r.macs:,} | {_fmt(r.weight_sqnr_db)} | "
+            f"{_fmt(r.input_sqnr_db)} | {_fmt(r.output_sqnr_db)} | {r.extra_kernels} | {r.extra_macs:,} |"
+        )
+    total = sum(r.macs for r in rows)
+    extra = sum(r.extra_macs for r in rows)
+    lines.append(
+        f"\nTotal MACs per sample {total:,}; residual tensors add {extra:,} ({extra / max(total, 1):.1%})."
+    )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[LayerReport], path: Path, title: str, force: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    out = [r.output_sqnr_db for r in rows]
+    wq = [r.weight_sqnr_db for r in rows]
+    inp = [r.input_sqnr_db if math.isfinite(r.input_sqnr_db) else float("nan") for r in rows]
+    worst = set(sorted(x, key=lambda i: out[i])[:5])
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.22), 4.8))
+    colors = [
+        "tab:red" if i in worst else ("tab:orange" if "depthwise" in rows[i].kind else "tab:blue")
+        for i in x
+    ]
+    ax.bar(x, out, color=colors, label="output SQNR (red: 5 worst, orange: depthwise)")
+    ax.plot(x, wq, "k.", label="weight SQNR")
+    ax.plot(x, inp, "g_", markersize=8, label="input SQNR")
+    for i in x:
+        if rows[i].extra_kernels:
+            ax.annotate("+", (i, out[i]), ha="center", va="bottom", fontsize=8, color="purple")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR (dB), higher is better")
+    ax.set_title(title + "  (+: layer has residual tensors)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue(), force=force)
+
+
+def write_report(
+    rows: list[LayerReport], out_dir: str | Path, title: str, force: bool = False
+) -> list[Path]:
+    """Write ``report.md``, ``report.csv`` and ``report.png`` for ``rows`` into ``out_dir``."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    md = f"# {title}\n\n" + markdown(rows) + "\n"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(asdict(rows[0]).keys()))
+    w.writeheader()
+    for r in rows:
+        w.writerow(asdict(r))
+    paths = [d / "report.md", d / "report.csv", d / "report.png"]
+    atomic_write_text(paths[0], md, force=force)
+    atomic_write_text(paths[1], buf.getvalue(), force=force)
+    _plot(rows, paths[2], title, force)
+    return paths
+
+
+def report(
+    qmodel: nn.Module,
+    batches: list,
+    out_dir: str | Path,
+    title: str = "omse per-layer report",
+    force: bool = False,
+) -> list[Path]:
+    """Compute the per-layer report on ``batches`` and write it to ``out_dir`` (md, csv, png).
+
+    The FP32 reference is the quantized model's own float mode (the same BN folding), run on the
+    same batches, so the original model is not needed.
+    """
+    return write_report(layer_reports(qmodel, batches), out_dir, title, force)

@@ -1,0 +1,72 @@
+"""Integer grids of uniform symmetric quantizers (no zero-point).
+
+A grid is the integer range ``[qmin, qmax]`` a quantizer with step ``s`` maps onto:
+``x -> s * clamp(round(x / s), qmin, qmax)``.
+
+- ``full``: signed two's complement, ``[-2^(b-1), 2^(b-1) - 1]`` (what INT4/INT8 hardware has);
+- ``narrow``: signed symmetric, ``[-(2^(b-1) - 1), 2^(b-1) - 1]``;
+- ``unsigned``: ``[0, 2^b - 1]``, for tensors known to be non-negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import ConfigError
+
+__all__ = ["Grid", "GridKind", "make_grid", "MIN_BITS", "MAX_BITS"]
+
+GridKind = Literal["full", "narrow", "unsigned"]
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer range ``[qmin, qmax]`` for ``bits``-bit codes of kind ``kind``."""
+
+    bits: int
+    kind: GridKind = "full"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ConfigError(f"bits must be an int in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(
+                f"bits={self.bits} is outside {MIN_BITS}..{MAX_BITS}; omse supports 2- to 8-bit grids"
+            )
+        if self.kind not in ("full", "narrow", "unsigned"):
+            raise ConfigError(
+                f"grid kind {self.kind!r} is unknown; use 'full', 'narrow' or 'unsigned'"
+            )
+
+    @property
+    def qmin(self) -> int:
+        if self.kind == "unsigned":
+            return 0
+        if self.kind == "narrow":
+            return -(2 ** (self.bits - 1) - 1)
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        if self.kind == "unsigned":
+            return 2**self.bits - 1
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def signed(self) -> bool:
+        return self.kind != "unsigned"
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.bits}[{self.qmin},{self.qmax}]"
+
+
+def make_grid(bits: int, kind: GridKind | str = "full") -> Grid:
+    """Build a validated :class:`Grid` (``kind`` in ``full``, ``narrow``, ``unsigned``)."""
+    return Grid(bits, kind)  # type: ignore[arg-type]

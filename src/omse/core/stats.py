@@ -1,0 +1,182 @@
+"""Streaming, mergeable, memory-bounded tensor statistics for calibration.
+
+:class:`HistogramStats` keeps a fixed number of bins over a symmetric range ``[-R, R]`` where
+``R`` is a power of two strictly above every magnitude seen; when a batch reaches ``R`` the range
+doubles and adjacent bins merge pairwise, exactly: ``bins`` is a power of two too, so a value's bin
+``floor(x * (bins/2)/R) + bins/2`` is computed without rounding, and the counts after any sequence
+of doublings or merges equal those of a single pass over all the data. Each bin stores its count
+and the sum of its values, so the centroid of each bin is known and the MMSE problem can be solved
+on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, independent of the number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CalibrationError
+
+__all__ = ["HistogramStats", "DEFAULT_BINS"]
+
+DEFAULT_BINS = 4096
+_MAX_MAGNITUDE = 2.0**1022
+
+
+@dataclass
+class HistogramStats:
+    """Running statistics of every value seen: count, min, max, moments and a fine histogram.
+
+    ``counts [bins]`` and ``sums [bins]`` (float64) cover ``[-R, R]`` in equal bins.
+    """
+
+    bins: int = DEFAULT_BINS
+    radius: float = 0.0
+    counts: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    sums: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    n: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    sum: float = 0.0
+    sum_sq: float = 0.0
+    sum_abs: float = 0.0
+    sum_4: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int):
+            raise CalibrationError(f"histogram bins must be an int, got {self.bins!r}")
+        if self.bins < 4 or self.bins & (self.bins - 1):
+            # pairwise merging on range doubling maps old bin j to new bin j//2 + bins/4, and
+            # power-of-two bins make the bin index of every value exact
+            raise CalibrationError(f"histogram bins must be a power of two >= 4, got {self.bins}")
+        if self.counts is None:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64)
+            self.sums = torch.zeros(self.bins, dtype=torch.float64)
+
+    # -- updating ---------------------------------------------------------------------------------
+    @staticmethod
+    def _radius_for(amax: float) -> float:
+        """The smallest power of two strictly greater than ``amax`` (0 for 0)."""
+        if amax <= 0.0:
+            return 0.0
+        if amax >= _MAX_MAGNITUDE:
+            raise CalibrationError(
+                f"calibration values reach {amax:.3g}; magnitudes >= 2^1022 cannot be histogrammed"
+            )
+        return math.ldexp(1.0, math.frexp(amax)[1])  # amax = m * 2^e, 0.5 <= m < 1
+
+    def _grow_to(self, amax: float) -> None:
+        """Double the range until it is strictly above ``amax``; bins merge pairwise (exact)."""
+        self._double_to(self._radius_for(amax))
+
+    def _double_to(self, radius: float) -> None:
+        """Double the range up to the power of two ``radius``, merging bins pairwise (exact)."""
+        if self.radius == 0.0:
+            self.radius = radius
+            return
+        while self.radius < radius:
+            b = self.bins
+            # old bins cover the middle half of the new range: new bin j = old 2j', 2j'+1
+            new_c = torch.zeros(b, dtype=torch.float64)
+            new_s = torch.zeros(b, dtype=torch.float64)
+            new_c[b // 4 : 3 * b // 4] = self.counts.view(-1, 2).sum(1)
+            new_s[b // 4 : 3 * b // 4] = self.sums.view(-1, 2).sum(1)
+            self.counts, self.sums, self.radius = new_c, new_s, self.radius * 2.0
+
+    def update(self, x: torch.Tensor) -> HistogramStats:
+        """Add every value of ``x`` (any shape). Returns ``self``."""
+        v = x.detach().reshape(-1).to(torch.float64)
+        if v.numel() == 0:
+            return self
+        lo, hi = torch.aminmax(v)  # NaN propagates to both
+        vmin, vmax = float(lo), float(hi)
+        if not (math.isfinite(vmin) and math.isfinite(vmax)):
+            raise CalibrationError("calibration values contain NaN or Inf")
+        amax = max(abs(vmin), abs(vmax))
+        if amax >= self.radius:
+            self._grow_to(amax)
+        self.n += v.numel()
+        self.min, self.max = min(self.min, vmin), max(self.max, vmax)
+        self.sum += float(v.sum())
+        v2 = v * v
+        self.sum_sq += float(v2.sum())
+        self.sum_abs += float(v.abs().sum())
+        self.sum_4 += float((v2 * v2).sum())
+        if self.radius > 0:
+            half = self.bins // 2
+            # R and half are powers of two: v / R * half is exact (|v| < R; two steps, as half / R
+            # can overflow for tiny R), and so is floor(v/2R * half) = floor(floor(v/R * half) / 2):
+            # bins agree across range doublings
+            idx = (v / self.radius).mul_(half).floor_().long().add_(half)
+            idx = idx.clamp_(0, self.bins - 1)  # defensive: |v| < R keeps idx in range
+            self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+            self.sums.index_add_(0, idx, v)
+        else:  # all zeros so far: keep them in the middle bin
+            self.counts[self.bins // 2] += v.numel()
+        return self
+
+    def merge(self, other: HistogramStats) -> HistogramStats:
+        """Combine two statistics of the same bin count into a new one (inputs untouched)."""
+        if other.bins != self.bins:
+            raise CalibrationError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        out = HistogramStats(self.bins)
+        out.radius = max(self.radius, other.radius)
+        for src in (self, other):
+            tmp = HistogramStats(src.bins, src.radius, src.counts.clone(), src.sums.clone())
+            if tmp.radius == 0.0 and out.radius > 0:
+                tmp.radius = out.radius  # zero-only histogram: its counts sit in the middle bin
+            tmp._double_to(out.radius)
+            out.counts += tmp.counts
+            out.sums += tmp.sums
+        out.n = self.n + other.n
+        out.min, out.max = min(self.min, other.min), max(self.max, other.max)
+        out.sum, out.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
+        out.sum_abs, out.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
+        return out
+
+    # -- reading ----------------------------------------------------------------------------------
+    @property
+    def nonnegative(self) -> bool:
+        """True when no negative value was seen (an unsigned grid then loses nothing)."""
+        return self.n > 0 and self.min >= 0.0
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max)) if self.n else 0.0
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.n
+
+    @property
+    def var(self) -> float:
+        return max(self.sum_sq / self.n - self.mean**2, 0.0)
+
+    def points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted sample ``(values [k], weights [k])``: bin centroids of the non-empty bins."""
+        nz = self.counts > 0
+        c = self.counts[nz]
+        return self.sums[nz] / c, c
+
+    def quantile(self, q: float) -> float:
+        """Approximate ``q``-quantile of ``|x|`` from the histogram (linear within bins)."""
+        if self.n == 0:
+            raise CalibrationError("no calibration values were seen")
+        b = self.bins
+        # fold the symmetric histogram onto |x|: bin j (right half) and its mirror
+        right = self.counts[b // 2 :]
+        left = self.counts[: b // 2].flip(0)
+        mag = right + left
+        cdf = torch.cumsum(mag, 0) / mag.sum()
+        j = int(
+            torch.searchsorted(cdf, torch.tensor([q], dtype=torch.float64)).clamp(max=b // 2 - 1)
+        )
+        width = self.radius / (b // 2)
+        prev = float(cdf[j - 1]) if j > 0 else 0.0
+        frac = (q - prev) / max(float(cdf[j]) - prev, 1e-300)
+        return min((j + min(max(frac, 0.0), 1.0)) * width, self.absmax)
+
+    def nbytes(self) -> int:
+        """Memory held by the statistics (bytes); constant in the number of batches."""
+        return self.counts.element_size() * self.counts.numel() * 2 + 8 * 8

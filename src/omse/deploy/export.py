@@ -1,0 +1,745 @@
+"""ONNX export of a quantized model as a QDQ graph that onnxruntime executes.
+
+:func:`export_onnx` writes one ONNX file (opset 21, IR 10) in which
+
+- every quantized layer's **weights** are integer initializers (``INT4`` for grids of <= 4 bits,
+  ``INT8`` for 5..8 bits) followed by a ``DequantizeLinear`` with the kernel-wise scales on
+  axis 0 (or one per-tensor scale); residual terms (``W ~ s1*Q1 + s2*Q2``) are separate integer
+  tensors in separate branches of the same layer (the layer runs once per term, only the first
+  branch carries the bias, and the branch outputs are added: by linearity this is the simulated
+  layer);
+- every quantized layer's **input** goes through ``QuantizeLinear`` -> ``DequantizeLinear`` with
+  the calibrated scale and the grid's own integer type, so saturation is the grid's range:
+  ``UINT8``/``INT8`` zero points for 8-bit grids; for 4-bit grids the type is given by
+  ``output_dtype=UINT4/INT4`` with no zero-point input (zero point 0): onnxruntime 1.32 throws in
+  its ``Clip -> QuantizeLinear`` rewrite on a UINT4/INT4 zero-point tensor and its
+  ``Relu -> QuantizeLinear`` rewrite would drop a Relu before a signed INT4 one; both rewrites
+  only match a 3-input ``QuantizeLinear``. Grids that are not a whole container (2/3/5/6/7 bits,
+  ``narrow``) get an exact ``Clip`` to ``[qmin*s, qmax*s]`` in front of the ``QuantizeLinear``;
+- the **bias** of a quantized Conv is a separate ``Add`` (onnxruntime rounds a Conv bias to
+  int32 at scale ``s_x*s_w`` when its other inputs come from ``DequantizeLinear``, which the
+  simulation does not do);
+- everything else (padding, activations, pooling, residual adds, float layers) is the model's own
+  float graph as traced by ``torch.onnx.export`` (TorchScript exporter, opset 20, then declared
+  opset 21: no op it emits changed meaning).
+
+onnxruntime (CPU) executes this graph as ``DequantizeLinear`` + float ``Conv``/``Gemm``: it has no
+integer convolution for 4-bit tensors. ``container="int8"`` stores the same integer values in
+8-bit containers (``INT8`` weights, ``UINT8``/``INT8`` activations, plus ``Clip`` for 4-bit
+activation grids) and, for layers whose input is quantized, the bias as ``INT32`` at scale
+``s_x * s_w`` (the QDQ form of ``QLinearConv``/``QGemm``): onnxruntime fuses every
+``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
+feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
+each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
+arithmetic.
+
+Parity: onnxruntime and torch sum in different orders, so a pre-activation within float rounding
+of a rounding boundary can be quantized one step apart; in a deep 4-bit network those flips
+cascade, and ORT differs from the float32 simulation as much as the simulation differs from
+itself computed in float64 (see ``tests/test_export.py``). ``integer=True`` removes that noise:
+each layer whose input is quantized runs on the integer codes (``DequantizeLinear`` with scale 1
+for input and weights, so every partial sum is an integer below 2^24 and exact in any order),
+then a ``Mul`` by ``s_x * s_w`` per output channel and the bias ``Add``: the arithmetic of an
+integer runtime (int32 accumulator, then rescale). :func:`omse.set_integer` runs the simulation
+the same way, and onnxruntime's outputs equal it bit for bit (measured on EfficientNet-Lite0 and
+the zoo; the tests assert within one output step and top-1 agreement >= 99.5%).
+
+How it is built: the quantized layers are swapped for export twins that mark their input and
+weights with custom ``omse::Marker`` nodes while ``torch.onnx.export`` traces the model; the marked
+graph is then rewritten with ``onnx.helper`` (markers -> Q/DQ and integer initializers) and
+checked with the ONNX checker (``full_check``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..config import TARGETS
+from ..core.granularity import PerChannel, PerGroup, PerTensor
+from ..core.grids import Grid
+from ..errors import ConfigError, OmseError, UnsupportedLayerError
+from ..io import atomic_path, check_output_path
+from ..nn.layers import QuantizedLayer
+from ..transforms.fold import QUANTIZABLE
+from ..transforms.graph import (
+    DOMAIN,
+    TRACE_OPSET,
+    TracedLayer,
+    const_value,
+    fold_constants,
+    fold_pads,
+    layer_routes,
+    marker_attrs,
+    trace,
+)
+from .nbits import apply_matmul_nbits
+
+__all__ = ["export_onnx", "to_onnx_model", "weight_only", "MIN_OPSET", "MAX_OPSET"]
+
+MIN_OPSET = 13  # per-axis DequantizeLinear
+MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no semantic change to 21)
+
+Container = Literal["int4", "int8"]
+Target = Literal["int4", "int8"]
+
+
+def weight_only(ql: QuantizedLayer) -> bool:
+    """A Linear with a float input and one term of <= 4-bit weights: onnxruntime runs it as
+    ``MatMulNBits`` (4-bit weights in blocks along the input dimension) for ``target="int8"``."""
+    return (
+        isinstance(ql.layer, nn.Linear)
+        and (ql.act_scale is None or ql.a_grid is None)
+        and ql.w_grid.bits <= 4
+        and ql.n_terms == 1
+    )
+
+
+def _check_layer(ql: QuantizedLayer) -> None:
+    if not isinstance(ql.layer, QUANTIZABLE):
+        raise UnsupportedLayerError(
+            f"layer {ql.name!r} ({type(ql.layer).__name__}) cannot be exported: the ONNX exporter "
+            "supports quantized Conv1d, Conv2d and Linear layers"
+        )
+    g = ql.cfg.granularity
+    blocked = isinstance(g, PerGroup) and (g.axis, g.channel_axis) == (1, 0)
+    if blocked and not weight_only(ql):
+        raise UnsupportedLayerError(
+            f"layer {ql.name!r} has {g} weight scales: the exporter writes blocked (per-group) "
+            "weights only for weight-only Linear layers (float input, <= 4-bit weights, as "
+            "MatMulNBits); quantize it per_channel, or its input in float (act_bits=None)"
+        )
+    if not (blocked or isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
+        raise UnsupportedLayerError(
+            f"layer {ql.name!r} has {g} weight scales, which the ONNX exporter cannot represent "
+            "(it writes per-tensor or per-output-channel DequantizeLinear); quantize it "
+            "per_channel or per_tensor, or skip it"
+        )
+    out = ql.float_weight.shape[0]
+    for t, (q, s, _) in enumerate(ql.terms()):
+        if blocked:
+            continue
+        if s.numel() not in (1, out) or (s.numel() == out and out > 1 and s.shape[0] != out):
+            raise UnsupportedLayerError(
+                f"layer {ql.name!r} term {t} has scales of shape {tuple(s.shape)}, neither "
+                "per-tensor nor one per output channel; the ONNX exporter cannot represent it"
+            )
+        if int(q.min()) < ql.w_grid.qmin or int(q.max()) > ql.w_grid.qmax:
+            raise UnsupportedLayerError(
+                f"layer {ql.name!r} term {t} has codes outside its grid {ql.w_grid}"
+            )
+
+
+# -- rewriting ----------------------------------------------------------------------------------
+def _container(grid: Grid, container: Container) -> tuple[int, int, int]:
+    """``(onnx elem type, lo, hi)`` of the smallest container holding ``grid``."""
+    if container == "int4" and grid.bits <= 4:
+        return (TensorProto.UINT4, 0, 15) if not grid.signed else (TensorProto.INT4, -8, 7)
+    return (TensorProto.UINT8, 0, 255) if not grid.signed else (TensorProto.INT8, -128, 127)
+
+
+def _int_tensor(name: str, values: np.ndarray, elem: int) -> onnx.TensorProto:
+    """An initializer of integer type ``elem`` (INT4/UINT4 packed by onnx) from int values."""
+    if elem in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(
+            name, elem, list(values.shape), values.astype(np.int64).reshape(-1).tolist()
+        )
+    np_type = {
+        TensorProto.INT8: np.int8,
+        TensorProto.UINT8: np.uint8,
+        TensorProto.INT32: np.int32,
+    }[elem]
+    return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def _export_terms(ql: QuantizedLayer, target: Target) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The weight terms the graph holds: one merged 8-bit kernel for ``int8``, else every term."""
+    if target == "int8":
+        return [ql.merged_term()]
+    return [(q, s) for q, s, _ in ql.terms()]
+
+
+class _Rewriter:
+    """Markers -> Q/DQ nodes and integer initializers (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: list[QuantizedLayer],
+        container: Container,
+        integer: bool = False,
+        target: Target = "int4",
+    ):
+        self.model = model
+        self.layers = layers
+        self.container = container
+        self.integer = integer
+        self.target = target
+        self.terms = [_export_terms(ql, target) for ql in layers]
+        self.inits: list[onnx.TensorProto] = []
+        self.names: set[str] = {i.name for i in model.graph.initializer}
+        self.names |= {o for n in model.graph.node for o in n.output}
+        self.names |= {i.name for i in model.graph.input}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, arr: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def qdq_nodes(
+        self, base: str, grid: Grid, scale: torch.Tensor, x: str, y: str, unit: bool = False
+    ) -> list[onnx.NodeProto]:
+        """``x -> [Clip] -> QuantizeLinear -> DequantizeLinear -> y`` on ``grid`` (``unit``: the
+        DequantizeLinear yields the integer codes themselves, scale 1)."""
+        s = np.float32(scale.item())
+        elem, lo, hi = _container(grid, self.container)
+        scale_n = self.const(f"{base}.scale", np.array(s, dtype=np.float32))
+        if self.target == "int8" and grid.signed:
+            # every activation UINT8: a signed grid is the same values at zero point 128
+            # (onnxruntime's integer Conv wants input and output of one type)
+            zp = self.fresh(f"{base}.zero_point")
+            self.inits.append(_int_tensor(zp, np.array(128), TensorProto.UINT8))
+            q_inputs, q_attrs = [x, scale_n, zp], {}
+        elif elem in (TensorProto.INT4, TensorProto.UINT4):
+            # 4-bit: the type comes from output_dtype, with no zero-point input (= 0). A UINT4/INT4
+            # zero-point tensor trips onnxruntime's Clip/Relu -> QuantizeLinear rewrites (1.32
+            # throws on it in ClipQuantFusion, and ReluQuantTransformer would drop a Relu in front
+            # of a signed INT4 QuantizeLinear); both only match a 3-input QuantizeLinear.
+            q_inputs, q_attrs = [x, scale_n], {"output_dtype": elem}
+        else:
+            zp = self.fresh(f"{base}.zero_point")
+            self.inits.append(_int_tensor(zp, np.array(0), elem))
+            q_inputs, q_attrs = [x, scale_n, zp], {}
+        narrow = (grid.qmin, grid.qmax) != (lo, hi)
+        nodes = []
+        if narrow and self.target != "int8":
+            cmin = self.const(f"{base}.clip_min", np.array(np.float32(grid.qmin) * s))
+            cmax = self.const(f"{base}.clip_max", np.array(np.float32(grid.qmax) * s))
+            xc = self.fresh(f"{base}.clipped")
+            nodes.append(helper.make_node("Clip", [x, cmin, cmax], [xc], name=f"{base}.clip"))
+            q_inputs[0] = xc
+        q = self.fresh(f"{base}.q")
+        nodes.append(
+            helper.make_node("QuantizeLinear", q_inputs, [q], name=f"{base}.quant", **q_attrs)
+        )
+        dq_inputs = [q, *q_inputs[1:]]
+        if unit:
+            dq_inputs[1] = self.const(f"{base}.unit_scale", np.array(1.0, dtype=np.float32))
+        if narrow and self.target == "int8":
+            # an integer kernel's output Q must follow it directly: the grid's narrower range is
+            # a Clip on the dequantized codes (exact on grid values), requantized after it
+            d = self.fresh(f"{base}.dq")
+            nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [d], name=f"{base}.dq"))
+            cmin = self.const(f"{base}.clip_min", np.array(np.float32(grid.qmin) * s))
+            cmax = self.const(f"{base}.clip_max", np.array(np.float32(grid.qmax) * s))
+            xc = self.fresh(f"{base}.clipped")
+            nodes.append(helper.make_node("Clip", [d, cmin, cmax], [xc], name=f"{base}.clip"))
+            q2 = self.fresh(f"{base}.q2")
+            nodes.append(
+                helper.make_node("QuantizeLinear", [xc, *q_inputs[1:]], [q2], name=f"{base}.q2")
+            )
+            dq_inputs[0] = q2
+        nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [y], name=f"{base}.dequant"))
+        return nodes
+
+    def act_nodes(self, idx: int, x: str, y: str) -> list[onnx.NodeProto]:
+        ql = self.layers[idx]
+        return self.qdq_nodes(
+            f"{ql.name}.act", ql.a_grid, ql.act_scale, x, y, unit=self._integer_layer(idx)
+        )
+
+    def _integer_layer(self, idx: int) -> bool:
+        ql = self.layers[idx]
+        return self.integer and ql.act_scale is not None and ql.a_grid is not None
+
+    def mul_nodes(self, idx: int, term: int, x: str, y: str) -> list[onnx.NodeProto]:
+        ql = self.layers[idx]
+        s = self.terms[idx][term][1]
+        m = ql.per_output_channel((ql.act_scale.to(torch.float32) * s).reshape(-1))
+        base = f"{ql.name}.w{term}"
+        mult = self.const(f"{base}.multiplier", m.detach().numpy().astype(np.float32))
+        return [helper.make_node("Mul", [x, mult], [y], name=f"{base}.rescale")]
+
+    def weight_scale(self, idx: int, term: int) -> np.ndarray:
+        """Scales as the weight DequantizeLinear takes them: 0-d, ``[out]`` (axis 0) or, for
+        per-group Linear weights, ``[out, in / group]`` (axis 1, ``block_size=group``)."""
+        s = self.terms[idx][term][1].detach().to(torch.float32).numpy()
+        g = self.layers[idx].cfg.granularity
+        if isinstance(g, PerGroup):
+            return s.reshape(s.shape[0], -1)[:, :: g.size]
+        return s.reshape(()) if s.size == 1 else s.reshape(-1)
+
+    def weight_nodes(self, idx: int, term: int, y: str) -> list[onnx.NodeProto]:
+        ql = self.layers[idx]
+        q, _ = self.terms[idx][term]
+        s = self.weight_scale(idx, term)
+        if self._integer_layer(idx):  # the scale moves to the Mul after the layer
+            s = np.array(1.0, dtype=np.float32)
+        nbits = self.target == "int8" and weight_only(ql)
+        if self.target == "int8" and not nbits:
+            elem = TensorProto.INT8
+        else:
+            elem, _, _ = _container(ql.w_grid, "int4" if nbits else self.container)
+        base = f"{ql.name}.w{term}"
+        codes = self.fresh(f"{base}.w_codes")
+        self.inits.append(_int_tensor(codes, q.to(torch.int64).numpy(), elem))
+        scale = self.const(f"{base}.scale", s.astype(np.float32))
+        attrs = {"axis": 0} if s.ndim == 1 else {}
+        if s.ndim == 2:
+            attrs = {"axis": 1, "block_size": ql.cfg.granularity.size}
+        inputs = [codes, scale]
+        if self.target == "int8" and not nbits:  # explicit zero points: QGemm fusion wants them
+            inputs.append(self.fresh(f"{base}.zero_point"))
+            self.inits.append(_int_tensor(inputs[-1], np.zeros(s.shape, np.int64), elem))
+        return [helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)]
+
+    def int32_bias(self, idx: int, bias: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
+        ql = self.layers[idx]
+        sb = ql.bias_scale()
+        if sb is not None:  # target int8: the layer already adds codes * s_b (float32)
+            s_b = sb.detach().numpy().astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                qb = np.round(bias.astype(np.float64) / s_b.astype(np.float64))
+            qb = np.clip(np.nan_to_num(qb, nan=0.0), -(2**31) + 2**8, 2**31 - 2**8)
+        else:
+            s_x = np.float64(ql.act_scale.item())
+            s_w = self.weight_scale(idx, 0).astype(np.float64)
+            s_b = (s_x * np.broadcast_to(s_w, bias.shape)).astype(np.float32)
+            qb = np.clip(np.round(bias.astype(np.float64) / s_b), -(2**31), 2**31 - 1)
+        base = f"{ql.name}.bias"
+        codes = self.fresh(f"{base}.b_codes")
+        self.inits.append(_int_tensor(codes, qb, TensorProto.INT32))
+        scale = self.const(f"{base}.scale", s_b)
+        inputs = [codes, scale]
+        if self.target == "int8":
+            inputs.append(self.fresh(f"{base}.zero_point"))
+            self.inits.append(_int_tensor(inputs[-1], np.zeros(s_b.shape), TensorProto.INT32))
+        y = self.fresh(f"{base}.dq")
+        node = helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", axis=0)
+        return [node], y
+
+    # -- target int8: where each layer's output is requantized -----------------------------------
+    def _int8_plan(self) -> tuple[dict[int, tuple[str, int | None]], set[tuple[str, int]]]:
+        """Per out marker: ``("output", None)`` (its own quantizer), ``("fused", j)`` (layer
+        ``j``'s input quantizer moved up to it) or ``("float", None)`` (the graph output); and
+        the input-quantizer markers ``(kind, j)`` that are then redundant (the tensor already
+        carries the same quantizer)."""
+        routes = layer_routes(self.model)
+        plan: dict[int, tuple[str, int | None]] = {}
+        dropped: set[tuple[str, int]] = set()
+        for idx, r in routes.items():
+            ql = self.layers[idx]
+            if weight_only(ql):  # MatMulNBits: float in, float out
+                plan[idx] = ("float", None)
+            elif ql.out_scale is not None:
+                plan[idx] = ("output", None)
+                for j in r.shared:  # a reader that shares this quantizer needs no Q/DQ of its own
+                    qj = self.layers[j]
+                    if qj.a_grid == ql.out_grid and bool(qj.act_scale == ql.out_scale):
+                        dropped.add(("act", j))
+            elif r.kind == "fused" and self.layers[r.consumer].act_scale is not None:
+                plan[idx] = ("fused", r.consumer)
+                qj = self.layers[r.consumer]
+                s = float(np.float32(qj.act_scale.item()))
+                lo, hi = r.clamp
+                covers = lo <= qj.a_grid.qmin * s and hi >= qj.a_grid.qmax * s
+                if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
+                    # nothing between the two quantizers changes a value
+                    dropped.add((r.consumer_kind, r.consumer))
+            elif r.kind == "graph_output":
+                plan[idx] = ("float", None)
+            else:
+                reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
+                raise UnsupportedLayerError(
+                    f"layer {ql.name!r}: its output goes to {reader} without an output "
+                    "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
+                    "the model with QuantConfig(target='int8')"
+                )
+        # an input marker right after a shared (module-output) quantizer with its own scale
+        producers = {o: n for n in self.model.graph.node for o in n.output}
+        for node in self.model.graph.node:
+            if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+                continue
+            src = producers.get(node.input[0])
+            if src is None or src.domain != DOMAIN or marker_attrs(src)[0] != "tq":
+                continue
+            qj, qk = self.layers[marker_attrs(node)[1]], self.layers[marker_attrs(src)[1]]
+            if qj.a_grid == qk.a_grid and bool(qj.act_scale == qk.act_scale):
+                dropped.add(("act", marker_attrs(node)[1]))
+        return plan, dropped
+
+    def run(self, opset: int) -> onnx.ModelProto:
+        g = self.model.graph
+        if self.target == "int8" or self.container == "int8":
+            # constant shape arithmetic (a static "same" padding) -> initializers, and zero Pads
+            # into their Conv: the QDQ fusion needs DequantizeLinear -> Conv
+            fold_constants(self.model)
+            fold_pads(self.model)
+        plan, dropped = self._int8_plan() if self.target == "int8" else ({}, set())
+        new_nodes: list[onnx.NodeProto] = []
+        w_out: dict[str, int] = {}  # dequantized term-0 weight output -> layer index
+        for node in g.node:
+            if node.domain != DOMAIN:
+                new_nodes.append(node)
+                continue
+            kind, idx, term = marker_attrs(node)
+            x, y = node.input[0], node.output[0]
+            ql = self.layers[idx]
+            if kind in ("act", "tq"):
+                if ql.act_scale is None or ql.a_grid is None or (kind, idx) in dropped:
+                    new_nodes.append(helper.make_node("Identity", [x], [y]))
+                elif kind == "tq":  # the layer's input quantizer on the module output it shares
+                    unit = self._integer_layer(idx)
+                    s = ql.act_scale
+                    new_nodes += self.qdq_nodes(f"{ql.name}.shared", ql.a_grid, s, x, y, unit)
+                else:
+                    new_nodes += self.act_nodes(idx, x, y)
+            elif kind == "mul":
+                new_nodes += self.mul_nodes(idx, term, x, y)
+            elif kind == "out":
+                how, j = plan.get(idx, ("output" if ql.out_scale is not None else "float", None))
+                if how == "output":
+                    new_nodes += self.qdq_nodes(f"{ql.name}.out", ql.out_grid, ql.out_scale, x, y)
+                elif how == "fused":
+                    qj = self.layers[j]
+                    new_nodes += self.qdq_nodes(f"{ql.name}.requant", qj.a_grid, qj.act_scale, x, y)
+                else:
+                    new_nodes.append(helper.make_node("Identity", [x], [y]))
+            else:
+                new_nodes += self.weight_nodes(idx, term, node.output[0])
+                if term == 0:
+                    w_out[node.output[0]] = idx
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(self.inits)
+        self.inits = []
+        producers = {o: n for n in g.node for o in n.output}
+        init_by_name = {i.name: i for i in g.initializer}
+        if self.container == "int8" or self.target == "int8":
+            nodes = self._quantize_biases(list(g.node), w_out, init_by_name, producers)
+        else:
+            nodes = self._separate_biases(list(g.node), w_out)
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(self.inits)
+        if self.target == "int8":
+            _drop_redundant_clips(self.model)
+        _remove_identities(self.model)
+        _prune(self.model)
+        del self.model.opset_import[:]
+        self.model.opset_import.append(helper.make_opsetid("", opset))
+        self.model.ir_version = 10 if opset >= 21 else 8
+        if self.target == "int8" and any(weight_only(ql) for ql in self.layers):
+            apply_matmul_nbits(self.model)  # weight-only Linear -> onnxruntime's 4-bit kernel
+        return self.model
+
+    def _separate_biases(self, nodes, w_out):
+        """Conv/Gemm(x, W, b) -> Add(Conv/Gemm(x, W), b): onnxruntime rounds a Conv's or Gemm's
+        float bias to int32 (scale s_x * s_w) when the other inputs come from DequantizeLinear
+        (its BiasQuantization pass); an Add keeps the simulated float bias exact."""
+        out = []
+        for node in nodes:
+            if not (
+                node.op_type in ("Conv", "Gemm")
+                and len(node.input) >= 3
+                and node.input[1] in w_out
+                and node.input[2]
+            ):
+                out.append(node)
+                continue
+            if node.op_type == "Gemm":
+                at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                if at.get("beta", 1.0) != 1.0:
+                    out.append(node)
+                    continue
+            ql = self.layers[w_out[node.input[1]]]
+            b = node.input[2]
+            y = node.output[0]
+            pre = self.fresh(f"{ql.name}.{node.op_type.lower()}")
+            del node.input[2]
+            node.output[0] = pre
+            out.append(node)
+            if node.op_type == "Conv":
+                rank = ql.float_weight.dim()
+                shape = self.const(
+                    f"{ql.name}.bias.shape", np.array([-1] + [1] * (rank - 2), dtype=np.int64)
+                )
+                b2 = self.fresh(f"{ql.name}.bias.reshaped")
+                out.append(
+                    helper.make_node("Reshape", [b, shape], [b2], name=f"{ql.name}.bias.reshape")
+                )
+                b = b2
+            out.append(helper.make_node("Add", [pre, b], [y], name=f"{ql.name}.bias.add"))
+        return out
+
+    def _quantize_biases(self, nodes, w_out, init_by_name, producers):
+        out = []
+        for node in nodes:
+            if node.op_type in ("Conv", "Gemm") and len(node.input) >= 3 and node.input[1] in w_out:
+                idx = w_out[node.input[1]]
+                ql = self.layers[idx]
+                b = node.input[2]
+                arr = None
+                if b in init_by_name:
+                    arr = numpy_helper.to_array(init_by_name[b])
+                elif b in producers and producers[b].op_type == "Constant":
+                    arr = numpy_helper.to_array(producers[b].attribute[0].t)
+                ok_bias = arr is not None and arr.ndim == 1
+                if node.op_type == "Gemm":
+                    at = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+                    ok_bias = ok_bias and at.get("transB", 0) == 1 and at.get("alpha", 1.0) == 1.0
+                    ok_bias = ok_bias and at.get("beta", 1.0) == 1.0
+                if ok_bias and ql.act_scale is not None and ql.a_grid is not None:
+                    bn, y = self.int32_bias(idx, arr)
+                    out += bn
+                    node.input[2] = y
+            out.append(node)
+        return out
+
+
+def _qdq_range(graph: onnx.GraphProto, dq: onnx.NodeProto) -> tuple[float, float] | None:
+    """``[(qmin - z) * s, (qmax - z) * s]``, the values a per-tensor 8-bit ``DequantizeLinear``
+    yields (its container's range), or None."""
+    inits = {i.name: i for i in graph.initializer}
+    if len(dq.input) < 2 or dq.input[1] not in inits:
+        return None
+    s = numpy_helper.to_array(inits[dq.input[1]])
+    if s.size != 1:
+        return None
+    if len(dq.input) < 3 or dq.input[2] not in inits:
+        return None
+    zp = inits[dq.input[2]]
+    z = int(numpy_helper.to_array(zp).reshape(-1)[0])
+    lo, hi = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}.get(
+        zp.data_type, (None, None)
+    )
+    if lo is None:
+        return None
+    s = np.float32(s.item())
+    return float(np.float32(lo - z) * s), float(np.float32(hi - z) * s)
+
+
+def _drop_redundant_clips(model: onnx.ModelProto) -> int:
+    """``DequantizeLinear -> Relu/Clip`` where the Relu/Clip cannot change any value the
+    DequantizeLinear yields (``[lo, hi]`` covers its codes' range) becomes an ``Identity``: the
+    quantizer already saturates there, and runtimes then see ``Q -> DQ -> next``."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    changed = 0
+    for node in g.node:
+        if node.op_type not in ("Relu", "Clip"):
+            continue
+        src = producers.get(node.input[0])
+        if src is None or src.op_type != "DequantizeLinear":
+            continue
+        rng = _qdq_range(g, src)
+        if rng is None:
+            continue
+        lo, hi = (0.0, float("inf")) if node.op_type == "Relu" else (-float("inf"), float("inf"))
+        if node.op_type == "Clip":
+            if len(node.input) > 1 and node.input[1]:
+                v = const_value(g, node.input[1])
+                lo = -float("inf") if v is None else float(v)
+                if v is None:
+                    continue
+            if len(node.input) > 2 and node.input[2]:
+                v = const_value(g, node.input[2])
+                if v is None:
+                    continue
+                hi = float(v)
+        if lo <= rng[0] and hi >= rng[1]:
+            y = node.output[0]
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
+            node.output[0] = y
+            changed += 1
+    return changed
+
+
+def _remove_identities(model: onnx.ModelProto) -> None:
+    """Bypass ``Identity`` nodes (readers take the Identity's input) unless they produce a graph
+    output."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    alias: dict[str, str] = {}
+    keep = []
+    for node in g.node:
+        for k, i in enumerate(node.input):
+            if i in alias:
+                node.input[k] = alias[i]
+        if node.op_type == "Identity" and node.domain == "" and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing reads (the float weights the markers replaced)."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _ops_changed_after_trace(model: onnx.ModelProto) -> set[str]:
+    # ops whose semantics changed between the traced opset (20) and 21
+    return {n.op_type for n in model.graph.node if n.op_type in ("GroupNormalization",)}
+
+
+def _model_target(qls: list[QuantizedLayer]) -> str:
+    targets = {ql.cfg.target for ql in qls}
+    return "int8" if targets == {"int8"} else "int4"
+
+
+@torch.no_grad()
+def to_onnx_model(
+    qmodel: nn.Module,
+    example_input: torch.Tensor,
+    opset: int = 21,
+    container: Container = "int4",
+    integer: bool = False,
+    target: Target | None = None,
+) -> onnx.ModelProto:
+    """The QDQ :class:`onnx.ModelProto` of ``qmodel`` (see :func:`export_onnx`), not written."""
+    if not isinstance(integer, bool):
+        raise ConfigError(f"integer={integer!r}: use True or False")
+    if container not in ("int4", "int8"):
+        raise ConfigError(f"container={container!r}: use 'int4' or 'int8'")
+    if target is not None and target not in TARGETS:
+        raise ConfigError(f"target={target!r}: use one of {list(TARGETS)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset={opset!r}: use an int in {MIN_OPSET}..{MAX_OPSET}")
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError("example_input must be one input tensor (a batch, e.g. x[:1])")
+    qls = [m for m in qmodel.modules() if isinstance(m, QuantizedLayer)]
+    if not qls:
+        raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
+    target = target or _model_target(qls)
+    if target == "int8":
+        if integer:
+            raise ConfigError(
+                "integer=True writes the float-exact integer form for target='int4'; "
+                "target='int8' already runs integer kernels"
+            )
+        container = "int8"
+        for ql in qls:
+            if ql.cfg.target != "int8":
+                raise ConfigError(
+                    f"layer {ql.name!r} was quantized for target={ql.cfg.target!r}: an int8 "
+                    "export needs the int8 simulation (merged residuals, output quantizers); "
+                    "quantize with QuantConfig(target='int8')"
+                )
+            if (ql.act_scale is None or ql.a_grid is None) and not weight_only(ql):
+                raise UnsupportedLayerError(
+                    f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
+                    "integer kernels on quantized inputs (and weight-only 4-bit Linear layers "
+                    "as MatMulNBits); quantize its input (act_bits) or use target='int4'"
+                )
+    for ql in qls:
+        _check_layer(ql)
+        if opset < 21 and container == "int4":
+            narrow = ql.w_grid.bits <= 4 or (ql.a_grid is not None and ql.a_grid.bits <= 4)
+            if narrow:
+                raise ConfigError(
+                    f"layer {ql.name!r} has 4-bit tensors: INT4 needs opset 21 "
+                    f"(got opset={opset}); use opset=21 or container='int8'"
+                )
+    proto, traced = trace(
+        qmodel,
+        example_input,
+        twin=lambda ql, i: TracedLayer(ql, i, _export_terms(ql, target), integer),
+    )
+    if opset > TRACE_OPSET:
+        changed = _ops_changed_after_trace(proto)
+        if changed:
+            raise UnsupportedLayerError(
+                f"ops {sorted(changed)} changed meaning in opset {opset}; export with opset=20 "
+                "and container='int8'"
+            )
+    proto = _Rewriter(proto, traced, container, integer, target).run(opset)
+    proto.producer_name = "omse"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # onnx raises ValidationError / InferenceError
+        raise OmseError(f"the exported ONNX graph does not validate: {e}") from None
+    return proto
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    force: bool = False,
+    opset: int = 21,
+    *,
+    target: Target | None = None,
+    container: Container = "int4",
+    integer: bool = False,
+) -> Path:
+    """Write ``qmodel`` (from :func:`omse.quantize`) as a QDQ ONNX graph at ``path``.
+
+    Args:
+        qmodel: a quantized model; every quantized layer must be a Conv1d/Conv2d/Linear with
+            per-channel (axis 0) or per-tensor weight scales.
+        example_input: one input batch for tracing (the batch dimension is exported dynamic).
+        path: output ``.onnx`` file, written atomically; an existing file needs ``force=True``.
+        opset: ONNX opset (21 for INT4/UINT4 tensors; 13..20 with ``target="int8"`` or
+            ``container="int8"``).
+        target: the hardware the graph is for; default: the target the model was quantized for
+            (:attr:`QuantConfig.target`).
+
+            - ``"int8"``: runtimes with 8-bit integer kernels (onnxruntime CPU, OpenVINO,
+              TensorRT, XNNPACK). Every quantized Conv/Gemm is ``DequantizeLinear -> op ->
+              QuantizeLinear`` with an int32 bias, which onnxruntime fuses into ``QLinearConv``
+              / ``QGemm``: one 8-bit kernel per layer (residual terms merged), the output
+              requantized for the next layer, constant shape arithmetic folded and zero padding
+              moved into the Conv. Needs a model quantized with ``QuantConfig(target="int8")``.
+            - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
+              as branches (extra MACs), biases as float ``Add``.
+        container: for ``target="int4"`` models: ``"int8"`` stores the same values in 8-bit
+            containers with an int32 bias (the older QDQ form; prefer ``target="int8"``).
+        integer: for ``target="int4"``: write the integer form of every layer whose input is
+            quantized: its input ``DequantizeLinear`` and weight ``DequantizeLinear`` have scale
+            1 (the layer runs on the integer codes, an exact accumulator while the sums stay
+            below 2^24), followed by a ``Mul`` by the per-channel ``s_x * s_w`` and the bias
+            ``Add``: the arithmetic of :func:`omse.set_integer`, so onnxruntime reproduces the
+            simulation exactly instead of to within summation-order noise.
+
+    Raises:
+        UnsupportedLayerError: a layer the target cannot express (named in the message).
+        ConfigError: an argument out of range, or a model quantized for another target.
+    """
+    p = check_output_path(path, force)
+    proto = to_onnx_model(
+        qmodel, example_input, opset=opset, container=container, integer=integer, target=target
+    )
+    data = proto.SerializeToString()
+    with atomic_path(p, force) as tmp:
+        tmp.write_bytes(data)
+    return p

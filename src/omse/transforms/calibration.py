@@ -1,0 +1,177 @@
+"""Activation quantizers from calibration statistics: input scales, the output quantizers and
+shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6.
+
+- :func:`plan_output_quantizers` reads the traced dataflow (:func:`omse.transforms.graph.
+  layer_routes`) and says which layers need an output quantizer (with the range the ops after
+  them impose), which quantized inputs share a quantizer with another tensor's, and which input
+  scales are capped; it attaches :class:`~omse.nn.layers.SharedInputQuantizer` hooks to module
+  outputs read by a quantized layer and by other code (a residual block's output).
+- :func:`set_activation_scales`, :func:`cap_activation_scales`, :func:`set_output_scales` and
+  :func:`share_scales` turn histograms (:mod:`omse.transforms.statistics`) into scales.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.grids import Grid
+from ..core.ranges import make_range_setter
+from ..core.stats import HistogramStats
+from ..errors import ConfigError
+from ..nn.layers import QuantizedLayer, share_input_quantizer
+from .graph import layer_routes, shared_input_candidates, trace
+
+__all__ = [
+    "OUTPUT_BITS",
+    "plan_output_quantizers",
+    "set_activation_scales",
+    "cap_activation_scales",
+    "set_output_scales",
+    "share_scales",
+]
+
+OUTPUT_BITS = 8
+"""Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
+integer kernel); only input quantizers of this width are shared with them."""
+
+
+def plan_output_quantizers(
+    qmodel: nn.Module, layers: dict[str, QuantizedLayer], example
+) -> tuple[dict[str, tuple[float, float]], dict[str, str], dict[str, float]]:
+    """For ``target="int8"``: the layers that need an output quantizer, with the ``(lo, hi)``
+    range the ``Relu``/``Clip`` after them impose (see :func:`omse.transforms.graph.layer_routes`): those
+    whose output does not reach exactly one quantized input through quantizer-transparent ops;
+    and ``{consumer: producer}`` for the quantized inputs that read such an output beside other
+    readers, or a module output whose quantizer another layer's input carries (see
+    :class:`~omse.nn.layers.SharedInputQuantizer`): they share that quantizer (one scale per tensor,
+    as an integer runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
+    scale :func:`cap_activation_scales` caps."""
+    if all(ql.cfg.act_bits is None for ql in layers.values()):
+        return {}, {}, {}  # weight-only: no activation quantizer to place
+    if isinstance(example, dict):
+        raise ConfigError(
+            "target='int8' traces the model on one input tensor; dict (keyword) inputs are not "
+            "supported yet: use target='int4'"
+        )
+    proto, qls = trace(qmodel, example[:1])
+    routes = layer_routes(proto)
+    names = [ql.name for ql in qls]
+    carriers: dict[str, str] = {}  # module -> the layer whose input quantizer it carries
+    shares: dict[str, str] = {}
+    for layer, module in _producer_modules(
+        qmodel, example[:1], [names[i] for i in shared_input_candidates(proto)]
+    ).items():
+        if layers[layer].cfg.act_bits != OUTPUT_BITS:
+            continue  # a narrower input grid stays that layer's own (the skip path keeps 8 bits)
+        first = carriers.get(module)
+        if first is None:
+            carriers[module] = layer
+            share_input_quantizer(qmodel, layers[layer], module)
+        elif layers[layer].cfg.act_bits == layers[first].cfg.act_bits:
+            shares[layer] = first  # two quantized readers of one tensor: one quantizer
+    plan, caps = {}, {}
+    for i, ql in enumerate(qls):
+        r = routes.get(i)
+        if r is None:  # the layer does not reach the traced output (unused)
+            continue
+        fused = r.kind == "fused" and qls[r.consumer].cfg.act_bits is not None
+        if fused and set(r.chain) <= {"Relu", "Clip"} and r.clamp[1] < float("inf"):
+            caps[qls[r.consumer].name] = r.clamp[1]
+        if not fused and ql.cfg.act_bits is not None:  # graph outputs too: QGemm then DQ
+            plan[ql.name] = r.clamp
+            for j in r.shared:
+                if qls[j].cfg.act_bits == OUTPUT_BITS:
+                    shares[qls[j].name] = ql.name
+    return plan, shares, caps
+
+
+@torch.no_grad()
+def _producer_modules(model: nn.Module, example: torch.Tensor, wanted: list[str]) -> dict[str, str]:
+    """``{layer: module}``: for each quantized layer in ``wanted``, the innermost module (not a
+    quantized layer) whose forward returns the very tensor the layer gets as input."""
+    produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keeps traced tensors alive so ids are not reused
+    found: dict[str, str] = {}
+    handles = []
+
+    def post(_mod, _inp, out, name):
+        if isinstance(out, torch.Tensor) and id(out) not in produced:
+            produced[id(out)] = name  # "" for a quantized layer: its output quantizer is shared
+            alive.append(out)
+
+    def pre(mod, inp):
+        if mod.name in wanted and inp and id(inp[0]) in produced:
+            found[mod.name] = produced[id(inp[0])]
+
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        if isinstance(m, QuantizedLayer) and m.name in wanted:
+            handles.append(m.register_forward_pre_hook(pre))
+        tag = "" if isinstance(m, QuantizedLayer) else name
+        handles.append(m.register_forward_hook(lambda mod, i, o, n=tag: post(mod, i, o, n)))
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v for k, v in found.items() if v}
+
+
+def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, float]) -> None:
+    """Lower each capped input scale so that its grid ends at or below the cap (``qmax * s <=
+    hi``): the ``Clip(.., hi)`` in front of the layer (a ReLU6) is then implied by the quantizer,
+    and an integer runtime fuses the producer's requantization with it."""
+    for name, hi in caps.items():
+        ql = layers[name]
+        if ql.act_scale is None or ql.a_grid is None or ql.a_grid.qmax <= 0:
+            continue
+        qmax = torch.tensor(float(ql.a_grid.qmax), dtype=torch.float32)
+        s = ql.act_scale.to(torch.float32)
+        if bool(qmax * s <= hi):
+            continue
+        s = torch.tensor(hi, dtype=torch.float32) / qmax
+        while bool(qmax * s > hi):  # float32 rounding: step down until the grid fits
+            s = torch.nextafter(s, torch.zeros_like(s))
+        ql.set_act(s, ql.a_grid)
+
+
+def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:
+    """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, on
+    8-bit grids (:data:`OUTPUT_BITS`: what an int8 kernel's requantized output holds, whatever
+    the input grids are); unsigned grids for non-negative outputs."""
+    for name, st in stats.items():
+        layer = layers[name]
+        cfg = layer.cfg
+        if st.n == 0:
+            continue
+        grid = Grid(OUTPUT_BITS, "unsigned" if st.nonnegative else cfg.act_grid)  # type: ignore[arg-type]
+        layer.set_output(make_range_setter(cfg.act_method).fit(st, grid), grid)
+
+
+def set_activation_scales(
+    layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]
+) -> None:
+    """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs."""
+    for name, layer in layers.items():
+        cfg = layer.cfg
+        st = stats.get(name)
+        if cfg.act_bits is None or st is None or st.n == 0:
+            layer.set_act(None, None)
+            continue
+        kind = "unsigned" if st.nonnegative else cfg.act_grid
+        grid = Grid(cfg.act_bits, kind)  # type: ignore[arg-type]
+        scale = make_range_setter(cfg.act_method).fit(st, grid)
+        layer.set_act(scale, grid)
+
+
+def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, str]) -> None:
+    """Give each ``consumer`` of ``shares`` its producer's quantizer (its output quantizer, or the
+    input quantizer a module output carries for it): one scale per tensor."""
+    for consumer, producer in shares.items():
+        src = layers[producer]
+        if src.out_scale is not None:
+            layers[consumer].set_act(src.out_scale, src.out_grid)
+        elif src.act_scale is not None:
+            layers[consumer].set_act(src.act_scale, src.a_grid)

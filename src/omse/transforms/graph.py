@@ -1,0 +1,478 @@
+"""The dataflow of a quantized model as an ONNX graph: tracing with marked layers, constant folding,
+and the route each quantized layer's output takes to the next quantizer.
+
+:func:`trace` swaps every :class:`~omse.nn.layers.QuantizedLayer` for a twin that marks, with custom
+``omse::Marker`` nodes, the layer's input (``kind="act"``), the terms of its weight (``"w"``, when
+asked) and its output (``"out"``), and traces the model with ``torch.onnx.export`` (TorchScript
+exporter, opset 20). Both the exporter (:mod:`omse.deploy.export`, which rewrites the markers into
+Q/DQ nodes) and :func:`omse.quantize` (which asks :func:`layer_routes` where output quantizers are
+needed for ``target="int8"``) read this one graph, so the plan and the export never disagree.
+
+:func:`layer_routes` answers, for layer ``i``, where its output goes:
+
+- ``"fused"``: through ops that commute with a per-tensor quantizer of zero point 0 (``Relu``,
+  ``Clip``, ``MaxPool``, reshapes, ``Pad`` with 0; each intermediate read by one node) into exactly
+  one quantized layer ``j``'s input quantizer. Requantizing right after layer ``i`` with ``j``'s
+  scale and grid is then exact (``Q(relu(y)) = Q(y)`` on an unsigned grid, ``Q(max(a, b)) =
+  max(Q(a), Q(b))``, ``Q(clip(y, lo, hi)) = clip(Q(y), round(lo/s), round(hi/s))``), so an integer
+  runtime runs layer ``i`` as one integer kernel with no extra quantizer;
+- ``"graph_output"``: the model's output (an integer kernel with float output, as ``QGemm`` has);
+- ``"output"``: anything else (a residual ``Add``, a pooling, a non-monotone activation, several
+  readers): layer ``i`` needs a quantizer of its own output. ``clamp`` is the range the
+  ``Relu``/``Clip`` ops right after it impose, used to calibrate that quantizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from ..core.primitives import fake_quantize
+from ..errors import OmseError, UnsupportedLayerError
+from ..nn.layers import DOMAIN, Marker, QuantizedLayer
+
+__all__ = [
+    "DOMAIN",
+    "Marker",
+    "TRACE_OPSET",
+    "Route",
+    "trace",
+    "marker_attrs",
+    "fold_constants",
+    "fold_pads",
+    "layer_routes",
+    "consumers",
+    "const_value",
+    "shared_input_candidates",
+]
+
+TRACE_OPSET = 20
+# ops through which a zero-point-0 per-tensor quantizer moves without changing the result (on a
+# tensor only that op reads); Clip and Relu also narrow the range the quantizer must cover
+TRANSPARENT = {
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Identity",
+    "Dropout",
+    "Pad",
+}
+_SHAPE_READERS = {"Shape", "Size"}  # read a tensor's shape, not its values
+
+
+class TracedLayer(nn.Module):
+    """Stand-in for a :class:`QuantizedLayer` while tracing: marked input and output, and (with
+    ``terms``) one branch per weight term, each marked.
+
+    ``terms``: the weight terms to write, ``[(codes, scale)]`` (``None``: the layer's weight as
+    it is, unmarked); ``integer``: the branches convolve integer codes and are rescaled by the
+    layer's multiplier (the arithmetic of :meth:`QuantizedLayer.integer_forward`).
+    """
+
+    def __init__(
+        self,
+        ql: QuantizedLayer,
+        idx: int,
+        terms: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        integer: bool = False,
+    ):
+        super().__init__()
+        self.idx = idx
+        self.ql = ql
+        self.layer = ql.layer
+        self.integer = integer and ql.act_scale is not None and ql.a_grid is not None
+        self.mark_weights = terms is not None
+        if terms is None:
+            self.term_weights = [self.layer.weight.detach()]
+        elif self.integer:  # integer codes in float containers, rescaled after the layer
+            self.term_weights = [q.to(torch.float32) for q, _ in terms]
+        else:
+            self.term_weights = [(q.to(torch.float32) * s).to(torch.float32) for q, s in terms]
+        self.multipliers = (
+            [ql.act_scale.to(torch.float32) * s for _, s in terms] if self.integer else []
+        )
+        # the wrapped module reads self.weight/self.bias in its own forward; they become plain
+        # attributes that each branch points at its marked term (the bias as the layer uses it)
+        self.bias = ql.effective_bias()
+        del self.layer.weight
+        self.layer.weight = self.term_weights[0]
+        if self.bias is not None:
+            del self.layer.bias
+            self.layer.bias = self.bias
+
+    def forward(self, x, *args, **kwargs):
+        ql = self.ql
+        if self.integer:
+            xin = ql.input_codes(x)
+        elif ql.act_scale is not None and ql.a_grid is not None:
+            xin = fake_quantize(x, ql.act_scale, ql.a_grid)
+        else:
+            xin = x
+        x = Marker.apply(x, xin, "act", self.idx, 0)
+        had_bias = self.bias is not None
+        out = None
+        try:
+            for t, w in enumerate(self.term_weights):
+                self.layer.weight = Marker.apply(w, w, "w", self.idx, t) if self.mark_weights else w
+                if had_bias:
+                    self.layer.bias = self.bias if t == 0 and not self.integer else None
+                y = self.layer(x, *args, **kwargs)
+                if self.integer:
+                    m = ql.per_output_channel(self.multipliers[t].reshape(-1))
+                    y = Marker.apply(y, y * m, "mul", self.idx, t)
+                    if t == 0 and had_bias:
+                        y = y + ql.per_output_channel(self.bias)
+                out = y if out is None else out + y
+        finally:
+            if had_bias:
+                self.layer.bias = self.bias
+        return Marker.apply(out, ql.quantize_output(out), "out", self.idx, 0)
+
+
+def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> str | None:
+    """The module that calls the operator named in an exporter error (by re-tracing), if any."""
+    m = re.search(r"'(aten::[A-Za-z0-9_.]+)'", message)
+    if not m:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(model, (example,), check_trace=False).inlined_graph
+    except Exception:
+        return None
+    for node in graph.nodes():
+        if node.kind() == m.group(1):
+            scope = node.scopeName().split("/")[-1]
+            name = scope.removeprefix("__module.") if scope.startswith("__module.") else None
+            try:
+                if name:
+                    model.get_submodule(name)
+                    return name
+            except AttributeError:
+                return None
+    return None
+
+
+@torch.no_grad()
+def trace(
+    qmodel: nn.Module,
+    example_input: torch.Tensor,
+    twin=None,
+) -> tuple[onnx.ModelProto, list[QuantizedLayer]]:
+    """The marked ONNX graph of ``qmodel`` (traced on ``example_input``, batch dim dynamic) and
+    its quantized layers in marker-index order; ``qmodel`` itself is not changed.
+
+    ``twin(ql, idx) -> nn.Module`` makes each layer's stand-in (default: :class:`TracedLayer`
+    with unmarked weights). Raises :class:`UnsupportedLayerError` naming the module the exporter
+    failed in.
+    """
+    model = copy.deepcopy(qmodel).eval()
+    qls = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
+    names = {m: n for n, m in model.named_modules()}
+    make = twin or (lambda ql, i: TracedLayer(ql, i))
+    for i, ql in enumerate(qls):
+        ql.trace_idx = i  # shared input quantizers (module hooks) mark their tensor with it
+        parent, _, child = names[ql].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(ql, i))
+
+    # which module was being traced when the exporter failed (for the error message)
+    stack: list[str] = []
+    handles = []
+    mod_names = {m: n for n, m in model.named_modules()}
+
+    def enter(mod, _inp):
+        stack.append(mod_names[mod])
+
+    def leave(_mod, _inp, _out):
+        stack.pop()
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example_input,),
+                buf,
+                dynamo=False,
+                opset_version=TRACE_OPSET,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                custom_opsets={DOMAIN: 1},
+                do_constant_folding=True,
+            )
+    except OmseError:
+        raise
+    except Exception as e:
+        for h in handles:
+            h.remove()
+        handles = []
+        where = stack[-1] if stack and stack[-1] else _find_op_module(model, example_input, str(e))
+        where_s = (
+            f" in module {where!r} ({type(model.get_submodule(where)).__name__})" if where else ""
+        )
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UnsupportedLayerError(
+            f"the model cannot be exported to ONNX{where_s}: {msg}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    return onnx.load_from_string(buf.getvalue()), qls
+
+
+def shared_input_candidates(model: onnx.ModelProto) -> list[int]:
+    """Layers whose input quantizer reads a tensor that other nodes read too and that is not a
+    quantized layer's output (a residual block's output, read by the next block's first layer
+    and by its skip connection): quantizing that tensor once, for every reader, lets an integer
+    runtime run the residual ``Add`` as an integer kernel (``QLinearAdd``)."""
+    g = model.graph
+    readers = consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    inputs = {i.name for i in g.input}
+    out = []
+    for node in g.node:
+        if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+            continue
+        t = node.input[0]
+        users = [u for u in readers.get(t, []) if u.op_type not in _SHAPE_READERS]
+        src = producers.get(t)
+        if len(users) < 2 or t in inputs or src is None:
+            continue
+        if src.domain == DOMAIN:  # a quantized layer's output: its output quantizer is shared
+            continue
+        out.append(marker_attrs(node)[1])
+    return out
+
+
+def marker_attrs(node: onnx.NodeProto) -> tuple[str, int, int]:
+    """``(kind, layer index, term)`` of an ``omse::Marker`` node."""
+    a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+    kind = a["kind"].decode() if isinstance(a["kind"], bytes) else a["kind"]
+    return kind, int(a["idx"]), int(a["term"])
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (in graph order)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def const_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of tensor ``name`` if it is an initializer or a ``Constant`` output, else None."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].t else None
+    return None
+
+
+_NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "Multinomial"}
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate (with ``onnx.reference``) every standard node whose inputs are all constant and
+    replace it by initializers: shape arithmetic that torch traced for a fixed input size (a
+    static "same" padding's ``ConstantOfShape -> Concat -> Slice -> Transpose -> Cast``) becomes
+    constants. Quantize/Dequantize nodes stay (runtimes fuse them). Returns the nodes removed."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    keep, new_inits, removed = [], [], 0
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain == "" and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            new_inits.append(numpy_helper.from_array(values[node.output[0]], node.output[0]))
+            removed += 1
+            continue
+        ins = [i for i in node.input if i]
+        if (
+            node.domain == ""
+            and node.op_type not in _NOT_FOLDED
+            and ins
+            and all(i in values for i in ins)
+        ):
+            try:
+                res = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+            except Exception:  # an op the reference runtime lacks: keep the node
+                keep.append(node)
+                continue
+            for name, v in zip(node.output, res, strict=True):
+                values[name] = np.asarray(v)
+                new_inits.append(numpy_helper.from_array(np.asarray(v), name))
+            removed += 1
+            continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(new_inits)
+    return removed
+
+
+def fold_pads(model: onnx.ModelProto) -> int:
+    """``Pad(x, constant zeros on H/W) -> Conv`` becomes ``Conv(pads=...)`` where the Conv is the
+    Pad's only reader (QDQ fusion needs ``DequantizeLinear -> Conv``). Returns the Pads removed."""
+    g = model.graph
+    readers = consumers(g)
+    inits = {i.name: i for i in g.initializer}
+    drop = set()
+    for node in g.node:
+        if node.op_type != "Pad" or len(node.input) < 2:
+            continue
+        mode = next(
+            (helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b""
+        )
+        if mode not in (b"", b"constant", "constant"):
+            continue
+        if node.input[1] not in inits:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            v = const_value(g, node.input[2])
+            if v is None or np.any(v != 0):
+                continue
+        if len(node.input) > 3 and node.input[3]:
+            continue  # axes: not written by torch's exporter
+        pads = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).tolist()
+        r = len(pads) // 2
+        users = readers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != node.output[0]:
+            continue
+        if any(p < 0 for p in pads) or pads[0] or pads[1] or pads[r] or pads[r + 1]:
+            continue  # only spatial, non-negative padding folds into the Conv
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attrs and helper.get_attribute_value(attrs["auto_pad"]) not in (
+            b"NOTSET",
+            "NOTSET",
+        ):
+            continue
+        old = (
+            list(helper.get_attribute_value(attrs["pads"]))
+            if "pads" in attrs
+            else [0] * (2 * (r - 2))
+        )
+        sp = r - 2
+        new = [old[k] + pads[2 + k] for k in range(sp)] + [
+            old[sp + k] + pads[r + 2 + k] for k in range(sp)
+        ]
+        if "pads" in attrs:
+            conv.attribute.remove(attrs["pads"])
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = node.input[0]
+        drop.add(id(node))
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep)
+    return len(drop)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a quantized layer's output goes (see the module docstring).
+
+    ``kind``: ``"fused"``, ``"graph_output"`` or ``"output"``; ``consumer``: the index of the
+    layer whose input quantizer it reaches (``"fused"``); ``chain``: the op types in between;
+    ``clamp``: ``(lo, hi)`` the ``Relu``/``Clip`` ops right after the layer impose (``-inf``,
+    ``inf`` where none); ``reader``: the op that stops the route (for messages); ``shared``
+    (``"output"``): the layers whose input quantizer reads the tensor where the route stops,
+    beside other readers (they can share the layer's output quantizer: one scale per tensor).
+    """
+
+    kind: str
+    consumer: int | None = None
+    chain: tuple[str, ...] = ()
+    clamp: tuple[float, float] = (-float("inf"), float("inf"))
+    reader: str = ""
+    shared: tuple[int, ...] = ()
+    consumer_kind: str = "act"
+
+
+def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, float]:
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    lo, hi = -float("inf"), float("inf")
+    if len(node.input) > 1 and node.input[1]:
+        v = const_value(graph, node.input[1])
+        lo = float(v) if v is not None else lo
+    if len(node.input) > 2 and node.input[2]:
+        v = const_value(graph, node.input[2])
+        hi = float(v) if v is not None else hi
+    return lo, hi
+
+
+def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
+    """The :class:`Route` of every marked layer output of a graph from :func:`trace`."""
+    g = model.graph
+    readers = consumers(g)
+    outputs = {o.name for o in g.output}
+    routes: dict[int, Route] = {}
+    for node in g.node:
+        if node.domain != DOMAIN or marker_attrs(node)[0] != "out":
+            continue
+        idx = marker_attrs(node)[1]
+        t = node.output[0]
+        chain: list[str] = []
+        lo, hi = -float("inf"), float("inf")
+        narrowing = True  # Relu/Clip directly after the layer narrow its output range
+        while True:
+            if t in outputs:
+                routes[idx] = Route("graph_output", chain=tuple(chain), clamp=(lo, hi))
+                break
+            users = [u for u in readers.get(t, []) if u.op_type not in _SHAPE_READERS]
+            if len(users) != 1:
+                why = f"{len(users)} readers" if users else "no reader"
+                shared = tuple(
+                    marker_attrs(u)[1]
+                    for u in users
+                    if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq")
+                )
+                routes[idx] = Route(
+                    "output", chain=tuple(chain), clamp=(lo, hi), reader=why, shared=shared
+                )
+                break
+            u = users[0]
+            if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq"):
+                kind, j, _ = marker_attrs(u)
+                routes[idx] = Route("fused", j, tuple(chain), (lo, hi), consumer_kind=kind)
+                break
+            if u.domain != "" or u.op_type not in TRANSPARENT or u.input[0] != t:
+                routes[idx] = Route("output", chain=tuple(chain), clamp=(lo, hi), reader=u.op_type)
+                break
+            if u.op_type == "Pad":
+                v = const_value(g, u.input[2]) if len(u.input) > 2 and u.input[2] else 0
+                if v is None or np.any(np.asarray(v) != 0):
+                    routes[idx] = Route("output", chain=tuple(chain), clamp=(lo, hi), reader="Pad")
+                    break
+            if u.op_type in ("Relu", "Clip") and narrowing:
+                a, b = _clip_range(g, u)
+                lo, hi = max(lo, a), min(hi, b)
+            elif u.op_type not in ("Relu", "Clip"):
+                narrowing = False
+            chain.append(u.op_type)
+            t = u.output[0]
+    return routes

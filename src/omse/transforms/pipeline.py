@@ -1,0 +1,326 @@
+"""The quantization pipeline: ``omse.quantize(model, calib_batches, QuantConfig(...))``.
+
+:func:`quantize` copies the model and runs a list of steps chosen by the configuration, each a
+model transform that works in place and records what it did in :class:`Calibration`:
+
+1. ``fold``: BatchNorm folded into the layer before it (:func:`~omse.transforms.fold.fold_batchnorm`);
+2. ``equalize``: cross-layer equalization (``equalize=True``);
+3. ``wrap``: every Conv/Linear becomes a :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise
+   weights (layers left in float are listed);
+4. ``weights``: output-aware rounding and residual tensors (``output_aware``,
+   ``extra_mac_budget``), from one pass of patch moments;
+5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
+6. ``activations``: one pass of input (and output) histograms, then the scales;
+7. ``bias``: bias correction from one pass of patch means with the activations quantized.
+
+Passes over the calibration data (:mod:`omse.transforms.statistics`): one per stage whose
+statistics must see the stage before: ``weights`` (the float activations of the wrapped model; a
+second one when GPTQ rounding precedes residuals, since it changes every layer's input),
+``activations`` (after the weights are final) and ``bias`` (after the activations are quantized).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from ..core.stats import HistogramStats
+from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
+from ..nn.layers import QuantizedLayer
+from .bias_correction import bias_correction
+from .calibration import (
+    cap_activation_scales,
+    plan_output_quantizers,
+    set_activation_scales,
+    set_output_scales,
+    share_scales,
+)
+from .equalize import equalize
+from .fold import QUANTIZABLE, _set_module, fold_batchnorm
+from .residuals import select_residuals
+from .rounding import gptq_terms
+from .statistics import Needs, collect
+
+__all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
+
+# Layer types with weights that omse does not quantize (left in float with a warning).
+UNSUPPORTED = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Conv3d,
+    nn.LSTM,
+    nn.GRU,
+    nn.RNN,
+    nn.MultiheadAttention,
+    nn.Bilinear,
+)
+
+
+@dataclass
+class Calibration:
+    """What calibration produced: per-layer input statistics, timings and notes."""
+
+    stats: dict[str, HistogramStats] = field(default_factory=dict)
+    seconds: float = 0.0
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)
+    equalized: list[tuple[str, str]] = field(default_factory=list)
+    corrections: dict = field(default_factory=dict)
+    batches: int = 0
+    output_stats: dict[str, HistogramStats] = field(default_factory=dict)
+    output_quantized: list[str] = field(default_factory=list)
+
+
+def _first_tensor(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        raise ConfigError(
+            "dict batches are passed as keyword arguments; use calib batches of tensors"
+        )
+    raise CalibrationError(
+        f"calibration batch of type {type(batch).__name__} is not a tensor or (inputs, labels) tuple"
+    )
+
+
+def prepare_batches(calib_batches: Iterable) -> list:
+    """Validate calibration data; returns a re-iterable list of model inputs.
+
+    Each batch is a tensor, an ``(inputs, ...)`` tuple (the first item is used) or a dict of
+    keyword tensors (transformers). One-shot iterators are read once into a list.
+    """
+    if calib_batches is None:
+        raise CalibrationError("calib_batches is None; pass an iterable of input batches")
+    if isinstance(calib_batches, torch.Tensor):
+        raise CalibrationError(
+            "calib_batches is a single tensor; pass an iterable of batches, e.g. [x] or x.split(8)"
+        )
+    try:
+        batches = list(calib_batches) if isinstance(calib_batches, Iterator) else calib_batches
+        items = list(batches)
+    except TypeError:
+        raise CalibrationError(
+            f"calib_batches of type {type(calib_batches).__name__} is not iterable"
+        ) from None
+    if not items:
+        raise CalibrationError("calib_batches is empty; omse needs at least one calibration batch")
+    out = []
+    ref_shape = None
+    for i, b in enumerate(items):
+        if isinstance(b, dict):
+            for k, v in b.items():
+                if (
+                    isinstance(v, torch.Tensor)
+                    and v.is_floating_point()
+                    and not torch.isfinite(v).all()
+                ):
+                    raise CalibrationError(f"calibration batch {i} input {k!r} contains NaN or Inf")
+            out.append(b)
+            continue
+        x = _first_tensor(b)
+        if not x.is_floating_point():
+            raise CalibrationError(
+                f"calibration batch {i} has dtype {x.dtype}; the model's inputs must be floating point"
+            )
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"calibration batch {i} contains NaN or Inf")
+        if ref_shape is None:
+            ref_shape = x.shape[1:]
+        elif x.shape[1:] != ref_shape:
+            raise CalibrationError(
+                f"calibration batch {i} has shape {tuple(x.shape)}, unlike batch 0 {tuple((-1, *ref_shape))}"
+            )
+        out.append(x)
+    return out
+
+
+def _check_weights(model: nn.Module) -> None:
+    for n, p in model.named_parameters():
+        if nn.parameter.is_lazy(p):
+            raise ConfigError(
+                f"parameter {n!r} is uninitialized (a Lazy module); run the model once on an "
+                "input before quantizing it"
+            )
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ConfigError(f"parameter {n!r} contains NaN or Inf; omse cannot quantize it")
+    for n, b in model.named_buffers():  # e.g. BatchNorm running statistics, folded into weights
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise ConfigError(f"buffer {n!r} contains NaN or Inf; omse cannot quantize the model")
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`quantize` call share."""
+
+    qmodel: nn.Module
+    batches: list
+    config: QuantConfig
+    cal: Calibration
+    progress: bool
+    layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    out_clamp: dict[str, tuple[float, float]] = field(default_factory=dict)
+    shares: dict[str, str] = field(default_factory=dict)
+    caps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def example(self):
+        return self.batches[0]
+
+
+def _fold(r: _Run) -> None:
+    with model_forward_errors(0, r.example):
+        r.cal.folded = fold_batchnorm(r.qmodel, r.example)
+
+
+def _equalize(r: _Run) -> None:
+    r.cal.equalized = equalize(r.qmodel, r.example)
+
+
+def _wrap(r: _Run) -> None:
+    config, qmodel, cal = r.config, r.qmodel, r.cal
+    names = [n for n, _ in qmodel.named_modules() if n]
+    bad = config.unmatched_patterns(names)
+    if bad:
+        warnings.warn(f"override/skip patterns match no module: {bad}", stacklevel=4)
+    targets: dict[str, nn.Module] = {}
+    for name, m in qmodel.named_modules():
+        if not name or config.is_skipped(name):
+            continue
+        if isinstance(m, QUANTIZABLE):
+            if any(name.startswith(t + ".") for t in targets):
+                continue
+            targets[name] = m
+        elif isinstance(m, UNSUPPORTED) or (
+            type(m).__module__.split(".")[0] != "torch"
+            and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        ):
+            cal.left_float.append(f"{name} ({type(m).__name__})")
+    if cal.left_float:
+        msg = "omse leaves these layers in float (unsupported type): " + ", ".join(cal.left_float)
+        if config.strict:
+            raise UnsupportedLayerError(msg + "; remove strict=True or add them to skip")
+        warnings.warn(msg, stacklevel=4)
+    if not targets:
+        raise ConfigError("the model has no Conv/Linear layer to quantize (after skip)")
+    for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
+        ql = QuantizedLayer(m, name, config.for_layer(name))
+        _set_module(qmodel, name, ql)
+        r.layers[name] = ql
+
+
+def _weights(r: _Run) -> None:
+    """GPTQ rounding and residual tensors, from the patch moments of the wrapped model."""
+    config, layers = r.config, r.layers
+    needs = Needs(patch_moments=True)
+    stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
+    if config.output_aware:
+        for name, q in tqdm(layers.items(), desc="output-aware", disable=not r.progress):
+            if stats[name].H is not None:
+                gptq_terms(q, stats[name])
+        if config.extra_mac_budget > 0:  # inputs changed with the new upstream weights
+            stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
+    if config.extra_mac_budget > 0:
+        r.cal.corrections["residual_kernels"] = select_residuals(
+            layers, stats, config.extra_mac_budget, config.residual_criterion, config.max_terms
+        )
+
+
+def _plan(r: _Run) -> None:
+    r.out_clamp, r.shares, r.caps = plan_output_quantizers(r.qmodel, r.layers, r.example)
+    r.cal.output_quantized = sorted(r.out_clamp)
+
+
+def _activations(r: _Run) -> None:
+    needs = Needs(
+        input_histograms=True,
+        output_clamp=tuple((n, lo, hi) for n, (lo, hi) in r.out_clamp.items()),
+        bins=r.config.act_bins,
+    )
+    stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+    r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
+    r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
+    set_activation_scales(r.layers, r.cal.stats)
+    cap_activation_scales(r.layers, r.caps)
+    set_output_scales(r.layers, r.cal.output_stats)
+    share_scales(r.layers, r.shares)
+
+
+def _bias(r: _Run) -> None:
+    stats = collect(r.qmodel, r.layers, r.batches, Needs(patch_means=True), r.progress, "bias")
+    r.cal.corrections["bias_corrected"] = bias_correction(r.layers, stats)
+
+
+def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Callable]:
+    """The steps the configuration asks for, in order (see the module docstring)."""
+    steps: list[Callable] = []
+    if fold_bn and not keyword_inputs:
+        steps.append(_fold)
+    if config.equalize and not keyword_inputs:
+        steps.append(_equalize)
+    steps.append(_wrap)
+    if config.output_aware or config.extra_mac_budget > 0:
+        steps.append(_weights)
+    if config.target == "int8":
+        steps.append(_plan)
+    steps.append(_activations)
+    if config.bias_correction:
+        steps.append(_bias)
+    return steps
+
+
+def quantize(
+    model: nn.Module,
+    calib_batches: Iterable,
+    config: QuantConfig | None = None,
+    *,
+    fold_bn: bool = True,
+    progress: bool = False,
+    calibration: Calibration | None = None,
+) -> nn.Module:
+    """Return a quantized copy of ``model`` (``model`` itself is not modified).
+
+    Args:
+        model: a PyTorch module; Conv1d/Conv2d (grouped, depthwise) and Linear layers are
+            quantized, other layers with weights are left in float (listed in a warning).
+        calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
+            of keyword tensors); 16-64 images are typical. Never evaluation data.
+        config: :class:`QuantConfig`; default W4A8, kernel-wise MMSE.
+        fold_bn: fold BatchNorm into the preceding layer first.
+        progress: show progress bars.
+        calibration: if given, filled with statistics, timings and notes.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be an omse.QuantConfig, got {type(config).__name__}")
+    cal = calibration if calibration is not None else Calibration()
+    t0 = time.perf_counter()
+    batches = prepare_batches(calib_batches)
+    _check_weights(model)
+    if model.training:
+        warnings.warn(
+            "model is in training mode; omse quantizes an eval() copy (BatchNorm uses running stats)",
+            stacklevel=2,
+        )
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    run = _Run(qmodel, batches, config, cal, progress)
+    for step in _steps(config, fold_bn, isinstance(batches[0], dict)):
+        step(run)
+    cal.batches = len(batches)
+    cal.seconds = time.perf_counter() - t0
+    qmodel.omse_config = config  # type: ignore[attr-defined]
+    return qmodel

@@ -1,0 +1,226 @@
+"""One calibration pass that gathers what the configured algorithms need, for every quantized
+layer at once (NNCF's shape: an algorithm declares its statistics, one collection pass serves
+them).
+
+:func:`collect` runs the model once over the calibration batches with an observer on every
+:class:`~omse.nn.layers.QuantizedLayer` and fills, per layer, what :class:`Needs` asks for:
+
+- ``input_histograms``: a streaming histogram of the layer's input (activation scales);
+- ``output_clamp``: for the named layers, a histogram of the output clamped to a range (the
+  output quantizers of ``target="int8"``);
+- ``patch_moments``: ``H [G, K, K]``, the sum of outer products of the im2col patches the layer's
+  weight really multiplies (padding done inside a subclassed module's forward included), and the
+  patch sums ``[G, K]`` (GPTQ rounding, the residual criterion);
+- ``patch_means``: the patch sums alone (bias correction);
+- always the layer's MACs per sample.
+
+The patches are read where the wrapped module calls ``conv1d``/``conv2d``/``linear`` with the
+layer's weight, through a :class:`torch.overrides.TorchFunctionMode` entered inside that layer's
+forward only (thread-local and scoped: no torch function is replaced process-wide, and a module
+that calls ``torch.conv2d`` directly is seen too). :data:`PASSES` counts the passes made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from ..core.stats import HistogramStats
+from ..errors import CalibrationError, model_forward_errors
+from ..nn.layers import QuantizedLayer, layer_macs_per_output
+
+__all__ = ["Needs", "LayerStatistics", "collect", "run_model", "PASSES"]
+
+PASSES = [0]
+"""How many calibration passes :func:`collect` has made in this process (tests count them)."""
+
+
+def run_model(model: nn.Module, batch) -> torch.Tensor:
+    """``model(batch)``, or ``model(**batch)`` for a dict of keyword tensors."""
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The statistics one pass gathers (see the module docstring)."""
+
+    input_histograms: bool = False
+    output_clamp: tuple[tuple[str, float, float], ...] = ()
+    patch_moments: bool = False
+    patch_means: bool = False
+    bins: int = 4096
+
+    @property
+    def patches(self) -> bool:
+        return self.patch_moments or self.patch_means
+
+
+@dataclass
+class LayerStatistics:
+    """What one pass saw of one layer: histograms, patch moments (float64) and MACs."""
+
+    input: HistogramStats | None = None
+    output: HistogramStats | None = None
+    H: torch.Tensor | None = None  # [G, K, K] sum of patch outer products
+    sum: torch.Tensor | None = None  # [G, K] sum of patches
+    count: int = 0  # patches seen
+    macs: int = 0  # per sample
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean patch ``[G, K]``."""
+        return self.sum / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``E[x x^T]`` over patches ``[G, K, K]``."""
+        return self.H / max(self.count, 1)
+
+
+def _tup(v, nd: int) -> tuple:
+    return tuple(v) if isinstance(v, list | tuple) else (v,) * nd
+
+
+def _conv_args(name: str, args: tuple, kwargs: dict) -> tuple | None:
+    """``(stride, padding, dilation, groups)`` of a ``conv1d``/``conv2d`` call, None for linear."""
+    if name == "linear":
+        return None
+    a = list(args[3:]) + [None] * 4
+    nd = 1 if name == "conv1d" else 2
+    stride = kwargs.get("stride", a[0] if a[0] is not None else 1)
+    padding = kwargs.get("padding", a[1] if a[1] is not None else 0)
+    dilation = kwargs.get("dilation", a[2] if a[2] is not None else 1)
+    groups = kwargs.get("groups", a[3] if a[3] is not None else 1)
+    pad = padding if isinstance(padding, str) else _tup(padding, nd)
+    return _tup(stride, nd), pad, _tup(dilation, nd), int(groups)
+
+
+def patches(layer: nn.Module, x: torch.Tensor, conv_args: tuple | None) -> torch.Tensor:
+    """The input a layer's weight multiplies, as patches ``[G, N, K]`` (``K = in/groups *
+    prod(kernel)``, ``N`` patches over the batch)."""
+    if conv_args is None or layer.weight.dim() == 2:
+        return x.reshape(1, -1, x.shape[-1])
+    stride, padding, dilation, groups = conv_args
+    w = layer.weight
+    if w.dim() == 3:  # conv1d as 2d
+        x = x.unsqueeze(-2)
+        ks = (1, w.shape[-1])
+        stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
+    else:
+        ks = tuple(w.shape[-2:])
+    if isinstance(padding, str):
+        raise CalibrationError(
+            f"a layer with padding={padding!r} cannot give input patches; use integer padding"
+        )
+    cols = F.unfold(x, ks, dilation=dilation, padding=padding, stride=stride)  # [B, C*k, L]
+    B, CK, L = cols.shape
+    K = CK // groups
+    return cols.reshape(B, groups, K, L).permute(1, 0, 3, 2).reshape(groups, B * L, K)
+
+
+class _Capture(TorchFunctionMode):
+    """Calls ``fn(input, conv_args)`` when ``conv1d``/``conv2d``/``linear`` runs on ``weight``."""
+
+    _NAMES = ("conv1d", "conv2d", "linear")
+
+    def __init__(self, weight: torch.Tensor, fn):
+        super().__init__()
+        self.weight, self.fn = weight, fn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self._NAMES and len(args) >= 2 and args[1] is self.weight:
+            self.fn(args[0], _conv_args(name, args, kwargs))
+        return func(*args, **kwargs)
+
+
+class _Observer:
+    """The per-layer callbacks of one :func:`collect` pass."""
+
+    def __init__(self, needs: Needs, stats: dict[str, LayerStatistics]):
+        self.needs = needs
+        self.stats = stats
+        self.clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
+        self.batch = 0
+
+    def input(self, q: QuantizedLayer, x: torch.Tensor) -> None:
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"layer {q.name!r} got NaN or Inf inputs on calibration batch {self.batch}"
+            )
+        st = self.stats[q.name]
+        if self.needs.input_histograms:
+            if st.input is None:
+                st.input = HistogramStats(self.needs.bins)
+            st.input.update(x)
+
+    @contextlib.contextmanager
+    def capture(self, q: QuantizedLayer) -> Iterator[None]:
+        if not self.needs.patches:
+            yield
+            return
+        with _Capture(q.layer.weight, lambda x, a: self._patches(q, x, a)):
+            yield
+
+    def _patches(self, q: QuantizedLayer, x: torch.Tensor, conv_args) -> None:
+        p = patches(q.layer, x.detach().to(torch.float64), conv_args)  # [G, N, K]
+        st = self.stats[q.name]
+        G, _, K = p.shape
+        if st.sum is None:
+            st.sum = torch.zeros(G, K, dtype=torch.float64)
+            if self.needs.patch_moments:
+                st.H = torch.zeros(G, K, K, dtype=torch.float64)
+        if st.H is not None:
+            st.H += p.transpose(1, 2) @ p
+        st.sum += p.sum(1)
+        st.count += p.shape[1]
+
+    def output(self, q: QuantizedLayer, y: torch.Tensor) -> None:
+        st = self.stats[q.name]
+        per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
+        channels = q.float_weight.shape[0]
+        st.macs = int(per_sample // channels * channels * layer_macs_per_output(q.layer))
+        if q.name in self.clamp:
+            lo, hi = self.clamp[q.name]
+            if st.output is None:
+                st.output = HistogramStats(self.needs.bins)
+            st.output.update(y.clamp(lo, hi))
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    batches: list,
+    needs: Needs,
+    progress: bool = False,
+    desc: str = "calibrating",
+) -> dict[str, LayerStatistics]:
+    """One pass over ``batches``: the statistics ``needs`` asks for, per layer (and each layer's
+    ``macs`` set). Raises :class:`CalibrationError` naming the batch the model fails on, or the
+    layer that gets NaN/Inf inputs."""
+    stats = {n: LayerStatistics() for n in layers}
+    obs = _Observer(needs, stats)
+    for q in layers.values():
+        q.observer = obs
+    PASSES[0] += 1
+    try:
+        for i, b in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+            obs.batch = i
+            with model_forward_errors(i, b):
+                run_model(model, b)
+    finally:
+        for q in layers.values():
+            q.observer = None
+    for name, q in layers.items():
+        q.macs = stats[name].macs
+    return stats

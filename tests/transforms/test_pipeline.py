@@ -1,0 +1,153 @@
+import copy
+
+import pytest
+import torch
+from nets import tiny_batches, tiny_net
+from torch import nn
+
+import omse
+from omse.config import QuantConfig
+from omse.nn.layers import QuantizedLayer, quantized_layers
+from omse.transforms.fold import fold_batchnorm
+from omse.transforms.pipeline import Calibration
+
+
+def test_quantize_returns_new_module_and_leaves_input_untouched():
+    m = tiny_net()
+    before = copy.deepcopy(m.state_dict())
+    q = omse.quantize(m, tiny_batches(), QuantConfig(weight_bits=4, act_bits=8))
+    assert q is not m
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(isinstance(x, QuantizedLayer) for x in m.modules())
+    layers = quantized_layers(q)
+    assert set(layers) == {"conv1", "dw", "pw", "fc"}
+
+
+def test_every_layer_kernelwise_and_activations_calibrated():
+    m = tiny_net()
+    q = omse.quantize(m, tiny_batches(), QuantConfig(weight_bits=4, act_bits=4))
+    layers = quantized_layers(q)
+    for name, ql in layers.items():
+        codes, scale, _ = ql.terms()[0]
+        assert codes.dtype == torch.int8
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+        assert scale.shape[0] == ql.float_weight.shape[0], name  # one scale per kernel
+        assert ql.act_scale is not None and ql.act_scale > 0
+    # inputs after ReLU / ReLU6 are non-negative: unsigned grids; the image input is signed
+    assert layers["dw"].a_grid.kind == "unsigned"
+    assert layers["pw"].a_grid.kind == "unsigned"
+    assert layers["conv1"].a_grid.kind == "full"
+    assert layers["fc"].a_grid.kind == "full"  # BN output, signed
+
+
+def test_quantized_output_close_to_float_at_8_bits():
+    m = tiny_net()
+    b = tiny_batches()
+    q = omse.quantize(m, b, QuantConfig(weight_bits=8, act_bits=8))
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    rel = (ref - out).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_overrides_and_skip_by_name():
+    cfg = QuantConfig(
+        weight_bits=4,
+        act_bits=4,
+        overrides={"conv*": {"weight_bits": 8, "act_bits": 8}},
+        skip=("fc",),
+    )
+    q = omse.quantize(tiny_net(), tiny_batches(), cfg)
+    layers = quantized_layers(q)
+    assert "fc" not in layers and isinstance(q.fc, nn.Linear)
+    assert layers["conv1"].w_grid.bits == 8 and layers["conv1"].a_grid.bits == 8
+    assert layers["pw"].w_grid.bits == 4 and layers["pw"].a_grid.bits == 4
+
+
+def test_float_activations_and_per_tensor_weights():
+    q = omse.quantize(tiny_net(), tiny_batches(), QuantConfig(4, None, granularity="per_tensor"))
+    for ql in quantized_layers(q).values():
+        assert ql.act_scale is None
+        assert ql.terms()[0][1].dim() == 0
+
+
+def test_fold_batchnorm_preserves_function():
+    m = tiny_net()
+    x = torch.randn(4, 3, 12, 12)
+    ref = m(x)
+    f = copy.deepcopy(m)
+    pairs = fold_batchnorm(f, x)
+    assert sorted(pairs) == [("conv1", "bn1"), ("dw", "bn2"), ("pw", "bn3")]
+    assert isinstance(f.bn1, nn.Identity)
+    assert torch.allclose(f(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_calibration_statistics_do_not_grow_with_batches():
+    sizes = []
+    for n in (2, 12):
+        cal = Calibration()
+        omse.quantize(tiny_net(), tiny_batches(n), QuantConfig(4, 8), calibration=cal)
+        sizes.append(sum(s.nbytes() for s in cal.stats.values()))
+        assert cal.batches == n
+    assert sizes[0] == sizes[1]
+
+
+def test_macs_recorded():
+    q = omse.quantize(tiny_net(), tiny_batches(1), QuantConfig(4, 8))
+    layers = quantized_layers(q)
+    assert layers["conv1"].macs == 12 * 12 * 8 * 3 * 9
+    assert layers["dw"].macs == 12 * 12 * 8 * 9
+    assert layers["fc"].macs == 16 * 10
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "aciq", "mmse"])
+def test_every_range_method_runs(method):
+    q = omse.quantize(tiny_net(), tiny_batches(2), QuantConfig(4, 8, method, method))
+    out = q(torch.randn(2, 3, 12, 12))
+    assert torch.isfinite(out).all()
+
+
+def test_set_integer_mode_matches_fake_quantization():
+    """Integer mode (codes convolved exactly, rescaled after) computes the same values as fake
+    quantization up to float rounding, and can be switched back; bad input is refused."""
+    from omse.nn.layers import set_integer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 5),
+    ).eval()
+    x = torch.randn(16, 3, 8, 8)
+    q = omse.quantize(net, [x[:8]], QuantConfig(weight_bits=4, act_bits=8))
+    with torch.no_grad():
+        fake = q(x)
+        assert set_integer(q) is q
+        assert all(ql.integer for ql in quantized_layers(q).values())
+        exact = q(x)
+        set_integer(q, False)
+        assert torch.equal(q(x), fake)
+    assert (exact - fake).abs().max() <= 1e-5 * fake.abs().max()
+    for ql in quantized_layers(q).values():
+        bound = ql.accumulator_bound()
+        codes = ql.terms()[0][0].abs().reshape(ql.terms()[0][0].shape[0], -1).sum(1).max()
+        assert bound == int(codes) * max(-ql.a_grid.qmin, ql.a_grid.qmax) < 2**24
+    with pytest.raises(omse.ConfigError, match="enabled"):
+        set_integer(q, "yes")
+    with pytest.raises(omse.ConfigError, match="no quantized layer"):
+        set_integer(net)
+
+
+def test_set_integer_warns_where_float32_cannot_hold_the_accumulator():
+    from omse.nn.layers import set_integer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40000, 2)).eval()  # 8-bit x 8-bit codes over 40000 inputs
+    x = torch.randn(4, 40000)
+    q = omse.quantize(net, [x], QuantConfig(weight_bits=8, act_bits=8))
+    with pytest.warns(UserWarning, match=r"\['0'\].*2\^24"):
+        set_integer(q)
