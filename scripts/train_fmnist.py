@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the Fashion-MNIST model zoo of :mod:`omse.fmnist` reproducibly on the CPU.
+"""Train the Fashion-MNIST model zoo of :mod:`omse.zoo.fmnist` reproducibly on the CPU.
 
 Usage::
 
@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from omse.fmnist import ARCHS, WEIGHTS_DIR, load_fmnist, normalize
+from omse.zoo.fmnist import ARCHS, WEIGHTS_DIR, load_fmnist, normalize
 
 DEFAULT_EPOCHS = {"fmnist-resnet20": 7, "fmnist-mobilenetv2": 7, "fmnist-vgg": 9}
 DEFAULT_MAX_LR = {"fmnist-resnet20": 0.1, "fmnist-mobilenetv2": 0.1, "fmnist-vgg": 0.05}
