@@ -25,8 +25,7 @@ from omse.io import atomic_write_bytes, atomic_write_text
 from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
 from omse.transforms.pipeline import Calibration, quantize
-from omse.zoo.data import calibration_images, imagenet_views
-from omse.zoo.models import get_model
+from omse.zoo.tasks import get_task
 
 BUDGETS = (0.0, 0.05, 0.10, 0.25, 1.0)
 ABLATION = {
@@ -83,18 +82,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tune_allocator()
     settings = args.settings.split(",")
-    spec = get_model("efficientnet-lite0")
-    model = spec.build()
-    views, labels = imagenet_views(args.views)
-    calib = calibration_images(args.calib)
-    pre = spec.preprocess
+    task = get_task("efficientnet-lite0")
+    model = task.build()
+    views, labels = task.evaluation(args.views)  # preprocessed
     ctx = {
         "model": model,
-        "pre": pre,
+        "pre": None,
         "views": views,
         "labels": labels,
-        "batches": [pre(calib[i : i + 8]) for i in range(0, args.calib, 8)],
-        "ref": predict(model, views, pre),
+        "batches": list(task.calibration(args.calib).split(8)),
+        "ref": predict(model, views, None),
     }
     rows = {"budget": [], "ablation": []}
     for s in settings:

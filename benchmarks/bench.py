@@ -118,19 +118,17 @@ def run_order(configs: list[BenchConfig]) -> list[BenchConfig]:
 
 def zoo_task(name: str, n_calib: int = 256, n_eval: int | None = None) -> Task:
     """A Fashion-MNIST zoo model (raises ``CheckpointError`` when its weights are missing)."""
-    from omse.zoo import fmnist
+    from omse.zoo.tasks import get_task
 
-    model = fmnist.build(name)
-    xtr, _ = fmnist.load_fmnist("train")
-    xte, yte = fmnist.load_fmnist("test")
-    if n_eval is not None:
-        xte, yte = xte[:n_eval], yte[:n_eval]
-    calib = fmnist.normalize(xtr[:n_calib])
+    task = get_task(name)
+    model = task.build()
+    xte, yte = task.evaluation(n_eval)
+    calib = task.calibration(n_calib)
     return Task(
         name,
         model,
         list(calib.split(64)),
-        fmnist.normalize(xte),
+        xte,
         yte,
         None,
         50,  # small batches run several times faster on CPU than 500 (cache)
@@ -143,21 +141,18 @@ def zoo_task(name: str, n_calib: int = 256, n_eval: int | None = None) -> Task:
 
 
 def lite0_task(n_calib: int = 32, n_views: int = 200) -> Task:
-    from omse.zoo.data import calibration_images, imagenet_views
-    from omse.zoo.models import get_model
+    from omse.zoo.tasks import get_task
 
-    spec = get_model("efficientnet-lite0")
-    model = spec.build()
-    views, labels = imagenet_views(n_views)
-    calib = calibration_images(n_calib)
-    pre = spec.preprocess
+    task = get_task("efficientnet-lite0")
+    model = task.build()
+    views, labels = task.evaluation(n_views)  # preprocessed
     return Task(
         "efficientnet-lite0",
         model,
-        [pre(calib[i : i + 8]) for i in range(0, n_calib, 8)],
+        list(task.calibration(n_calib).split(8)),
         views,
         labels,
-        pre,
+        None,
         4,  # 224x224 activations: batches of 4 are 2-3x faster on CPU than 50
         {
             "calibration": f"omse.zoo.data.calibration_images({n_calib}) (scikit-image/matplotlib photos)",

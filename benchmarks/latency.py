@@ -77,6 +77,7 @@ from omse.errors import ConfigError  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 from omse.transforms.pipeline import quantize  # noqa: E402
 from omse.zoo.models import get_model  # noqa: E402
+from omse.zoo.tasks import get_task  # noqa: E402
 
 MODELS = ("efficientnet-lite0", "fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg")
 RECIPES: dict[str, tuple[str, dict]] = {
@@ -154,28 +155,10 @@ OV_COMPUTE_LAYERS = {
 # ----------------------------------------------------------------------------- data and models
 def _data(name: str, n_calib: int, n_eval: int):
     """(calibration images, evaluation inputs), preprocessed; the two never overlap."""
-    spec = get_model(name)
-    if spec.task == "fmnist":
-        from omse.zoo.fmnist import load_fmnist
-
-        train = load_fmnist("train")[0]
-        test = load_fmnist("test")[0]
-        calib = spec.preprocess(train[:n_calib])
-        ev = spec.preprocess(test[:n_eval])
-        info = {
-            "calibration": f"first {n_calib} Fashion-MNIST training images",
-            "eval": f"first {n_eval} Fashion-MNIST test images",
-        }
-    else:
-        from omse.zoo.data import calibration_images, imagenet_views
-
-        calib = spec.preprocess(calibration_images(n_calib))
-        ev = spec.preprocess(imagenet_views(n_eval)[0])
-        info = {
-            "calibration": f"omse.zoo.data.calibration_images({n_calib})",
-            "eval": f"omse.zoo.data.imagenet_views({n_eval})",
-        }
-    return calib.contiguous(), ev.contiguous(), info
+    task = get_task(name)
+    calib = task.calibration(n_calib)
+    ev = task.evaluation(n_eval)[0]
+    return calib.contiguous(), ev.contiguous(), task.describe(n_calib, n_eval)
 
 
 def _available(name: str) -> str | None:

@@ -19,17 +19,15 @@ from omse.io import atomic_write_text
 from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
 from omse.transforms.pipeline import quantize
-from omse.zoo.data import calibration_images, imagenet_views
-from omse.zoo.models import get_model
+from omse.zoo.tasks import get_task
 
 
 def main() -> None:
     tune_allocator()
-    spec = get_model("efficientnet-lite0")
-    model, pre = spec.build(), spec.preprocess
-    views, labels = imagenet_views(200)
-    calib = calibration_images(16)
-    batches = [pre(calib[i : i + 8]) for i in range(0, 16, 8)]
+    task = get_task("efficientnet-lite0")
+    model, pre = task.build(), None
+    views, labels = task.evaluation(200)  # preprocessed
+    batches = list(task.calibration(16).split(8))
     ref = predict(model, views, pre)
     out = {}
     for ab in (None, 8):

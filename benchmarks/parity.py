@@ -40,8 +40,7 @@ from omse.deploy.export import export_onnx  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 from omse.nn.layers import quantized_layers  # noqa: E402
 from omse.transforms.pipeline import quantize, set_integer  # noqa: E402
-from omse.zoo.data import calibration_images, imagenet_views  # noqa: E402
-from omse.zoo.models import get_model  # noqa: E402
+from omse.zoo.tasks import get_task  # noqa: E402
 
 CONFIGS = {
     "W4A8": QuantConfig(weight_bits=4, act_bits=8),
@@ -83,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "parity.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    spec = get_model("efficientnet-lite0")
-    model = spec.build().eval()
-    calib = spec.preprocess(calibration_images(args.calib))
-    views = spec.preprocess(imagenet_views(args.views)[0])
+    task = get_task("efficientnet-lite0")
+    model = task.build().eval()
+    calib = task.calibration(args.calib)
+    views = task.evaluation(args.views)[0]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in CONFIGS.items():

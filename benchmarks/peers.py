@@ -141,21 +141,20 @@ def load_workload(name: str, quick: bool = False) -> Workload | None:
     if name == "efficientnet-lite0":
         from lite0_fx import check_equivalent, traceable_lite0
 
-        from omse.zoo.data import calibration_images, imagenet_views
-        from omse.zoo.models import get_model
+        from omse.zoo.tasks import get_task
 
-        spec = get_model(name)
-        original = spec.build()
+        task = get_task(name)
+        original = task.build()
         n_views, n_calib = (40, 8) if quick else (200, 32)
-        views, labels = imagenet_views(n_views)
-        calib = spec.preprocess(calibration_images(n_calib))
+        views, labels = task.evaluation(n_views)  # preprocessed
+        calib = task.calibration(n_calib)
         adapted = traceable_lite0(original)
         diff = check_equivalent(original, adapted, calib[:8])
         wl = Workload(
             name,
             adapted,
             list(calib.split(8)),
-            spec.preprocess(views),
+            views,
             labels,
             eval_batch=50,
             original=original,
@@ -169,23 +168,22 @@ def load_workload(name: str, quick: bool = False) -> Workload | None:
             "adapter_max_abs_diff_eval": float((full - wl.ref).abs().max()),
         }
         return wl
-    from omse.zoo import fmnist
+    from omse.zoo.tasks import get_task
 
+    task = get_task(name)
     try:
-        model = fmnist.build(name)
+        model = task.build()
     except CheckpointError as e:
         print(f"[skip] {name}: {e}", flush=True)
         return None
-    x_train, _ = fmnist.load_fmnist("train")
-    x_test, y_test = fmnist.load_fmnist("test")
     n_test, n_calib = (1000, 64) if quick else (10000, 256)
-    calib = fmnist.normalize(x_train[:n_calib])
+    x_test, y_test = task.evaluation(n_test)
     wl = Workload(
         name,
         model,
-        list(calib.split(32)),
-        fmnist.normalize(x_test[:n_test]),
-        y_test[:n_test],
+        list(task.calibration(n_calib).split(32)),
+        x_test,
+        y_test,
         eval_batch=1000,
     )
     wl.notes = {

@@ -33,8 +33,7 @@ from omse.io import atomic_write_text
 from omse.nn.layers import quantized_layers
 from omse.runtime import tune_allocator
 from omse.transforms.pipeline import quantize
-from omse.zoo.data import calibration_images, imagenet_views
-from omse.zoo.models import get_model
+from omse.zoo.tasks import get_task
 
 SETTINGS = {"W4A8": (4, 8), "W4A4": (4, 4), "W8A8": (8, 8)}
 BUDGETS = (0.0, 0.05, 0.10, 0.25)
@@ -71,7 +70,7 @@ def run(setting: str, budget: float, target: str, ctx, work: Path) -> dict:
     t0 = time.perf_counter()
     q = quantize(ctx["model"], ctx["batches"], cfg)
     secs = time.perf_counter() - t0
-    sim = predict(q, ctx["views"], ctx["pre"])
+    sim = predict(q, ctx["views"], None)
     a = compare_logits(ctx["ref"], sim, ctx["labels"])
     layers = quantized_layers(q)
     total = sum(ql.macs for ql in layers.values())
@@ -87,7 +86,7 @@ def run(setting: str, budget: float, target: str, ctx, work: Path) -> dict:
         "calib_seconds": round(secs, 2),
     }
     if target == "int8":
-        x = ctx["pre"](ctx["views"]).numpy()
+        x = ctx["views"].numpy()
         path = export_onnx(q, torch.from_numpy(x[:1]), work / "q.onnx", force=True)
         for name, fn in (("ort", _ort), ("openvino", _openvino)):
             out = fn(path, x)
@@ -137,18 +136,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/targets.json")
     args = ap.parse_args(argv)
     tune_allocator()
-    spec = get_model("efficientnet-lite0")
-    model = spec.build()
-    views, labels = imagenet_views(args.views)
-    calib = calibration_images(args.calib)
-    pre = spec.preprocess
+    task = get_task("efficientnet-lite0")
+    model = task.build()
+    views, labels = task.evaluation(args.views)  # preprocessed
     ctx = {
         "model": model,
-        "pre": pre,
         "views": views,
         "labels": labels,
-        "batches": [pre(calib[i : i + 8]) for i in range(0, args.calib, 8)],
-        "ref": predict(model, views, pre),
+        "batches": list(task.calibration(args.calib).split(8)),
+        "ref": predict(model, views, None),
     }
     rows = []
     t0 = time.perf_counter()

@@ -171,8 +171,9 @@ def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
 
 def _load_task(args):
     """(model, preprocess, calib batches, eval inputs, eval labels, name)."""
-    from .zoo.data import calibration_images, imagenet_views, load_image_folder
-    from .zoo.models import REGISTRY, get_model, load_user_model
+    from .zoo.data import load_image_folder
+    from .zoo.models import REGISTRY, load_user_model
+    from .zoo.tasks import get_task
 
     if args.calib_size < 1:
         raise OmseError(f"--calib-size must be >= 1, got {args.calib_size}")
@@ -182,22 +183,15 @@ def _load_task(args):
             "and ships its own weights"
         )
     if args.model in REGISTRY:
-        spec = get_model(args.model)
-        model = spec.build()
-        pre = spec.preprocess
-        if spec.task == "fmnist":
-            from .zoo.fmnist import load_fmnist
-
-            xs, ys = load_fmnist("test")
-            ev_x, ev_y = xs[:2000], ys[:2000]
-            calib = load_fmnist("train")[0][: args.calib_size]
+        task = get_task(args.model)
+        model = task.build()
+        pre = None  # the task's inputs come preprocessed
+        ev_x, ev_y = task.evaluation(2000 if task.spec.task == "fmnist" else 200)
+        if args.calib and task.spec.task != "fmnist":
+            folder = load_image_folder(args.calib, task.spec.input_shape[-1], args.calib_size)
+            calib = task.spec.preprocess(folder)
         else:
-            ev_x, ev_y = imagenet_views(200)
-            calib = (
-                load_image_folder(args.calib, spec.input_shape[-1], args.calib_size)
-                if args.calib
-                else calibration_images(args.calib_size)
-            )
+            calib = task.calibration(args.calib_size)
     else:
         model = load_user_model(args.model, args.weights)
         pre = None
@@ -309,6 +303,7 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from .analysis.metrics import compare_logits, predict
     from .zoo.models import REGISTRY, get_model
+    from .zoo.tasks import get_task
 
     _check_outputs(args, args.json)
     if args.model in REGISTRY:
@@ -324,16 +319,10 @@ def cmd_eval(args) -> int:
             raise OmseError(f"checkpoint {args.model} names model {name!r}, not a built-in model")
         spec = get_model(name)
         ref_model, qmodel = spec.build(), load_checkpoint(args.model)
-    if spec.task == "fmnist":
-        from .zoo.fmnist import load_fmnist
-
-        xs, ys = load_fmnist("test")
-    else:
-        from .zoo.data import imagenet_views
-
-        xs, ys = imagenet_views(args.views)
-    ref = predict(ref_model, xs, spec.preprocess, progress=True, desc="FP32")
-    out = predict(qmodel, xs, spec.preprocess, progress=True, desc="quantized") if qmodel else ref
+    task = get_task(spec.name)
+    xs, ys = task.evaluation(None if spec.task == "fmnist" else args.views)
+    ref = predict(ref_model, xs, None, progress=True, desc="FP32")
+    out = predict(qmodel, xs, None, progress=True, desc="quantized") if qmodel else ref
     a = compare_logits(ref, out, ys)
     res = {
         "model": name,

@@ -17,8 +17,8 @@ from ..analysis.report import layer_reports, markdown, write_report
 from ..config import QuantConfig
 from ..io import atomic_write_text
 from ..transforms.pipeline import Calibration, quantize
-from .data import calibration_images, calibration_sources, imagenet_views
-from .models import get_model
+from .data import calibration_sources
+from .tasks import get_task
 
 __all__ = ["DemoRow", "run_demo", "markdown_table", "demo_configs"]
 
@@ -80,12 +80,11 @@ def run_demo(
     """Run the default job and return the JSON-able result (also written to ``out_json``)."""
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    spec = get_model("efficientnet-lite0")
-    model = spec.build()
-    views, labels = imagenet_views(n_views)
-    calib = calibration_images(n_calib)
-    pre = spec.preprocess
-    calib_batches = [pre(calib[i : i + 8]) for i in range(0, n_calib, 8)]
+    task = get_task("efficientnet-lite0")
+    model = task.build()
+    views, labels = task.evaluation(n_views)  # preprocessed
+    pre = None
+    calib_batches = list(task.calibration(n_calib).split(8))
     ref = predict(model, views, pre, batch_size=8, progress=progress, desc="FP32")
     fp = compare_logits(ref, ref, labels)
     rows = [DemoRow("fp32", None, None, None, 1.0, 0.0, float(fp.top1), 0.0)]
@@ -151,10 +150,9 @@ def demo_report(
     calib_size: int = 16, out_dir: str | Path = "results/report_w4a4", budget: float = 0.10
 ) -> list[Path]:
     """The demo's W4A4 report on EfficientNet-Lite0 (MMSE, residuals at ``budget``)."""
-    spec = get_model("efficientnet-lite0")
-    model = spec.build()
-    calib = calibration_images(calib_size)
-    batches = [spec.preprocess(calib[i : i + 8]) for i in range(0, calib_size, 8)]
+    task = get_task("efficientnet-lite0")
+    model = task.build()
+    batches = list(task.calibration(calib_size).split(8))
     cfg = QuantConfig(4, 4, extra_mac_budget=budget, bias_correction=True)
     q = quantize(model, batches, cfg)
     rows = layer_reports(q, batches)
