@@ -66,7 +66,7 @@ from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grids import Grid
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..io import atomic_path, check_output_path
-from ..nn.layers import QuantizedLayer
+from ..nn.layers import QuantizedLayer, quantized_layers
 from ..transforms.fold import QUANTIZABLE
 from ..transforms.graph import (
     DOMAIN,
@@ -637,7 +637,7 @@ def to_onnx_model(
         raise ConfigError(f"opset={opset!r}: use an int in {MIN_OPSET}..{MAX_OPSET}")
     if not isinstance(example_input, torch.Tensor):
         raise ConfigError("example_input must be one input tensor (a batch, e.g. x[:1])")
-    qls = [m for m in qmodel.modules() if isinstance(m, QuantizedLayer)]
+    qls = list(quantized_layers(qmodel).values())
     if not qls:
         raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
     target = target or _model_target(qls)

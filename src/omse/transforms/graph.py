@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.primitives import fake_quantize
 from ..errors import OmseError, UnsupportedLayerError
-from ..nn.layers import DOMAIN, Marker, QuantizedLayer
+from ..nn.layers import DOMAIN, Marker, QuantizedLayer, quantized_layers
 
 __all__ = [
     "DOMAIN",
@@ -181,7 +181,7 @@ def trace(
     failed in.
     """
     model = copy.deepcopy(qmodel).eval()
-    qls = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
+    qls = list(quantized_layers(model).values())  # module order: the marker indices
     names = {m: n for n, m in model.named_modules()}
     make = twin or (lambda ql, i: TracedLayer(ql, i))
     for i, ql in enumerate(qls):
