@@ -52,7 +52,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--bias-correction", action="store_true")
     p.add_argument("--equalize", action="store_true")
-    p.add_argument("--output-aware", action="store_true")
+    p.add_argument("--output-aware", action="store_true", help="= --rounding gptq")
+    p.add_argument(
+        "--rounding",
+        default="nearest",
+        choices=["nearest", "gptq", "learned"],
+        help="first-term rounding: nearest, gptq, or learned (AdaRound-style, layer by layer)",
+    )
     p.add_argument("--strict", action="store_true", help="fail on layers omse cannot quantize")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -148,6 +154,7 @@ def _config_from_args(args) -> Any:
         bias_correction=args.bias_correction,
         equalize=args.equalize,
         output_aware=args.output_aware,
+        rounding=args.rounding,
         strict=args.strict,
         target=args.target,
     )

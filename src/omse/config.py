@@ -30,6 +30,7 @@ __all__ = [
 
 _GRIDS = ("full", "narrow")
 TARGETS = ("int4", "int8")
+ROUNDINGS = ("nearest", "gptq", "learned")
 CONFIG_VERSION = 2
 """Version of :meth:`QuantConfig.to_dict`'s layout (1: methods as names only, a ``seed``)."""
 _RETIRED = {"residual_terms", "seed"}  # fields of version 1 that nothing read
@@ -127,7 +128,13 @@ class QuantConfig:
         residual_criterion: how kernels are ranked for the budget: ``output`` (layer-output error
             on calibration data, default) or ``weight`` (weight MSE).
         max_terms: the most tensors one kernel may get (1 + residual terms).
-        bias_correction / equalize / output_aware: post-training corrections (see README).
+        bias_correction / equalize: post-training corrections (see README).
+        rounding: how the first weight term rounds: ``nearest`` (default), ``gptq`` (GPTQ-style
+            error feedback; ``output_aware=True`` is the same) or ``learned`` (AdaRound-style,
+            learned layer by layer against the layer's output on calibration data, from the
+            MMSE steps; :mod:`omse.transforms.learned`).
+        rounding_iters / rounding_lr / rounding_reg: Adam iterations, learning rate and
+            regulariser weight of ``rounding="learned"``.
         strict: raise on layers omse cannot quantize instead of warning.
         act_bins: histogram bins of the streaming activation statistics.
         scale_dtype: the format weight scales are restricted to and stored in: ``float16``
@@ -159,6 +166,10 @@ class QuantConfig:
     bias_correction: bool = False
     equalize: bool = False
     output_aware: bool = False
+    rounding: str = "nearest"
+    rounding_iters: int = 500
+    rounding_lr: float = 1e-2
+    rounding_reg: float = 0.01
     strict: bool = False
     act_bins: int = 4096
     scale_dtype: str = "float16"
@@ -180,6 +191,20 @@ class QuantConfig:
         for k in ("bias_correction", "equalize", "output_aware", "strict"):
             if not isinstance(getattr(self, k), bool):
                 raise ConfigError(f"{k}={getattr(self, k)!r}: use True or False")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding={self.rounding!r}: use one of {list(ROUNDINGS)}")
+        if self.output_aware:
+            if self.rounding not in ("nearest", "gptq"):
+                raise ConfigError(
+                    f"output_aware=True is rounding='gptq'; it contradicts rounding={self.rounding!r}"
+                )
+            object.__setattr__(self, "rounding", "gptq")
+        it, lr, rg = self.rounding_iters, self.rounding_lr, self.rounding_reg
+        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+            raise ConfigError(f"rounding_iters={it!r}: use an int >= 1")
+        for k, v in (("rounding_lr", lr), ("rounding_reg", rg)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e3:
+                raise ConfigError(f"{k}={v!r}: use a number in [0, 1000)")
         self.base_layer()  # validates bits, methods and grids
         b = self.extra_mac_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= float(b) <= 2.0:

@@ -7,8 +7,9 @@ model transform that works in place and records what it did in :class:`Calibrati
 2. ``equalize``: cross-layer equalization (``equalize=True``);
 3. ``wrap``: every Conv/Linear becomes a :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise
    weights (layers left in float are listed);
-4. ``weights``: output-aware rounding and residual tensors (``output_aware``,
-   ``extra_mac_budget``), from one pass of patch moments;
+4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``,
+   ``extra_mac_budget``), from one pass of patch moments (learned rounding: one per layer,
+   sequentially);
 5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
@@ -45,6 +46,7 @@ from .calibration import (
 )
 from .equalize import equalize
 from .fold import QUANTIZABLE, _set_module, fold_batchnorm
+from .learned import learned_rounding
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .statistics import Needs, collect
@@ -219,12 +221,31 @@ def _wrap(r: _Run) -> None:
         r.layers[name] = ql
 
 
+def _learned(r: _Run) -> None:
+    """Learned rounding, layer after layer: each from the inputs the layers before it (already
+    rounded) produce, one pass of that layer's patch moments each."""
+    config, info = r.config, {}
+    needs = Needs(patch_moments=True)
+    items = list(r.layers.items())
+    for name, q in tqdm(items, desc="learned rounding", disable=not r.progress, leave=False):
+        st = collect(r.qmodel, {name: q}, r.batches, needs, False, "layer statistics")[name]
+        info[name] = learned_rounding(
+            q, st, config.rounding_iters, config.rounding_lr, config.rounding_reg
+        )
+    r.cal.corrections["learned_rounding"] = info
+
+
 def _weights(r: _Run) -> None:
-    """GPTQ rounding and residual tensors, from the patch moments of the wrapped model."""
+    """Learned or GPTQ rounding, then residual tensors (chosen from the errors that remain after
+    rounding), from the patch moments of the wrapped model."""
     config, layers = r.config, r.layers
     needs = Needs(patch_moments=True)
+    if config.rounding == "learned":
+        _learned(r)
+        if config.extra_mac_budget == 0:
+            return
     stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
-    if config.output_aware:
+    if config.rounding == "gptq":
         for name, q in tqdm(layers.items(), desc="output-aware", disable=not r.progress):
             if stats[name].H is not None:
                 gptq_terms(q, stats[name])
@@ -269,7 +290,7 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     if config.equalize and not keyword_inputs:
         steps.append(_equalize)
     steps.append(_wrap)
-    if config.output_aware or config.extra_mac_budget > 0:
+    if config.rounding != "nearest" or config.extra_mac_budget > 0:
         steps.append(_weights)
     if config.target == "int8":
         steps.append(_plan)
