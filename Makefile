@@ -56,6 +56,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/latency.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/transformer_latency.py --threads $(THREADS)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/targets.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/render_readme.py
