@@ -570,9 +570,17 @@ def _parity(out: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def _interleaved(
-    fns: dict[str, object], rounds: int, warmup: int, seconds: float, seed: int
+    fns: dict[str, object],
+    rounds: int,
+    warmup: int,
+    seconds: float,
+    seed: int,
+    min_rounds: int = 5,
 ) -> dict[str, dict]:
-    """Time every candidate once per round in a shuffled order; per candidate median/min/max."""
+    """Time every candidate once per round in a shuffled order; per candidate median/min/max.
+
+    Stops after ``rounds`` rounds, or earlier once ``seconds`` have passed and at least
+    ``min_rounds`` rounds are done (the machine is shared: interleaving keeps ratios fair)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -587,7 +595,7 @@ def _interleaved(
             t = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t)
-        if r + 1 >= min(5, rounds) and time.perf_counter() > t_end:
+        if r + 1 >= min(min_rounds, rounds) and time.perf_counter() > t_end:
             break
     return {
         k: {

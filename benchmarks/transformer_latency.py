@@ -48,7 +48,6 @@ import collections
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -73,6 +72,9 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from latency import _interleaved as interleaved  # noqa: E402  (one timing harness)
 
 from omse.config import QuantConfig  # noqa: E402
 from omse.deploy.export import export_onnx, weight_only  # noqa: E402
@@ -259,40 +261,6 @@ def _cosine(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     b /= np.linalg.norm(b, axis=1, keepdims=True)
     cos = (a * b).sum(1)
     return {"mean": float(cos.mean()), "min": float(cos.min())}
-
-
-def _interleaved(
-    fns: dict[str, Any], rounds: int, min_rounds: int, warmup: int, seconds: float, seed: int
-) -> dict[str, dict]:
-    """Time every candidate once per round in a shuffled order; per candidate median/min/max.
-
-    Stops after ``rounds`` rounds, or earlier once ``seconds`` have passed and at least
-    ``min_rounds`` rounds are done."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    rng = random.Random(seed)
-    keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    t_end = time.perf_counter() + seconds
-    for r in range(rounds):
-        order = keys[:]
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-        if r + 1 >= min_rounds and time.perf_counter() > t_end:
-            break
-    return {
-        k: {
-            "median_ms": round(statistics.median(v) * 1e3, 4),
-            "min_ms": round(min(v) * 1e3, 4),
-            "max_ms": round(max(v) * 1e3, 4),
-            "runs": len(v),
-        }
-        for k, v in times.items()
-    }
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -512,13 +480,13 @@ def bench_length(L, args, say, work, tok, eval_sents, fp32, quantized, errors) -
             }
             batch1 = bs == 1
             t = time.perf_counter()
-            row = _interleaved(
+            row = interleaved(
                 fns,
                 args.rounds if batch1 else args.rounds_batched,
-                args.min_rounds if batch1 else args.min_rounds_batched,
                 args.warmup,
                 args.seconds,
                 args.seed + 1000 * L + bs,
+                min_rounds=args.min_rounds if batch1 else args.min_rounds_batched,
             )
             ref_ms = row["fp32"]["median_ms"]
             for v in row.values():

@@ -1,32 +1,19 @@
 """The `make bench` code path (benchmarks/bench.py, render_readme.py) on a tiny model."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 from torch import nn
 
 from omse.core.ranges import MMSE
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench")
+    return load_benchmark("bench")
 
 
 def _tiny_task(bench):
@@ -105,7 +92,7 @@ def test_run_task_writes_json_table_and_plot(bench, tmp_path):
 
 
 def test_render_readme(bench, tmp_path):
-    render = _load("render_readme")
+    render = load_benchmark("render_readme")
     task = _tiny_task(bench)
     bench.run_task(
         task,

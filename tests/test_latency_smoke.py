@@ -2,28 +2,16 @@
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_loader import load_benchmark
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 MODEL = "fmnist-resnet20"
-
-
-def _load(name: str):
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def latency():
-    return _load("latency")
+    return load_benchmark("latency")
 
 
 def test_latency_main_writes_json(latency, tmp_path, one_torch_thread):

