@@ -75,6 +75,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from latency import _interleaved as interleaved  # noqa: E402  (one timing harness)
+from latency import _ort_session as _session  # noqa: E402
 
 from omse.config import QuantConfig  # noqa: E402
 from omse.deploy.export import export_onnx, weight_only  # noqa: E402
@@ -197,20 +198,6 @@ def _set_accuracy_level(src: Path, dst: Path, level: int) -> int:
     onnx.checker.check_model(m)
     onnx.save(m, str(dst))
     return n
-
-
-def _session(path: Path, threads: int, optimized: Path | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # interleaved timing: an idle session's spinning workers would steal the next one's cores
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _op_key(node: onnx.NodeProto) -> str:
