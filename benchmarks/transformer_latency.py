@@ -74,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from latency import _cpu, _load  # noqa: E402
 from latency import _interleaved as interleaved  # noqa: E402  (one timing harness)
 from latency import _ort_session as _session  # noqa: E402
 
@@ -88,7 +89,6 @@ from omse.zoo.text import CORPUS_SOURCE, corpus_split, load_minilm, tokenize_bat
 
 GRANULARITIES = ("per_group32", "per_group128", "per_channel")
 FLOAT_MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm"}
-CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
 class IdsEncoder(nn.Module):
@@ -117,23 +117,6 @@ class IdsEncoder(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 def _say(silent: bool):
     return (lambda s: None) if silent else (lambda s: print(s, flush=True))
-
-
-def _load() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _cpu() -> tuple[str, dict[str, bool]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, {f: f in flags for f in CPU_FLAGS}
 
 
 def _versions() -> dict[str, str | None]:
