@@ -57,6 +57,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/transformer_latency.py --threads $(THREADS)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/targets.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py --zoo
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/render_readme.py
