@@ -100,7 +100,7 @@ def run_demo(
         out = predict(q, views, pre, batch_size=8, progress=progress, desc=desc)
         a = compare_logits(ref, out, labels)
         row = DemoRow(
-            cfg.weight_method,
+            getattr(cfg.weight_method, "name", str(cfg.weight_method)),
             cfg.weight_bits,
             cfg.act_bits,
             str(cfg.granularity),
