@@ -34,3 +34,18 @@ needs_models = pytest.mark.skipif(
     not (_has("efficientnet_lite_pytorch") and _has("foolbox")),
     reason="model packages not installed (make test installs them)",
 )
+
+
+@pytest.fixture(scope="session")
+def fmnist_split():
+    """Normalized Fashion-MNIST ``(first 256 training images, first 1000 test images)``:
+    calibration and evaluation data that never overlap (skips when the data set is missing)."""
+    from omse.errors import OmseError
+    from omse.zoo.fmnist import load_fmnist, normalize
+
+    try:
+        train, _ = load_fmnist("train")
+        test, _ = load_fmnist("test")
+    except OmseError as e:
+        pytest.skip(f"Fashion-MNIST is not installed: {e}")
+    return normalize(train[:256]), normalize(test[:1000])

@@ -177,17 +177,9 @@ ZOO = ["fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg"]
 
 
 @pytest.fixture(scope="module")
-def fmnist_data():
-    from omse.errors import OmseError
-    from omse.zoo.fmnist import load_fmnist, normalize
-
-    try:
-        train, _ = load_fmnist("train")
-        test, _ = load_fmnist("test")
-    except OmseError as e:
-        pytest.skip(f"Fashion-MNIST is not installed: {e}")
-    # calibration: training images; evaluation: test images (never the same images)
-    return normalize(train[:256]), normalize(test[:1000])
+def fmnist_data(fmnist_split):
+    calib, test = fmnist_split
+    return calib, test
 
 
 @pytest.fixture(scope="module", params=ZOO)

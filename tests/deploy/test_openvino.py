@@ -132,16 +132,9 @@ class ZooCase:
 
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fmnist_data() -> tuple[torch.Tensor, torch.Tensor]:
-    from omse.zoo.fmnist import load_fmnist, normalize
-
-    try:
-        train, _ = load_fmnist("train")
-        test, _ = load_fmnist("test")
-    except OmseError as e:
-        pytest.skip(f"Fashion-MNIST is not installed: {e}")
-    # calibration: training images; evaluation: test images (never the same images)
-    return normalize(train[:256]), normalize(test[:N_EVAL])
+def fmnist_data(fmnist_split):
+    calib, test = fmnist_split
+    return calib, test
 
 
 @pytest.fixture(scope="module", params=ZOO)
