@@ -207,11 +207,11 @@ def _load_task(args):
             calib = task.calibration(args.calib_size)
     else:
         pre = None
+        model = None if _is_onnx_path(args.model) else load_user_model(args.model, args.weights)
         if not args.calib:
             raise OmseError("a user model needs --calib FOLDER (calibration images)")
-        if _is_onnx_path(args.model):
+        if model is None:
             return _load_onnx_task(args)
-        model = load_user_model(args.model, args.weights)
         calib = load_image_folder(args.calib, limit=args.calib_size)
         ev_x, ev_y = calib, None  # no evaluation set known for a user's model: report on calib
     batches = [
