@@ -52,6 +52,7 @@ checked with the ONNX checker (``full_check``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -88,6 +89,8 @@ MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no sema
 
 Container = Literal["int4", "int8"]
 Target = Literal["int4", "int8"]
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
+DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
 
 
 def weight_only(ql: QuantizedLayer) -> bool:
@@ -620,11 +623,15 @@ def _model_target(qls: list[QuantizedLayer]) -> str:
 @torch.no_grad()
 def to_onnx_model(
     qmodel: nn.Module,
-    example_input: torch.Tensor,
+    example_input: ExampleInput,
     opset: int = 21,
     container: Container = "int4",
     integer: bool = False,
     target: Target | None = None,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> onnx.ModelProto:
     """The QDQ :class:`onnx.ModelProto` of ``qmodel`` (see :func:`export_onnx`), not written."""
     if not isinstance(integer, bool):
@@ -635,8 +642,6 @@ def to_onnx_model(
         raise ConfigError(f"target={target!r}: use one of {list(TARGETS)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset={opset!r}: use an int in {MIN_OPSET}..{MAX_OPSET}")
-    if not isinstance(example_input, torch.Tensor):
-        raise ConfigError("example_input must be one input tensor (a batch, e.g. x[:1])")
     qls = list(quantized_layers(qmodel).values())
     if not qls:
         raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
@@ -674,6 +679,9 @@ def to_onnx_model(
         qmodel,
         example_input,
         twin=lambda ql, i: TracedLayer(ql, i, _export_terms(ql, target), integer),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
     )
     if opset > TRACE_OPSET:
         changed = _ops_changed_after_trace(proto)
@@ -693,7 +701,7 @@ def to_onnx_model(
 
 def export_onnx(
     qmodel: nn.Module,
-    example_input: torch.Tensor,
+    example_input: ExampleInput,
     path: str | Path,
     force: bool = False,
     opset: int = 21,
@@ -701,13 +709,19 @@ def export_onnx(
     target: Target | None = None,
     container: Container = "int4",
     integer: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> Path:
     """Write ``qmodel`` (from :func:`omse.quantize`) as a QDQ ONNX graph at ``path``.
 
     Args:
         qmodel: a quantized model; every quantized layer must be a Conv1d/Conv2d/Linear with
             per-channel (axis 0) or per-tensor weight scales.
-        example_input: one input batch for tracing (the batch dimension is exported dynamic).
+        example_input: the inputs to trace with, as ``torch.onnx.export`` takes them: one
+            tensor, a tuple of tensors (positional inputs) or a dict of keyword tensors (e.g. a
+            tokenizer's ``input_ids`` and ``attention_mask``; the graph's inputs follow the
+            order of ``qmodel.forward``'s parameters). Any batch size (``x[:1]`` is enough).
         path: output ``.onnx`` file, written atomically; an existing file needs ``force=True``.
         opset: ONNX opset (21 for INT4/UINT4 tensors; 13..20 with ``target="int8"`` or
             ``container="int8"``).
@@ -730,14 +744,41 @@ def export_onnx(
             below 2^24), followed by a ``Mul`` by the per-channel ``s_x * s_w`` and the bias
             ``Add``: the arithmetic of :func:`omse.set_integer`, so onnxruntime reproduces the
             simulation exactly instead of to within summation-order noise.
+        input_names: the graph's input names, one per tensor of ``example_input``; default:
+            the dict keys, else ``input`` (one input) / ``input_<i>``.
+        output_names: one per output tensor; default ``output`` / ``output_<i>``.
+        dynamic_axes: free dimensions, ``torch.onnx.export``'s form: tensor name ->
+            ``{axis: "dim name"}`` or a list of axes (named ``<tensor>_dim<axis>``), e.g.
+            ``{"input": {2: "height", 3: "width"}}`` or ``{"input_ids": {0: "batch", 1:
+            "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``. Axis 0 of every input and
+            output (rank >= 1) is always dynamic (``"batch"``); these axes are added. Every
+            target and form runs at any size of the dynamic axes: only shape arithmetic that
+            reads no input is folded (see :mod:`omse.transforms.graph`), so a padding computed
+            from a dynamic size stays a ``Pad`` in the graph (float compute between integer
+            kernels), and with the batch-only default the int8 graph is fully folded.
+
+            When ``qmodel`` has an attribute ``omse_io`` (a dict with ``input_names``,
+            ``output_names``, ``dynamic_axes``, as an ONNX importer sets it), each is the
+            default of its argument; its ``dynamic_axes`` are then the complete list (no batch
+            axis is added).
 
     Raises:
         UnsupportedLayerError: a layer the target cannot express (named in the message).
-        ConfigError: an argument out of range, or a model quantized for another target.
+        ConfigError: an argument out of range, or a model quantized for another target; an
+            ``example_input`` of another type, a name in ``dynamic_axes`` that is no input or
+            output, an axis out of range, names of the wrong count (each naming the argument).
     """
     p = check_output_path(path, force)
     proto = to_onnx_model(
-        qmodel, example_input, opset=opset, container=container, integer=integer, target=target
+        qmodel,
+        example_input,
+        opset=opset,
+        container=container,
+        integer=integer,
+        target=target,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
     )
     data = proto.SerializeToString()
     with atomic_path(p, force) as tmp:

@@ -20,11 +20,30 @@ needed for ``target="int8"``) read this one graph, so the plan and the export ne
 - ``"output"``: anything else (a residual ``Add``, a pooling, a non-monotone activation, several
   readers): layer ``i`` needs a quantizer of its own output. ``clamp`` is the range the
   ``Relu``/``Clip`` ops right after it impose, used to calibrate that quantizer.
+
+Inputs and dynamic axes: :func:`trace` takes the example as ``torch.onnx.export`` does (a tensor,
+a tuple of tensors or a dict of keyword tensors, laid out by :func:`example_args`) and declares
+the dynamic axes :func:`io_spec` resolves (axis 0 of every input and output, plus the user's)
+to the exporter, so the exporter keeps every shape computation on such an axis as ``Shape``
+ops and folds only what is static.
+
+Folding and dynamic shapes: :func:`fold_constants` evaluates a node only when *all* its inputs
+are initializers or ``Constant`` outputs, i.e. values that read no graph input. Such a value
+cannot depend on any dimension, dynamic or not, so the folded graph runs at every size of the
+dynamic axes by construction; anything that reads a ``Shape`` of a tensor stays in the graph.
+We chose this over evaluating candidate shape values at two sizes of each dynamic axis and over
+ONNX symbolic shape inference because it needs no second evaluation and cannot be fooled by
+sizes that happen to agree (two sizes of one parity give the same stride-2 "same" pad). What
+makes the int8 graph integer-only is then the exporter's own folding of the *static* axes: with
+the batch-only default a static "same" padding reaches :func:`fold_constants` as constants and
+:func:`fold_pads` moves it into the Conv; a padding computed from a dynamic size stays a ``Pad``
+(correct, and float compute between the integer kernels).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import re
 import warnings
@@ -37,7 +56,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..core.primitives import fake_quantize
-from ..errors import OmseError, UnsupportedLayerError
+from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..nn.layers import DOMAIN, Marker, QuantizedLayer, quantized_layers
 
 __all__ = [
@@ -46,6 +65,9 @@ __all__ = [
     "TRACE_OPSET",
     "Route",
     "trace",
+    "example_args",
+    "io_spec",
+    "IOSpec",
     "marker_attrs",
     "fold_constants",
     "fold_pads",
@@ -143,7 +165,7 @@ class TracedLayer(nn.Module):
         return Marker.apply(out, ql.quantize_output(out), "out", self.idx, 0)
 
 
-def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> str | None:
+def _find_op_module(model: nn.Module, example: tuple, message: str) -> str | None:
     """The module that calls the operator named in an exporter error (by re-tracing), if any."""
     m = re.search(r"'(aten::[A-Za-z0-9_.]+)'", message)
     if not m:
@@ -151,7 +173,7 @@ def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> st
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = torch.jit.trace(model, (example,), check_trace=False).inlined_graph
+            graph = torch.jit.trace(model, example, check_trace=False).inlined_graph
     except Exception:
         return None
     for node in graph.nodes():
@@ -167,20 +189,199 @@ def _find_op_module(model: nn.Module, example: torch.Tensor, message: str) -> st
     return None
 
 
+def _flat_tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output, in the order ``torch.onnx.export`` writes them."""
+    return [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
+def example_args(model: nn.Module, example_input) -> tuple[tuple, list[str | None]]:
+    """``(positional arguments, keyword name of each)`` to call ``model`` with ``example_input``.
+
+    ``example_input``: a tensor (one positional input), a tuple/list of tensors (positional
+    inputs) or a dict of keyword tensors. A dict is laid out in the order of ``model.forward``'s
+    parameters (the order of the graph's inputs), with a skipped parameter's default between
+    two given ones; the names are ``None`` for positional inputs.
+    """
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), [None]
+    if isinstance(example_input, tuple | list):
+        if not example_input or not all(isinstance(t, torch.Tensor) for t in example_input):
+            raise ConfigError(
+                "example_input: a tuple of positional inputs must hold tensors only "
+                f"(got {[type(t).__name__ for t in example_input]})"
+            )
+        return tuple(example_input), [None] * len(example_input)
+    if isinstance(example_input, dict):
+        if not example_input or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in example_input.items()
+        ):
+            raise ConfigError(
+                "example_input: a dict of keyword inputs must map names (str) to tensors"
+            )
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        known = {p.name for p in params}
+        unknown = [k for k in example_input if k not in known]
+        if unknown:
+            raise ConfigError(
+                f"example_input: {unknown} are not parameters of {type(model).__name__}.forward "
+                f"({[p.name for p in params]})"
+            )
+        args, names, left = [], [], set(example_input)
+        for p in params:
+            if not left:
+                break
+            if p.name in example_input:
+                args.append(example_input[p.name])
+                names.append(p.name)
+                left.discard(p.name)
+            elif p.default is not p.empty:
+                args.append(p.default)  # a skipped optional parameter between two given ones
+                names.append(None)
+            else:
+                raise ConfigError(
+                    f"example_input: {type(model).__name__}.forward needs {p.name!r} before "
+                    f"{sorted(left)}; add it to the dict"
+                )
+        return tuple(args), names
+    raise ConfigError(
+        "example_input must be a tensor, a tuple of tensors (positional inputs) or a dict of "
+        f"keyword tensors, got {type(example_input).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """The names of a traced graph's inputs and outputs and its dynamic axes.
+
+    ``dynamic_axes``: tensor name -> ``{axis: dim name}`` (every axis listed is a free dimension
+    of the graph, ``dim_param`` in ONNX); ``sizes``: tensor name -> the example's shape.
+    """
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    sizes: dict[str, tuple[int, ...]]
+
+
+def _names(given, default: list[str], what: str) -> list[str]:
+    if given is None:
+        return default
+    if isinstance(given, str) or not all(isinstance(n, str) and n for n in given):
+        raise ConfigError(f"{what}={given!r}: use a list of non-empty strings")
+    given = list(given)
+    if len(given) != len(default):
+        raise ConfigError(
+            f"{what}={given!r}: the model has {len(default)} "
+            f"{what.split('_')[0]}{'s' if len(default) != 1 else ''} ({default} by default)"
+        )
+    if len(set(given)) != len(given):
+        raise ConfigError(f"{what}={given!r}: the names must be distinct")
+    return given
+
+
+def io_spec(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    keywords: list[str | None],
+    outputs: list[torch.Tensor],
+    input_names=None,
+    output_names=None,
+    dynamic_axes=None,
+) -> IOSpec:
+    """Resolve and check the I/O names and dynamic axes of a graph traced on ``inputs``.
+
+    Defaults: ``model.omse_io`` (a dict with ``input_names``, ``output_names``,
+    ``dynamic_axes``, set by an importer) for each argument that is ``None``; else inputs are
+    named by their keyword, or ``input`` / ``input_<i>``, outputs ``output`` / ``output_<i>``.
+    Axis 0 of every input and output (of rank >= 1) is dynamic (``"batch"``) unless the
+    dynamic axes come from ``omse_io``; ``dynamic_axes`` (``torch.onnx.export``'s form: name
+    -> ``{axis: "dim"}`` or a list of axes) adds axes. Raises :class:`ConfigError` for an
+    unknown name, an axis out of range or a malformed entry, naming the argument.
+    """
+    io = getattr(model, "omse_io", None) or {}
+    if not isinstance(io, dict):
+        raise ConfigError(f"model.omse_io must be a dict, got {type(io).__name__}")
+    input_names = io.get("input_names") if input_names is None else input_names
+    output_names = io.get("output_names") if output_names is None else output_names
+    from_io = dynamic_axes is None and io.get("dynamic_axes") is not None
+    dynamic_axes = io.get("dynamic_axes") if dynamic_axes is None else dynamic_axes
+    n_in = len(inputs)
+    ins = _names(
+        input_names,
+        [k or (f"input_{i}" if n_in > 1 else "input") for i, k in enumerate(keywords)],
+        "input_names",
+    )
+    outs = _names(
+        output_names,
+        ["output" if len(outputs) == 1 else f"output_{i}" for i in range(len(outputs))],
+        "output_names",
+    )
+    if set(ins) & set(outs):
+        raise ConfigError(f"input_names and output_names share {sorted(set(ins) & set(outs))}")
+    sizes = {n: tuple(t.shape) for n, t in zip(ins + outs, inputs + outputs, strict=True)}
+    axes: dict[str, dict[int, str]] = {}
+    if not from_io:
+        axes = {n: {0: "batch"} for n, s in sizes.items() if len(s) >= 1}
+    if dynamic_axes is not None:
+        if not isinstance(dynamic_axes, dict):
+            raise ConfigError(
+                f"dynamic_axes={dynamic_axes!r}: use a dict name -> {{axis: 'dim'}} or list of axes"
+            )
+        for name, spec in dynamic_axes.items():
+            if name not in sizes:
+                raise ConfigError(
+                    f"dynamic_axes: {name!r} is neither an input ({ins}) nor an output ({outs})"
+                )
+            rank = len(sizes[name])
+            if isinstance(spec, dict):
+                items = list(spec.items())
+            elif isinstance(spec, list | tuple):
+                items = [(a, f"{name}_dim{a}") for a in spec]
+            else:
+                raise ConfigError(
+                    f"dynamic_axes[{name!r}]={spec!r}: use {{axis: 'dim'}} or a list of axes"
+                )
+            for a, dim in items:
+                if isinstance(a, bool) or not isinstance(a, int) or not -rank <= a < rank:
+                    raise ConfigError(
+                        f"dynamic_axes[{name!r}]: axis {a!r} is out of range for {name!r} of "
+                        f"shape {list(sizes[name])} (rank {rank})"
+                    )
+                if not isinstance(dim, str) or not dim:
+                    raise ConfigError(
+                        f"dynamic_axes[{name!r}][{a}]={dim!r}: name the dimension with a string"
+                    )
+                axes.setdefault(name, {})[a % rank] = dim
+    return IOSpec(tuple(ins), tuple(outs), axes, sizes)
+
+
 @torch.no_grad()
 def trace(
     qmodel: nn.Module,
-    example_input: torch.Tensor,
+    example_input,
     twin=None,
+    *,
+    input_names=None,
+    output_names=None,
+    dynamic_axes=None,
 ) -> tuple[onnx.ModelProto, list[QuantizedLayer]]:
-    """The marked ONNX graph of ``qmodel`` (traced on ``example_input``, batch dim dynamic) and
-    its quantized layers in marker-index order; ``qmodel`` itself is not changed.
+    """The marked ONNX graph of ``qmodel`` traced on ``example_input`` and its quantized layers
+    in marker-index order; ``qmodel`` itself is not changed.
 
-    ``twin(ql, idx) -> nn.Module`` makes each layer's stand-in (default: :class:`TracedLayer`
-    with unmarked weights). Raises :class:`UnsupportedLayerError` naming the module the exporter
-    failed in.
+    ``example_input``: a tensor, a tuple of tensors or a dict of keyword tensors (see
+    :func:`example_args`); ``input_names``, ``output_names``, ``dynamic_axes``: see
+    :func:`io_spec` (default: the batch axis of every input and output is dynamic). The graph's
+    inputs carry the dynamic axes as ``dim_param``. ``twin(ql, idx) -> nn.Module``
+    makes each layer's stand-in (default: :class:`TracedLayer` with unmarked weights). Raises
+    :class:`UnsupportedLayerError` naming the module the exporter failed in, and
+    :class:`ConfigError` for bad names or axes.
     """
     model = copy.deepcopy(qmodel).eval()
+    args, keywords = example_args(model, example_input)
     qls = list(quantized_layers(model).values())  # module order: the marker indices
     names = {m: n for n, m in model.named_modules()}
     make = twin or (lambda ql, i: TracedLayer(ql, i))
@@ -188,6 +389,17 @@ def trace(
         ql.trace_idx = i  # shared input quantizers (module hooks) mark their tensor with it
         parent, _, child = names[ql].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, make(ql, i))
+    tensors = [(a, k) for a, k in zip(args, keywords, strict=True) if isinstance(a, torch.Tensor)]
+    outputs = _flat_tensors(model(*args))
+    spec = io_spec(
+        qmodel,
+        [a for a, _ in tensors],
+        [k for _, k in tensors],
+        outputs,
+        input_names,
+        output_names,
+        dynamic_axes,
+    )
 
     # which module was being traced when the exporter failed (for the error message)
     stack: list[str] = []
@@ -209,13 +421,13 @@ def trace(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example_input,),
+                args,
                 buf,
                 dynamo=False,
                 opset_version=TRACE_OPSET,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                dynamic_axes=spec.dynamic_axes,
                 custom_opsets={DOMAIN: 1},
                 do_constant_folding=True,
             )
@@ -225,7 +437,7 @@ def trace(
         for h in handles:
             h.remove()
         handles = []
-        where = stack[-1] if stack and stack[-1] else _find_op_module(model, example_input, str(e))
+        where = stack[-1] if stack and stack[-1] else _find_op_module(model, args, str(e))
         where_s = (
             f" in module {where!r} ({type(model.get_submodule(where)).__name__})" if where else ""
         )
@@ -236,7 +448,33 @@ def trace(
     finally:
         for h in handles:
             h.remove()
-    return onnx.load_from_string(buf.getvalue()), qls
+    proto = onnx.load_from_string(buf.getvalue())
+    _declare_io_shapes(proto, spec)
+    return proto, qls
+
+
+def _declare_io_shapes(model: onnx.ModelProto, spec: IOSpec) -> None:
+    """Write the graph's input shapes as ``spec`` has them (a dynamic axis as its ``dim_param``,
+    every other axis the example's size) and its outputs' dynamic axes. An output axis the
+    exporter could not infer (it names the dims of a custom op's output ``Marker..._dim_k``)
+    and that is not declared dynamic is left unnamed: its size may follow an input's."""
+    inputs = {vi.name for vi in model.graph.input}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        size = spec.sizes.get(vi.name)
+        if size is None or not vi.type.HasField("tensor_type"):
+            continue
+        dyn = spec.dynamic_axes.get(vi.name, {})
+        shape = vi.type.tensor_type.shape
+        old = list(shape.dim) if len(shape.dim) == len(size) else [None] * len(size)
+        del shape.dim[:]
+        for a, n in enumerate(size):
+            d = shape.dim.add()
+            if a in dyn:
+                d.dim_param = dyn[a]
+            elif vi.name in inputs:
+                d.dim_value = n
+            elif old[a] is not None and old[a].HasField("dim_value"):
+                d.dim_value = old[a].dim_value
 
 
 def shared_input_candidates(model: onnx.ModelProto) -> list[int]:
@@ -298,7 +536,9 @@ def fold_constants(model: onnx.ModelProto) -> int:
     """Evaluate (with ``onnx.reference``) every standard node whose inputs are all constant and
     replace it by initializers: shape arithmetic that torch traced for a fixed input size (a
     static "same" padding's ``ConstantOfShape -> Concat -> Slice -> Transpose -> Cast``) becomes
-    constants. Quantize/Dequantize nodes stay (runtimes fuse them). Returns the nodes removed."""
+    constants. A node that reads a computed tensor (its ``Shape`` included) is kept, so the
+    result runs at every size of the graph's dynamic axes (see the module docstring).
+    Quantize/Dequantize nodes stay (runtimes fuse them). Returns the nodes removed."""
     from onnx.reference import ReferenceEvaluator
 
     g = model.graph
