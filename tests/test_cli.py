@@ -342,3 +342,49 @@ def test_export_writes_a_graph_onnxruntime_runs(cli, work, extra):
     onnx = pytest.importorskip("onnx")
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert ("Mul" in ops) == ("--integer" in extra)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(work):
+    """tests/nets.py's TinyNet as a float ONNX file (static 12x12 input, dynamic batch)."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("onnx2torch") is None:  # imported only with omse's stand-in
+        pytest.skip("onnx2torch is not installed (make install installs it)")
+    from nets import tiny_net
+
+    path = work / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tiny_net(), torch.randn(1, 3, 12, 12), str(path), dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}},
+        )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "export"])
+def test_onnx_model_in_quantized_onnx_out(cli, work, tiny_onnx, cmd):
+    ort = pytest.importorskip("onnxruntime")
+    out = work / f"tiny.{cmd}.q.onnx"
+    before = tiny_onnx.read_bytes()
+    argv = ["--calib", "imgs", "-w", "4", "-a", "8", "--target", "int8", "--out", out]
+    rc, stdout, err = cli(cmd, tiny_onnx, *argv)
+    assert rc == 0, err
+    assert f"wrote {out} (target int8)" in stdout
+    assert tiny_onnx.read_bytes() == before
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [3, 12, 12]  # calibrated at the ONNX input's size
+    for n in (1, 3):
+        x = np.random.RandomState(n).rand(n, 3, 12, 12).astype(np.float32)
+        y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        assert y.shape == (n, 10) and np.isfinite(y).all()
+
+
+def test_onnx_model_errors_are_one_line(cli, work, tiny_onnx):
+    rc, _, err = cli("quantize", "missing.onnx", "--calib", "imgs")
+    assert rc == 2 and "missing.onnx does not exist" in _one_error_line(err)
+    rc, _, err = cli("quantize", tiny_onnx, "--calib", "imgs", "--out", tiny_onnx, "--force")
+    assert rc == 2 and "is one of the inputs" in _one_error_line(err)
