@@ -307,12 +307,6 @@ def test_ocr_models_convert_and_match_onnxruntime_at_two_sizes(name, first, seco
 @pytest.mark.skipif(_ocr_models() is None, reason="rapidocr-onnxruntime is not installed")
 @pytest.mark.parametrize("name,first,second,matmul", OCR, ids=[o[0].split("_")[1] for o in OCR])
 def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matmul):
-    if "det" in name and _export_keeps_io():
-        pytest.xfail(
-            "export with the detector's dynamic H, W writes value_info whose dim names clash "
-            "(onnxruntime: 'Shape mismatch attempting to re-use buffer'; runs with value_info "
-            "removed): an export (h-export) issue, reported"
-        )
     g = torch.Generator().manual_seed(0)
     calib = [torch.rand(first, generator=g) for _ in range(2)]
     cal = omse.Calibration()

@@ -457,7 +457,14 @@ def _declare_io_shapes(model: onnx.ModelProto, spec: IOSpec) -> None:
     """Write the graph's input shapes as ``spec`` has them (a dynamic axis as its ``dim_param``,
     every other axis the example's size) and its outputs' dynamic axes. An output axis the
     exporter could not infer (it names the dims of a custom op's output ``Marker..._dim_k``)
-    and that is not declared dynamic is left unnamed: its size may follow an input's."""
+    and that is not declared dynamic is left unnamed: its size may follow an input's.
+
+    The exporter's intermediate ``value_info`` is dropped: it names the dims of every tensor
+    behind a custom op after that op's *input* (a stride-2 convolution's output gets its input's
+    ``height``), so with dynamic spatial axes two tensors of different sizes share a
+    ``dim_param`` and onnxruntime's buffer planner fails ("Shape mismatch attempting to re-use
+    buffer"). onnxruntime and OpenVINO infer intermediate shapes themselves."""
+    del model.graph.value_info[:]
     inputs = {vi.name for vi in model.graph.input}
     for vi in list(model.graph.input) + list(model.graph.output):
         size = spec.sizes.get(vi.name)
