@@ -66,8 +66,7 @@ from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grids import Grid
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..io import atomic_path, check_output_path
-from ..nn.layers import QuantizedLayer, quantized_layers
-from ..transforms.fold import QUANTIZABLE
+from ..nn.layers import WRAPPABLE, QuantizedLayer, quantized_layers
 from ..transforms.graph import (
     DOMAIN,
     TRACE_OPSET,
@@ -102,7 +101,7 @@ def weight_only(ql: QuantizedLayer) -> bool:
 
 
 def _check_layer(ql: QuantizedLayer) -> None:
-    if not isinstance(ql.layer, QUANTIZABLE):
+    if not isinstance(ql.layer, WRAPPABLE):
         raise UnsupportedLayerError(
             f"layer {ql.name!r} ({type(ql.layer).__name__}) cannot be exported: the ONNX exporter "
             "supports quantized Conv1d, Conv2d and Linear layers"
