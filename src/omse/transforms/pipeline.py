@@ -41,6 +41,7 @@ from ..config import QuantConfig
 from ..core.stats import HistogramStats
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer
+from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
@@ -50,7 +51,6 @@ from .calibration import (
     share_scales,
 )
 from .equalize import equalize
-from . import functional
 from .fold import _set_module, fold_batchnorm
 from .learned import learned_rounding
 from .residuals import select_residuals
