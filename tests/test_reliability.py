@@ -110,9 +110,7 @@ def test_unsupported_layers_strict_raises():
     with pytest.raises(UnsupportedLayerError, match=r"custom \(Custom\).*lstm \(LSTM\)"):
         quantize(Mixed().eval(), batches(2), QuantConfig(strict=True))
     # skipping them explicitly satisfies strict
-    q = quantize(
-        Mixed().eval(), batches(2), QuantConfig(strict=True, skip=("custom", "lstm"))
-    )
+    q = quantize(Mixed().eval(), batches(2), QuantConfig(strict=True, skip=("custom", "lstm")))
     assert sorted(quantized_layers(q)) == ["conv", "fc", "up"]
 
 
