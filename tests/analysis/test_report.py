@@ -2,9 +2,8 @@ import csv
 import math
 
 import torch
-from torch import nn
-
 from nets import tiny_batches, tiny_net
+from torch import nn
 
 import omse
 from omse.analysis.metrics import sqnr_db

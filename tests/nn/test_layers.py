@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 from omse.config import LayerConfig
+from omse.core.mmse import mmse_scale
 from omse.core.grids import Grid
 from omse.core.primitives import dequantize, quantize
 from omse.errors import ConfigError
-from omse.nn.layers import QuantizedLayer, max_code_ratio, ratio_residual_term
+from omse.nn.layers import (
+    QuantizedLayer,
+    canonical_weight,
+    layer_weight,
+    max_code_ratio,
+    ratio_residual_term,
+)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +112,6 @@ def test_int8_bias_and_output_quantizer():
 
 
 # -- every weight-carrying layer type: kernel-wise along the output channel -----------------------
-from omse.core.mmse import mmse_scale  # noqa: E402
-from omse.nn.layers import canonical_weight, layer_weight  # noqa: E402
 
 
 @pytest.mark.parametrize(
