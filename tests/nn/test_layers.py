@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from omse.config import LayerConfig
-from omse.core.mmse import mmse_scale
 from omse.core.grids import Grid
+from omse.core.mmse import mmse_scale
 from omse.core.primitives import dequantize, quantize
 from omse.errors import ConfigError
 from omse.nn.layers import (
