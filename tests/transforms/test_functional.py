@@ -80,6 +80,7 @@ def test_onnx2torch_matmul_becomes_a_linear_with_the_same_output():
     assert not hasattr(gm2.initializers, "onnx_initializer_0")
     ops = [n.op for n in gm2.graph.nodes]
     assert ops.count("call_module") == 1 and "MatMul" not in dict(gm2.named_modules())
+    assert gm2 is not gm and hasattr(gm.initializers, "onnx_initializer_0")  # input untouched
 
 
 def test_eager_functional_uses_are_rewritten_exactly_and_the_rest_listed():

@@ -26,6 +26,7 @@ attention, a custom module's functional use, skipped by the configuration, ...).
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -149,23 +150,23 @@ def _same(a, b, rtol: float = 1e-5) -> bool:
 def apply(model: nn.Module, example=None) -> tuple[nn.Module, list[str]]:
     """Rewrite functional uses of constant weights into ``nn.Linear`` (module docstring).
 
-    ``model``: a :class:`torch.fx.GraphModule` (rewritten in place) or any module (traced; the
+    ``model``: a :class:`torch.fx.GraphModule` (a rewritten copy is returned) or any module (traced; the
     rewritten GraphModule is returned only when it has something rewritten and, with
     ``example`` (one input batch, a tensor), computes the same outputs). Returns ``(model,
     notes)``: the notes say what was rewritten, or why nothing was."""
     if isinstance(model, fx.GraphModule):
-        gm = model
-        ref = model(example) if isinstance(example, torch.Tensor) else None
+        gm = copy.deepcopy(model)  # the input is never modified
     else:
         try:
             gm = fx.symbolic_trace(model)
         except Exception as e:  # torch.fx raises many types on untraceable code
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             return model, [f"not traced by torch.fx ({type(e).__name__}: {first}): left as is"]
-        ref = model(example) if isinstance(example, torch.Tensor) else None
+    modules = dict(gm.named_modules())
+    if not any(_operands(gm, n, modules) is not None for n in gm.graph.nodes):
+        return model, []  # nothing to rewrite: no forward run, the model is untouched
+    ref = model(example) if isinstance(example, torch.Tensor) else None
     notes = rewrite_graph(gm)
-    if not notes:
-        return model, []
     if ref is not None and not _same(ref, gm(example)):
         return model, ["the matmul -> Linear rewrite changed the outputs: model left as is"]
     return gm, notes
