@@ -282,7 +282,7 @@ def test_uninitialized_lazy_module():
 
 
 def test_model_without_quantizable_layers():
-    with pytest.raises(ConfigError, match="no Conv/Linear"):
+    with pytest.raises(ConfigError, match="no Conv/ConvTranspose/Linear"):
         quantize(nn.Sequential(nn.ReLU()).eval(), batches(1))
 
 
