@@ -184,3 +184,29 @@ def test_eager_custom_module_weights_are_listed_with_reason_and_share():
     assert "mha.out_proj.weight" in rows
     total = sum(r.values for r in rows.values()) + 36 + 6  # + the quantized fc
     assert rows["custom.weight"].share == pytest.approx(36 / total)
+
+
+def test_rewritten_model_exports_and_round_trips(tmp_path):
+    import numpy as np
+
+    import omse
+
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Functional().eval()
+    batches = [torch.randn(8, 12) for _ in range(2)]
+    cfg = QuantConfig(weight_bits=4, act_bits=8, bias_correction=False, extra_mac_budget=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(model, batches, cfg)
+    # a checkpoint of a rewritten model loads into the rewritten architecture
+    path = omse.save(q, tmp_path / "m.omse.safetensors")
+    r = omse.load(path, model=apply(Functional().eval())[0])
+    with torch.no_grad():
+        assert torch.equal(q(batches[1]), r(batches[1]))
+    onnx_path = omse.export_onnx(q, batches[0][:1], tmp_path / "m.onnx")
+    s = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = s.run(None, {s.get_inputs()[0].name: batches[1].numpy()})[0]
+    with torch.no_grad():
+        sim = q(batches[1]).numpy()
+    assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
