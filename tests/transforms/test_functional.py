@@ -181,7 +181,7 @@ def test_eager_custom_module_weights_are_listed_with_reason_and_share():
     assert "embedding" in rows["emb.weight"].reason
     assert "MultiheadAttention" in rows["mha.in_proj_weight"].reason
     # the MHA's out_proj is read by the MHA's own forward: left float with it, not wrapped
-    assert "mha.out_proj.weight" in rows
+    assert "inside mha: nn.MultiheadAttention" in rows["mha.out_proj.weight"].reason
     total = sum(r.values for r in rows.values()) + 36 + 6  # + the quantized fc
     assert rows["custom.weight"].share == pytest.approx(36 / total)
 

@@ -206,8 +206,9 @@ def float_reason(module: nn.Module, skipped: bool = False) -> str:
         return "recurrent layer: omse has no quantized recurrent cell"
     if isinstance(module, nn.MultiheadAttention):
         return (
-            "nn.MultiheadAttention: its in_proj_weight/out_proj run inside "
-            "F.multi_head_attention_forward, which omse does not rewrite"
+            "nn.MultiheadAttention: its in_proj_weight and out_proj weights are read by "
+            "F.multi_head_attention_forward (or torch's fused fast path), not called as modules; "
+            "omse has no exact module-level replacement yet"
         )
     if isinstance(module, WRAPPABLE):
         return "not wrapped (the model is not quantized, or the layer is inside another one)"
@@ -241,7 +242,11 @@ def float_weights(model: nn.Module, skipped: set[str] = frozenset()) -> list[Flo
             )
     rows = []
     seen: set[int] = set()
+    owners: dict[str, str] = {}  # modules whose own forward reads their children's weights
     for name, m in model.named_modules():
+        parent = next((o for o in owners if name.startswith(o + ".")), None)
+        if isinstance(m, nn.MultiheadAttention | nn.RNNBase) and parent is None:
+            owners[name] = float_reason(m)
         own = [
             (n, p)
             for n, p in m.named_parameters(recurse=False)
@@ -250,7 +255,7 @@ def float_weights(model: nn.Module, skipped: set[str] = frozenset()) -> list[Flo
         if not own:
             continue
         skip = any(name == s or name.startswith(s + ".") for s in skipped)
-        reason = float_reason(m, skip)
+        reason = f"inside {parent}: {owners[parent]}" if parent else float_reason(m, skip)
         for n, p in own:
             seen.add(id(p))
             total += p.numel()
