@@ -152,3 +152,21 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, net_cls):
     x = _data(net_cls, 4, 6)
     with torch.no_grad():
         assert torch.equal(q(x), r(x))
+
+
+@pytest.mark.parametrize("net_cls", NETS, ids=lambda c: c.__name__)
+def test_int8_target_openvino_parity(tmp_path, net_cls):
+    pytest.importorskip("openvino")
+    from omse.deploy.openvino import compile_onnx, precision_counts, run
+
+    _, q = _quantized(net_cls, target="int8")
+    path = export_onnx(q, _data(net_cls, 1, 0), tmp_path / "m.onnx")
+    compiled = compile_onnx(path, threads=1)
+    x = _data(net_cls, 8, 5)
+    out = run(compiled, x.numpy())
+    with torch.no_grad():
+        sim = q(x).numpy()
+    assert np.abs(out - sim).max() <= _step(q) + 1e-5 * np.abs(sim).max()
+    # OpenVINO runs the ungrouped transposed convolutions as u8 kernels (Deconvolution)
+    counts = precision_counts(compiled)["counts"]
+    assert "Deconvolution" in counts

@@ -57,7 +57,9 @@ axis 0) and regrouped to ONNX's ``[in, out/groups, k...]`` after its ``Dequantiz
 is the output channel). onnxruntime's CPU provider has no integer ``ConvTranspose`` kernel, so on
 ``target="int8"`` it runs ``DequantizeLinear -> ConvTranspose -> QuantizeLinear`` in float (the
 same values: integer-valued inputs and weights, the int32 bias dequantized), not fused;
-``benchmarks/latency.py`` lists such layers as not integer.
+``benchmarks/latency.py`` lists such layers as not integer. OpenVINO's CPU plugin runs the
+ungrouped ones as u8 ``Deconvolution`` kernels (grouped ones in f32), with the same outputs
+(``tests/deploy/test_export_layers.py``).
 """
 
 from __future__ import annotations
