@@ -116,7 +116,15 @@ INTEGER_OPS = {
 }
 # integer kernels whose output is float
 INT_TO_FLOAT_OPS = {"MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeMatMul"}
-FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+FLOAT_COMPUTE_OPS = {
+    "Conv",
+    "FusedConv",
+    "ConvTranspose",  # no integer ConvTranspose kernel in onnxruntime CPU: DQ -> ConvTranspose -> Q
+    "Gemm",
+    "FusedGemm",
+    "MatMul",
+    "FusedMatMul",
+}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # ops that move or reshape data without arithmetic (their output type is their input's)
 LAYOUT_OPS = {

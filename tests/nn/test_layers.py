@@ -13,9 +13,16 @@ from torch import nn
 
 from omse.config import LayerConfig
 from omse.core.grids import Grid
+from omse.core.mmse import mmse_scale
 from omse.core.primitives import dequantize, quantize
 from omse.errors import ConfigError
-from omse.nn.layers import QuantizedLayer, max_code_ratio, ratio_residual_term
+from omse.nn.layers import (
+    QuantizedLayer,
+    canonical_weight,
+    layer_weight,
+    max_code_ratio,
+    ratio_residual_term,
+)
 
 
 @pytest.mark.parametrize(
@@ -102,3 +109,41 @@ def test_int8_bias_and_output_quantizer():
     torch.testing.assert_close(y / 0.1, torch.round(y / 0.1), rtol=0, atol=1e-4)
     ql.set_quant_enabled(False)  # the float original ignores every quantizer
     torch.testing.assert_close(ql(x), ql.layer(x))
+
+
+# -- every weight-carrying layer type: kernel-wise along the output channel -----------------------
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.ConvTranspose1d(4, 6, 3, groups=2),
+        nn.ConvTranspose2d(6, 9, (3, 2), groups=3),
+        nn.ConvTranspose2d(4, 4, 3, groups=4),  # depthwise
+        nn.ConvTranspose3d(2, 4, 2),
+        nn.Conv3d(4, 6, 3, groups=2),
+    ],
+    ids=lambda m: f"{type(m).__name__}-g{m.groups}",
+)
+def test_one_mmse_scale_per_output_channel(layer):
+    torch.manual_seed(0)
+    w = layer.weight.detach().clone()
+    g = layer.groups
+    ql = QuantizedLayer(layer, "l", LayerConfig(weight_bits=4, act_bits=8, scale_dtype="float32"))
+    out = layer.out_channels
+    # brute force: output channel o = gi * out/g + j of a transposed conv is w[gi*in/g:(gi+1)*in/g, j]
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        cin = layer.in_channels
+        rows = [
+            w[(o // (out // g)) * (cin // g) : (o // (out // g) + 1) * (cin // g), o % (out // g)]
+            for o in range(out)
+        ]
+    else:
+        rows = [w[o] for o in range(out)]
+    expect = mmse_scale(torch.stack([r.reshape(-1) for r in rows]), 4, axis=0)
+    _, s, _ = ql.terms()[0]
+    assert s.shape == (out,) + (1,) * (w.dim() - 1)
+    torch.testing.assert_close(s.reshape(-1), expect.reshape(-1), rtol=0, atol=0)
+    # the canonical layout is a bijection, and the layer computes with the dequantized terms
+    assert torch.equal(layer_weight(layer, canonical_weight(layer, w)), w)
+    assert torch.equal(ql.layer.weight, layer_weight(layer, ql.dequantized_weight()))

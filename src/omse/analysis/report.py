@@ -3,7 +3,9 @@
 For every quantized layer, on calibration data: MACs per sample, weight SQNR (dB), input-activation
 SQNR (the layer's input against its quantized version), output SQNR against the FP32 (BN-folded)
 network run on the same batch, and the residual tensors chosen (kernels, extra MACs). All columns
-are computed here from the model and the data.
+are computed here from the model and the data. Below the table, every parameter the model still
+holds in float (outside a quantized layer) with its share of the model's weight values and the
+reason (:func:`omse.transforms.functional.float_weights`; also ``float_weights.csv``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import csv
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 from ..io import atomic_write_bytes, atomic_write_text
 from ..nn.layers import QuantizedLayer, quantized_layers
+from ..transforms.functional import FloatWeight, float_weights
 from ..transforms.statistics import run_model
 from .metrics import sqnr_db
 
@@ -31,6 +34,8 @@ __all__ = [
     "write_report",
     "markdown",
     "float_mode",
+    "float_markdown",
+    "model_float_weights",
 ]
 
 
@@ -155,6 +160,35 @@ def markdown(rows: list[LayerReport], worst: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def model_float_weights(qmodel: nn.Module) -> list[FloatWeight]:
+    """:func:`~omse.transforms.functional.float_weights` of ``qmodel``, with the modules its
+    :class:`~omse.config.QuantConfig` (``qmodel.omse_config``) skipped marked as such."""
+    cfg = getattr(qmodel, "omse_config", None)
+    skipped = (
+        {n for n, _ in qmodel.named_modules() if n and cfg.is_skipped(n)}
+        if cfg is not None
+        else set()
+    )
+    return float_weights(qmodel, skipped)
+
+
+def float_markdown(rows: list[FloatWeight]) -> str:
+    """The weights left in float as a markdown section (``"All weights are quantized."`` when
+    there are none)."""
+    if not rows:
+        return "All weights are quantized."
+    share = sum(r.share for r in rows)
+    lines = [
+        f"{share:.2%} of the model's weight values stay in float:",
+        "",
+        "| parameter | module type | values | share | reason |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r.values):
+        lines.append(f"| {r.name} | {r.kind} | {r.values:,} | {r.share:.2%} | {r.reason} |")
+    return "\n".join(lines)
+
+
 def _plot(rows: list[LayerReport], path: Path, title: str, force: bool) -> None:
     import matplotlib
 
@@ -191,12 +225,20 @@ def _plot(rows: list[LayerReport], path: Path, title: str, force: bool) -> None:
 
 
 def write_report(
-    rows: list[LayerReport], out_dir: str | Path, title: str, force: bool = False
+    rows: list[LayerReport],
+    out_dir: str | Path,
+    title: str,
+    force: bool = False,
+    floats: list[FloatWeight] | None = None,
 ) -> list[Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` for ``rows`` into ``out_dir``."""
+    """Write ``report.md``, ``report.csv`` and ``report.png`` for ``rows`` into ``out_dir``;
+    with ``floats`` (the weights left in float) also their section in ``report.md`` and
+    ``float_weights.csv``."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     md = f"# {title}\n\n" + markdown(rows) + "\n"
+    if floats is not None:
+        md += "\n## Weights left in float\n\n" + float_markdown(floats) + "\n"
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(asdict(rows[0]).keys()))
     w.writeheader()
@@ -206,6 +248,14 @@ def write_report(
     atomic_write_text(paths[0], md, force=force)
     atomic_write_text(paths[1], buf.getvalue(), force=force)
     _plot(rows, paths[2], title, force)
+    if floats is not None:
+        fbuf = io.StringIO()
+        fw = csv.DictWriter(fbuf, fieldnames=[f.name for f in fields(FloatWeight)])
+        fw.writeheader()
+        for r in floats:
+            fw.writerow(asdict(r))
+        paths.append(d / "float_weights.csv")
+        atomic_write_text(paths[-1], fbuf.getvalue(), force=force)
     return paths
 
 
@@ -221,4 +271,5 @@ def report(
     The FP32 reference is the quantized model's own float mode (the same BN folding), run on the
     same batches, so the original model is not needed.
     """
-    return write_report(layer_reports(qmodel, batches), out_dir, title, force)
+    rows = layer_reports(qmodel, batches)
+    return write_report(rows, out_dir, title, force, model_float_weights(qmodel))
