@@ -23,6 +23,7 @@ from omse.transforms.onnx_import import (
     TORCHVISION_MESSAGE,
     import_onnx2torch,
     load_onnx,
+    matmul_constants,
     onnx_outputs,
 )
 
@@ -141,17 +142,21 @@ def test_constant_weights_become_initializers_and_proto_is_not_modified(models):
     torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
 
 
-def test_matmul_on_an_initializer_is_reported_and_listed_left_in_float(models):
+def test_matmul_on_an_initializer_is_counted_then_quantized_as_a_linear(models):
     x = tiny_batches()[0]
     m = load_onnx(models["matmul"], sample=x)
     (name, shape), *rest = m.omse_onnx.matmul_weights.items()
     assert not rest and shape == (8, 12)
     total = 8 * 3 * 9 + 8 * 12 + 4 * 12  # conv, MatMul, Gemm weights
     assert m.omse_onnx.matmul_fraction == pytest.approx(8 * 12 / total)
+    assert matmul_constants(m)  # before quantize: a MatMul on a constant
     cal = omse.Calibration()
-    with pytest.warns(UserWarning, match="MatMul on a constant weight"):
-        omse.quantize(models["matmul"], [x], QuantConfig(**CFG), calibration=cal)
-    assert any("MatMul on a constant weight" in s for s in cal.left_float)
+    q = omse.quantize(models["matmul"], [x], QuantConfig(**CFG), calibration=cal)
+    # omse.transforms.functional rewrote it into an nn.Linear (weight W^T), which is quantized
+    assert len(cal.rewritten) == 1 and "matmul" in cal.rewritten[0]
+    assert not cal.left_float and not matmul_constants(q)
+    linears = [ql for ql in omse.quantized_layers(q).values() if ql.name.startswith("omse_linear")]
+    assert len(linears) == 1 and tuple(linears[0].layer.weight.shape) == (12, 8)
 
 
 def test_symbolic_dims_are_dynamic_axes_and_run_at_two_sizes(models):
@@ -315,7 +320,8 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
         q = omse.quantize(
             _ocr_models() / name, calib, QuantConfig(target="int8", **CFG), calibration=cal
         )
-    assert len(cal.left_float) == {0.0: 2, 0.384: 9, 0.003: 1}[matmul]  # ConvTranspose / MatMul
+    # ConvTranspose layers are quantized and MatMuls on constants rewritten into Linear layers
+    assert not cal.left_float and len(cal.rewritten) == {0.0: 0, 0.384: 9, 0.003: 1}[matmul]
     out = tmp_path / "q.onnx"
     omse.export_onnx(q, calib[0], out, target="int8")
     x = torch.rand(first, generator=g)

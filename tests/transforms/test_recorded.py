@@ -133,7 +133,9 @@ def _record() -> None:
     out = {}
     for target in ("int4", "int8"):
         torch.manual_seed(0)
-        out[f"tiny/{target}"] = fingerprint(omse.quantize(tiny_net(), tiny_batches(), _recipe(target)))
+        out[f"tiny/{target}"] = fingerprint(
+            omse.quantize(tiny_net(), tiny_batches(), _recipe(target))
+        )
         spec = get_model("efficientnet-lite0")
         calib = spec.preprocess(calibration_images(16)).split(8)
         out[f"lite0/{target}"] = fingerprint(omse.quantize(spec.build(), calib, _recipe(target)))
@@ -146,6 +148,8 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["--record"]:
-        raise SystemExit("usage: PYTHONPATH=tests python tests/transforms/test_recorded.py --record")
+        raise SystemExit(
+            "usage: PYTHONPATH=tests python tests/transforms/test_recorded.py --record"
+        )
     warnings.simplefilter("ignore")
     _record()

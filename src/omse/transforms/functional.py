@@ -121,11 +121,11 @@ def rewrite_graph(gm: fx.GraphModule) -> list[str]:
         notes.append(f"{what} -> nn.Linear {name!r} ({inp} -> {out})")
     if notes:
         gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
         used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
         for target in sources - used:  # the weight now lives in its Linear only
             owner, _, attr = target.rpartition(".")
             delattr(gm.get_submodule(owner) if owner else gm, attr)
+        gm.delete_all_unused_submodules()  # after: it may drop a container emptied above
         gm.graph.lint()
         gm.recompile()
     return notes
