@@ -423,7 +423,7 @@ def _config(*argv: str):
             QuantConfig(act_bits=4, weight_method="minmax", act_method="minmax"),
         ),
         (["--target", "int8", "--equalize"], QuantConfig(target="int8", equalize=True)),
-        (["--output-aware", "--strict"], QuantConfig(rounding="gptq", strict=True)),
+        (["--output-aware", "--strict"], QuantConfig(output_aware=True, strict=True)),
         (
             ["--skip", "fc", "--granularity", "per_tensor"],
             QuantConfig(skip=("fc",), granularity="per_tensor"),
