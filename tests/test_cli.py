@@ -249,6 +249,8 @@ BAD_INPUTS = [
     ),
     (["quantize", "fmnist-resnet20", "--input-size", "32"], "--input-size is for package"),
     (["quantize", "fmnist-resnet20", "--calib", "imgs"], "28x28 Fashion-MNIST images"),
+    (["eval", "fmnist-resnet20", "--eval", "imgs"], "28x28 Fashion-MNIST images"),
+    (["eval", "fmnist-resnet20", "--mean", *"000", "--std", *"111"], "--mean is for package"),
     (["quantize", *USER, "--recipe", "best", "--output-aware"], "contradicts rounding='learned'"),
     (
         ["quantize", "omse_cli_nomod:factory", "--calib", "imgs"],

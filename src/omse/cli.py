@@ -628,6 +628,10 @@ def _eval_models(args):
             raise OmseError(f"{flag} is for a user model's checkpoint; {name!r} is built in")
     _reject_user_data_args(args, name)
     spec = get_model(name)
+    if args.eval and spec.task == "fmnist":
+        raise OmseError(
+            f"{name} takes 28x28 Fashion-MNIST images: --eval folders are for RGB models"
+        )
     if args.eval:
         xs, ys = spec.preprocess(_eval_folder(args, spec.input_shape[-1])), None
     else:
