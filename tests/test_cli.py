@@ -78,6 +78,10 @@ def tensors():
     return (torch.randn(4, 3, 20, 24, generator=g) for _ in range(3))
 
 
+def dicts():  # keyword batches: nn.Sequential.forward(input)
+    return [{"input": x} for x, _ in batches()]
+
+
 def not_iterable():
     return 3
 """
@@ -444,7 +448,7 @@ def _run_json(cli, work, name, *argv):
 
 def test_default_recipe_runs_and_is_recorded(cli, work):
     res, _ = _run_json(cli, work, "recipe.json", *USER)
-    assert res["config"]["version"] == 3
+    assert res["config"]["version"] == 3 and res["recipe"] == "default"
     assert QuantConfig.from_dict(res["config"]) == QuantConfig()
     fast, _ = _run_json(cli, work, "fast.json", *USER, "--recipe", "fast")
     assert QuantConfig.from_dict(fast["config"]) == QuantConfig.preset("fast")
@@ -473,7 +477,7 @@ def test_user_model_preprocessing_and_held_out_evaluation(cli, work):
     assert two["eval_inputs"] == 2
 
 
-@pytest.mark.parametrize("loader", ["batches", "tensors"])
+@pytest.mark.parametrize("loader", ["batches", "tensors", "dicts"])
 def test_calibration_loader(cli, work, loader):
     target = f"omse_climod:{loader}"
     res, _ = _run_json(cli, work, "loader.json", "omse_climod:factory", "--calib-loader", target)

@@ -510,6 +510,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
     eval_on, held_out = _eval_label(args, a.n)
     res = {
         "model": args.model,
+        "recipe": args.recipe,
         "config": cfg.to_dict(),
         "agreement": a.agreement,
         "kl": a.kl,

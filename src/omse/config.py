@@ -18,7 +18,9 @@ that version's default.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any
 
 from .core.granularity import Granularity, PerChannel, parse_granularity
@@ -44,14 +46,18 @@ CONFIG_VERSION = 3
 """Version of :meth:`QuantConfig.to_dict`'s layout (1: methods as names only, a ``seed``; 2: the
 plain-MMSE defaults, no residual tensors and no bias correction; 3: the default recipe)."""
 _RETIRED = {"residual_terms", "seed"}  # fields of version 1 that nothing read
-_OLD_DEFAULTS: dict[str, Any] = {"extra_mac_budget": 0.0, "bias_correction": False}
+_OLD_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"extra_mac_budget": 0.0, "bias_correction": False}
+)
 """The defaults of versions 1 and 2 that version 3 changed: what a field missing from such a dict
 means."""
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(_OLD_DEFAULTS),
-    "default": {},
-    "best": {"rounding": "learned"},
-}
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "fast": _OLD_DEFAULTS,
+        "default": MappingProxyType({}),
+        "best": MappingProxyType({"rounding": "learned"}),
+    }
+)
 """Named recipes, as changes to the dataclass defaults (see :meth:`QuantConfig.preset`)."""
 
 
