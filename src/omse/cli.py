@@ -1,4 +1,12 @@
-"""Command line: ``omse demo | quantize | eval | report | export | save | inspect``.
+"""Command line: ``omse demo | quantize | eval | report | export | save | models``.
+
+``quantize``/``report``/``export``/``save`` start from a recipe (``--recipe fast|default|best``,
+:meth:`omse.QuantConfig.preset`; default: the default recipe) and each flag given overrides one
+of its fields. A user model (``package.module:factory``, imported from the current folder first)
+takes its calibration images from ``--calib`` (resized, centre-cropped and normalised by
+``--resize``/``--input-size``/``--mean``/``--std`` or ``--transform``) or its batches from
+``--calib-loader``; the agreement with FP32 is measured on ``--eval`` images, else on the
+calibration inputs, and every result says which (``eval_on``, ``eval_held_out``).
 
 Every failure omse anticipates is one line on stderr and exit code 2; ``--debug`` shows the
 traceback.
