@@ -7,6 +7,7 @@ blocks write their outputs there); the docstring examples of ``omse.quantize``,
 
 import doctest
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -41,3 +42,33 @@ def test_api_docstring_example_runs(fn, tmp_path, monkeypatch, one_torch_thread)
             warnings.simplefilter("ignore")
             runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def _commands() -> list[list[str]]:
+    """Every ``omse ...`` command of the README's ```bash blocks (continuations joined,
+    comments dropped)."""
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```$", README.read_text(), flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "omse":
+                out.append(words[1:])
+    return out
+
+
+COMMANDS = _commands()
+
+
+def test_readme_commands_are_there():
+    assert len(COMMANDS) >= 15
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a[:2]) for a in COMMANDS])
+def test_readme_command_parses(argv):
+    """Each command line of the README is one the parser accepts (and its recipe flags make a
+    valid configuration)."""
+    from omse.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "recipe"):
+        _config_from_args(args)
