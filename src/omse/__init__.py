@@ -20,8 +20,7 @@ For example::
     qmodel = omse.quantize(model, task.calibration(32).split(8))
 
 Below them: ``set_integer``, ``quantized_layers`` and the core tensor functions. The package is
-layered, each
-layer importing only those below it (``tests/test_layering.py`` checks it):
+layered, each layer importing only those below it (``tests/test_layering.py`` checks it):
 ``core`` (pure tensor functions) -> ``config`` -> ``nn`` (quantized modules) -> ``transforms``
 (tracing, folding, statistics, corrections, the pipeline) -> ``deploy`` (ONNX, checkpoints,
 runtimes) / ``analysis`` (reports, metrics) -> ``zoo`` (models, data, the demo) -> ``cli``.
