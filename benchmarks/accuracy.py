@@ -51,7 +51,7 @@ SETTINGS = {"W4A32": (4, None), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 def run(setting: str, extra: dict, ctx) -> dict:
     wb, ab = SETTINGS[setting]
-    cfg = QuantConfig(wb, ab, **extra)
+    cfg = QuantConfig.preset("fast", weight_bits=wb, act_bits=ab, **extra)
     cal = Calibration()
     t0 = time.perf_counter()
     q = quantize(ctx["model"], ctx["batches"], cfg, calibration=cal)

@@ -90,7 +90,15 @@ class BenchConfig:
         base = self.method.split("+")[0]
         budget = RESIDUAL_BUDGET if "+res" in self.method else 0.0
         kw: dict[str, Any] = {"extra_mac_budget": budget} if budget else {}
-        return QuantConfig(wb, ab, base, base, self.granularity, **kw)
+        return QuantConfig.preset(
+            "fast",
+            weight_bits=wb,
+            act_bits=ab,
+            weight_method=base,
+            act_method=base,
+            granularity=self.granularity,
+            **kw,
+        )
 
 
 def bench_configs(

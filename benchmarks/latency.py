@@ -232,7 +232,7 @@ class Api:
         kw = RECIPES[recipe][1]
         if self.config_target is not False:
             try:
-                cfg = QuantConfig(**kw, target=target)
+                cfg = QuantConfig.preset("fast", **kw, target=target)
                 self.config_target = True
                 return cfg
             except (TypeError, ConfigError) as e:
@@ -240,7 +240,7 @@ class Api:
                     raise
                 self.config_target = False
                 self.notes.append(f"QuantConfig(target=...) unavailable: {type(e).__name__}: {e}")
-        return QuantConfig(**kw)
+        return QuantConfig.preset("fast", **kw)
 
     def export(self, q: torch.nn.Module, x: torch.Tensor, path: Path, target: str) -> None:
         if self.export_target is not False:

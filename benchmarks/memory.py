@@ -121,7 +121,19 @@ def child(n: int, threads: int) -> dict:
     omse.transforms.pipeline.collect = measured
     cal = Calibration()
     t0 = time.perf_counter()
-    quantize(model, batches, QuantConfig(4, 8, "mmse", "mmse", "per_channel"), calibration=cal)
+    quantize(
+        model,
+        batches,
+        QuantConfig.preset(
+            "fast",
+            weight_bits=4,
+            act_bits=8,
+            weight_method="mmse",
+            act_method="mmse",
+            granularity="per_channel",
+        ),
+        calibration=cal,
+    )
     secs = time.perf_counter() - t0
     omse.transforms.pipeline.collect = orig
     peak = max(_status_kb("VmHWM") or 0, box.get("peak_so_far") or 0) if reset else None

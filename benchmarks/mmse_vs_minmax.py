@@ -33,7 +33,18 @@ def main() -> None:
     for ab in (None, 8):
         for meth in ("minmax", "mmse"):
             for bc in (False, True):
-                q = quantize(model, batches, QuantConfig(4, ab, meth, meth, bias_correction=bc))
+                q = quantize(
+                    model,
+                    batches,
+                    QuantConfig.preset(
+                        "fast",
+                        weight_bits=4,
+                        act_bits=ab,
+                        weight_method=meth,
+                        act_method=meth,
+                        bias_correction=bc,
+                    ),
+                )
                 a = compare_logits(ref, predict(q, views, pre), labels)
                 layers = quantized_layers(q).values()
                 err = sum(

@@ -43,7 +43,7 @@ from omse.transforms.pipeline import quantize, set_integer  # noqa: E402
 from omse.zoo.tasks import get_task  # noqa: E402
 
 CONFIGS = {
-    "W4A8": QuantConfig(weight_bits=4, act_bits=8),
+    "W4A8": QuantConfig.preset("fast", weight_bits=4, act_bits=8),
     "W4A8 + res10 + bc": QuantConfig(
         weight_bits=4, act_bits=8, extra_mac_budget=0.1, bias_correction=True
     ),

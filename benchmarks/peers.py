@@ -327,7 +327,7 @@ def run_omse(
         if bias_correction:
             kwargs["bias_correction"] = True
         try:
-            cfg = QuantConfig(**kwargs)
+            cfg = QuantConfig.preset("fast", **kwargs)
         except (ConfigError, TypeError) as e:
             raise Refused("omse option not available: " + _short(e)) from None
         model = wl.original if on_original else wl.model

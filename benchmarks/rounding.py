@@ -56,8 +56,8 @@ def zoo() -> int:
         batches = list(task.calibration(256).split(32))
         ref = predict(model, x, None, batch_size=1000)
         for ab in (None, 8, 4):
-            cfg = omse.QuantConfig(
-                weight_bits=4, act_bits=ab, bias_correction=True, rounding="learned"
+            cfg = omse.QuantConfig.preset(
+                "fast", weight_bits=4, act_bits=ab, bias_correction=True, rounding="learned"
             )
             t = time.perf_counter()
             q = omse.quantize(model, batches, cfg)
@@ -98,7 +98,7 @@ def main() -> int:
     rows = []
     for name, kw in CONFIGS.items():
         t = time.perf_counter()
-        q = omse.quantize(model, batches, omse.QuantConfig(weight_bits=4, **kw))
+        q = omse.quantize(model, batches, omse.QuantConfig.preset("fast", weight_bits=4, **kw))
         secs = time.perf_counter() - t
         a = compare_logits(ref, predict(q, views, None), labels)
         rows.append({"name": name, "agreement": a.agreement, "kl": a.kl, "seconds": round(secs, 1)})

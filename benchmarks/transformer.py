@@ -141,7 +141,19 @@ def run(
             t1 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                q = quantize(model, calib, QuantConfig(wb, ab, m, m, g), calibration=cal)
+                q = quantize(
+                    model,
+                    calib,
+                    QuantConfig.preset(
+                        "fast",
+                        weight_bits=wb,
+                        act_bits=ab,
+                        weight_method=m,
+                        act_method=m,
+                        granularity=g,
+                    ),
+                    calibration=cal,
+                )
             t2 = time.perf_counter()
             out = embed(q, batches, order)
             t3 = time.perf_counter()

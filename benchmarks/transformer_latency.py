@@ -326,7 +326,8 @@ def run(args, say, out_json: Path) -> dict[str, Any]:
         cal = Calibration()
         t = time.perf_counter()
         try:
-            cfg = QuantConfig(
+            cfg = QuantConfig.preset(
+                "fast",
                 weight_bits=4,
                 act_bits=None,
                 weight_method=args.weight_method,

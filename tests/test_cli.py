@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from omse.cli import main
+from omse.config import QuantConfig
 from omse.errors import OmseError
 
 torch.set_num_threads(1)
@@ -66,6 +67,32 @@ def with_upsampling():
 
 def broken():
     raise RuntimeError("factory exploded")
+
+
+SEEN = []
+
+
+def to_pm1(x):  # [0, 1] -> [-1, 1]: the same as --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5
+    SEEN.append(tuple(x.shape))
+    return x * 2 - 1
+
+
+def batches():  # a calibration loader: (inputs, labels) tuples, 4 samples each
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, 20, 24, generator=g), torch.zeros(4)) for _ in range(3)]
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(4, 3, 20, 24, generator=g) for _ in range(3))
+
+
+def dicts():  # keyword batches: nn.Sequential.forward(input)
+    return [{"input": x} for x, _ in batches()]
+
+
+def not_iterable():
+    return 3
 """
 
 
@@ -88,6 +115,11 @@ def work(tmp_path_factory):
     for i in range(3):
         a = (np.random.RandomState(i).rand(40, 48, 3) * 255).astype("uint8")
         Image.fromarray(a).save(imgs / f"{i}.png")
+    held = d / "held_out"
+    held.mkdir()
+    for i in range(4):
+        a = (np.random.RandomState(100 + i).rand(44, 36, 3) * 255).astype("uint8")
+        Image.fromarray(a).save(held / f"{i}.png")
     (d / "empty").mkdir()
     bad_imgs = d / "bad_imgs"
     bad_imgs.mkdir()
@@ -212,6 +244,31 @@ BAD_INPUTS = [
     ),
     (["quantize", *USER, "--json", "w.safetensors", "--force"], "is one of the inputs"),
     (["quantize", *USER, "--json", "imgs"], "already exists"),
+    (["quantize", *USER, "--input-size", "0"], "--input-size must be H or HxW"),
+    (["quantize", *USER, "--input-size", "big"], "--input-size must be H or HxW"),
+    (["quantize", *USER, "--mean", "0.5", "0.5", "0.5"], "--mean and --std go together"),
+    (["quantize", *USER, "--mean", *"000", "--std", "1", "0", "1"], "--std values must be > 0"),
+    (
+        ["quantize", *USER, "--transform", "omse_climod:to_pm1", "--mean", *"000", "--std", *"111"],
+        "--transform replaces --mean/--std",
+    ),
+    (["quantize", *USER, "--transform", "omse_climod:nothere"], "has no callable 'nothere'"),
+    (["quantize", *USER, "--input-size", "64", "--resize", "40"], "use a resize of at least 64"),
+    (["quantize", *USER, "--eval", "nothere"], "evaluation folder nothere does not exist"),
+    (["quantize", *USER, "--calib-loader", "omse_climod:batches"], "not both"),
+    (
+        ["quantize", "omse_climod:factory", "--calib-loader", "omse_climod:not_iterable"],
+        "must return an iterable of batches",
+    ),
+    (["quantize", "fmnist-resnet20", "--input-size", "32"], "--input-size is for package"),
+    (["quantize", "fmnist-resnet20", "--calib", "imgs"], "28x28 Fashion-MNIST images"),
+    (["eval", "fmnist-resnet20", "--eval", "imgs"], "28x28 Fashion-MNIST images"),
+    (["eval", "fmnist-resnet20", "--mean", *"000", "--std", *"111"], "--mean is for package"),
+    (["quantize", *USER, "--recipe", "best", "--output-aware"], "contradicts rounding='learned'"),
+    (
+        ["quantize", "omse_cli_nomod:factory", "--calib", "imgs"],
+        "add that folder to PYTHONPATH",
+    ),
 ]
 
 
@@ -232,6 +289,8 @@ def test_bad_input_is_one_line_and_exit_code_2(cli, work, argv, match):
         (["quantize"], "the following arguments are required: model"),
         (["quantize", "x", "-w", "four"], "invalid int value: 'four'"),
         (["quantize", "x", "--budget", "lots"], "invalid float value"),
+        (["quantize", "x", "--recipe", "turbo"], "invalid choice: 'turbo'"),
+        (["quantize", "x", "--mean", "0.5"], "expected 3 arguments"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["--threads", "0", "models"], "--threads must be >= 1"),
         (["export", "x", "--format", "tflite", "--out", "o"], "invalid choice: 'tflite'"),
@@ -397,3 +456,141 @@ def test_onnx_model_errors_are_one_line(cli, work, tiny_onnx):
     assert rc == 2 and "missing.onnx does not exist" in _one_error_line(err)
     rc, _, err = cli("quantize", tiny_onnx, "--calib", "imgs", "--out", tiny_onnx, "--force")
     assert rc == 2 and "is one of the inputs" in _one_error_line(err)
+
+
+def _config(*argv: str):
+    from omse.cli import _config_from_args, build_parser
+
+    return _config_from_args(build_parser().parse_args(["quantize", "m:f", *argv]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], QuantConfig()),
+        (["--recipe", "default"], QuantConfig(extra_mac_budget=0.10, bias_correction=True)),
+        (["--recipe", "fast"], QuantConfig(extra_mac_budget=0.0, bias_correction=False)),
+        (["--recipe", "best"], QuantConfig(rounding="learned")),
+        (["--recipe", "fast", "--budget", "0.2"], QuantConfig.preset("fast", extra_mac_budget=0.2)),
+        (
+            ["--recipe", "fast", "--bias-correction"],
+            QuantConfig.preset("fast", bias_correction=True),
+        ),
+        (["--no-bias-correction", "--budget", "0"], QuantConfig.preset("fast")),
+        (["--recipe", "best", "--rounding", "nearest"], QuantConfig()),
+        (["-w", "3", "-a", "float"], QuantConfig(weight_bits=3, act_bits=None)),
+        (
+            ["-a", "4", "--method", "minmax"],
+            QuantConfig(act_bits=4, weight_method="minmax", act_method="minmax"),
+        ),
+        (["--target", "int8", "--equalize"], QuantConfig(target="int8", equalize=True)),
+        (["--output-aware", "--strict"], QuantConfig(output_aware=True, strict=True)),
+        (
+            ["--skip", "fc", "--granularity", "per_tensor"],
+            QuantConfig(skip=("fc",), granularity="per_tensor"),
+        ),
+    ],
+)
+def test_recipe_with_flags_overriding_it(argv, expected):
+    assert _config(*argv) == expected
+
+
+def _run_json(cli, work, name, *argv):
+    rc, out, err = cli("quantize", *argv, "--json", work / name, "--force")
+    assert rc == 0, err
+    return json.loads((work / name).read_text()), out
+
+
+def test_default_recipe_runs_and_is_recorded(cli, work):
+    res, _ = _run_json(cli, work, "recipe.json", *USER)
+    assert res["config"]["version"] == 3 and res["recipe"] == "default"
+    assert QuantConfig.from_dict(res["config"]) == QuantConfig()
+    fast, _ = _run_json(cli, work, "fast.json", *USER, "--recipe", "fast")
+    assert QuantConfig.from_dict(fast["config"]) == QuantConfig.preset("fast")
+    assert fast["calib_batches"] == res["calib_batches"] == 1
+
+
+def test_user_model_preprocessing_and_held_out_evaluation(cli, work):
+    import omse_climod
+
+    size = ["--input-size", "20x24", "--resize", "30"]
+    norm, out = _run_json(
+        cli, work, "norm.json", *USER, *size, "--mean", *["0.5"] * 3, "--std", *["0.5"] * 3
+    )
+    # no --eval: measured on the calibration images, and said so
+    assert not norm["eval_held_out"] and "calibration images: optimistic" in norm["eval_on"]
+    assert "on 3 calibration inputs (calibration images: optimistic" in out
+    omse_climod.SEEN.clear()
+    tf, _ = _run_json(cli, work, "tf.json", *USER, *size, "--transform", "omse_climod:to_pm1")
+    assert omse_climod.SEEN and all(s[1:] == (3, 20, 24) for s in omse_climod.SEEN)
+    # the transform is the same normalisation: the same quantized model, the same figures
+    assert (tf["agreement"], tf["kl"]) == (norm["agreement"], norm["kl"])
+    held, out = _run_json(cli, work, "held.json", *USER, *size, "--eval", "held_out")
+    assert held["eval_held_out"] and held["eval_inputs"] == 4
+    assert "on 4 held-out images from held_out" in out
+    two, _ = _run_json(cli, work, "two.json", *USER, "--eval", "held_out", "--eval-size", "2")
+    assert two["eval_inputs"] == 2
+
+
+@pytest.mark.parametrize("loader", ["batches", "tensors", "dicts"])
+def test_calibration_loader(cli, work, loader):
+    target = f"omse_climod:{loader}"
+    res, _ = _run_json(cli, work, "loader.json", "omse_climod:factory", "--calib-loader", target)
+    assert res["calib_batches"] == 3 and res["eval_inputs"] == 12
+    assert not res["eval_held_out"]
+    part, _ = _run_json(
+        cli,
+        work,
+        "loader.json",
+        "omse_climod:factory",
+        "--calib-loader",
+        target,
+        "--calib-size",
+        "5",
+    )
+    assert part["calib_batches"] == 2  # batches of 4 until 5 samples
+
+
+def test_eval_of_a_user_models_checkpoint(cli, work):
+    ckpt = work / "user.omse.safetensors"
+    res, _ = _run_json(
+        cli, work, "saved.json", *USER, "--eval", "held_out", "--out", ckpt, "--force"
+    )
+    rc, _, err = cli("eval", ckpt)
+    assert rc == 2 and "--model package.module:factory" in _one_error_line(err)
+    rc, _, err = cli("eval", ckpt, "--model", "omse_climod:factory")
+    assert rc == 2 and "--eval FOLDER" in _one_error_line(err)
+    out = work / "eval.json"
+    rc, _, err = cli(
+        "eval",
+        ckpt,
+        "--model",
+        "omse_climod:factory",
+        "--weights",
+        "w.safetensors",
+        "--eval",
+        "held_out",
+        "--json",
+        out,
+        "--force",
+    )
+    assert rc == 0, err
+    ev = json.loads(out.read_text())
+    assert ev["model"] == "omse_climod:factory" and ev["n"] == 4
+    assert "held-out" in ev["eval_on"]
+    assert ev["agreement"] == res["agreement"]
+    assert ev["kl"] == pytest.approx(res["kl"], abs=1e-6)
+    rc, _, err = cli("eval", "fmnist-resnet20", "--model", "omse_climod:factory")
+    assert rc == 2 and "--model is for a user model's checkpoint" in _one_error_line(err)
+
+
+def test_module_from_the_current_folder_without_pythonpath(work):
+    """The console script (unlike ``python -c``) does not put the current folder on sys.path:
+    omse does, as ``python -m`` would."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")  # omse only, not `work`
+    args = [_omse_bin(), "quantize", "omse_climod:factory", "--weights", "w.safetensors"]
+    args += ["--calib", "imgs", "--recipe", "fast"]
+    r = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "agreement with FP32" in r.stdout

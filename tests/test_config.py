@@ -16,6 +16,34 @@ def test_defaults_are_w4a8_kernelwise_mmse():
     assert lc == LayerConfig()
 
 
+def test_defaults_are_the_recipe_residuals_at_10pc_and_bias_correction():
+    c = QuantConfig()
+    assert (c.extra_mac_budget, c.bias_correction, c.rounding) == (0.10, True, "nearest")
+    assert (c.equalize, c.target, c.max_terms, c.residual_criterion) == (
+        False,
+        "int4",
+        2,
+        "output",
+    )
+
+
+def test_presets():
+    fast = QuantConfig.preset("fast")
+    assert (fast.extra_mac_budget, fast.bias_correction, fast.rounding) == (0.0, False, "nearest")
+    assert QuantConfig.preset("default") == QuantConfig()
+    assert QuantConfig.preset("best") == QuantConfig(rounding="learned")
+    # every other field is the dataclass default
+    assert QuantConfig.preset("fast") == QuantConfig(extra_mac_budget=0.0, bias_correction=False)
+    # overrides win over the preset, and are validated like any field
+    c = QuantConfig.preset("fast", act_bits=4, bias_correction=True)
+    assert (c.act_bits, c.bias_correction, c.extra_mac_budget) == (4, True, 0.0)
+    assert QuantConfig.preset("best", rounding="gptq").rounding == "gptq"
+    with pytest.raises(ConfigError, match=r"unknown preset 'quick'.*'fast', 'default', 'best'"):
+        QuantConfig.preset("quick")
+    with pytest.raises(ConfigError, match="weight_bits=9"):
+        QuantConfig.preset("fast", weight_bits=9)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -161,7 +189,7 @@ def test_range_methods_are_objects_parsed_at_the_edge():
     assert c.weight_method == Percentile(99.9) and c.act_method == ACIQ()
     assert c.base_layer().weight_method == Percentile(99.9)
     d = c.to_dict()
-    assert d["version"] == 2
+    assert d["version"] == 3
     assert d["weight_method"] == {"name": "percentile", "percentile": 99.9}
     assert d["act_method"] == "aciq"
     assert QuantConfig.from_dict(d) == c
@@ -171,9 +199,28 @@ def test_range_methods_are_objects_parsed_at_the_edge():
 
 def test_version_1_dicts_still_load():
     """Before version 2 configs had a ``seed`` field nothing read, and no version key."""
-    old = QuantConfig().to_dict()
+    old = QuantConfig.preset("fast").to_dict()
     old.pop("version")
     old["seed"] = 0
-    assert QuantConfig.from_dict(old) == QuantConfig()
-    with pytest.raises(ConfigError, match="version"):
+    assert QuantConfig.from_dict(old) == QuantConfig.preset("fast")
+    for k in ("extra_mac_budget", "bias_correction"):
+        old.pop(k)
+    assert QuantConfig.from_dict(old) == QuantConfig.preset("fast")  # version 1's defaults
+    with pytest.raises(ConfigError, match="version 99 is not one omse reads"):
         QuantConfig.from_dict({**QuantConfig().to_dict(), "version": 99})
+
+
+def test_version_2_dicts_keep_their_old_meaning():
+    """Version 3 changed the defaults (residuals at 10% + bias correction): a version-2 dict
+    without those fields means version 2's defaults, plain MMSE; with them, what it says."""
+    assert QuantConfig.from_dict({"version": 2}) == QuantConfig.preset("fast")
+    assert QuantConfig.from_dict({"version": 2, "act_bits": 4}) == QuantConfig.preset(
+        "fast", act_bits=4
+    )
+    full = {**QuantConfig(extra_mac_budget=0.25).to_dict(), "version": 2}
+    assert QuantConfig.from_dict(full) == QuantConfig(extra_mac_budget=0.25)
+    # version 3: a missing field is this version's default
+    assert QuantConfig.from_dict({"version": 3}) == QuantConfig()
+    assert QuantConfig.from_dict({"version": 3, "rounding": "learned"}) == QuantConfig.preset(
+        "best"
+    )

@@ -388,7 +388,9 @@ def checkpoint_file(tmp_path_factory):
     from omse.transforms.pipeline import quantize as omse_quantize
 
     q = omse_quantize(
-        _ckpt_arch(), [torch.randn(2, 3, 6, 6)], QuantConfig(overrides={"4": {"weight_bits": 8}})
+        _ckpt_arch(),
+        [torch.randn(2, 3, 6, 6)],
+        QuantConfig.preset("fast", overrides={"4": {"weight_bits": 8}}),
     )
     p = tmp_path_factory.mktemp("ckpt") / "q.safetensors"
     try:

@@ -29,6 +29,8 @@ from omse.nn.layers import quantized_layers
 from omse.transforms.pipeline import Calibration, quantize
 from omse.zoo.models import get_model, load_user_model, load_weights
 
+FAST = QuantConfig.preset("fast")  # plain MMSE, the defaults these tests were written for
+
 torch.set_num_threads(1)
 
 
@@ -92,7 +94,7 @@ def test_unsupported_layers_left_in_float_and_listed():
     model = Mixed().eval()
     cal = Calibration()
     with pytest.warns(UserWarning, match="float") as rec:
-        q = quantize(model, batches(2), calibration=cal)
+        q = quantize(model, batches(2), FAST, calibration=cal)
     msg = " ".join(str(w.message) for w in rec)
     for name in ("custom (Custom)", "lstm (LSTM)"):
         assert name in msg and name in cal.left_float
@@ -108,9 +110,11 @@ def test_unsupported_layers_left_in_float_and_listed():
 def test_unsupported_layers_strict_raises():
     torch.manual_seed(0)
     with pytest.raises(UnsupportedLayerError, match=r"custom \(Custom\).*lstm \(LSTM\)"):
-        quantize(Mixed().eval(), batches(2), QuantConfig(strict=True))
+        quantize(Mixed().eval(), batches(2), QuantConfig.preset("fast", strict=True))
     # skipping them explicitly satisfies strict
-    q = quantize(Mixed().eval(), batches(2), QuantConfig(strict=True, skip=("custom", "lstm")))
+    q = quantize(
+        Mixed().eval(), batches(2), QuantConfig.preset("fast", strict=True, skip=("custom", "lstm"))
+    )
     assert sorted(quantized_layers(q)) == ["conv", "fc", "up"]
 
 
@@ -246,7 +250,7 @@ def test_training_mode_model_warns_and_quantizes_an_eval_copy():
     model = small_net().train()
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(UserWarning, match="training mode"):
-        q = quantize(model, batches(2))
+        q = quantize(model, batches(2), FAST)
     assert model.training and not q.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm statistics untouched
@@ -255,17 +259,17 @@ def test_training_mode_model_warns_and_quantizes_an_eval_copy():
 @pytest.mark.parametrize("bits", [0, 1, 9, 32])
 def test_bits_outside_range(bits):
     with pytest.raises(ConfigError, match="weight_bits"):
-        quantize(small_net(), batches(1), QuantConfig(weight_bits=bits))
+        quantize(small_net(), batches(1), QuantConfig.preset("fast", weight_bits=bits))
     with pytest.raises(ConfigError, match="act_bits"):
-        QuantConfig(act_bits=bits)
+        QuantConfig.preset("fast", act_bits=bits)
     with pytest.raises(ConfigError, match="weight_bits"):
-        QuantConfig(overrides={"0": {"weight_bits": bits}})
+        QuantConfig.preset("fast", overrides={"0": {"weight_bits": bits}})
 
 
 @pytest.mark.parametrize("budget", [-0.5, 2.0001, 10, float("nan"), float("inf")])
 def test_budget_outside_range(budget):
     with pytest.raises(ConfigError, match=r"extra_mac_budget.*\[0, 2\]"):
-        QuantConfig(extra_mac_budget=budget)
+        QuantConfig.preset("fast", extra_mac_budget=budget)
 
 
 def test_model_and_config_types_checked():
@@ -473,9 +477,11 @@ def _has_corrections():
 
 
 CONFIGS = [
-    QuantConfig(),
-    QuantConfig(weight_bits=2, act_bits=4, weight_method="minmax", granularity="per_tensor"),
-    QuantConfig(act_bits=None, weight_method="aciq", act_method="percentile"),
+    QuantConfig.preset("fast"),
+    QuantConfig.preset(
+        "fast", weight_bits=2, act_bits=4, weight_method="minmax", granularity="per_tensor"
+    ),
+    QuantConfig.preset("fast", act_bits=None, weight_method="aciq", act_method="percentile"),
     pytest.param(
         QuantConfig(extra_mac_budget=0.5, bias_correction=True),
         marks=pytest.mark.skipif(
@@ -483,7 +489,7 @@ CONFIGS = [
         ),
     ),
     pytest.param(
-        QuantConfig(equalize=True),
+        QuantConfig.preset("fast", equalize=True),
         marks=pytest.mark.skipif(
             not _has_corrections(), reason="omse.transforms.residuals not there yet"
         ),
@@ -519,7 +525,7 @@ def test_interrupted_calibration_iterable_leaves_no_output_and_input_intact(tmp_
     out = tmp_path / "q.pt"
     with pytest.raises(KeyboardInterrupt), atomic_path(out) as tmp:
         tmp.write_bytes(b"header, then the model")
-        torch.save(quantize(model, stream()).state_dict(), tmp)
+        torch.save(quantize(model, stream(), FAST).state_dict(), tmp)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     _same(before, _snapshot(model))
 
@@ -538,7 +544,7 @@ def test_interrupt_inside_the_forward_pass_leaves_no_output_and_no_hooks(tmp_pat
     out = tmp_path / "q.pt"
     with pytest.raises(KeyboardInterrupt), atomic_path(out) as tmp:
         tmp.write_bytes(b"partial")
-        q = quantize(model, batches(4))
+        q = quantize(model, batches(4), FAST)
         torch.save(q.state_dict(), tmp)
     assert len(calls) == 4
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -592,7 +598,7 @@ def _repro_hash() -> str:
 
 def test_two_runs_are_bit_identical():
     model, data = small_net(), batches(3)
-    q1, q2 = quantize(model, data), quantize(model, data)
+    q1, q2 = quantize(model, data, FAST), quantize(model, data, FAST)
     l1, l2 = quantized_layers(q1), quantized_layers(q2)
     assert l1.keys() == l2.keys()
     for name in l1:
@@ -628,7 +634,7 @@ def _stats_bytes(n_batches: int) -> tuple[int, int]:
     quantize(
         small_net(),
         batches(n_batches, shape=(2, 3, 8, 8)),
-        QuantConfig(act_bins=256),
+        QuantConfig.preset("fast", act_bins=256),
         calibration=cal,
     )
     return sum(h.nbytes() for h in cal.stats.values()), len(cal.stats)

@@ -1,8 +1,27 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error.
 
-The public surface: ``quantize`` (a torch module, or an ONNX file via ``load_onnx``), ``QuantConfig``, ``export_onnx``, ``save``/``load``, ``report``,
-``set_integer``, ``quantized_layers`` and the core tensor functions. The package is layered, each
-layer importing only those below it (``tests/test_layering.py`` checks it):
+The public surface: five functions, each with a runnable example in its docstring
+(``tests/test_readme.py`` runs them), and the configuration:
+
+- ``quantize(model, calib_batches, config=None)``: a quantized copy of ``model`` (a torch module,
+  or a float ONNX file / ``onnx.ModelProto``, converted by ``load_onnx``);
+- ``export_onnx(qmodel, example_input, path)``: ONNX for int8 runtimes or int4 accelerators;
+- ``save(qmodel, path)`` / ``load(path, model=None)``: packed 4-bit checkpoints;
+- ``report(qmodel, calib_batches, out_dir)``: the per-layer report (md, csv, png);
+- ``QuantConfig()``: the default recipe (W4A8, residual tensors within 10% extra MACs, bias
+  correction); ``QuantConfig.preset("fast" | "default" | "best", **fields)``.
+
+For example::
+
+    import omse
+    from omse.zoo.tasks import get_task
+
+    task = get_task("fmnist-resnet20")
+    model = task.build()
+    qmodel = omse.quantize(model, task.calibration(32).split(8))
+
+Below them: ``set_integer``, ``quantized_layers`` and the core tensor functions. The package is
+layered, each layer importing only those below it (``tests/test_layering.py`` checks it):
 ``core`` (pure tensor functions) -> ``config`` -> ``nn`` (quantized modules) -> ``transforms``
 (tracing, folding, statistics, corrections, the pipeline) -> ``deploy`` (ONNX, checkpoints,
 runtimes) / ``analysis`` (reports, metrics) -> ``zoo`` (models, data, the demo) -> ``cli``.

@@ -1,4 +1,12 @@
-"""Command line: ``omse demo | quantize | eval | report | export | save | inspect``.
+"""Command line: ``omse demo | quantize | eval | report | export | save | models``.
+
+``quantize``/``report``/``export``/``save`` start from a recipe (``--recipe fast|default|best``,
+:meth:`omse.QuantConfig.preset`; default: the default recipe) and each flag given overrides one
+of its fields. A user model (``package.module:factory``, imported from the current folder first)
+takes its calibration images from ``--calib`` (resized, centre-cropped and normalised by
+``--resize``/``--input-size``/``--mean``/``--std`` or ``--transform``) or its batches from
+``--calib-loader``; the agreement with FP32 is measured on ``--eval`` images, else on the
+calibration inputs, and every result says which (``eval_on``, ``eval_held_out``).
 
 Every failure omse anticipates is one line on stderr and exit code 2; ``--debug`` shows the
 traceback.
@@ -20,6 +28,43 @@ from .errors import OmseError
 __all__ = ["main", "build_parser"]
 
 
+RECIPES = ("fast", "default", "best")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """A user model's images: size, resizing, normalisation, a calibration loader, held-out
+    evaluation images (built-in models bring their own)."""
+    g = p.add_argument_group("a user model's data (package.module:factory models)")
+    g.add_argument(
+        "--input-size",
+        metavar="H[xW]",
+        help="model input height and width in pixels (default 224; 'H' for a square)",
+    )
+    g.add_argument(
+        "--resize",
+        type=int,
+        metavar="N",
+        help="resize each image's shorter side to N pixels, then centre-crop the input size "
+        "(default 8/7 of the input size: 256 for 224)",
+    )
+    g.add_argument(
+        "--mean", type=float, nargs=3, metavar="M", help="per-channel mean (RGB, images in [0, 1])"
+    )
+    g.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (RGB)")
+    g.add_argument(
+        "--transform",
+        metavar="MODULE:FN",
+        help="instead of --mean/--std: FN(images [N, 3, H, W] in [0, 1]) -> the model's input",
+    )
+    g.add_argument(
+        "--eval",
+        metavar="FOLDER",
+        help="held-out evaluation images for the agreement with FP32 (never the calibration "
+        "images)",
+    )
+    g.add_argument("--eval-size", type=int, metavar="N", help="use the first N --eval images")
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -30,38 +75,69 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "--weights", help="weights file for a package.module:factory model (safetensors)"
     )
     p.add_argument("--calib", help="folder of calibration images (default: the model's own set)")
-    p.add_argument("--calib-size", type=int, default=32, help="number of calibration images")
-    p.add_argument("--weight-bits", "-w", type=int, default=4)
-    p.add_argument("--act-bits", "-a", default="8", help="activation bits, or 'float'")
-    p.add_argument("--method", default="mmse", help="weight and activation range method")
     p.add_argument(
-        "--granularity", default="per_channel", help="per_channel | per_tensor | per_group<N>"
+        "--calib-size",
+        type=int,
+        help="number of calibration images (default 32; with --calib-loader: all its batches, "
+        "or batches until this many samples)",
     )
     p.add_argument(
-        "--budget", type=float, default=0.0, help="extra MACs for residual tensors (fraction)"
+        "--calib-loader",
+        metavar="MODULE:FN",
+        help="instead of --calib: FN() returns an iterable of calibration batches as the model "
+        "takes them (tensors, (inputs, labels) tuples or dicts of keyword tensors)",
     )
-    p.add_argument(
+    _add_data_args(p)
+    r = p.add_argument_group(
+        "recipe (the options below override the recipe's fields)",
+    )
+    r.add_argument(
+        "--recipe",
+        default="default",
+        choices=RECIPES,
+        help="default: W4A8 kernel-wise MMSE + residual tensors within 10%% extra MACs (merged "
+        "into one 8-bit kernel, free at run time, with --target int8) + bias correction; fast: "
+        "plain MMSE (no residuals, no bias correction; one calibration pass); best: default + "
+        "learned rounding (minutes on ImageNet-sized models)",
+    )
+    r.add_argument("--weight-bits", "-w", type=int, help="weight bits (2-8; recipe: 4)")
+    r.add_argument("--act-bits", "-a", help="activation bits (2-8), or 'float' (recipe: 8)")
+    r.add_argument("--method", help="weight and activation range method (recipe: mmse)")
+    r.add_argument(
+        "--granularity", help="per_channel | per_tensor | per_group<N> (recipe: per_channel)"
+    )
+    r.add_argument(
+        "--budget",
+        type=float,
+        help="extra MACs for residual tensors, a fraction (recipe: 0.1; fast: 0)",
+    )
+    r.add_argument(
         "--target",
-        default="int4",
         choices=["int4", "int8"],
         help="hardware the model is for: int8 (onnxruntime CPU, OpenVINO, TensorRT: one 8-bit "
         "integer kernel per layer, residual tensors merged at no run-time cost) or int4 "
-        "(accelerators with 4-bit MACs; residual tensors are extra MACs)",
+        "(accelerators with 4-bit MACs; residual tensors are extra MACs; the recipe's)",
     )
-    p.add_argument("--first-last-8bit", action="store_true", help="first and last layer at W8A8")
-    p.add_argument(
+    r.add_argument("--first-last-8bit", action="store_true", help="first and last layer at W8A8")
+    r.add_argument(
         "--skip", action="append", default=[], help="module name (pattern) left in float"
     )
-    p.add_argument("--bias-correction", action="store_true")
-    p.add_argument("--equalize", action="store_true")
-    p.add_argument("--output-aware", action="store_true", help="= --rounding gptq")
-    p.add_argument(
-        "--rounding",
-        default="nearest",
-        choices=["nearest", "gptq", "learned"],
-        help="first-term rounding: nearest, gptq, or learned (AdaRound-style, layer by layer)",
+    r.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        help="correct each layer's output mean (recipe: on; fast: off)",
     )
-    p.add_argument("--strict", action="store_true", help="fail on layers omse cannot quantize")
+    r.add_argument(
+        "--equalize", action=argparse.BooleanOptionalAction, help="cross-layer equalization"
+    )
+    r.add_argument("--output-aware", action="store_true", help="= --rounding gptq")
+    r.add_argument(
+        "--rounding",
+        choices=["nearest", "gptq", "learned"],
+        help="first-term rounding: nearest (recipe), gptq, or learned (AdaRound-style, layer "
+        "by layer; the best recipe)",
+    )
+    r.add_argument("--strict", action="store_true", help="fail on layers omse cannot quantize")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
@@ -96,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a saved omse checkpoint (or FP32 model) against FP32")
     e.add_argument("model", help="built-in model name, or a checkpoint written by `omse save`")
+    e.add_argument(
+        "--model",
+        dest="arch",
+        metavar="MODULE:FACTORY",
+        help="a user model's checkpoint: the architecture (and, with --weights, its FP32 "
+        "reference weights; without, FACTORY() must return the trained FP32 model)",
+    )
+    e.add_argument("--weights", help="FP32 weights for --model (safetensors)")
+    _add_data_args(e)
     e.add_argument("--views", type=int, default=200)
     e.add_argument("--json")
     e.add_argument("--force", action="store_true")
@@ -134,11 +219,12 @@ def _config_from_args(args) -> Any:
     from .config import QuantConfig
     from .zoo.demo import LITE0_FIRST_LAST
 
-    act = (
-        None
-        if str(args.act_bits).lower() in ("float", "none", "32")
-        else _int(args.act_bits, "--act-bits")
-    )
+    if args.act_bits is None:
+        act = None  # the recipe's
+    elif str(args.act_bits).lower() in ("float", "none", "32"):
+        act = "float"
+    else:
+        act = _int(args.act_bits, "--act-bits")
     overrides = {}
     if args.first_last_8bit:
         if args.model == "efficientnet-lite0":
@@ -148,22 +234,26 @@ def _config_from_args(args) -> Any:
                 "__first__": {"weight_bits": 8, "act_bits": 8},
                 "__last__": {"weight_bits": 8, "act_bits": 8},
             }
-    return QuantConfig(
-        weight_bits=args.weight_bits,
-        act_bits=act,
-        weight_method=args.method,
-        act_method=args.method,
-        granularity=args.granularity,
-        extra_mac_budget=args.budget,
-        skip=tuple(args.skip),
-        overrides=overrides,
-        bias_correction=args.bias_correction,
-        equalize=args.equalize,
-        output_aware=args.output_aware,
-        rounding=args.rounding,
-        strict=args.strict,
-        target=args.target,
-    )
+    given = {
+        "weight_bits": args.weight_bits,
+        "act_bits": act,
+        "weight_method": args.method,
+        "act_method": args.method,
+        "granularity": args.granularity,
+        "extra_mac_budget": args.budget,
+        "bias_correction": args.bias_correction,
+        "equalize": args.equalize,
+        "rounding": args.rounding,
+        "target": args.target,
+    }
+    kw = {k: v for k, v in given.items() if v is not None}  # None: the recipe's value
+    if act == "float":
+        kw["act_bits"] = None
+    if args.output_aware:
+        kw["output_aware"] = True
+    if args.strict:
+        kw["strict"] = True
+    return QuantConfig.preset(args.recipe, skip=tuple(args.skip), overrides=overrides, **kw)
 
 
 def _int(v: str, name: str) -> int:
@@ -182,38 +272,191 @@ def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
     return {names[0]: overrides["__first__"], names[-1]: overrides["__last__"]}
 
 
+_USER_DATA_ARGS = ("input_size", "resize", "mean", "std", "transform")
+
+
+def _reject_user_data_args(args, name: str) -> None:
+    """Preprocessing options are for a user's model: a built-in model brings its own."""
+    for k in _USER_DATA_ARGS:
+        if getattr(args, k, None) is not None:
+            raise OmseError(
+                f"--{k.replace('_', '-')} is for package.module:factory models; {name!r} is "
+                "built in and brings its own input size and preprocessing"
+            )
+
+
+def _input_size(text: str | None) -> tuple[int, int]:
+    """``--input-size H`` or ``HxW`` -> ``(H, W)`` (default 224 x 224)."""
+    if text is None:
+        return 224, 224
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        hw = [int(p) for p in parts]
+    except ValueError:
+        hw = []
+    if len(hw) not in (1, 2) or min(hw) < 1:
+        raise OmseError(
+            f"--input-size must be H or HxW in pixels (e.g. 224, 256x320), got {text!r}"
+        )
+    return (hw[0], hw[-1])
+
+
+class _Transform:
+    """``--transform MODULE:FN`` applied to image batches, with errors that name it."""
+
+    def __init__(self, target: str) -> None:
+        from .zoo.models import import_object
+
+        self.target, self.fn = target, import_object(target, "--transform")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            y = self.fn(x)
+        except Exception as e:
+            raise OmseError(
+                f"--transform {self.target} failed on images {list(x.shape)}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(y, torch.Tensor):
+            raise OmseError(f"--transform {self.target} returned {type(y).__name__}, not a tensor")
+        return y
+
+
+class _Normalize:
+    """``(x - mean) / std`` per RGB channel, images ``[N, 3, H, W]`` in [0, 1]."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        if any(not s > 0 for s in std):
+            raise OmseError(f"--std values must be > 0, got {std}")
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _user_preprocess(args):
+    """The user model's preprocessing of ``[N, 3, H, W]`` images in [0, 1], or None."""
+    if args.transform:
+        if args.mean is not None or args.std is not None:
+            raise OmseError("--transform replaces --mean/--std: give one or the other")
+        return _Transform(args.transform)
+    if (args.mean is None) != (args.std is None):
+        raise OmseError("--mean and --std go together (3 floats each, RGB)")
+    return None if args.mean is None else _Normalize(args.mean, args.std)
+
+
+def _batch_len(b) -> int:
+    if isinstance(b, dict):
+        b = next((v for v in b.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(b, tuple | list) and b:
+        b = b[0]
+    return b.shape[0] if isinstance(b, torch.Tensor) and b.dim() else 1
+
+
+def _loader_batches(target: str, limit: int | None) -> list:
+    """The batches ``--calib-loader MODULE:FN`` yields (all, or until ``limit`` samples)."""
+    from .zoo.models import import_object
+
+    fn = import_object(target, "--calib-loader")
+    try:
+        it = iter(fn())
+    except TypeError as e:
+        raise OmseError(f"--calib-loader {target}() must return an iterable of batches: {e}") from e
+    except Exception as e:
+        raise OmseError(f"--calib-loader {target}() failed: {type(e).__name__}: {e}") from e
+    batches, n = [], 0
+    try:
+        for b in it:
+            batches.append(b)
+            n += _batch_len(b)
+            if limit is not None and n >= limit:
+                break
+    except OmseError:
+        raise
+    except Exception as e:
+        raise OmseError(
+            f"--calib-loader {target}: reading batch {len(batches)} failed: {type(e).__name__}: {e}"
+        ) from e
+    if not batches:
+        raise OmseError(f"--calib-loader {target}() yielded no batches")
+    return batches
+
+
+def _eval_folder(args, size: tuple[int, int] | int) -> torch.Tensor:
+    from .zoo.data import load_image_folder
+
+    if args.eval_size is not None and args.eval_size < 1:
+        raise OmseError(f"--eval-size must be >= 1, got {args.eval_size}")
+    return load_image_folder(args.eval, size, args.eval_size, args.resize, role="evaluation")
+
+
+def _user_data(args):
+    """A user model's (preprocess, calib batches, eval inputs, eval labels): images from
+    ``--calib`` (or batches from ``--calib-loader``); evaluation on ``--eval`` images, else on
+    the calibration data (labelled optimistic by :func:`_eval_label`)."""
+    from .zoo.data import load_image_folder
+
+    size, pre = _input_size(args.input_size), _user_preprocess(args)
+    if args.calib_loader:
+        batches = _loader_batches(args.calib_loader, args.calib_size)
+        ev_x = batches  # model inputs already: no preprocessing
+    elif not args.calib:
+        raise OmseError(
+            "a user model needs --calib FOLDER (calibration images) or --calib-loader MODULE:FN"
+        )
+    else:
+        calib = load_image_folder(args.calib, size, args.calib_size or 32, args.resize)
+        batches = [pre(b) if pre else b for b in calib.split(8)]
+        ev_x = calib
+    if args.eval:
+        ev_x = _eval_folder(args, size)
+    return pre, batches, ev_x, None
+
+
 def _load_task(args):
-    """(model, preprocess, calib batches, eval inputs, eval labels, name)."""
+    """(model, preprocess, calib batches, eval inputs, eval labels)."""
     from .zoo.data import load_image_folder
     from .zoo.models import REGISTRY, load_user_model
     from .zoo.tasks import get_task
 
-    if args.calib_size < 1:
+    if args.calib_size is not None and args.calib_size < 1:
         raise OmseError(f"--calib-size must be >= 1, got {args.calib_size}")
     if args.weights and args.model in REGISTRY:
         raise OmseError(
             f"--weights is for package.module:factory models; {args.model!r} is built in "
             "and ships its own weights"
         )
+    if args.calib and args.calib_loader:
+        raise OmseError("give --calib FOLDER or --calib-loader MODULE:FN, not both")
     if args.model in REGISTRY:
+        _reject_user_data_args(args, args.model)
         task = get_task(args.model)
         model = task.build()
         pre = None  # the task's inputs come preprocessed
-        ev_x, ev_y = task.evaluation(2000 if task.spec.task == "fmnist" else 200)
-        if args.calib and task.spec.task != "fmnist":
-            folder = load_image_folder(args.calib, task.spec.input_shape[-1], args.calib_size)
+        fmnist = task.spec.task == "fmnist"
+        if fmnist and (args.calib or args.eval):
+            raise OmseError(
+                f"{args.model} takes 28x28 Fashion-MNIST images: --calib/--eval image folders "
+                "are for RGB models (use --calib-loader for your own batches)"
+            )
+        if args.eval:
+            ev_x, ev_y = task.spec.preprocess(_eval_folder(args, task.spec.input_shape[-1])), None
+        else:
+            ev_x, ev_y = task.evaluation(2000 if fmnist else 200)
+        n_calib = args.calib_size or 32
+        if args.calib_loader:
+            return model, pre, _loader_batches(args.calib_loader, args.calib_size), ev_x, ev_y
+        if args.calib:
+            folder = load_image_folder(args.calib, task.spec.input_shape[-1], n_calib)
             calib = task.spec.preprocess(folder)
         else:
-            calib = task.calibration(args.calib_size)
+            calib = task.calibration(n_calib)
     else:
-        pre = None
-        model = None if _is_onnx_path(args.model) else load_user_model(args.model, args.weights)
-        if not args.calib:
-            raise OmseError("a user model needs --calib FOLDER (calibration images)")
-        if model is None:
+        if _is_onnx_path(args.model):
             return _load_onnx_task(args)
-        calib = load_image_folder(args.calib, limit=args.calib_size)
-        ev_x, ev_y = calib, None  # no evaluation set known for a user's model: report on calib
+        model = load_user_model(args.model, args.weights)
+        return (model, *_user_data(args))
     batches = [
         pre(calib[i : i + 8]) if pre else calib[i : i + 8] for i in range(0, calib.shape[0], 8)
     ]
@@ -225,38 +468,86 @@ def _is_onnx_path(model: str) -> bool:
 
 
 def _load_onnx_task(args):
-    """``_load_task`` for a float ONNX image model: calibration images at the input's static
-    ``(C, H, W)`` (224 for a dynamic H or W; a non-square size is a centre crop of a square
-    one; 1 channel: grey), the model converted and checked on the first batch."""
+    """``_load_task`` for a float ONNX image model: the user-model data options
+    (:func:`_user_data`), with the input size taken from the graph's static ``(H, W)`` when
+    ``--input-size`` is not given (224 for a dynamic one); the model converted and checked
+    against onnxruntime on the first calibration batch."""
     from .transforms.onnx_import import load_onnx, onnx_io, read_onnx
-    from .zoo.data import load_image_folder
 
     if args.weights:
         raise OmseError("--weights is for package.module:factory models; an ONNX file has its own")
     io = onnx_io(read_onnx(args.model)[0])
-    if len(io["input_names"]) != 1:
+    if len(io["input_names"]) != 1 and not args.calib_loader:
         raise OmseError(
-            f"{args.model} has {len(io['input_names'])} inputs ({io['input_names']}); the "
-            "command line calibrates image models with one input: use omse.quantize in Python"
+            f"{args.model} has {len(io['input_names'])} inputs ({io['input_names']}); calibration "
+            "images feed one: give --calib-loader MODULE:FN (dict batches) or use omse.quantize"
         )
     dims = io["shapes"][io["input_names"][0]]
-    if len(dims) != 4:
-        raise OmseError(f"{args.model}: input of shape {dims} is not an (N, C, H, W) image batch")
-    c, h, w = (d if isinstance(d, int) else None for d in dims[1:])
-    h, w = h or 224, w or 224
-    calib = load_image_folder(args.calib, max(h, w), args.calib_size)
-    top, left = (calib.shape[2] - h) // 2, (calib.shape[3] - w) // 2
-    calib = calib[:, :, top : top + h, left : left + w]
-    if c == 1:
-        calib = calib.mean(1, keepdim=True)
-    elif c not in (None, 3):
-        raise OmseError(f"{args.model}: an input of {c} channels is not an RGB or grey image")
-    batches = list(calib.split(8))
-    return load_onnx(args.model, sample=batches[0]), None, batches, calib, None
+    if not args.calib_loader:
+        if len(dims) != 4:
+            raise OmseError(
+                f"{args.model}: input of shape {dims} is not an (N, C, H, W) image batch; give "
+                "--calib-loader MODULE:FN"
+            )
+        c, h, w = (d if isinstance(d, int) else None for d in dims[1:])
+        if c not in (None, 3) and not args.transform:
+            raise OmseError(
+                f"{args.model}: an input of {c} channels is not an RGB image; give --transform "
+                "MODULE:FN (RGB [N, 3, H, W] -> the model's input) or --calib-loader MODULE:FN"
+            )
+        if args.input_size is None:
+            args.input_size = f"{h or 224}x{w or 224}"
+    pre, batches, ev_x, ev_y = _user_data(args)
+    return load_onnx(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
+
+
+def _eval_label(args, n: int) -> tuple[str, bool]:
+    """What the agreement is measured on, and whether those inputs are held out."""
+    from .zoo.models import REGISTRY
+
+    if getattr(args, "eval", None):
+        return f"{n} held-out images from {args.eval}", True
+    if args.model in REGISTRY:
+        if REGISTRY[args.model].task == "fmnist":
+            return f"{n} Fashion-MNIST test images", True
+        return f"{n} views of the 20 foolbox ImageNet images", True
+    return (
+        f"{n} calibration inputs (calibration images: optimistic; give --eval FOLDER for "
+        "held-out images)",
+        False,
+    )
+
+
+def _logits(model: torch.nn.Module, inputs, pre, desc: str) -> torch.Tensor:
+    """``[N, classes]`` logits of ``model`` on a tensor of inputs (preprocessed by ``pre``) or
+    on a list of calibration-loader batches (tensors, ``(inputs, ...)`` tuples or dicts)."""
+    from .analysis.metrics import predict
+
+    if isinstance(inputs, torch.Tensor):
+        out = predict(model, inputs, pre, progress=True, desc=desc)
+    else:
+        outs = []
+        with torch.no_grad():
+            for b in inputs:
+                if isinstance(b, dict):
+                    y = model(**b)
+                else:
+                    y = model(b[0] if isinstance(b, tuple | list) else b)
+                y = getattr(y, "logits", y)
+                outs.append(y[0] if isinstance(y, tuple | list) else y)
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise OmseError("the model's output is not a tensor of logits; agreement needs one")
+        out = torch.cat([o.float() for o in outs])
+    if out.dim() != 2:
+        raise OmseError(
+            f"the model's output has shape {list(out.shape)}: the agreement with FP32 needs "
+            "[N, classes] logits"
+        )
+    return out
 
 
 def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
-    from .analysis.metrics import compare_logits, predict
+    from .analysis.metrics import compare_logits
     from .transforms.pipeline import Calibration, quantize
 
     model, pre, batches, ev_x, ev_y = _load_task(args)
@@ -267,17 +558,21 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         cfg = replace(cfg, overrides=_resolve_first_last(model, cfg.overrides))
     cal = Calibration()
     qmodel = quantize(model, batches, cfg, calibration=cal, progress=True)
-    ref = predict(model, ev_x, pre, progress=True, desc="FP32")
-    out = predict(qmodel, ev_x, pre, progress=True, desc="quantized")
+    ref = _logits(model, ev_x, pre, "FP32")
+    out = _logits(qmodel, ev_x, pre, "quantized")
     a = compare_logits(ref, out, ev_y)
+    eval_on, held_out = _eval_label(args, a.n)
     res = {
         "model": args.model,
+        "recipe": args.recipe,
         "config": cfg.to_dict(),
         "agreement": a.agreement,
         "kl": a.kl,
         "top1": a.top1,
         "fp32_top1": compare_logits(ref, ref, ev_y).top1,
         "eval_inputs": a.n,
+        "eval_on": eval_on,
+        "eval_held_out": held_out,
         "calib_batches": cal.batches,
         "calib_seconds": round(cal.seconds, 3),
         "left_float": cal.left_float,
@@ -293,11 +588,13 @@ def _write_json(path: str | None, obj: dict, force: bool) -> None:
 
 
 def _print_result(res: dict) -> None:
-    top1 = "-" if res["top1"] is None else f"{res['top1']:.1%}"
+    def pc(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
     print(
         f"{res['model']}: agreement with FP32 {res['agreement']:.1%}, KL {res['kl']:.4f}, "
-        f"top-1 {top1} (FP32 {res['fp32_top1'] if res['fp32_top1'] is None else format(res['fp32_top1'], '.1%')}), "
-        f"{res['eval_inputs']} inputs, calibration {res['calib_seconds']:.1f} s"
+        f"top-1 {pc(res['top1'])} (FP32 {pc(res['fp32_top1'])}), on {res['eval_on']}, "
+        f"calibration {res['calib_seconds']:.1f} s"
     )
 
 
@@ -355,29 +652,60 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .analysis.metrics import compare_logits, predict
-    from .zoo.models import REGISTRY, get_model
+def _eval_models(args):
+    """``omse eval``'s (FP32 reference, quantized model or None, name, inputs, preprocess,
+    labels)."""
+    from .zoo.models import REGISTRY, get_model, load_checkpoint, load_user_model
     from .zoo.tasks import get_task
 
-    _check_outputs(args, args.json)
     if args.model in REGISTRY:
-        spec = get_model(args.model)
-        ref_model, qmodel, name = spec.build(), None, args.model
+        name, qmodel = args.model, None
     else:
         from .deploy.checkpoint import read_header
-        from .zoo.models import load_checkpoint
 
         header = read_header(args.model)
         name = header.get("model")
         if name not in REGISTRY:
-            raise OmseError(f"checkpoint {args.model} names model {name!r}, not a built-in model")
-        spec = get_model(name)
-        ref_model, qmodel = spec.build(), load_checkpoint(args.model)
-    task = get_task(spec.name)
-    xs, ys = task.evaluation(None if spec.task == "fmnist" else args.views)
-    ref = predict(ref_model, xs, None, progress=True, desc="FP32")
-    out = predict(qmodel, xs, None, progress=True, desc="quantized") if qmodel else ref
+            if not args.arch:
+                raise OmseError(
+                    f"checkpoint {args.model} is of a user model (it names "
+                    f"{'no built-in model' if name is None else repr(name)}): give its "
+                    "architecture with --model package.module:factory (and --weights for the "
+                    "FP32 reference) and held-out images with --eval FOLDER"
+                )
+            if not args.eval:
+                raise OmseError(
+                    f"a user model ({args.arch}) is evaluated on held-out images: give "
+                    "--eval FOLDER"
+                )
+            ref = load_user_model(args.arch, args.weights)
+            qmodel = load_checkpoint(args.model, load_user_model(args.arch))
+            xs = _eval_folder(args, _input_size(args.input_size))
+            return ref, qmodel, args.arch, xs, _user_preprocess(args), None
+        qmodel = load_checkpoint(args.model)
+    for flag, v in (("--model", args.arch), ("--weights", args.weights)):
+        if v:
+            raise OmseError(f"{flag} is for a user model's checkpoint; {name!r} is built in")
+    _reject_user_data_args(args, name)
+    spec = get_model(name)
+    if args.eval and spec.task == "fmnist":
+        raise OmseError(
+            f"{name} takes 28x28 Fashion-MNIST images: --eval folders are for RGB models"
+        )
+    if args.eval:
+        xs, ys = spec.preprocess(_eval_folder(args, spec.input_shape[-1])), None
+    else:
+        xs, ys = get_task(spec.name).evaluation(None if spec.task == "fmnist" else args.views)
+    return spec.build(), qmodel, name, xs, None, ys
+
+
+def cmd_eval(args) -> int:
+    from .analysis.metrics import compare_logits
+
+    _check_outputs(args, args.json)
+    ref_model, qmodel, name, xs, pre, ys = _eval_models(args)
+    ref = _logits(ref_model, xs, pre, "FP32")
+    out = _logits(qmodel, xs, pre, "quantized") if qmodel else ref
     a = compare_logits(ref, out, ys)
     res = {
         "model": name,
@@ -385,6 +713,7 @@ def cmd_eval(args) -> int:
         "kl": a.kl,
         "top1": a.top1,
         "n": a.n,
+        "eval_on": _eval_label(argparse.Namespace(eval=args.eval, model=name), a.n)[0],
         "fp32_top1": compare_logits(ref, ref, ys).top1,
     }
     print(json.dumps(res, indent=2))
@@ -416,11 +745,11 @@ def cmd_export(args) -> int:
         batches[0][:1],
         args.out,
         force=args.force,
-        target=args.target,
+        target=args.target,  # None: the target the model was quantized for
         container=args.container,
         integer=args.integer,
     )
-    print(f"wrote {args.out} (target {args.target})")
+    print(f"wrote {args.out} (target {res['config']['target']})")
     _write_json(args.json, res, args.force)
     return 0
 

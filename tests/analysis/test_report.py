@@ -14,7 +14,9 @@ from omse.nn.layers import quantized_layers
 
 def test_report_files_and_computed_columns(tmp_path):
     b = tiny_batches()
-    q = omse.quantize(tiny_net(), b, QuantConfig(4, 4, extra_mac_budget=0.2))
+    q = omse.quantize(
+        tiny_net(), b, QuantConfig.preset("fast", weight_bits=4, act_bits=4, extra_mac_budget=0.2)
+    )
     paths = omse.report(q, b, tmp_path / "rep")
     names = sorted(p.name for p in paths)
     assert names == ["float_weights.csv", "report.csv", "report.md", "report.png"]
@@ -34,8 +36,18 @@ def test_report_files_and_computed_columns(tmp_path):
 
 def test_more_bits_give_higher_sqnr():
     b = tiny_batches()
-    lo = {r.name: r for r in layer_reports(omse.quantize(tiny_net(), b, QuantConfig(3, 3)), b)}
-    hi = {r.name: r for r in layer_reports(omse.quantize(tiny_net(), b, QuantConfig(8, 8)), b)}
+    lo = {
+        r.name: r
+        for r in layer_reports(
+            omse.quantize(tiny_net(), b, QuantConfig.preset("fast", weight_bits=3, act_bits=3)), b
+        )
+    }
+    hi = {
+        r.name: r
+        for r in layer_reports(
+            omse.quantize(tiny_net(), b, QuantConfig.preset("fast", weight_bits=8, act_bits=8)), b
+        )
+    }
     for n in lo:
         assert hi[n].weight_sqnr_db > lo[n].weight_sqnr_db
         assert hi[n].output_sqnr_db > lo[n].output_sqnr_db
@@ -46,7 +58,12 @@ def test_in_place_activations_do_not_corrupt_the_reference():
     m = tiny_net()
     m.act1.inplace = True  # the float pass's stored output must survive the in-place ReLU
     b = tiny_batches()
-    rows = {r.name: r for r in layer_reports(omse.quantize(m, b, QuantConfig(8, 8)), b)}
+    rows = {
+        r.name: r
+        for r in layer_reports(
+            omse.quantize(m, b, QuantConfig.preset("fast", weight_bits=8, act_bits=8)), b
+        )
+    }
     assert rows["conv1"].output_sqnr_db > 25
 
 

@@ -51,8 +51,8 @@ def _user_qmodel():
     torch.manual_seed(0)
     net = UserNet().eval()
     calib = torch.randn(32, 3, 12, 12).split(8)
-    cfg = QuantConfig(
-        weight_bits=4, act_bits=4, overrides={"dw": {"weight_bits": 6}}, skip=("out",)
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=4, overrides={"dw": {"weight_bits": 6}}, skip=("out",)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,7 +86,7 @@ def registry_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     shape = spec.input_shape
     x = torch.randn(8, *shape) if name.startswith("fmnist") else torch.rand(4, *shape) * 2 - 1
-    q = quantize(model, [x], QuantConfig(weight_bits=4, act_bits=8))
+    q = quantize(model, [x], QuantConfig.preset("fast", weight_bits=4, act_bits=8))
     path = tmp_path_factory.mktemp("ckpt") / f"{name}.safetensors"
     checkpoint.save(q, path, model_name=name)
     return name, model, q, path, x
@@ -268,7 +268,7 @@ def test_every_zoo_net_w4_weights_at_most_one_seventh(name, tmp_path):
     model = spec.build()
     torch.manual_seed(0)
     x = torch.randn(4, *spec.input_shape)
-    q = quantize(model, [x], QuantConfig(weight_bits=4, act_bits=8))
+    q = quantize(model, [x], QuantConfig.preset("fast", weight_bits=4, act_bits=8))
     path = checkpoint.save(q, tmp_path / "m.safetensors", model_name=name)
     h = checkpoint.read_header(path)
     assert h["bytes"]["packed_weights"] * 7 <= h["bytes"]["fp32_weights"], h["bytes"]
@@ -285,8 +285,10 @@ def test_float32_scales_are_kept_exactly(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
     x = torch.randn(4, 3, 8, 8)
-    q32 = quantize(model, [x], QuantConfig(weight_bits=4, act_bits=8, scale_dtype="float32"))
-    q16 = quantize(model, [x], QuantConfig(weight_bits=4, act_bits=8))
+    q32 = quantize(
+        model, [x], QuantConfig.preset("fast", weight_bits=4, act_bits=8, scale_dtype="float32")
+    )
+    q16 = quantize(model, [x], QuantConfig.preset("fast", weight_bits=4, act_bits=8))
     for (n, a), (_, b) in zip(quantized_layers(q32).items(), quantized_layers(q16).items()):
         s32, s16 = a.terms()[0][1], b.terms()[0][1]
         assert torch.equal(s16.half().float(), s16), n

@@ -101,7 +101,7 @@ def _run(q, path, x, **kw):
 
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_small_net_parity(tmp_path, act_bits):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=act_bits))
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=act_bits))
     assert quantized_layers(q)["pw"].n_terms == 2
     path = export_onnx(q, _data(1), tmp_path / "m.onnx")
     x = _data(64, seed=2)
@@ -123,7 +123,7 @@ def test_small_net_parity(tmp_path, act_bits):
     ],
 )
 def test_other_grids_parity(tmp_path, cfg, container):
-    q = _quantized(QuantConfig(**cfg))
+    q = _quantized(QuantConfig.preset("fast", **cfg))
     path = export_onnx(q, _data(1), tmp_path / "m.onnx", container=container)
     out, sim = _run(q, path, _data(64, seed=3))
     tol = (2 if container == "int8" else 1) * _one_step(q) + 1e-5 * np.abs(sim).max()
@@ -131,7 +131,7 @@ def test_other_grids_parity(tmp_path, cfg, container):
 
 
 def test_graph_is_4bit_qdq(tmp_path):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=4))
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=4))
     m = to_onnx_model(q, _data(1))
     ops = [n.op_type for n in m.graph.node]
     assert m.opset_import[0].version == 21
@@ -162,7 +162,7 @@ def test_graph_is_4bit_qdq(tmp_path):
 
 
 def test_int8_container_fuses_integer_kernels(tmp_path):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=8), residual=False)
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=8), residual=False)
     path = export_onnx(q, _data(1), tmp_path / "m8.onnx", container="int8")
     m = onnx.load(path)
     w = [i for i in m.graph.initializer if i.name.endswith("w_codes")]
@@ -187,7 +187,7 @@ def test_integer_form_is_bit_exact(tmp_path, act_bits, container):
     """``integer=True``: the layers run on integer codes (exact accumulators) and rescale by
     ``s_x * s_w`` after; onnxruntime then reproduces omse's integer mode bit for bit, residual
     branches included, with and without its graph optimisations."""
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=act_bits))
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=act_bits))
     x = _data(64, seed=2)
     with torch.no_grad():
         fake = q(x).numpy()
@@ -203,7 +203,7 @@ def test_integer_form_is_bit_exact(tmp_path, act_bits, container):
 
 
 def test_integer_form_graph(tmp_path):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=4))
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=4))
     m = to_onnx_model(q, _data(1), integer=True)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     ops = [n.op_type for n in m.graph.node]
@@ -224,7 +224,7 @@ def test_integer_form_graph(tmp_path):
 
 
 def test_refuses_overwrite_and_bad_args(tmp_path):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=8), residual=False)
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=8), residual=False)
     p = tmp_path / "m.onnx"
     p.write_bytes(b"keep")
     with pytest.raises(OmseError, match="already exists"):
@@ -238,7 +238,9 @@ def test_refuses_overwrite_and_bad_args(tmp_path):
 
 
 def test_per_group_weights_refused_by_name(tmp_path):
-    cfg = QuantConfig(weight_bits=4, act_bits=8, overrides={"pw": {"granularity": "per_group4"}})
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=8, overrides={"pw": {"granularity": "per_group4"}}
+    )
     q = _quantized(cfg, residual=False)
     with pytest.raises(UnsupportedLayerError, match=r"layer 'pw'.*per_group4"):
         export_onnx(q, _data(1), tmp_path / "g.onnx")
@@ -251,7 +253,7 @@ class _Spectral(nn.Module):
 
 
 def test_unexportable_module_named(tmp_path):
-    q = _quantized(QuantConfig(weight_bits=4, act_bits=8), residual=False)
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=8), residual=False)
     q2 = nn.Sequential(copy.deepcopy(q), nn.Sequential(_Spectral()))
     with pytest.raises(UnsupportedLayerError, match=r"module '1\.0' \(_Spectral\).*fft"):
         export_onnx(q2, _data(1), tmp_path / "s.onnx")
@@ -271,7 +273,11 @@ def test_lite0_parity(tmp_path):
     calib = spec.preprocess(calibration_images(8))
     # W4A8 with a residual 4-bit tensor on every layer (min-max ranges, for speed): a 4-bit model
     # that still agrees with FP32 on ~97% of views, exported with two 4-bit branches per layer
-    q = quantize(model, [calib], QuantConfig(weight_bits=4, act_bits=8, weight_method="minmax"))
+    q = quantize(
+        model,
+        [calib],
+        QuantConfig.preset("fast", weight_bits=4, act_bits=8, weight_method="minmax"),
+    )
     for ql in quantized_layers(q).values():
         ql.set_weight_terms(
             quantize_weight_terms(ql.float_weight, ql.w_grid, ql.cfg.granularity, "minmax", 2)

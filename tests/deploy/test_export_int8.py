@@ -135,7 +135,9 @@ def test_int8_export_refuses_a_model_quantized_for_int4(tmp_path):
     model = ResNetish().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = quantize(model, _data(16).split(8), QuantConfig(weight_bits=4, act_bits=8))
+        q = quantize(
+            model, _data(16).split(8), QuantConfig.preset("fast", weight_bits=4, act_bits=8)
+        )
     with pytest.raises(ConfigError, match="'stem' was quantized for target='int4'.*target='int8'"):
         export_onnx(q, _data(1), tmp_path / "q.onnx", target="int8")
     assert not (tmp_path / "q.onnx").exists()
@@ -143,8 +145,8 @@ def test_int8_export_refuses_a_model_quantized_for_int4(tmp_path):
 
 def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
     model = ResNetish().eval()
-    cfg = QuantConfig(
-        weight_bits=4, act_bits=8, target="int8", overrides={"dw": {"act_bits": None}}
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=8, target="int8", overrides={"dw": {"act_bits": None}}
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,9 +157,9 @@ def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
 
 def test_int8_config_refuses_three_terms():
     with pytest.raises(ConfigError, match="max_terms=3 with target='int8'"):
-        QuantConfig(target="int8", max_terms=3)
+        QuantConfig.preset("fast", target="int8", max_terms=3)
     with pytest.raises(ConfigError, match="target="):
-        QuantConfig(target="int16")
+        QuantConfig.preset("fast", target="int16")
 
 
 def test_int4_export_of_an_int8_model_keeps_the_simulation(tmp_path):
@@ -258,7 +260,9 @@ def test_weight_only_linear_runs_as_matmul_nbits(tmp_path, granularity):
     torch.manual_seed(0)
     model = TokenMLP().eval()
     x = torch.randn(16, 5, 64)
-    cfg = QuantConfig(weight_bits=4, act_bits=None, granularity=granularity, target="int8")
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=None, granularity=granularity, target="int8"
+    )
     q = quantize(model, x.split(4), cfg)
     path = export_onnx(q, x[:1], tmp_path / "q.onnx")
     sess, ops = _optimized_ops(path, tmp_path)
@@ -275,7 +279,9 @@ def test_weight_only_linear_runs_as_matmul_nbits(tmp_path, granularity):
 def test_per_group_weights_need_a_float_input(tmp_path):
     model = TokenMLP().eval()
     x = torch.randn(8, 5, 64)
-    cfg = QuantConfig(weight_bits=4, act_bits=8, granularity="per_group32", target="int8")
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=8, granularity="per_group32", target="int8"
+    )
     q = quantize(model, x.split(4), cfg)
     with pytest.raises(UnsupportedLayerError, match="'up' has per_group32 weight scales"):
         export_onnx(q, x[:1], tmp_path / "q.onnx")

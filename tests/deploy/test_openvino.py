@@ -150,7 +150,9 @@ def zoo_case(request, fmnist_data, tmp_path_factory) -> ZooCase:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize(
-            get_model(name).build(), calib.split(16), QuantConfig(weight_bits=4, act_bits=8)
+            get_model(name).build(),
+            calib.split(16),
+            QuantConfig.preset("fast", weight_bits=4, act_bits=8),
         )
         qi = set_integer(copy.deepcopy(q))
     out = tmp_path_factory.mktemp(name)
@@ -258,7 +260,9 @@ def small_exports(tmp_path_factory) -> tuple[nn.Module, torch.Tensor, dict[str, 
     net = _SmallNet().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = quantize(net, torch.randn(32, 3, 16, 16, generator=g).split(8), QuantConfig())
+        q = quantize(
+            net, torch.randn(32, 3, 16, 16, generator=g).split(8), QuantConfig.preset("fast")
+        )
     x = torch.randn(64, 3, 16, 16, generator=g)
     out = tmp_path_factory.mktemp("small")
     paths = {
@@ -376,7 +380,7 @@ def test_lite0(tmp_path: Path) -> None:
     x = spec.preprocess(imagenet_views(50)[0])
     # W4A8 with residual tensors at 10% extra MACs: plain W4A8 MMSE breaks Lite0 (~10% top-1
     # agreement with FP32, see the README), whose near-tied logits would make top-1 meaningless
-    cfg = QuantConfig(weight_bits=4, act_bits=8, extra_mac_budget=0.1)
+    cfg = QuantConfig.preset("fast", weight_bits=4, act_bits=8, extra_mac_budget=0.1)
     q = quantize(spec.build(), calib.split(4), cfg)
     qi = set_integer(copy.deepcopy(q))
     step = _one_step(q)

@@ -16,8 +16,13 @@ from omse.transforms.statistics import Needs, collect
 
 
 def _budgeted(budget, criterion="output", max_terms=2, bits=3):
-    cfg = QuantConfig(
-        bits, 8, extra_mac_budget=budget, residual_criterion=criterion, max_terms=max_terms
+    cfg = QuantConfig.preset(
+        "fast",
+        weight_bits=bits,
+        act_bits=8,
+        extra_mac_budget=budget,
+        residual_criterion=criterion,
+        max_terms=max_terms,
     )
     return omse.quantize(tiny_net(), tiny_batches(), cfg)
 
@@ -100,7 +105,11 @@ def test_output_criterion_targets_output_error():
     res = {}
     for crit in ("output", "weight"):
         q = omse.quantize(
-            tiny_net(), b, QuantConfig(3, None, extra_mac_budget=0.3, residual_criterion=crit)
+            tiny_net(),
+            b,
+            QuantConfig.preset(
+                "fast", weight_bits=3, act_bits=None, extra_mac_budget=0.3, residual_criterion=crit
+            ),
         )
         layers = quantized_layers(q)
         st = collect(q, layers, b, Needs(patch_moments=True))
@@ -123,7 +132,7 @@ def test_output_criterion_targets_output_error():
 
 def test_gptq_reduces_layer_output_error():
     b = tiny_batches()
-    q = omse.quantize(tiny_net(), b, QuantConfig(3, None))
+    q = omse.quantize(tiny_net(), b, QuantConfig.preset("fast", weight_bits=3, act_bits=None))
     layers = quantized_layers(q)
     st = collect(q, layers, b, Needs(patch_moments=True))
     for name, ql in layers.items():
@@ -143,7 +152,11 @@ def test_bias_correction_removes_mean_output_shift():
     b = tiny_batches(6)
     res = {}
     for bc in (False, True):
-        q = omse.quantize(tiny_net(), b, QuantConfig(3, None, bias_correction=bc))
+        q = omse.quantize(
+            tiny_net(),
+            b,
+            QuantConfig.preset("fast", weight_bits=3, act_bits=None, bias_correction=bc),
+        )
         ref_q = copy.deepcopy(q)
         for ql in quantized_layers(ref_q).values():
             ql.set_quant_enabled(False)

@@ -39,7 +39,9 @@ class RouteNet(nn.Module):
 
 def _q(model, target="int8"):
     x = torch.randn(8, 3, 8, 8)
-    return quantize(model, [x], QuantConfig(weight_bits=4, act_bits=8, target=target)), x
+    return quantize(
+        model, [x], QuantConfig.preset("fast", weight_bits=4, act_bits=8, target=target)
+    ), x
 
 
 def test_routes_name_each_layer_destination():

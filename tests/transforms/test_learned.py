@@ -65,7 +65,9 @@ def test_learned_rounding_is_deterministic():
 
 
 def test_pipeline_learned_rounding_and_config():
-    cfg = omse.QuantConfig(weight_bits=4, act_bits=8, rounding="learned", rounding_iters=50)
+    cfg = omse.QuantConfig.preset(
+        "fast", weight_bits=4, act_bits=8, rounding="learned", rounding_iters=50
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cal = omse.Calibration()
@@ -73,8 +75,8 @@ def test_pipeline_learned_rounding_and_config():
     info = cal.corrections["learned_rounding"]
     assert set(info) == set(omse.quantized_layers(q))
     assert all(v["learned"] <= v["nearest"] + 1e-12 for v in info.values() if v)
-    assert omse.QuantConfig(output_aware=True).rounding == "gptq"
+    assert omse.QuantConfig.preset("fast", output_aware=True).rounding == "gptq"
     with pytest.raises(omse.ConfigError, match="rounding"):
-        omse.QuantConfig(rounding="stochastic")
+        omse.QuantConfig.preset("fast", rounding="stochastic")
     with pytest.raises(omse.ConfigError, match="contradicts"):
-        omse.QuantConfig(rounding="learned", output_aware=True)
+        omse.QuantConfig.preset("fast", rounding="learned", output_aware=True)

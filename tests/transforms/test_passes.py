@@ -43,7 +43,7 @@ def _count(config: omse.QuantConfig) -> tuple[int, int]:
     ],
 )
 def test_passes_per_recipe(extra, passes):
-    n_passes, forwards = _count(omse.QuantConfig(weight_bits=4, act_bits=8, **extra))
+    n_passes, forwards = _count(omse.QuantConfig.preset("fast", weight_bits=4, act_bits=8, **extra))
     assert n_passes == passes
     # each pass is one forward per calibration batch; BN folding (and the int8 plan) run the
     # first batch once more

@@ -15,7 +15,7 @@ from omse.transforms.pipeline import Calibration
 def test_quantize_returns_new_module_and_leaves_input_untouched():
     m = tiny_net()
     before = copy.deepcopy(m.state_dict())
-    q = omse.quantize(m, tiny_batches(), QuantConfig(weight_bits=4, act_bits=8))
+    q = omse.quantize(m, tiny_batches(), QuantConfig.preset("fast", weight_bits=4, act_bits=8))
     assert q is not m
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -26,7 +26,7 @@ def test_quantize_returns_new_module_and_leaves_input_untouched():
 
 def test_every_layer_kernelwise_and_activations_calibrated():
     m = tiny_net()
-    q = omse.quantize(m, tiny_batches(), QuantConfig(weight_bits=4, act_bits=4))
+    q = omse.quantize(m, tiny_batches(), QuantConfig.preset("fast", weight_bits=4, act_bits=4))
     layers = quantized_layers(q)
     for name, ql in layers.items():
         codes, scale, _ = ql.terms()[0]
@@ -44,7 +44,7 @@ def test_every_layer_kernelwise_and_activations_calibrated():
 def test_quantized_output_close_to_float_at_8_bits():
     m = tiny_net()
     b = tiny_batches()
-    q = omse.quantize(m, b, QuantConfig(weight_bits=8, act_bits=8))
+    q = omse.quantize(m, b, QuantConfig.preset("fast", weight_bits=8, act_bits=8))
     x = torch.randn(16, 3, 12, 12)
     with torch.no_grad():
         ref, out = m(x), q(x)
@@ -53,7 +53,8 @@ def test_quantized_output_close_to_float_at_8_bits():
 
 
 def test_overrides_and_skip_by_name():
-    cfg = QuantConfig(
+    cfg = QuantConfig.preset(
+        "fast",
         weight_bits=4,
         act_bits=4,
         overrides={"conv*": {"weight_bits": 8, "act_bits": 8}},
@@ -67,7 +68,11 @@ def test_overrides_and_skip_by_name():
 
 
 def test_float_activations_and_per_tensor_weights():
-    q = omse.quantize(tiny_net(), tiny_batches(), QuantConfig(4, None, granularity="per_tensor"))
+    q = omse.quantize(
+        tiny_net(),
+        tiny_batches(),
+        QuantConfig.preset("fast", weight_bits=4, act_bits=None, granularity="per_tensor"),
+    )
     for ql in quantized_layers(q).values():
         assert ql.act_scale is None
         assert ql.terms()[0][1].dim() == 0
@@ -88,14 +93,21 @@ def test_calibration_statistics_do_not_grow_with_batches():
     sizes = []
     for n in (2, 12):
         cal = Calibration()
-        omse.quantize(tiny_net(), tiny_batches(n), QuantConfig(4, 8), calibration=cal)
+        omse.quantize(
+            tiny_net(),
+            tiny_batches(n),
+            QuantConfig.preset("fast", weight_bits=4, act_bits=8),
+            calibration=cal,
+        )
         sizes.append(sum(s.nbytes() for s in cal.stats.values()))
         assert cal.batches == n
     assert sizes[0] == sizes[1]
 
 
 def test_macs_recorded():
-    q = omse.quantize(tiny_net(), tiny_batches(1), QuantConfig(4, 8))
+    q = omse.quantize(
+        tiny_net(), tiny_batches(1), QuantConfig.preset("fast", weight_bits=4, act_bits=8)
+    )
     layers = quantized_layers(q)
     assert layers["conv1"].macs == 12 * 12 * 8 * 3 * 9
     assert layers["dw"].macs == 12 * 12 * 8 * 9
@@ -104,7 +116,13 @@ def test_macs_recorded():
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "aciq", "mmse"])
 def test_every_range_method_runs(method):
-    q = omse.quantize(tiny_net(), tiny_batches(2), QuantConfig(4, 8, method, method))
+    q = omse.quantize(
+        tiny_net(),
+        tiny_batches(2),
+        QuantConfig.preset(
+            "fast", weight_bits=4, act_bits=8, weight_method=method, act_method=method
+        ),
+    )
     out = q(torch.randn(2, 3, 12, 12))
     assert torch.isfinite(out).all()
 
@@ -123,7 +141,7 @@ def test_set_integer_mode_matches_fake_quantization():
         nn.Linear(8 * 36, 5),
     ).eval()
     x = torch.randn(16, 3, 8, 8)
-    q = omse.quantize(net, [x[:8]], QuantConfig(weight_bits=4, act_bits=8))
+    q = omse.quantize(net, [x[:8]], QuantConfig.preset("fast", weight_bits=4, act_bits=8))
     with torch.no_grad():
         fake = q(x)
         assert set_integer(q) is q
@@ -148,6 +166,6 @@ def test_set_integer_warns_where_float32_cannot_hold_the_accumulator():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(40000, 2)).eval()  # 8-bit x 8-bit codes over 40000 inputs
     x = torch.randn(4, 40000)
-    q = omse.quantize(net, [x], QuantConfig(weight_bits=8, act_bits=8))
+    q = omse.quantize(net, [x], QuantConfig.preset("fast", weight_bits=8, act_bits=8))
     with pytest.warns(UserWarning, match=r"\['0'\].*2\^24"):
         set_integer(q)

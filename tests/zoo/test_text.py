@@ -99,7 +99,18 @@ def test_tiny_bert_quantized_through_omse_with_dict_batches():
         ref = torch.cat([model(**b) for b in evals])
         results = {}
         for wb, ab in ((8, 8), (4, 8), (4, 4)):
-            q = quantize(model, calib, QuantConfig(wb, ab, "mmse", "mmse", "per_channel"))
+            q = quantize(
+                model,
+                calib,
+                QuantConfig.preset(
+                    "fast",
+                    weight_bits=wb,
+                    act_bits=ab,
+                    weight_method="mmse",
+                    act_method="mmse",
+                    granularity="per_channel",
+                ),
+            )
             layers = quantized_layers(q)
             assert len(layers) == 2 * 6  # Q, K, V, attention out, FFN in, FFN out per block
             assert all(m.act_scale is not None for m in layers.values())

@@ -270,6 +270,16 @@ def report(
 
     The FP32 reference is the quantized model's own float mode (the same BN folding), run on the
     same batches, so the original model is not needed.
+
+    Example:
+        >>> import torch, omse
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
+        ... ).eval()
+        >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
+        >>> qmodel = omse.quantize(model, calib)
+        >>> [p.name for p in omse.report(qmodel, calib, "report")]
+        ['report.md', 'report.csv', 'report.png']
     """
     rows = layer_reports(qmodel, batches)
     return write_report(rows, out_dir, title, force, model_float_weights(qmodel))

@@ -99,6 +99,19 @@ def save(
     ``model_name``: the :data:`omse.zoo.models.REGISTRY` name of the architecture, so that
     ``load(path)`` can rebuild it without ``model=`` (default: ``qmodel.omse_model_name`` if set).
     Written atomically; an existing file needs ``force=True``.
+
+    Example:
+        >>> import torch, omse
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
+        ... ).eval()
+        >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
+        >>> qmodel = omse.quantize(model, calib)
+        >>> omse.save(qmodel, "model.omse.safetensors").name  # 4-bit codes two per byte
+        'model.omse.safetensors'
+        >>> back = omse.load("model.omse.safetensors", model=model)
+        >>> torch.equal(back(calib[0]), qmodel(calib[0]))
+        True
     """
     p = check_output_path(path, force)
     qls = _quantized_modules(qmodel)

@@ -823,6 +823,19 @@ def export_onnx(
         ConfigError: an argument out of range, or a model quantized for another target; an
             ``example_input`` of another type, a name in ``dynamic_axes`` that is no input or
             output, an axis out of range, names of the wrong count (each naming the argument).
+    Example:
+        >>> import torch, omse
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
+        ... ).eval()
+        >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
+        >>> q8 = omse.quantize(model, calib, omse.QuantConfig(target="int8"))
+        >>> omse.export_onnx(q8, calib[0][:1], "model.onnx").name  # integer kernels in ORT
+        'model.onnx'
+        >>> import onnxruntime as ort
+        >>> sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+        >>> sess.run(None, {sess.get_inputs()[0].name: calib[0].numpy()})[0].shape
+        (4, 10)
     """
     p = check_output_path(path, force)
     proto = to_onnx_model(

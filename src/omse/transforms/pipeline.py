@@ -355,10 +355,25 @@ def quantize(
             output names, dynamic axes) for :func:`omse.export_onnx`.
         calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
             of keyword tensors); 16-64 images are typical. Never evaluation data.
-        config: :class:`QuantConfig`; default W4A8, kernel-wise MMSE.
+        config: :class:`QuantConfig`; default ``QuantConfig()``, the default recipe: W4A8,
+            kernel-wise MMSE, residual tensors within 10% extra MACs, bias correction
+            (``QuantConfig.preset("fast")`` for plain MMSE).
         fold_bn: fold BatchNorm into the preceding layer first.
         progress: show progress bars.
         calibration: if given, filled with statistics, timings and notes.
+
+    Example:
+        >>> import torch, omse
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
+        ... ).eval()
+        >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
+        >>> qmodel = omse.quantize(model, calib)  # the default recipe
+        >>> qmodel(calib[0]).shape
+        torch.Size([4, 10])
+        >>> fast = omse.quantize(model, calib, omse.QuantConfig.preset("fast", act_bits=4))
+        >>> sorted(omse.quantized_layers(fast))
+        ['0', '3']
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):

@@ -5,7 +5,8 @@
 - Calibration (never evaluation images): the natural photographs bundled with ``scikit-image``
   (``skimage/data``: astronaut, chelsea, coffee, rocket, ...) and matplotlib's ``grace_hopper.jpg``,
   each as a centre crop, its mirror and corner crops.
-- Any folder of images (``load_image_folder``) for a user's own calibration set.
+- Any folder of images (``load_image_folder``) for a user's own calibration or evaluation set:
+  shorter side resized to ``resize``, then centre-cropped to ``size`` (square or ``(H, W)``).
 
 Images are float32 ``[N, 3, H, W]`` in ``[0, 1]``; models apply their own normalisation.
 """
@@ -78,9 +79,14 @@ def _crop(img: torch.Tensor, size: int, top: int, left: int) -> torch.Tensor:
     return img[:, top : top + size, left : left + size]
 
 
-def _center(img: torch.Tensor, size: int) -> torch.Tensor:
-    _, h, w = img.shape
-    return _crop(img, size, (h - size) // 2, (w - size) // 2)
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _center(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    (ch, cw), (_, h, w) = _hw(size), img.shape
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return img[:, top : top + ch, left : left + cw]
 
 
 def foolbox_imagenet(size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,12 +106,13 @@ def foolbox_imagenet(size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
 
 def imagenet_views(n_views: int = 200, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic bank of ``n_views`` views of the 20 foolbox images (round-robin over
-    images): crops of side ``size`` from the image resized to shorter side 256, 288 and 320, at the
-    centre and four corners, each also mirrored. Returns ``([n, 3, size, size], labels [n])``.
+    images): crops of side ``size`` from the image resized to shorter side ``8/7``, ``9/7`` and
+    ``10/7`` of ``size`` (256, 288 and 320 at 224), at the centre and four corners, each also
+    mirrored. Returns ``([n, 3, size, size], labels [n])``.
     """
     files = sorted((_package_dir("foolbox") / "data").glob("imagenet_*.jpg"))
     recipes = []
-    for scale in (256, 288, 320):
+    for scale in (round(size * k / 7) for k in (8, 9, 10)):
         for pos in ("c", "tl", "br", "tr", "bl"):
             for flip in (False, True):
                 recipes.append((scale, pos, flip))
@@ -176,15 +183,40 @@ def calibration_images(n: int = 32, size: int = 224) -> torch.Tensor:
 
 
 def load_image_folder(
-    folder: str | Path, size: int = 224, limit: int | None = None
+    folder: str | Path,
+    size: int | tuple[int, int] = 224,
+    limit: int | None = None,
+    resize: int | None = None,
+    role: str = "calibration",
 ) -> torch.Tensor:
-    """Every image in ``folder`` (sorted by name) as ``[N, 3, size, size]`` centre crops."""
+    """Every image in ``folder`` (sorted by name) as ``[N, 3, H, W]`` in [0, 1].
+
+    Each image's shorter side is resized to ``resize`` pixels (bicubic; default ``8/7`` of the
+    larger side of ``size``, 256 for 224), then the centre ``size`` (an int for a square, or
+    ``(H, W)``) is cropped. ``limit``: the first ``limit`` images by name. ``role`` names the
+    folder in error messages (``"calibration"``, ``"evaluation"``).
+    """
+    h, w = _hw(size)
+    if h < 1 or w < 1:
+        raise OmseError(f"input size {h}x{w} must be positive")
+    resize = round(max(h, w) * 8 / 7) if resize is None else resize
+    if resize < 1:
+        raise OmseError(f"resize {resize} must be a positive number of pixels (the shorter side)")
     p = Path(folder)
     if not p.is_dir():
-        raise OmseError(f"calibration folder {p} does not exist or is not a directory")
+        raise OmseError(f"{role} folder {p} does not exist or is not a directory")
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if limit is not None:
         files = files[:limit]
     if not files:
-        raise OmseError(f"calibration folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return torch.stack([_center(load_image(f, round(size * 8 / 7)), size) for f in files])
+        raise OmseError(f"{role} folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = []
+    for f in files:
+        img = load_image(f, resize)
+        if img.shape[1] < h or img.shape[2] < w:
+            raise OmseError(
+                f"image {f} resized to shorter side {resize} is {img.shape[1]}x{img.shape[2]}, "
+                f"smaller than the input size {h}x{w}: use a resize of at least {max(h, w)}"
+            )
+        out.append(_center(img, (h, w)))
+    return torch.stack(out)

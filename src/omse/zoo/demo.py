@@ -45,7 +45,12 @@ class DemoRow:
 
 
 def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
-    """The (note, config) pairs of the demo table."""
+    """The (note, config) pairs of the demo table: each row's recipe written out, the plain
+    rows on the ``fast`` preset (no residuals, no bias correction)."""
+
+    def plain(**kw) -> QuantConfig:
+        return QuantConfig.preset("fast", **kw)
+
     out = []
     settings = [(8, 8), (4, None), (4, 8), (4, 4)]
     for wb, ab in settings:
@@ -53,11 +58,12 @@ def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
             for gran in ("per_tensor", "per_channel"):
                 if quick and gran == "per_tensor" and wb == 8:
                     continue
-                out.append(("", QuantConfig(wb, ab, method, method, gran)))
+                kw = dict(weight_method=method, act_method=method, granularity=gran)
+                out.append(("", plain(weight_bits=wb, act_bits=ab, **kw)))
     out.append(
         (
             "first/last 8-bit",
-            QuantConfig(4, 4, "mmse", "mmse", "per_channel", overrides=LITE0_FIRST_LAST),
+            plain(weight_bits=4, act_bits=4, overrides=LITE0_FIRST_LAST),
         )
     )
     for wb, ab in [(4, None), (4, 8), (4, 4)]:

@@ -5,12 +5,15 @@
 - ``fmnist-resnet20``, ``fmnist-mobilenetv2``, ``fmnist-vgg``: the Fashion-MNIST zoo trained by
   ``scripts/train_fmnist.py`` and shipped as safetensors in ``omse/weights``.
 - ``module:factory``: a user's own model, ``factory()`` returning an ``nn.Module``, with a
-  safetensors (or ``weights_only`` torch) weights file.
+  safetensors (or ``weights_only`` torch) weights file. ``module`` is imported the way
+  ``python -m`` does it: from the current folder first, then ``sys.path`` (``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ __all__ = [
     "build_architecture",
     "load_checkpoint",
     "load_user_model",
+    "import_object",
     "load_weights",
 ]
 
@@ -121,7 +125,26 @@ def build_architecture(name: str) -> nn.Module:
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """:func:`omse.deploy.checkpoint.load` that builds a built-in architecture itself: ``model``
-    is needed only for a user model."""
+    is needed only for a user model (the architecture; its weight values are not used).
+
+    Example (``omse.load``):
+        >>> import torch, omse
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
+        ... ).eval()
+        >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
+        >>> omse.save(omse.quantize(model, calib), "model.omse.safetensors").name
+        'model.omse.safetensors'
+        >>> qmodel = omse.load("model.omse.safetensors", model=model)
+        >>> qmodel(calib[0]).shape
+        torch.Size([4, 10])
+        >>> r20 = omse.quantize(omse.zoo.models.get_model("fmnist-resnet20").build(),
+        ...                     [torch.randn(8, 1, 28, 28)], omse.QuantConfig.preset("fast"))
+        >>> omse.save(r20, "r20.omse.safetensors", model_name="fmnist-resnet20").name
+        'r20.omse.safetensors'
+        >>> omse.load("r20.omse.safetensors")(torch.randn(2, 1, 28, 28)).shape  # rebuilt
+        torch.Size([2, 10])
+    """
     return checkpoint.load(path, model, build=build_architecture)
 
 
@@ -171,6 +194,41 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def import_object(target: str, what: str = "model") -> Callable:
+    """The callable ``package.module:name``, imported as ``python -m`` would: the current folder
+    is put first on ``sys.path`` (once), then the usual ``sys.path`` / ``PYTHONPATH``.
+
+    ``what`` names the role in error messages (``model``, ``--transform``, ``--calib-loader``).
+    """
+    mod_name, sep, attr = target.partition(":")
+    if not sep or not mod_name or not attr:
+        raise OmseError(f"{what} {target!r} is not of the form 'package.module:name'")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and mod_name.startswith(e.name):
+            raise OmseError(
+                f"cannot import module {mod_name!r} for {what} {target!r}: no such module in "
+                f"the current folder ({cwd}) or on sys.path; run from the folder that holds "
+                f"{mod_name.split('.')[0]} or add that folder to PYTHONPATH"
+            ) from e
+        raise OmseError(
+            f"cannot import module {mod_name!r} for {what} {target!r}: it imports "
+            f"{e.name!r}, which is not installed ({type(e).__name__}: {e})"
+        ) from e
+    except Exception as e:  # anything the module raises while importing
+        raise OmseError(
+            f"cannot import module {mod_name!r} for {what} {target!r}: {type(e).__name__}: {e}"
+        ) from e
+    obj = getattr(mod, attr, None)
+    if not callable(obj):
+        raise OmseError(f"{mod_name!r} has no callable {attr!r} (for {what} {target!r})")
+    return obj
+
+
 def load_user_model(target: str, weights: str | Path | None = None) -> nn.Module:
     """Build ``package.module:factory`` and load ``weights`` into it (strict)."""
     if ":" not in target:
@@ -178,16 +236,7 @@ def load_user_model(target: str, weights: str | Path | None = None) -> nn.Module
             f"unknown model {target!r}: not a built-in model ({', '.join(sorted(REGISTRY))}) "
             "and not of the form 'package.module:factory'"
         )
-    mod_name, _, attr = target.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # ImportError, or anything the module raises while importing
-        raise OmseError(
-            f"cannot import module {mod_name!r} for model {target!r}: {type(e).__name__}: {e}"
-        ) from e
-    factory = getattr(mod, attr, None)
-    if not callable(factory):
-        raise OmseError(f"{mod_name!r} has no callable {attr!r}")
+    factory = import_object(target, "model")
     try:
         model = factory()
     except Exception as e:
