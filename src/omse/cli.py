@@ -2,12 +2,19 @@
 
 Every failure omse anticipates is one line on stderr and exit code 2; ``--debug`` shows the
 traceback.
+
+``torchrun --nproc-per-node N -m omse quantize|report|save|export ...`` shards calibration (and
+evaluation) over ``N`` processes (:mod:`omse.distributed`): each rank calibrates on every N-th
+batch, the statistics are reduced so the model is the one a single process makes, and rank 0
+alone prints and writes outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .distributed import gather_rows, init_from_env, is_distributed, is_main, shard, world
 from .errors import OmseError
 
 __all__ = ["main", "build_parser"]
@@ -223,9 +231,12 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
 
         cfg = replace(cfg, overrides=_resolve_first_last(model, cfg.overrides))
     cal = Calibration()
+    batches = shard(batches)  # under torchrun: this rank's calibration batches
     qmodel = quantize(model, batches, cfg, calibration=cal, progress=True)
-    ref = predict(model, ev_x, pre, progress=True, desc="FP32")
-    out = predict(qmodel, ev_x, pre, progress=True, desc="quantized")
+    rank, size = world()
+    mine, bar = ev_x[rank::size], is_main()  # evaluation rows too, gathered back in order
+    ref = gather_rows(predict(model, mine, pre, progress=bar, desc="FP32"))
+    out = gather_rows(predict(qmodel, mine, pre, progress=bar, desc="quantized"))
     a = compare_logits(ref, out, ev_y)
     res = {
         "model": args.model,
@@ -243,7 +254,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
 
 
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
-    if path:
+    if path and is_main():
         from .io import atomic_write_text
 
         atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", force=force)
@@ -298,7 +309,7 @@ def cmd_quantize(args) -> int:
     _check_outputs(args, args.json, args.out)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
-    if args.out:
+    if args.out and is_main():
         from .deploy.checkpoint import save
 
         save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
@@ -363,6 +374,8 @@ def cmd_export(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    if not is_main():
+        return 0
     export_onnx(
         qmodel,
         batches[0][:1],
@@ -383,6 +396,8 @@ def cmd_save(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
+    if not is_main():
+        return 0
     save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
     print(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
@@ -396,6 +411,9 @@ def cmd_models(args) -> int:
         print(f"{name}\t{spec.task}\tinput {list(spec.input_shape)}")
     return 0
 
+
+_SHARDED = ("quantize", "report", "save", "export")
+"""The commands that calibrate, so can run under torchrun."""
 
 COMMANDS = {
     "demo": cmd_demo,
@@ -418,8 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_allocator
 
     tune_allocator()
+    created = False
     try:
-        return COMMANDS[args.cmd](args)
+        created = init_from_env()  # torchrun: WORLD_SIZE / RANK in the environment
+        if is_distributed() and args.cmd not in _SHARDED:
+            raise OmseError(f"omse {args.cmd} does not run sharded; run it without torchrun")
+        with (
+            open(os.devnull, "w") as quiet,
+            contextlib.redirect_stdout(sys.stdout if is_main() else quiet),
+        ):  # rank 0 alone prints
+            return COMMANDS[args.cmd](args)
     except OmseError as e:
         if args.debug:
             raise
@@ -430,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("omse: interrupted; no partial output was written", file=sys.stderr)
         return 130
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
