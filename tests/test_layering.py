@@ -20,6 +20,7 @@ RANK = {
     "errors": 0,
     "io": 1,
     "runtime": 1,
+    "distributed": 1,
     "core": 2,
     "config": 3,
     "nn": 4,

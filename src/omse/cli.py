@@ -10,12 +10,19 @@ calibration inputs, and every result says which (``eval_on``, ``eval_held_out``)
 
 Every failure omse anticipates is one line on stderr and exit code 2; ``--debug`` shows the
 traceback.
+
+``torchrun --nproc-per-node N -m omse quantize|report|save|export ...`` shards calibration (and
+evaluation) over ``N`` processes (:mod:`omse.distributed`): each rank calibrates on every N-th
+batch, the statistics are reduced so the model is the one a single process makes, and rank 0
+alone prints and writes outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .distributed import gather_rows, init_from_env, is_distributed, is_main, shard, world
 from .errors import OmseError
 
 __all__ = ["main", "build_parser"]
@@ -518,13 +526,13 @@ def _eval_label(args, n: int) -> tuple[str, bool]:
     )
 
 
-def _logits(model: torch.nn.Module, inputs, pre, desc: str) -> torch.Tensor:
+def _logits(model: torch.nn.Module, inputs, pre, desc: str, progress: bool = True) -> torch.Tensor:
     """``[N, classes]`` logits of ``model`` on a tensor of inputs (preprocessed by ``pre``) or
     on a list of calibration-loader batches (tensors, ``(inputs, ...)`` tuples or dicts)."""
     from .analysis.metrics import predict
 
     if isinstance(inputs, torch.Tensor):
-        out = predict(model, inputs, pre, progress=True, desc=desc)
+        out = predict(model, inputs, pre, progress=progress, desc=desc)
     else:
         outs = []
         with torch.no_grad():
@@ -557,9 +565,12 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
 
         cfg = replace(cfg, overrides=_resolve_first_last(model, cfg.overrides))
     cal = Calibration()
+    batches = shard(batches)  # under torchrun: this rank's calibration batches
     qmodel = quantize(model, batches, cfg, calibration=cal, progress=True)
-    ref = _logits(model, ev_x, pre, "FP32")
-    out = _logits(qmodel, ev_x, pre, "quantized")
+    rank, size = world()
+    mine, bar = ev_x[rank::size], is_main()  # evaluation rows too, gathered back in order
+    ref = gather_rows(_logits(model, mine, pre, "FP32", progress=bar))
+    out = gather_rows(_logits(qmodel, mine, pre, "quantized", progress=bar))
     a = compare_logits(ref, out, ev_y)
     eval_on, held_out = _eval_label(args, a.n)
     res = {
@@ -581,7 +592,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
 
 
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
-    if path:
+    if path and is_main():
         from .io import atomic_write_text
 
         atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", force=force)
@@ -638,12 +649,12 @@ def cmd_quantize(args) -> int:
     _check_outputs(args, args.json, args.out)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
-    if args.out and _is_onnx_path(args.out):
+    if args.out and is_main() and _is_onnx_path(args.out):
         from .deploy.export import export_onnx
 
         export_onnx(qmodel, batches[0][:1], args.out, force=args.force, target=args.target)
         print(f"wrote {args.out} (target {args.target})")
-    elif args.out:
+    elif args.out and is_main():
         from .deploy.checkpoint import save
 
         save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
@@ -740,6 +751,8 @@ def cmd_export(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    if not is_main():
+        return 0
     export_onnx(
         qmodel,
         batches[0][:1],
@@ -760,6 +773,8 @@ def cmd_save(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
+    if not is_main():
+        return 0
     save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
     print(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
@@ -773,6 +788,9 @@ def cmd_models(args) -> int:
         print(f"{name}\t{spec.task}\tinput {list(spec.input_shape)}")
     return 0
 
+
+_SHARDED = ("quantize", "report", "save", "export")
+"""The commands that calibrate, so can run under torchrun."""
 
 COMMANDS = {
     "demo": cmd_demo,
@@ -795,8 +813,16 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_allocator
 
     tune_allocator()
+    created = False
     try:
-        return COMMANDS[args.cmd](args)
+        created = init_from_env()  # torchrun: WORLD_SIZE / RANK in the environment
+        if is_distributed() and args.cmd not in _SHARDED:
+            raise OmseError(f"omse {args.cmd} does not run sharded; run it without torchrun")
+        with (
+            open(os.devnull, "w") as quiet,
+            contextlib.redirect_stdout(sys.stdout if is_main() else quiet),
+        ):  # rank 0 alone prints
+            return COMMANDS[args.cmd](args)
     except OmseError as e:
         if args.debug:
             raise
@@ -807,6 +833,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("omse: interrupted; no partial output was written", file=sys.stderr)
         return 130
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from omse.core.stats import DEFAULT_BINS, HistogramStats
+from omse.core.stats import DEFAULT_BINS, HistogramStats, merge_in_order
 from omse.errors import CalibrationError
 
 torch.set_num_threads(1)
@@ -168,3 +168,74 @@ def test_nbytes_constant_in_the_number_of_updates():
     for k in range(20):
         h.update(torch.randn(1000) * 2.0**k)
     assert h.nbytes() == before == 2 * 256 * 8 + 64
+
+
+# -- sharded reduction (omse.distributed) ----------------------------------------------------------
+_RANK_DATA = {  # ranges 2^-7 .. 2^7 apart: the ranks' histograms double to different radii
+    0: lambda g: torch.randn(3000, generator=g) * 1e-2,
+    1: lambda g: torch.cat([torch.randn(500, generator=g) * 40, torch.zeros(7)]),
+}
+
+
+def _rank_hist(rank: int, bins: int = 256) -> HistogramStats:
+    g = torch.Generator().manual_seed(10 + rank)
+    return streamed(_RANK_DATA[rank](g).split(300), bins)
+
+
+def _stats_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from omse.core.stats import all_reduce_histogram
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.save(all_reduce_histogram(_rank_hist(rank)), f"{out}/hist{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_absorb_in_place_equals_merge_and_leaves_the_other_untouched():
+    a, b = _rank_hist(1), _rank_hist(0)  # b's narrower range doubles on a copy
+    b_counts = b.counts.clone()
+    merged = a.merge(b)
+    a.absorb(b)
+    assert torch.equal(a.counts, merged.counts) and torch.equal(a.sums, merged.sums)
+    assert (a.radius, a.n, a.sum_sq) == (merged.radius, merged.n, merged.sum_sq)
+    assert torch.equal(b.counts, b_counts) and b.radius < a.radius
+
+
+def test_merge_in_order_of_different_ranges_is_the_histogram_of_all_data():
+    # brute force: every value binned once at the final radius
+    g0, g1 = torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)
+    data = torch.cat([_RANK_DATA[0](g0), _RANK_DATA[1](g1)]).double()
+    merged = merge_in_order([_rank_hist(0), _rank_hist(1)])
+    half = merged.bins // 2
+    idx = (data / merged.radius * half).floor().long() + half
+    assert torch.equal(merged.counts, torch.bincount(idx, minlength=merged.bins).double())
+    sums = torch.zeros(merged.bins, dtype=torch.float64).index_add_(0, idx, data)
+    torch.testing.assert_close(merged.sums, sums, rtol=1e-12, atol=1e-15)
+    assert merged.radius == 2.0 ** math.frexp(float(data.abs().max()))[1]
+    assert (merged.n, merged.min, merged.max) == (data.numel(), data.min(), data.max())
+    with pytest.raises(CalibrationError, match="no histograms"):
+        merge_in_order([])
+
+
+def test_all_reduce_across_two_processes_equals_merge_in_rank_order(tmp_path):
+    import torch.multiprocessing as mp
+
+    from omse.core.stats import all_reduce_histogram
+
+    mp.spawn(_stats_worker, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    want = merge_in_order([_rank_hist(0), _rank_hist(1)])
+    for r in range(2):
+        got = torch.load(tmp_path / f"hist{r}.pt", weights_only=False)
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.sums, want.sums)
+        assert (got.radius, got.n, got.min, got.max) == (want.radius, want.n, want.min, want.max)
+        assert (got.sum, got.sum_sq, got.sum_abs, got.sum_4) == (
+            want.sum,
+            want.sum_sq,
+            want.sum_abs,
+            want.sum_4,
+        )
+    h = _rank_hist(0)
+    assert all_reduce_histogram(h) is h  # no process group: itself

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import gather, is_distributed, is_main, unshard
 from ..io import atomic_write_bytes, atomic_write_text
 from ..nn.layers import QuantizedLayer, quantized_layers
 from ..transforms.functional import FloatWeight, float_weights
@@ -66,25 +67,47 @@ def float_mode(layers: dict[str, QuantizedLayer]) -> Iterator[None]:
 
 
 class _Energy:
+    """Signal and noise energy of one layer's tensor against its reference, kept per batch
+    (``terms[b]``: ``(signal, noise)`` of each call in batch ``b``) and summed in batch order, so
+    that sharded ranks can sum them in global batch order (:meth:`all_ranks`)."""
+
     def __init__(self) -> None:
-        self.sig = 0.0
-        self.noise = 0.0
+        self.terms: list[list[tuple[float, float]]] = []
+
+    def start_batch(self) -> None:
+        self.terms.append([])
 
     def add(self, ref: torch.Tensor, approx: torch.Tensor) -> None:
         r, a = ref.double(), approx.double()
-        self.sig += float((r * r).sum())
-        self.noise += float(((r - a) ** 2).sum())
+        self.terms[-1].append((float((r * r).sum()), float(((r - a) ** 2).sum())))
 
     @property
     def db(self) -> float:
-        if self.noise == 0:
+        sig = noise = 0.0
+        for batch in self.terms:
+            for s, n in batch:
+                sig, noise = sig + s, noise + n
+        if noise == 0:
             return math.inf
-        return 10 * math.log10(max(self.sig, 1e-300) / self.noise)
+        return 10 * math.log10(max(sig, 1e-300) / noise)
+
+
+def _all_ranks(energies: dict[str, _Energy]) -> None:
+    """Under torch.distributed: every rank's per-batch terms, in global batch order (rank ``r``
+    holds global batches ``r, r+N, ...``), on every rank."""
+    if not is_distributed():
+        return
+    parts = gather({n: e.terms for n, e in energies.items()})
+    for n, e in energies.items():
+        e.terms = unshard([p[n] for p in parts])
 
 
 @torch.no_grad()
 def layer_reports(qmodel: nn.Module, batches: list) -> list[LayerReport]:
-    """Compute the per-layer report of ``qmodel`` on calibration ``batches`` (network order)."""
+    """Compute the per-layer report of ``qmodel`` on calibration ``batches`` (network order).
+
+    Under torch.distributed each rank passes its own share of the batches
+    (:func:`omse.distributed.shard`) and every rank gets the rows one process gets from all."""
     layers = quantized_layers(qmodel)
     out_e = {n: _Energy() for n in layers}
     in_e = {n: _Energy() for n in layers}
@@ -100,6 +123,8 @@ def layer_reports(qmodel: nn.Module, batches: list) -> list[LayerReport]:
             out_e[mod.name].add(ref_out.pop(mod.name), out)
 
     for b in batches:
+        for e in (*out_e.values(), *in_e.values()):
+            e.start_batch()
         hs = [q.register_forward_hook(keep_ref) for q in layers.values()]
         try:
             with float_mode(layers):
@@ -114,6 +139,8 @@ def layer_reports(qmodel: nn.Module, batches: list) -> list[LayerReport]:
             for h in hs:
                 h.remove()
         ref_out.clear()
+    _all_ranks(out_e)
+    _all_ranks(in_e)
     rows = []
     for name, q in layers.items():
         kind = type(q.layer).__name__
@@ -269,7 +296,8 @@ def report(
     """Compute the per-layer report on ``batches`` and write it to ``out_dir`` (md, csv, png).
 
     The FP32 reference is the quantized model's own float mode (the same BN folding), run on the
-    same batches, so the original model is not needed.
+    same batches, so the original model is not needed. Under torch.distributed every rank
+    calls it with its share of the batches and rank 0 alone writes (the others return ``[]``).
 
     Example:
         >>> import torch, omse
@@ -281,5 +309,7 @@ def report(
         >>> [p.name for p in omse.report(qmodel, calib, "report")]
         ['report.md', 'report.csv', 'report.png']
     """
-    rows = layer_reports(qmodel, batches)
+    rows = layer_reports(qmodel, batches)  # under torch.distributed: every rank's batches
+    if not is_main():
+        return []
     return write_report(rows, out_dir, title, force, model_float_weights(qmodel))

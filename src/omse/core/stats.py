@@ -7,6 +7,11 @@ doubles and adjacent bins merge pairwise, exactly: ``bins`` is a power of two to
 of doublings or merges equal those of a single pass over all the data. Each bin stores its count
 and the sum of its values, so the centroid of each bin is known and the MMSE problem can be solved
 on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, independent of the number of batches.
+
+Sharded calibration (:mod:`omse.distributed`): :meth:`HistogramStats.absorb` adds one histogram
+to another in a fixed order of float operations, :func:`merge_in_order` folds a list that way and
+:func:`all_reduce_histogram` folds the histograms of every rank of a process group in rank order,
+so that every rank holds the same histogram bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from ..errors import CalibrationError
 
-__all__ = ["HistogramStats", "DEFAULT_BINS"]
+__all__ = ["HistogramStats", "DEFAULT_BINS", "merge_in_order", "all_reduce_histogram"]
 
 DEFAULT_BINS = 4096
 _MAX_MAGNITUDE = 2.0**1022
@@ -116,24 +121,34 @@ class HistogramStats:
             self.counts[self.bins // 2] += v.numel()
         return self
 
+    def absorb(self, other: HistogramStats) -> HistogramStats:
+        """Add ``other``'s values to ``self`` in place (``other`` untouched); returns ``self``.
+
+        Both histograms are brought to the larger range by exact pairwise doubling, then counts,
+        per-bin sums and moments are added: ``self`` op ``other``, in that order, so a sequence
+        of absorbs is one fixed sequence of float additions."""
+        if other.bins != self.bins:
+            raise CalibrationError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        radius = max(self.radius, other.radius)
+        self._double_to(radius)  # a zero-only histogram keeps its counts in the middle bin
+        oc, osum = other.counts, other.sums
+        if 0.0 < other.radius < radius:
+            tmp = HistogramStats(other.bins, other.radius, oc.clone(), osum.clone())
+            tmp._double_to(radius)
+            oc, osum = tmp.counts, tmp.sums
+        self.counts += oc
+        self.sums += osum
+        self.n += other.n
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.sum, self.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
+        self.sum_abs, self.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
+        return self
+
     def merge(self, other: HistogramStats) -> HistogramStats:
         """Combine two statistics of the same bin count into a new one (inputs untouched)."""
         if other.bins != self.bins:
             raise CalibrationError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
-        out = HistogramStats(self.bins)
-        out.radius = max(self.radius, other.radius)
-        for src in (self, other):
-            tmp = HistogramStats(src.bins, src.radius, src.counts.clone(), src.sums.clone())
-            if tmp.radius == 0.0 and out.radius > 0:
-                tmp.radius = out.radius  # zero-only histogram: its counts sit in the middle bin
-            tmp._double_to(out.radius)
-            out.counts += tmp.counts
-            out.sums += tmp.sums
-        out.n = self.n + other.n
-        out.min, out.max = min(self.min, other.min), max(self.max, other.max)
-        out.sum, out.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
-        out.sum_abs, out.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
-        return out
+        return HistogramStats(self.bins).absorb(self).absorb(other)
 
     # -- reading ----------------------------------------------------------------------------------
     @property
@@ -180,3 +195,33 @@ class HistogramStats:
     def nbytes(self) -> int:
         """Memory held by the statistics (bytes); constant in the number of batches."""
         return self.counts.element_size() * self.counts.numel() * 2 + 8 * 8
+
+
+def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:
+    """``parts[0]`` absorbing ``parts[1]``, then ``parts[2]``, ... (a new histogram; inputs
+    untouched): the fixed order that makes a sharded reduction reproducible bit for bit."""
+    if not parts:
+        raise CalibrationError("no histograms to merge")
+    out = HistogramStats(parts[0].bins)
+    for p in parts:
+        out.absorb(p)
+    return out
+
+
+def all_reduce_histogram(h: HistogramStats, group=None) -> HistogramStats:
+    """The histogram of every value every rank of ``group`` (default: the default process
+    group; ``h`` itself without one) has seen in its ``h``, the same on every rank.
+
+    Ranges differ between ranks (each doubles on its own data), so an all-reduce SUM of the bins
+    would add unrelated bins; instead every rank's histogram is gathered (rank order) and folded
+    with :meth:`HistogramStats.absorb`, which first brings both sides to the common range (the
+    largest radius, i.e. the MAX of the absmax rounded up to a power of two) by exact pairwise
+    doubling and then adds counts and per-bin sums. Counts, ``n``, ``min`` and ``max`` equal
+    those of one histogram of the concatenated data exactly; per-bin sums and moments equal
+    ``merge_in_order`` of the ranks' histograms bit for bit on every rank.
+    """
+    from ..distributed import gather, is_distributed
+
+    if not is_distributed(group):
+        return h
+    return merge_in_order(gather(h, group))

@@ -23,6 +23,14 @@ Passes over the calibration data (:mod:`omse.transforms.statistics`): one per st
 statistics must see the stage before: ``weights`` (the float activations of the wrapped model; a
 second one when GPTQ rounding precedes residuals, since it changes every layer's input),
 ``activations`` (after the weights are final) and ``bias`` (after the activations are quantized).
+
+Sharded calibration: under an initialised ``torch.distributed`` process group, call
+:func:`quantize` on every rank with that rank's batches (:func:`omse.distributed.shard`, or a
+``DataLoader`` with a ``DistributedSampler``); every pass reduces its statistics across the ranks
+(:mod:`omse.transforms.statistics`), the steps that trace or check the model on one example
+batch (``fold``, ``equalize``, ``plan``) use rank 0's first batch (global batch 0) on every rank,
+progress bars show on rank 0 only, and ``Calibration.batches`` counts the batches of all ranks.
+Every rank returns the same model as one process given all batches in global order.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..core.stats import HistogramStats
+from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer
 from . import functional
@@ -175,6 +184,12 @@ def _check_weights(model: nn.Module) -> None:
             raise ConfigError(f"buffer {n!r} contains NaN or Inf; omse cannot quantize the model")
 
 
+def _checked_inputs(model: nn.Module, calib_batches: Iterable) -> list:
+    batches = prepare_batches(calib_batches)
+    _check_weights(model)
+    return batches
+
+
 @dataclass
 class _Run:
     """What the steps of one :func:`quantize` call share."""
@@ -188,10 +203,7 @@ class _Run:
     out_clamp: dict[str, tuple[float, float]] = field(default_factory=dict)
     shares: dict[str, str] = field(default_factory=dict)
     caps: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def example(self):
-        return self.batches[0]
+    example: object = None  # global batch 0 (rank 0's first batch under torch.distributed)
 
 
 def _fold(r: _Run) -> None:
@@ -381,16 +393,14 @@ def quantize(
     cal = calibration if calibration is not None else Calibration()
     t0 = time.perf_counter()
     if _is_onnx(model):
-        batches = prepare_batches(calib_batches)
+        batches = run_checked(prepare_batches, calib_batches)  # all ranks stop together
         model = load_onnx(model, sample=batches[0])
     elif not isinstance(model, nn.Module):
         raise ConfigError(
             f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got "
             f"{type(model).__name__}"
         )
-    else:
-        batches = prepare_batches(calib_batches)
-    _check_weights(model)
+    batches = run_checked(_checked_inputs, model, calib_batches)  # all ranks stop together
     if model.training:
         warnings.warn(
             "model is in training mode; omse quantizes an eval() copy (BatchNorm uses running stats)",
@@ -403,12 +413,13 @@ def quantize(
     for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
         if hasattr(model, attr):
             setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
-    run = _Run(qmodel, batches, config, cal, progress)
-    for step in _steps(config, fold_bn, isinstance(batches[0], dict)):
+    progress = progress and is_main()
+    run = _Run(qmodel, batches, config, cal, progress, example=broadcast(batches[0]))
+    for step in _steps(config, fold_bn, isinstance(run.example, dict)):
         step(run)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
-    cal.batches = len(batches)
+    cal.batches = sum(gather(len(batches)))
     cal.seconds = time.perf_counter() - t0
     qmodel.omse_config = config  # type: ignore[attr-defined]
     return qmodel

@@ -19,6 +19,14 @@ The patches are read where the wrapped module calls ``conv{1,2,3}d``/``conv_tran
 zero-inserted input, in the canonical weight order: :func:`patches`), through a :class:`torch.overrides.TorchFunctionMode` entered inside that layer's
 forward only (thread-local and scoped: no torch function is replaced process-wide, and a module
 that calls ``torch.conv2d`` directly is seen too). :data:`PASSES` counts the passes made.
+
+Each batch fills its own :class:`LayerStatistics` (a partial) which is then folded into the
+pass's totals with :meth:`LayerStatistics.absorb`, in batch order. Under a ``torch.distributed``
+process group each rank passes its own batches (global batch ``i`` is rank ``i % N``'s batch
+``i // N``, :func:`omse.distributed.shard`); after every local batch the ranks exchange their
+partials (:func:`omse.distributed.gather`) and each folds them in rank order, i.e. in global
+batch order: every rank ends with the statistics one process gets from all the batches, bit for
+bit (the reasoning is in :mod:`omse.distributed`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..core.stats import HistogramStats
+from ..distributed import all_max, gather, world
 from ..errors import CalibrationError, model_forward_errors
 from ..nn.layers import QuantizedLayer
 
@@ -74,6 +83,27 @@ class LayerStatistics:
     count: int = 0  # patches seen
     macs: int = 0  # per sample
     extra: dict = field(default_factory=dict)
+
+    def absorb(self, other: LayerStatistics) -> LayerStatistics:
+        """Add ``other`` (the same layer's statistics of later batches) in place; returns
+        ``self``. Histograms absorb, sums add in the order ``self + other``; ``macs`` and
+        ``extra`` are per-layer facts, not sums (``other``'s, where ``self`` has none)."""
+        for f in ("input", "output"):
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if theirs is not None:
+                setattr(self, f, theirs if mine is None else mine.absorb(theirs))
+        self.H = other.H if self.H is None else self.H if other.H is None else self.H + other.H
+        self.sum = (
+            other.sum
+            if self.sum is None
+            else self.sum
+            if other.sum is None
+            else self.sum + other.sum
+        )
+        self.count += other.count
+        self.macs = self.macs or other.macs
+        self.extra = self.extra or other.extra
+        return self
 
     @property
     def mean(self) -> torch.Tensor:
@@ -304,11 +334,28 @@ def collect(
     for q in layers.values():
         q.observer = obs
     PASSES[0] += 1
+    rank, size = world()
+    steps = all_max(len(batches)) if size > 1 else len(batches)
     try:
-        for i, b in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-            obs.batch = i
-            with model_forward_errors(i, b):
-                run_model(model, b)
+        for i in tqdm(range(steps), desc=desc, disable=not progress or rank > 0, leave=False):
+            part = None  # this rank's partial of global batch i * size + rank (None: no batch)
+            if i < len(batches):
+                obs.batch = i * size + rank
+                obs.stats = {n: LayerStatistics() for n in layers}
+                try:
+                    with model_forward_errors(obs.batch, batches[i]):
+                        run_model(model, batches[i])
+                except Exception as e:
+                    if size == 1:
+                        raise
+                    gather(f"{type(e).__name__}: {e}")  # the other ranks stop too, then re-raise
+                    raise
+                part = obs.stats
+            for r, p in enumerate(gather(part)):  # rank order = global batch order
+                if isinstance(p, str):
+                    raise CalibrationError(f"rank {r} failed on its calibration batch {i}: {p}")
+                for name, st in (p or {}).items():
+                    stats[name].absorb(st)
     finally:
         for q in layers.values():
             q.observer = None
