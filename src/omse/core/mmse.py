@@ -10,11 +10,22 @@ E is continuous and piecewise quadratic in ``s``: between consecutive *breakpoin
 kink), so the global minimum is the stationary point ``B / C`` of one piece. :func:`mmse_solve`
 finds it exactly:
 
-1. an upper bound ``U`` from min-max and a few Lloyd iterations (``s <- B/C``);
+1. an upper bound ``U`` from min-max, fractions of it and Lloyd iterations (``s <- B/C``), chosen
+   with float32 passes, its error exact in float64;
 2. a window ``(s_lo, s_hi)`` outside which ``E >= U`` provably: below ``s_lo`` the clipping error
-   of the largest values alone exceeds ``U``; above ``s_hi`` the values that round to zero do;
+   of the largest values alone exceeds ``U``; above ``s_hi = 2 s0`` nothing beats some step in
+   ``[s0, 2 s0)``, with ``s0`` the smallest step at which no value clips (the codes of ``m s``,
+   ``m = 2, 3, ...``, are a subset of those of ``s`` there, so ``E(m s) >= E(s)``). Branch and
+   bound narrows it: the window is split geometrically and a piece is dropped where a separable
+   lower bound (each value charged its distance to the segments ``q [lo, hi]``, computed in
+   float32 and lowered by its rounding-error bound) exceeds the best exact error; long slices
+   (>= 4096 values) with many breakpoints are narrowed further by exact interval bounds from
+   prefix sums;
 3. every breakpoint inside the window, sorted per slice (all slices at once, in padded rows), with
-   ``B`` and ``C`` swept by cumulative sums and each piece's minimiser clamped into the piece.
+   ``B`` and ``C`` swept by cumulative sums (float64) and each piece's minimiser clamped into the
+   piece.
+
+All tensors stay on the input's device (no host round trips per row).
 
 The answer is the global optimum over all ``s > 0`` (not only over ``(0, max|x|/qmax]``), up to
 float64 rounding. Work is ``O(T log T)`` with ``T`` the breakpoints in the window (2-3 per value
