@@ -13,6 +13,9 @@ AIMET_PKGS := aimet-torch==2.42.0 attrs==26.1.0 bokeh==3.6.3 colorcet==3.2.1 hol
   hvplot==0.12.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 onnx-ir==1.1.0 \
   onnxscript==0.7.2 osqp==1.1.3 pandas==3.1.1 panel==1.9.4 param==2.4.2 pyviz-comms==3.0.6 \
   referencing==0.37.0 rpds-py==2026.9.1 tornado==6.6.1 xyzservices==2026.9.1
+# ONNX in: the `onnx` extra of pyproject.toml, installed with --no-deps (see there)
+ONNX_PKGS := onnx2torch==1.5.15
+OCR_PKGS  := rapidocr-onnxruntime==1.4.4
 
 .PHONY: demo test test-all bench lint format clean install fmnist
 
@@ -22,6 +25,11 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel on this machine's disk (an unpinned torch pulls CUDA)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[models,test,deploy]'
+	# the `onnx` extra without its dependencies (onnx2torch requires torchvision; rapidocr, whose
+	# OCR models the tests convert, requires opencv): see pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps $(ONNX_PKGS)
+	$(BIN)/python -m pip install -q --no-deps $(OCR_PKGS) \
+	  || echo "warning: rapidocr-onnxruntime did not install; the OCR import tests will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

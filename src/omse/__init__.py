@@ -1,6 +1,6 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error.
 
-The public surface: ``quantize``, ``QuantConfig``, ``export_onnx``, ``save``/``load``, ``report``,
+The public surface: ``quantize`` (a torch module, or an ONNX file via ``load_onnx``), ``QuantConfig``, ``export_onnx``, ``save``/``load``, ``report``,
 ``set_integer``, ``quantized_layers`` and the core tensor functions. The package is layered, each
 layer importing only those below it (``tests/test_layering.py`` checks it):
 ``core`` (pure tensor functions) -> ``config`` -> ``nn`` (quantized modules) -> ``transforms``
@@ -19,6 +19,7 @@ from .deploy.checkpoint import save
 from .deploy.export import export_onnx
 from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
 from .nn.layers import quantized_layers, set_integer
+from .transforms.onnx_import import load_onnx
 from .transforms.pipeline import Calibration, quantize
 from .zoo.models import load_checkpoint as load
 
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize",
     "export_onnx",
     "load",
+    "load_onnx",
     "save",
     "fake_quantize",
     "make_grid",

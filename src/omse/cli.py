@@ -22,7 +22,9 @@ __all__ = ["main", "build_parser"]
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model", help="built-in model name (see `omse models`) or package.module:factory"
+        "model",
+        help="built-in model name (see `omse models`), package.module:factory, or a float "
+        "ONNX file (model.onnx; calibration images sized from its input's static dims)",
     )
     p.add_argument(
         "--weights", help="weights file for a package.module:factory model (safetensors)"
@@ -86,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and evaluate it against FP32")
     _add_quant_args(q)
-    q.add_argument("--out", help="write the packed quantized checkpoint here (.safetensors)")
+    q.add_argument(
+        "--out",
+        help="write the packed quantized checkpoint here (.safetensors), or the quantized ONNX "
+        "graph for --target (.onnx)",
+    )
 
     e = sub.add_parser("eval", help="evaluate a saved omse checkpoint (or FP32 model) against FP32")
     e.add_argument("model", help="built-in model name, or a checkpoint written by `omse save`")
@@ -200,16 +206,53 @@ def _load_task(args):
         else:
             calib = task.calibration(args.calib_size)
     else:
-        model = load_user_model(args.model, args.weights)
         pre = None
         if not args.calib:
             raise OmseError("a user model needs --calib FOLDER (calibration images)")
+        if _is_onnx_path(args.model):
+            return _load_onnx_task(args)
+        model = load_user_model(args.model, args.weights)
         calib = load_image_folder(args.calib, limit=args.calib_size)
         ev_x, ev_y = calib, None  # no evaluation set known for a user's model: report on calib
     batches = [
         pre(calib[i : i + 8]) if pre else calib[i : i + 8] for i in range(0, calib.shape[0], 8)
     ]
     return model, pre, batches, ev_x, ev_y
+
+
+def _is_onnx_path(model: str) -> bool:
+    return model.lower().endswith(".onnx")
+
+
+def _load_onnx_task(args):
+    """``_load_task`` for a float ONNX image model: calibration images at the input's static
+    ``(C, H, W)`` (224 for a dynamic H or W; a non-square size is a centre crop of a square
+    one; 1 channel: grey), the model converted and checked on the first batch."""
+    from .transforms.onnx_import import load_onnx, onnx_io, read_onnx
+    from .zoo.data import load_image_folder
+
+    if args.weights:
+        raise OmseError("--weights is for package.module:factory models; an ONNX file has its own")
+    io = onnx_io(read_onnx(args.model)[0])
+    if len(io["input_names"]) != 1:
+        raise OmseError(
+            f"{args.model} has {len(io['input_names'])} inputs ({io['input_names']}); the "
+            "command line calibrates image models with one input: use omse.quantize in Python"
+        )
+    dims = io["shapes"][io["input_names"][0]]
+    if len(dims) != 4:
+        raise OmseError(f"{args.model}: input of shape {dims} is not an (N, C, H, W) image batch")
+    c, h, w = (d if isinstance(d, int) else None for d in dims[1:])
+    h, w = h or 224, w or 224
+    calib = load_image_folder(args.calib, max(h, w), args.calib_size)
+    top, left = (calib.shape[2] - h) // 2, (calib.shape[3] - w) // 2
+    calib = calib[:, :, top : top + h, left : left + w]
+    if c == 1:
+        calib = calib.mean(1, keepdim=True)
+    elif c not in (None, 3):
+        raise OmseError(f"{args.model}: an input of {c} channels is not an RGB or grey image")
+    batches = list(calib.split(8))
+    return load_onnx(args.model, sample=batches[0]), None, batches, calib, None
 
 
 def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
@@ -296,9 +339,14 @@ def _check_outputs(args, *paths: str | None) -> None:
 
 def cmd_quantize(args) -> int:
     _check_outputs(args, args.json, args.out)
-    (_, qmodel, *_), res = _quantize_and_eval(args)
+    (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
-    if args.out:
+    if args.out and _is_onnx_path(args.out):
+        from .deploy.export import export_onnx
+
+        export_onnx(qmodel, batches[0][:1], args.out, force=args.force, target=args.target)
+        print(f"wrote {args.out} (target {args.target})")
+    elif args.out:
         from .deploy.checkpoint import save
 
         save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))

@@ -23,6 +23,7 @@ second one when GPTQ rounding precedes residuals, since it changes every layer's
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,7 @@ from .calibration import (
 from .equalize import equalize
 from .fold import QUANTIZABLE, _set_module, fold_batchnorm
 from .learned import learned_rounding
+from .onnx_import import load_onnx, matmul_constants
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .statistics import Needs, collect
@@ -208,6 +210,7 @@ def _wrap(r: _Run) -> None:
             and any(p.dim() >= 2 for p in m.parameters(recurse=False))
         ):
             cal.left_float.append(f"{name} ({type(m).__name__})")
+    cal.left_float += [f"{n} (ONNX MatMul on a constant weight)" for n in matmul_constants(qmodel)]
     if cal.left_float:
         msg = "omse leaves these layers in float (unsupported type): " + ", ".join(cal.left_float)
         if config.strict:
@@ -300,8 +303,14 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     return steps
 
 
+def _is_onnx(model) -> bool:
+    import onnx
+
+    return isinstance(model, str | os.PathLike | onnx.ModelProto)
+
+
 def quantize(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calib_batches: Iterable,
     config: QuantConfig | None = None,
     *,
@@ -313,7 +322,11 @@ def quantize(
 
     Args:
         model: a PyTorch module; Conv1d/Conv2d (grouped, depthwise) and Linear layers are
-            quantized, other layers with weights are left in float (listed in a warning).
+            quantized, other layers with weights are left in float (listed in a warning). Or a
+            float ONNX model (an ``.onnx`` path or an ``onnx.ModelProto``): converted by
+            :func:`~omse.transforms.onnx_import.load_onnx` and checked against onnxruntime on
+            the first calibration batch; the result carries ``omse_io`` (the graph's input and
+            output names, dynamic axes) for :func:`omse.export_onnx`.
         calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
             of keyword tensors); 16-64 images are typical. Never evaluation data.
         config: :class:`QuantConfig`; default W4A8, kernel-wise MMSE.
@@ -321,14 +334,21 @@ def quantize(
         progress: show progress bars.
         calibration: if given, filled with statistics, timings and notes.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be an omse.QuantConfig, got {type(config).__name__}")
     cal = calibration if calibration is not None else Calibration()
     t0 = time.perf_counter()
-    batches = prepare_batches(calib_batches)
+    if _is_onnx(model):
+        batches = prepare_batches(calib_batches)
+        model = load_onnx(model, sample=batches[0])
+    elif not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got "
+            f"{type(model).__name__}"
+        )
+    else:
+        batches = prepare_batches(calib_batches)
     _check_weights(model)
     if model.training:
         warnings.warn(
@@ -336,6 +356,9 @@ def quantize(
             stacklevel=2,
         )
     qmodel = copy.deepcopy(model).eval()
+    for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
+        if hasattr(model, attr):
+            setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
     for p in qmodel.parameters():
         p.requires_grad_(False)
     run = _Run(qmodel, batches, config, cal, progress)

@@ -1,0 +1,342 @@
+"""ONNX in: float ONNX models (exported here from tests/nets.py nets) convert to torch modules that
+match onnxruntime, quantize from the .onnx path and export back; bad files and ops the converter
+lacks are clear errors; the torchvision stand-in refuses NMS and does not leak."""
+
+import importlib.util
+import inspect
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nets import tiny_batches, tiny_net
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import omse
+from omse import QuantConfig
+from omse.errors import CalibrationError, ConfigError, UnsupportedLayerError
+from omse.transforms.onnx_import import (
+    TORCHVISION_MESSAGE,
+    import_onnx2torch,
+    load_onnx,
+    onnx_outputs,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ort = pytest.importorskip("onnxruntime")
+if importlib.util.find_spec("onnx2torch") is None:
+    pytest.skip("onnx2torch is not installed (make install installs it)", allow_module_level=True)
+
+CFG = {"bias_correction": False, "extra_mac_budget": 0.0, "rounding": "nearest", "equalize": False}
+
+
+class MatMulNet(nn.Module):
+    """conv -> pool -> ``x @ W`` (a MatMul on an initializer, no nn.Linear) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 12) / 3)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)) @ self.w)
+
+
+class FullyConv(nn.Module):
+    """Any H, W: conv-ReLU-conv, output (N, 2, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _export(model: nn.Module, path: Path, x: torch.Tensor, dyn: dict, out: str = "logits") -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            x,
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=[out],
+            dynamic_axes=dyn,
+        )
+    return path
+
+
+def _as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer a Constant node instead (as PaddleOCR exports are)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    consts = [
+        helper.make_node("Constant", [], [i.name], value=i, name=f"const_{i.name}")
+        for i in m.graph.initializer
+    ]
+    del m.graph.initializer[:]
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx_in")
+    x = tiny_batches()[0]
+    batch = {"image": {0: "N"}, "logits": {0: "N"}}
+    tiny = _export(tiny_net(), d / "tiny.onnx", x, batch)
+    consts = d / "consts.onnx"
+    onnx.save(_as_constants(onnx.load(tiny)), consts)
+    torch.manual_seed(3)
+    mm = _export(MatMulNet(), d / "matmul.onnx", x, batch)
+    hw = {"image": {0: "N", 2: "height", 3: "width"}, "mask": {0: "N", 2: "height", 3: "width"}}
+    conv = _export(FullyConv(), d / "fullyconv.onnx", x, hw, out="mask")
+    return {"dir": d, "tiny": tiny, "consts": consts, "matmul": mm, "fullyconv": conv}
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def test_converted_module_matches_onnxruntime_and_carries_io(models):
+    x = tiny_batches()[0]
+    m = load_onnx(models["tiny"], sample=x)
+    assert m.omse_io == {
+        "input_names": ["image"],
+        "output_names": ["logits"],
+        "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}},
+    }
+    assert 0 <= m.omse_onnx.max_abs_diff <= m.omse_onnx.tolerance < 1e-3
+    types = [type(q) for q in m.modules()]
+    assert types.count(nn.Conv2d) == 3 and types.count(nn.Linear) == 1
+    y = tiny_batches(seed=5)[1][:3]  # another batch size
+    np.testing.assert_allclose(m(y).detach().numpy(), _ort(models["tiny"], y), atol=1e-5)
+    assert "torchvision" not in sys.modules
+
+
+def test_constant_weights_become_initializers_and_proto_is_not_modified(models):
+    proto = onnx.load(models["consts"])
+    before = proto.SerializeToString()
+    assert not proto.graph.initializer
+    m = load_onnx(proto, sample=tiny_batches()[0])
+    assert proto.SerializeToString() == before  # the user's ModelProto is untouched
+    # the 8 weights and biases, and the 2 Clip bounds the exporter wrote as Constant nodes
+    assert m.omse_onnx.constants_moved == len(onnx.load(models["tiny"]).graph.initializer) + 2 == 10
+    assert sum(isinstance(q, nn.Conv2d | nn.Linear) for q in m.modules()) == 4
+    ref = load_onnx(models["tiny"])
+    x = tiny_batches()[1]
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+
+
+def test_matmul_on_an_initializer_is_reported_and_listed_left_in_float(models):
+    x = tiny_batches()[0]
+    m = load_onnx(models["matmul"], sample=x)
+    (name, shape), *rest = m.omse_onnx.matmul_weights.items()
+    assert not rest and shape == (8, 12)
+    total = 8 * 3 * 9 + 8 * 12 + 4 * 12  # conv, MatMul, Gemm weights
+    assert m.omse_onnx.matmul_fraction == pytest.approx(8 * 12 / total)
+    cal = omse.Calibration()
+    with pytest.warns(UserWarning, match="MatMul on a constant weight"):
+        omse.quantize(models["matmul"], [x], QuantConfig(**CFG), calibration=cal)
+    assert any("MatMul on a constant weight" in s for s in cal.left_float)
+
+
+def test_symbolic_dims_are_dynamic_axes_and_run_at_two_sizes(models):
+    x = torch.randn(2, 3, 16, 20)
+    m = load_onnx(models["fullyconv"], sample=x)
+    dyn = {0: "N", 2: "height", 3: "width"}
+    assert m.omse_io["dynamic_axes"] == {"image": dyn, "mask": dyn}
+    for shape in [(1, 3, 8, 24), (3, 3, 32, 12)]:
+        y = torch.randn(shape)
+        np.testing.assert_allclose(m(y).detach().numpy(), _ort(models["fullyconv"], y), atol=1e-5)
+
+
+def test_parity_failure_is_a_config_error(models, monkeypatch):
+    import omse.transforms.onnx_import as oi
+
+    monkeypatch.setattr(oi, "onnx_outputs", lambda m, f: [o + 0.1 for o in onnx_outputs(m, f)])
+    with pytest.raises(ConfigError, match=r"differs from onnxruntime on output 0: max abs"):
+        load_onnx(models["tiny"], sample=tiny_batches()[0])
+
+
+def test_sample_the_onnx_model_rejects_is_a_calibration_error(models):
+    with pytest.raises(CalibrationError, match="tiny.onnx does not run in onnxruntime"):
+        load_onnx(models["tiny"], sample=torch.randn(2, 4, 12, 12))
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_missing_and_non_onnx_files(models):
+    with pytest.raises(ConfigError, match=r"nope\.onnx does not exist"):
+        load_onnx(models["dir"] / "nope.onnx")
+    bad = models["dir"] / "garbage.onnx"
+    bad.write_bytes(b"this is not a protobuf \xff\xfe" * 10)
+    with pytest.raises(ConfigError, match=r"garbage\.onnx is not a readable ONNX model"):
+        omse.quantize(bad, tiny_batches(1), QuantConfig(**CFG))
+    with pytest.raises(ConfigError, match="path or an onnx.ModelProto"):
+        load_onnx(42)
+
+
+def _graph(op: str, domain: str = "", opset: int = 17, **attrs) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])]
+    node = helper.make_node(op, ["x"], ["y"], name=f"my_{op}", domain=domain, **attrs)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    ops = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph([node], "g", inputs, [out]), opset_imports=ops)
+
+
+def test_invalid_model_and_unsupported_op_are_named():
+    broken = _graph("Relu")
+    broken.graph.node[0].input[0] = "undefined_tensor"
+    with pytest.raises(ConfigError, match="is not a valid ONNX model"):
+        load_onnx(broken)
+    with pytest.raises(
+        UnsupportedLayerError, match=r"lacks: Det \(domain '', opset 17\): nodes my_Det"
+    ):
+        load_onnx(_graph("Det"))
+
+
+def test_torchvision_stand_in_refuses_nms_and_does_not_leak():
+    boxes = helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])
+    sel = helper.make_tensor_value_info("sel", TensorProto.INT64, [None, 3])
+    node = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["sel"], name="nms")
+    g = helper.make_graph([node], "g", [boxes, scores], [sel])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedLayerError, match="NonMaxSuppression/RoiAlign need torchvision"):
+        load_onnx(model)
+    mod = import_onnx2torch()
+    assert "torchvision" not in sys.modules and "torchvision.ops" not in sys.modules
+    from onnx2torch.node_converters import get_converter, nms
+
+    with pytest.raises(UnsupportedLayerError, match="which omse cannot install"):
+        nms.torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # the stand-in's op
+    with pytest.raises(UnsupportedLayerError, match="post-processing"):
+        get_converter(operation_type="RoiAlign", version=16)(None, None)
+    assert mod.convert is not None and TORCHVISION_MESSAGE.startswith("NonMaxSuppression")
+
+
+# -- round trip --------------------------------------------------------------------------------------
+def _export_keeps_io() -> bool:
+    from omse.deploy import export
+
+    return "omse_io" in inspect.getsource(export)
+
+
+@pytest.mark.parametrize("target", ["int8", "int4"])
+def test_quantize_from_path_export_runs_in_onnxruntime_like_the_simulation(models, target):
+    b = tiny_batches()
+    q = omse.quantize(models["tiny"], b, QuantConfig(target=target, **CFG))
+    assert q.omse_io["input_names"] == ["image"]
+    out = models["dir"] / f"tiny.q.{target}.onnx"
+    omse.export_onnx(q, b[0][:1], out, target=target, force=True)
+    for x in (b[1], b[2][:3]):  # two batch sizes
+        with torch.no_grad():
+            sim = q(x).numpy()
+        got = _ort(out, x)
+        step = np.abs(sim).max() / 2**7
+        assert np.abs(got - sim).max() <= step  # within one output step (summation order)
+        assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.xfail(
+    not _export_keeps_io(),
+    reason="export_onnx does not yet read model.omse_io (branch h-export adds it)",
+    strict=True,
+)
+def test_export_keeps_the_onnx_input_output_names_and_dynamic_axes(models):
+    x = torch.randn(2, 3, 16, 20)
+    q = omse.quantize(models["fullyconv"], [x], QuantConfig(target="int8", **CFG))
+    out = models["dir"] / "fullyconv.q.onnx"
+    omse.export_onnx(q, x[:1], out, target="int8", force=True)
+    g = onnx.load(out).graph
+    assert [i.name for i in g.input] == ["image"] and [o.name for o in g.output] == ["mask"]
+    dims = [d.dim_param for d in g.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", "", "height", "width"]
+    y = torch.randn(3, 3, 8, 24)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(out, y), q(y).numpy(), atol=np.abs(q(y)).max() / 64)
+
+
+# -- the OCR models ------------------------------------------------------------------------------------
+def _ocr_models() -> Path | None:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # finds it without importing cv2
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+OCR = [  # file, a first and a second input shape (H, W and batch dynamic), MatMul weight share
+    ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 64, 96), (2, 3, 96, 128), 0.0),
+    ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 160), (3, 3, 48, 320), 0.384),
+    ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192), (4, 3, 48, 192), 0.003),
+]
+
+
+@pytest.mark.skipif(_ocr_models() is None, reason="rapidocr-onnxruntime is not installed")
+@pytest.mark.parametrize("name,first,second,matmul", OCR, ids=[o[0].split("_")[1] for o in OCR])
+def test_ocr_models_convert_and_match_onnxruntime_at_two_sizes(name, first, second, matmul):
+    path = _ocr_models() / name
+    g = torch.Generator().manual_seed(0)
+    m = load_onnx(path, sample=torch.rand(first, generator=g))
+    assert m.omse_onnx.constants_moved > 300  # PaddleOCR keeps weights as Constant nodes
+    assert m.omse_onnx.matmul_fraction == pytest.approx(matmul, abs=0.001)
+    assert m.omse_onnx.max_abs_diff <= m.omse_onnx.tolerance
+    x = torch.rand(second, generator=g)
+    ref = _ort(path, x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx2torch's Slice indexes with a list (torch warns)
+        got = m(x).numpy()
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min()) + 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_ocr_models() is None, reason="rapidocr-onnxruntime is not installed")
+@pytest.mark.parametrize("name,first,second,matmul", OCR, ids=[o[0].split("_")[1] for o in OCR])
+def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matmul):
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.rand(first, generator=g) for _ in range(2)]
+    cal = omse.Calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = omse.quantize(
+            _ocr_models() / name, calib, QuantConfig(target="int8", **CFG), calibration=cal
+        )
+    assert len(cal.left_float) == {0.0: 2, 0.384: 9, 0.003: 1}[matmul]  # ConvTranspose / MatMul
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0], out, target="int8")
+    x = torch.rand(first, generator=g)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    got = _ort(out, x)
+    assert got.shape == sim.shape and np.isfinite(got).all()
+    # summation-order flips of 8-bit codes (tests/deploy/test_export.py) move a few outputs of
+    # the deep recognizer (max 0.08 of a softmax, measured); on average they are ~1e-5
+    assert np.abs(got - sim).mean() <= 1e-3 * (sim.max() - sim.min()) + 1e-9
+    if "det" not in name:  # the classes / characters read off
+        assert (got.argmax(-1) == sim.argmax(-1)).mean() >= 0.95
+
+
+def test_numpy_helper_roundtrip_of_constants_is_exact():
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    m = _graph("Relu")
+    m.graph.node.insert(
+        0, helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(arr))
+    )
+    from omse.transforms.onnx_import import constants_to_initializers
+
+    assert constants_to_initializers(m) == 1
+    np.testing.assert_array_equal(numpy_helper.to_array(m.graph.initializer[0]), arr)
