@@ -403,7 +403,7 @@ def main(argv=None) -> int:
         default=480,
         help="page side in pixels (square pages; also the detector's limit_side_len)",
     )
-    ap.add_argument("--quick", action="store_true", help="8/16 lines, 2/4 pages of 320 px")
+    ap.add_argument("--quick", action="store_true", help="8/16 lines, 2/4 pages")
     ap.add_argument("--models", default="det,cls,rec")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--targets", default=",".join(TARGETS))
@@ -415,13 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.calib_lines, args.eval_lines, args.calib_pages, args.eval_pages, args.page = (
-            8,
-            16,
-            2,
-            4,
-            480,
-        )
+        args.calib_lines, args.eval_lines = 8, 16
+        args.calib_pages, args.eval_pages = 2, 4
     if args.calib_seed == args.eval_seed:
         ap.error("--calib-seed and --eval-seed must differ")
     tune_allocator()
