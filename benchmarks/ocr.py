@@ -407,6 +407,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="det,cls,rec")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument(
+        "--int8-rows", default="", help="rows also quantized for target int8 (default: all)"
+    )
     ap.add_argument("--overrides", action="store_true", help="recognizer rows with 8-bit groups")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-seed", type=int, default=0)
@@ -428,6 +431,10 @@ def main(argv=None) -> int:
     ev_lines = ocr.text_lines(args.eval_lines, "eval", args.eval_seed)
     ocr.assert_disjoint(cal_lines, ev_lines)
     tasks = []
+    if "rec" in models:
+        tasks.append(_rec_task(paths["rec"], cal_lines, ev_lines, 8))
+    if "cls" in models:
+        tasks.append(_cls_task(paths["cls"], cal_lines, ev_lines, 8))
     if "det" in models:
         cal_pages = ocr.text_pages(args.calib_pages, "calib", args.calib_seed, args.page, args.page)
         ev_pages = ocr.text_pages(args.eval_pages, "eval", args.eval_seed, args.page, args.page)
@@ -435,10 +442,6 @@ def main(argv=None) -> int:
         ocr.assert_disjoint(cal_pages, ev_lines)
         ocr.assert_disjoint(cal_lines, ev_pages)
         tasks.append(_det_task(paths["det"], cal_pages, ev_pages, 2, args.page))
-    if "cls" in models:
-        tasks.append(_cls_task(paths["cls"], cal_lines, ev_lines, 8))
-    if "rec" in models:
-        tasks.append(_rec_task(paths["rec"], cal_lines, ev_lines, 8))
     result = {
         "environment": _environment(args),
         "data": {
@@ -453,12 +456,14 @@ def main(argv=None) -> int:
             "cls_input": "[N, 3, 48, 192]",
             "examples": [x.text for x in ev_lines[:8]],
         },
+        "arguments": vars(args),
         "common_config": COMMON,
         "import": {},
         "fp32": {},
         "rows": [],
     }
     rows = result["rows"]
+    targets = args.targets.split(",")
     with tempfile.TemporaryDirectory(prefix="omse-ocr-") as tmp:
         for task in tasks:
             task.weights = _onnx_weights(task.path)
@@ -483,11 +488,20 @@ def main(argv=None) -> int:
                 "ort_seconds": round(time.perf_counter() - t0, 2),
             }
             print(f"{task.name} FP32 (onnxruntime): {result['fp32'][task.name]}", flush=True)
-            plan = [(label, ROWS[label], None) for label in args.rows.split(",")]
+            int8_rows = args.int8_rows.split(",") if args.int8_rows else list(ROWS)
+            plan = [
+                (
+                    label,
+                    ROWS[label],
+                    None,
+                    tuple(t for t in targets if t == "int4" or label in int8_rows),
+                )
+                for label in args.rows.split(",")
+            ]
             if args.overrides and task.name == "rec":
-                plan += rec_override_rows()
-            for label, spec, ovr in plan:
-                for target in args.targets.split(","):
+                plan += rec_override_rows(task.module)
+            for label, spec, ovr, row_targets in plan:
+                for target in row_targets:
                     r = run_row(task, label, spec, target, ref, args, Path(tmp), ovr)
                     rows.append(r)
                     print(
@@ -508,17 +522,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def rec_override_rows() -> list[tuple[str, dict, dict]]:
-    """Recognizer rows of the W4A8 recipe with groups of layers at 8 bits (see README)."""
+def rec_override_rows(module: torch.nn.Module) -> list[tuple[str, dict, dict | None, tuple]]:
+    """Diagnostic recognizer rows (``target="int4"`` only): the W4A8 recipe with float
+    activations, and with one group of convolutions at W8A8 (first conv, the depthwise convs,
+    the last five convs: the SVTR neck and its fusion)."""
+    convs = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    dw = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     eight = {"weight_bits": 8, "act_bits": 8}
     spec = ROWS["W4A8 recipe"]
-    return [
-        (f"W4A8 recipe, {name} 8-bit", spec, {p: eight for p in pats})
-        for name, pats in REC_GROUPS.items()
+    groups = {"first conv": convs[:1], "depthwise convs": dw, "last 5 convs": convs[-5:]}
+    rows = [("W4A32 recipe (float activations)", {**spec, "act_bits": None}, None, ("int4",))]
+    rows += [
+        (f"W4A8 recipe, {name} at W8A8", spec, {n: eight for n in names}, ("int4",))
+        for name, names in groups.items()
     ]
-
-
-REC_GROUPS: dict[str, tuple[str, ...]] = {}
+    return rows
 
 
 if __name__ == "__main__":
