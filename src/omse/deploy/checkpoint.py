@@ -3,7 +3,8 @@
 File layout (safetensors; every tensor little-endian, no Python objects):
 
 - ``q.<module>.w<t>.codes``: the integer codes of weight term ``t`` of the quantized layer at
-  module path ``<module>``; grids of <= 4 bits are packed two per byte (``uint8``, low nibble
+  module path ``<module>``, output channel first (a ConvTranspose's weight in the canonical
+  layout ``[out, in/groups, k...]``, :func:`omse.nn.layers.canonical_weight`); grids of <= 4 bits are packed two per byte (``uint8``, low nibble
   first, :func:`omse.core.primitives.pack_int4`), 5..8-bit codes are ``int8``;
 - ``q.<module>.w<t>.scale``: its scales (kernel-wise ``[out, 1, ...]`` or 0-d), float16 (the
   default ``scale_dtype``; float32 where a scale needs it);
@@ -46,7 +47,7 @@ from ..core.grids import Grid
 from ..core.primitives import pack_int4, unpack_int4
 from ..errors import CheckpointError, OmseError
 from ..io import atomic_path, check_output_path
-from ..nn.layers import QuantizedLayer, share_input_quantizer
+from ..nn.layers import QuantizedLayer, canonical_weight, layer_weight, share_input_quantizer
 from ..transforms.fold import _set_module
 
 __all__ = ["save", "load", "read_header", "FORMAT", "VERSION"]
@@ -423,16 +424,18 @@ def _restore(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -
         except (TypeError, OmseError) as e:
             raise CheckpointError(f"layer {path_!r} has an invalid configuration: {e}") from None
         terms, masks = _unpack_terms(tensors, path_, info, w_grid)
-        shape = tuple(terms[0][0].shape)
-        if tuple(layer.weight.shape) != shape:
+        shape = tuple(terms[0][0].shape)  # canonical [out, in/groups, k...]
+        have = tuple(canonical_weight(layer).shape)
+        if have != shape:
             raise _mismatch(
-                f"layer {path_!r} has weight {tuple(layer.weight.shape)}, the checkpoint {shape}",
+                f"layer {path_!r} has weight {tuple(layer.weight.shape)} (output channel first: "
+                f"{have}), the checkpoint {shape}",
                 header,
             )
         w = torch.zeros(shape, dtype=torch.float32)
         for q, s in terms:
             w = w + q.to(torch.float32) * s
-        layer.weight.data = w.to(layer.weight.dtype)  # no FP32 value survives
+        layer.weight.data = layer_weight(layer, w).to(layer.weight.dtype)  # no FP32 value survives
         if info["bias"] and layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(shape[0], dtype=layer.weight.dtype))
         # min-max ranges make construction cheap (no MMSE solve); the terms are replaced next

@@ -48,6 +48,16 @@ How it is built: the quantized layers are swapped for export twins that mark the
 weights with custom ``omse::Marker`` nodes while ``torch.onnx.export`` traces the model; the marked
 graph is then rewritten with ``onnx.helper`` (markers -> Q/DQ and integer initializers) and
 checked with the ONNX checker (``full_check``).
+
+Layer types: ``Linear`` (``Gemm``/``MatMul``), ``Conv1d/2d/3d`` (``Conv``) and
+``ConvTranspose1d/2d/3d`` (``ConvTranspose``). A transposed convolution's integer weight is
+stored in omse's canonical layout ``[out, in/groups, k...]`` (one scale per output channel on
+axis 0) and regrouped to ONNX's ``[in, out/groups, k...]`` after its ``DequantizeLinear``
+(``Transpose``, with a ``Reshape`` on each side for ``groups > 1``: no single axis of that layout
+is the output channel). onnxruntime's CPU provider has no integer ``ConvTranspose`` kernel, so on
+``target="int8"`` it runs ``DequantizeLinear -> ConvTranspose -> QuantizeLinear`` in float (the
+same values: integer-valued inputs and weights, the int32 bias dequantized), not fused;
+``benchmarks/latency.py`` lists such layers as not integer.
 """
 
 from __future__ import annotations
@@ -66,8 +76,7 @@ from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grids import Grid
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..io import atomic_path, check_output_path
-from ..nn.layers import QuantizedLayer, quantized_layers
-from ..transforms.fold import QUANTIZABLE
+from ..nn.layers import WRAPPABLE, QuantizedLayer, is_transposed, layer_weight, quantized_layers
 from ..transforms.graph import (
     DOMAIN,
     TRACE_OPSET,
@@ -102,10 +111,10 @@ def weight_only(ql: QuantizedLayer) -> bool:
 
 
 def _check_layer(ql: QuantizedLayer) -> None:
-    if not isinstance(ql.layer, QUANTIZABLE):
+    if not isinstance(ql.layer, WRAPPABLE):
         raise UnsupportedLayerError(
             f"layer {ql.name!r} ({type(ql.layer).__name__}) cannot be exported: the ONNX exporter "
-            "supports quantized Conv1d, Conv2d and Linear layers"
+            "supports quantized Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear layers"
         )
     g = ql.cfg.granularity
     blocked = isinstance(g, PerGroup) and (g.axis, g.channel_axis) == (1, 0)
@@ -156,6 +165,21 @@ def _int_tensor(name: str, values: np.ndarray, elem: int) -> onnx.TensorProto:
         TensorProto.INT32: np.int32,
     }[elem]
     return numpy_helper.from_array(values.astype(np_type), name)
+
+
+class _TransposedTwin(TracedLayer):
+    """:class:`TracedLayer` of a transposed convolution: its branches' weights in the module's own
+    layout ``[in, out/groups, k...]`` (the terms are canonical, see :func:`omse.nn.layers.canonical_weight`)."""
+
+    def __init__(self, ql: QuantizedLayer, idx: int, terms, integer: bool):
+        super().__init__(ql, idx, terms, integer)
+        self.term_weights = [layer_weight(ql.layer, w) for w in self.term_weights]
+        self.layer.weight = self.term_weights[0]
+
+
+def _twin(ql: QuantizedLayer, idx: int, terms, integer: bool) -> TracedLayer:
+    cls = _TransposedTwin if is_transposed(ql.layer) else TracedLayer
+    return cls(ql, idx, terms, integer)
 
 
 def _export_terms(ql: QuantizedLayer, target: Target) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -305,7 +329,36 @@ class _Rewriter:
         if self.target == "int8" and not nbits:  # explicit zero points: QGemm fusion wants them
             inputs.append(self.fresh(f"{base}.zero_point"))
             self.inits.append(_int_tensor(inputs[-1], np.zeros(s.shape, np.int64), elem))
-        return [helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)]
+        if not is_transposed(ql.layer):
+            return [
+                helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)
+            ]
+        canon = self.fresh(f"{base}.canonical")
+        nodes = [
+            helper.make_node("DequantizeLinear", inputs, [canon], name=f"{base}.dequant", **attrs)
+        ]
+        return nodes + self.regroup_nodes(ql, tuple(q.shape), canon, y, f"{base}.layout")
+
+    def regroup_nodes(
+        self, ql: QuantizedLayer, shape: tuple, x: str, y: str, base: str
+    ) -> list[onnx.NodeProto]:
+        """Canonical ``[out, in/g, k...]`` -> ConvTranspose's ``[in, out/g, k...]``: ``Transpose``
+        (``groups == 1``), else ``Reshape [g, out/g, in/g, k...] -> Transpose -> Reshape``."""
+        g = ql.layer.groups
+        out, cig, *k = shape
+        nk = len(k)
+        if g == 1:
+            perm = [1, 0, *range(2, 2 + nk)]
+            return [helper.make_node("Transpose", [x], [y], name=f"{base}.transpose", perm=perm)]
+        s1 = self.const(f"{base}.grouped_shape", np.array([g, out // g, cig, *k], np.int64))
+        s2 = self.const(f"{base}.layer_shape", np.array([g * cig, out // g, *k], np.int64))
+        a, b = self.fresh(f"{base}.grouped"), self.fresh(f"{base}.regrouped")
+        perm = [0, 2, 1, *range(3, 3 + nk)]
+        return [
+            helper.make_node("Reshape", [x, s1], [a], name=f"{base}.group"),
+            helper.make_node("Transpose", [a], [b], name=f"{base}.transpose", perm=perm),
+            helper.make_node("Reshape", [b, s2], [y], name=f"{base}.ungroup"),
+        ]
 
     def int32_bias(self, idx: int, bias: np.ndarray) -> tuple[list[onnx.NodeProto], str]:
         ql = self.layers[idx]
@@ -454,7 +507,7 @@ class _Rewriter:
         out = []
         for node in nodes:
             if not (
-                node.op_type in ("Conv", "Gemm")
+                node.op_type in ("Conv", "ConvTranspose", "Gemm")
                 and len(node.input) >= 3
                 and node.input[1] in w_out
                 and node.input[2]
@@ -473,7 +526,7 @@ class _Rewriter:
             del node.input[2]
             node.output[0] = pre
             out.append(node)
-            if node.op_type == "Conv":
+            if node.op_type in ("Conv", "ConvTranspose"):
                 rank = ql.float_weight.dim()
                 shape = self.const(
                     f"{ql.name}.bias.shape", np.array([-1] + [1] * (rank - 2), dtype=np.int64)
@@ -489,7 +542,8 @@ class _Rewriter:
     def _quantize_biases(self, nodes, w_out, init_by_name, producers):
         out = []
         for node in nodes:
-            if node.op_type in ("Conv", "Gemm") and len(node.input) >= 3 and node.input[1] in w_out:
+            conv = node.op_type in ("Conv", "ConvTranspose", "Gemm")
+            if conv and len(node.input) >= 3 and node.input[1] in w_out:
                 idx = w_out[node.input[1]]
                 ql = self.layers[idx]
                 b = node.input[2]
@@ -673,7 +727,7 @@ def to_onnx_model(
     proto, traced = trace(
         qmodel,
         example_input,
-        twin=lambda ql, i: TracedLayer(ql, i, _export_terms(ql, target), integer),
+        twin=lambda ql, i: _twin(ql, i, _export_terms(ql, target), integer),
     )
     if opset > TRACE_OPSET:
         changed = _ops_changed_after_trace(proto)
@@ -705,8 +759,8 @@ def export_onnx(
     """Write ``qmodel`` (from :func:`omse.quantize`) as a QDQ ONNX graph at ``path``.
 
     Args:
-        qmodel: a quantized model; every quantized layer must be a Conv1d/Conv2d/Linear with
-            per-channel (axis 0) or per-tensor weight scales.
+        qmodel: a quantized model; every quantized layer must be a Conv1d/2d/3d,
+            ConvTranspose1d/2d/3d or Linear with per-channel (axis 0) or per-tensor weight scales.
         example_input: one input batch for tracing (the batch dimension is exported dynamic).
         path: output ``.onnx`` file, written atomically; an existing file needs ``force=True``.
         opset: ONNX opset (21 for INT4/UINT4 tensors; 13..20 with ``target="int8"`` or

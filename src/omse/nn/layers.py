@@ -4,6 +4,15 @@ made of one or more low-precision integer tensors, ``W ~ sum_t s_t * Q_t`` (kern
 The wrapped module keeps its own ``forward`` (padding, grouping, subclasses all work); only its
 ``weight`` is replaced by the dequantized sum, so the simulation equals the sum of the separate
 integer convolutions (by linearity, up to float rounding).
+
+Wrapped types (:data:`WRAPPABLE`): ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d``.
+Every weight a layer holds is kept in one **canonical layout**, output channel first: ``[out,
+in/groups, k...]`` (:func:`canonical_weight`). A convolution's weight already is; a transposed
+convolution's ``[in, out/groups, k...]`` is regrouped (:func:`canonical_weight` /
+:func:`layer_weight`, a bijection), so kernel-wise scales are one per *output* channel and every
+correction (GPTQ, learned rounding, residuals, bias correction) reads rows as output channels for
+every type. ``float_weight``, ``w_codes{t}`` and ``w_scale{t}`` are canonical; only
+``layer.weight`` has the module's own layout.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ from ..errors import ConfigError
 
 __all__ = [
     "QuantizedLayer",
+    "WRAPPABLE",
+    "is_transposed",
+    "canonical_weight",
+    "layer_weight",
     "quantize_weight_terms",
     "ratio_residual_term",
     "max_code_ratio",
@@ -48,6 +61,47 @@ DOMAIN = "omse"
 
 INT8_RANGE = (-128, 127)
 """The codes an 8-bit integer kernel holds: merged residual kernels must fit."""
+
+
+WRAPPABLE = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+"""The module types :class:`QuantizedLayer` wraps."""
+
+
+def is_transposed(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a transposed convolution (weight ``[in, out/groups, k...]``)."""
+    return isinstance(layer, nn.modules.conv._ConvTransposeNd)
+
+
+def canonical_weight(layer: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` (default ``layer.weight``) in the canonical layout ``[out, in/groups, k...]``.
+
+    A transposed convolution's ``[in, out/groups, k...]`` becomes ``[groups, in/groups,
+    out/groups, k...] -> [groups, out/groups, in/groups, k...] -> [out, in/groups, k...]``: row
+    ``co = g * out/groups + j`` is output channel ``co`` (group ``g``); every other layer's
+    weight is returned as is."""
+    w = layer.weight if w is None else w
+    if not is_transposed(layer):
+        return w
+    g = layer.groups
+    cin, cog, *k = w.shape
+    return w.reshape(g, cin // g, cog, *k).transpose(1, 2).reshape(g * cog, cin // g, *k)
+
+
+def layer_weight(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`canonical_weight`: canonical ``w`` in ``layer``'s own layout."""
+    if not is_transposed(layer):
+        return w
+    g = layer.groups
+    out, cig, *k = w.shape
+    return w.reshape(g, out // g, cig, *k).transpose(1, 2).reshape(g * cig, out // g, *k)
 
 
 @torch.no_grad()
@@ -142,7 +196,10 @@ def ratio_residual_term(
 
 
 def layer_macs_per_output(layer: nn.Module) -> int:
-    """Multiply-accumulates per output element: ``in/groups * prod(kernel)`` (Linear: ``in``)."""
+    """Multiply-accumulates per output element of a convolution or Linear: ``in/groups *
+    prod(kernel)`` (Linear: ``in``). A transposed convolution has ``out/groups * prod(kernel)``
+    per *input* element instead (what this returns for it; see
+    :meth:`QuantizedLayer.macs_per_sample`)."""
     w = layer.weight
     return int(w[0].numel())
 
@@ -153,10 +210,11 @@ def _step(scale: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class QuantizedLayer(nn.Module):
-    """A Conv/Linear with a quantized input and a weight of integer terms.
+    """A Conv/ConvTranspose/Linear (:data:`WRAPPABLE`) with a quantized input and a weight of
+    integer terms.
 
-    Buffers: ``w_codes{t}`` int8 ``[out, ...]`` and ``w_scale{t}`` ``[out, 1, ...]`` per term
-    ``t``; ``w_mask{t}`` bool ``[out]`` marks the kernels that carry term ``t >= 1`` (the others'
+    Buffers, in the canonical layout (:func:`canonical_weight`): ``w_codes{t}`` int8 ``[out,
+    ...]`` and ``w_scale{t}`` ``[out, 1, ...]`` per term ``t``; ``w_mask{t}`` bool ``[out]`` marks the kernels that carry term ``t >= 1`` (the others'
     codes are zero); ``act_scale`` 0-d (when the input is quantized). ``macs`` is the layer's
     MACs per sample (set during calibration) and ``float_weight`` the original folded weight.
     """
@@ -170,7 +228,9 @@ class QuantizedLayer(nn.Module):
         self.cfg = cfg
         self.w_grid = Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
         self.a_grid: Grid | None = None
-        self.register_buffer("float_weight", layer.weight.detach().clone(), persistent=False)
+        self.register_buffer(
+            "float_weight", canonical_weight(layer).detach().clone(), persistent=False
+        )
         self.register_buffer("act_scale", None)
         self.register_buffer("out_scale", None)
         self.out_grid: Grid | None = None
@@ -287,12 +347,22 @@ class QuantizedLayer(nn.Module):
     @torch.no_grad()
     def refresh_weight(self) -> None:
         w = self.dequantized_weight() if self.quant_enabled else self.float_weight
-        self.layer.weight.data = w.to(self.layer.weight.dtype)
+        self.layer.weight.data = layer_weight(self.layer, w).to(self.layer.weight.dtype)
 
     def set_quant_enabled(self, enabled: bool) -> None:
         """Switch between the quantized layer and its float (BN-folded) original."""
         self.quant_enabled = bool(enabled)
         self.refresh_weight()
+
+    def macs_per_sample(self, input_numel: int, output_numel: int) -> int:
+        """Multiply-accumulates per sample from the per-sample element counts of the layer's
+        input and output: ``output * in/groups * prod(k)`` (Linear, convolutions), ``input *
+        out/groups * prod(k)`` (transposed convolutions, each input element meets every weight of
+        its group once)."""
+        if is_transposed(self.layer):
+            return int(input_numel * self.layer.weight[0].numel())
+        out = self.float_weight.shape[0]
+        return int(output_numel // out * out * layer_macs_per_output(self.layer))
 
     def extra_kernels(self) -> int:
         """Kernels carrying a residual term, summed over terms >= 1."""
@@ -389,7 +459,7 @@ class QuantizedLayer(nn.Module):
         bias = self.effective_bias()
         out = None
         for t, (q, _, _) in enumerate(self.terms()):
-            params = {"weight": q.to(x.dtype)}
+            params = {"weight": layer_weight(layer, q.to(x.dtype))}
             if zero_bias is not None:
                 params["bias"] = zero_bias
             acc = torch.func.functional_call(layer, params, (xq,))

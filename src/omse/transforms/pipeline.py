@@ -3,10 +3,15 @@
 :func:`quantize` copies the model and runs a list of steps chosen by the configuration, each a
 model transform that works in place and records what it did in :class:`Calibration`:
 
+0. ``functional``: on a :class:`torch.fx.GraphModule` (or a model torch.fx traces),
+   ``matmul``/``linear`` on constant weights become ``nn.Linear`` (:mod:`omse.transforms.functional`;
+   an eager model without such calls is left as it is);
 1. ``fold``: BatchNorm folded into the layer before it (:func:`~omse.transforms.fold.fold_batchnorm`);
 2. ``equalize``: cross-layer equalization (``equalize=True``);
-3. ``wrap``: every Conv/Linear becomes a :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise
-   weights (layers left in float are listed);
+3. ``wrap``: every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear becomes a
+   :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise weights (layers left in float are
+   listed; at the end :attr:`Calibration.float_weights` lists every float parameter with its share
+   of the weights and the reason);
 4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``,
    ``extra_mac_budget``), from one pass of patch moments (learned rounding: one per layer,
    sequentially);
@@ -36,7 +41,8 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..core.stats import HistogramStats
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
-from ..nn.layers import QuantizedLayer
+from ..nn.layers import WRAPPABLE, QuantizedLayer
+from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
@@ -46,7 +52,7 @@ from .calibration import (
     share_scales,
 )
 from .equalize import equalize
-from .fold import QUANTIZABLE, _set_module, fold_batchnorm
+from .fold import _set_module, fold_batchnorm
 from .learned import learned_rounding
 from .onnx_import import load_onnx, matmul_constants
 from .residuals import select_residuals
@@ -57,10 +63,6 @@ __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
 
 # Layer types with weights that omse does not quantize (left in float with a warning).
 UNSUPPORTED = (
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Conv3d,
     nn.LSTM,
     nn.GRU,
     nn.RNN,
@@ -82,6 +84,16 @@ class Calibration:
     batches: int = 0
     output_stats: dict[str, HistogramStats] = field(default_factory=dict)
     output_quantized: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+    """What :func:`omse.transforms.functional.apply` rewrote (matmul/linear -> nn.Linear), or why
+    it did not."""
+    float_weights: list[functional.FloatWeight] = field(default_factory=list)
+    """Every parameter left in float, with its share of the model's weight values and why."""
+
+    @property
+    def float_share(self) -> float:
+        """The share (0..1) of the model's weight values left in float."""
+        return sum(f.share for f in self.float_weights)
 
 
 def _first_tensor(batch) -> torch.Tensor:
@@ -198,26 +210,37 @@ def _wrap(r: _Run) -> None:
     if bad:
         warnings.warn(f"override/skip patterns match no module: {bad}", stacklevel=4)
     targets: dict[str, nn.Module] = {}
+    floats: list[str] = []
     for name, m in qmodel.named_modules():
         if not name or config.is_skipped(name):
             continue
-        if isinstance(m, QUANTIZABLE):
-            if any(name.startswith(t + ".") for t in targets):
-                continue
+        if any(name.startswith(t + ".") for t in (*targets, *floats)):
+            continue  # inside a wrapped layer, or read by a float layer's own forward
+        if isinstance(m, WRAPPABLE):
             targets[name] = m
         elif isinstance(m, UNSUPPORTED) or (
-            type(m).__module__.split(".")[0] != "torch"
+            type(m).__module__.split(".")[0] not in ("torch", "onnx2torch")
             and any(p.dim() >= 2 for p in m.parameters(recurse=False))
         ):
+            floats.append(name)
             cal.left_float.append(f"{name} ({type(m).__name__})")
     cal.left_float += [f"{n} (ONNX MatMul on a constant weight)" for n in matmul_constants(qmodel)]
     if cal.left_float:
+        total = sum(p.numel() for p in qmodel.parameters())
+        share = sum(p.numel() for n in floats for p in qmodel.get_submodule(n).parameters())
+        share /= max(total, 1)
         msg = "omse leaves these layers in float (unsupported type): " + ", ".join(cal.left_float)
+        msg += (
+            f" ({share:.1%} of the model's weight values stay float in all; "
+            "Calibration.float_weights lists each parameter and why)"
+        )
         if config.strict:
             raise UnsupportedLayerError(msg + "; remove strict=True or add them to skip")
         warnings.warn(msg, stacklevel=4)
     if not targets:
-        raise ConfigError("the model has no Conv/Linear layer to quantize (after skip)")
+        raise ConfigError(
+            "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
+        )
     for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
         ql = QuantizedLayer(m, name, config.for_layer(name))
         _set_module(qmodel, name, ql)
@@ -321,8 +344,11 @@ def quantize(
     """Return a quantized copy of ``model`` (``model`` itself is not modified).
 
     Args:
-        model: a PyTorch module; Conv1d/Conv2d (grouped, depthwise) and Linear layers are
-            quantized, other layers with weights are left in float (listed in a warning). Or a
+        model: a PyTorch module or :class:`torch.fx.GraphModule`; Conv1d/2d/3d (grouped,
+            depthwise), ConvTranspose1d/2d/3d and Linear layers are quantized, and so are
+            ``matmul``/``linear`` calls on constant weights in a model torch.fx traces (rewritten
+            into Linear layers first); other layers with weights are left in float (listed in a
+            warning and, every parameter with its reason, in ``calibration.float_weights``). Or a
             float ONNX model (an ``.onnx`` path or an ``onnx.ModelProto``): converted by
             :func:`~omse.transforms.onnx_import.load_onnx` and checked against onnxruntime on
             the first calibration batch; the result carries ``omse_io`` (the graph's input and
@@ -356,14 +382,17 @@ def quantize(
             stacklevel=2,
         )
     qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    qmodel, cal.rewritten = functional.apply(qmodel, batches[0])
     for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
         if hasattr(model, attr):
             setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
     run = _Run(qmodel, batches, config, cal, progress)
     for step in _steps(config, fold_bn, isinstance(batches[0], dict)):
         step(run)
+    skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
+    cal.float_weights = functional.float_weights(qmodel, skipped)
     cal.batches = len(batches)
     cal.seconds = time.perf_counter() - t0
     qmodel.omse_config = config  # type: ignore[attr-defined]

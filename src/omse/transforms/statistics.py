@@ -14,8 +14,9 @@ them).
 - ``patch_means``: the patch sums alone (bias correction);
 - always the layer's MACs per sample.
 
-The patches are read where the wrapped module calls ``conv1d``/``conv2d``/``linear`` with the
-layer's weight, through a :class:`torch.overrides.TorchFunctionMode` entered inside that layer's
+The patches are read where the wrapped module calls ``conv{1,2,3}d``/``conv_transpose{1,2,3}d``/
+``linear`` with the layer's weight (a transposed convolution's patches are the windows of its
+zero-inserted input, in the canonical weight order: :func:`patches`), through a :class:`torch.overrides.TorchFunctionMode` entered inside that layer's
 forward only (thread-local and scoped: no torch function is replaced process-wide, and a module
 that calls ``torch.conv2d`` directly is seen too). :data:`PASSES` counts the passes made.
 """
@@ -34,9 +35,9 @@ from tqdm.auto import tqdm
 
 from ..core.stats import HistogramStats
 from ..errors import CalibrationError, model_forward_errors
-from ..nn.layers import QuantizedLayer, layer_macs_per_output
+from ..nn.layers import QuantizedLayer
 
-__all__ = ["Needs", "LayerStatistics", "collect", "run_model", "PASSES"]
+__all__ = ["Needs", "LayerStatistics", "ConvCall", "collect", "patches", "run_model", "PASSES"]
 
 PASSES = [0]
 """How many calibration passes :func:`collect` has made in this process (tests count them)."""
@@ -89,37 +90,118 @@ def _tup(v, nd: int) -> tuple:
     return tuple(v) if isinstance(v, list | tuple) else (v,) * nd
 
 
-def _conv_args(name: str, args: tuple, kwargs: dict) -> tuple | None:
-    """``(stride, padding, dilation, groups)`` of a ``conv1d``/``conv2d`` call, None for linear."""
+@dataclass(frozen=True)
+class ConvCall:
+    """The geometry of one ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d`` call (tuples of ``nd``
+    ints; ``padding`` may be a string for a plain convolution)."""
+
+    nd: int
+    stride: tuple
+    padding: tuple | str
+    dilation: tuple
+    groups: int
+    transposed: bool = False
+    output_padding: tuple = ()
+
+
+# positional parameters after (input, weight, bias), in torch's order
+_CONV_PARAMS = ("stride", "padding", "dilation", "groups")
+_TRANSPOSED_PARAMS = ("stride", "padding", "output_padding", "groups", "dilation")
+_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+
+
+def _conv_args(name: str, args: tuple, kwargs: dict) -> ConvCall | None:
+    """The :class:`ConvCall` of a convolution call by torch function name, None for linear."""
     if name == "linear":
         return None
-    a = list(args[3:]) + [None] * 4
-    nd = 1 if name == "conv1d" else 2
-    stride = kwargs.get("stride", a[0] if a[0] is not None else 1)
-    padding = kwargs.get("padding", a[1] if a[1] is not None else 0)
-    dilation = kwargs.get("dilation", a[2] if a[2] is not None else 1)
-    groups = kwargs.get("groups", a[3] if a[3] is not None else 1)
-    pad = padding if isinstance(padding, str) else _tup(padding, nd)
-    return _tup(stride, nd), pad, _tup(dilation, nd), int(groups)
+    transposed = name.startswith("conv_transpose")
+    nd = int(name[-2])
+    params = _TRANSPOSED_PARAMS if transposed else _CONV_PARAMS
+    v = dict(_DEFAULTS)
+    v.update({k: a for k, a in zip(params, args[3:], strict=False) if a is not None})
+    v.update({k: a for k, a in kwargs.items() if k in v and a is not None})
+    pad = v["padding"] if isinstance(v["padding"], str) else _tup(v["padding"], nd)
+    return ConvCall(
+        nd,
+        _tup(v["stride"], nd),
+        pad,
+        _tup(v["dilation"], nd),
+        int(v["groups"]),
+        transposed,
+        _tup(v["output_padding"], nd),
+    )
 
 
-def patches(layer: nn.Module, x: torch.Tensor, conv_args: tuple | None) -> torch.Tensor:
+def _im2col(x: torch.Tensor, ks: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
+    """N-d im2col of an already padded ``x [B, C, *S]``: ``[B, L, C * prod(ks)]``, each patch in
+    ``(c, k_1, ..., k_n)`` order (``F.unfold``'s, for any number of spatial dims)."""
+    nd = len(ks)
+    for d in range(nd):
+        span = dilation[d] * (ks[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
+    # [B, C, *L, *k] -> [B, *L, C, *k]
+    B, C = x.shape[:2]
+    x = x.movedim(1, 1 + nd)
+    L = x.shape[1 : 1 + nd].numel()
+    return x.reshape(B, L, C * torch.Size(ks).numel())
+
+
+def _grouped(cols: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, L, C*k]`` patches -> ``[G, B*L, C/G*k]``."""
+    B, L, CK = cols.shape
+    K = CK // groups
+    return cols.reshape(B, L, groups, K).permute(2, 0, 1, 3).reshape(groups, B * L, K)
+
+
+def _transposed_patches(w: torch.Tensor, x: torch.Tensor, call: ConvCall) -> torch.Tensor:
+    """The patches of a transposed convolution, in the canonical weight order.
+
+    ``conv_transpose(x, W)`` equals a stride-1 convolution (dilation kept) of ``x`` with
+    ``stride - 1`` zeros inserted between its pixels, padded by ``dilation * (k - 1) - padding``
+    (plus ``output_padding`` at the end), with the kernel flipped: output pixel ``p`` is
+    ``sum_{c,k} canon[o, c, k] * xd[c, p + (K - 1 - k) * dilation]``. So a patch is the window
+    of the zero-inserted input read with its kernel axes reversed; ``patches @ canon_g^T``
+    reproduces the layer's output exactly (``tests/transforms/test_statistics.py``).
+    """
+    nd = call.nd
+    ks = tuple(w.shape[2:])
+    B, C, *S = x.shape
+    xd = x.new_zeros(B, C, *[(n - 1) * s + 1 for n, s in zip(S, call.stride, strict=True)])
+    xd[(slice(None), slice(None), *[slice(None, None, s) for s in call.stride])] = x
+    pad: list[int] = []
+    for d in reversed(range(nd)):  # F.pad: last dim first; negative values crop
+        lead = call.dilation[d] * (ks[d] - 1) - call.padding[d]
+        pad += [lead, lead + call.output_padding[d]]
+    xd = F.pad(xd, pad)
+    cols = _im2col(xd, ks, (1,) * nd, call.dilation)  # [B, L, C*k]
+    cols = cols.reshape(*cols.shape[:2], C, *ks).flip(list(range(3, 3 + nd)))
+    return _grouped(cols.reshape(B, cols.shape[1], -1), call.groups)
+
+
+def patches(layer: nn.Module, x: torch.Tensor, call: ConvCall | None) -> torch.Tensor:
     """The input a layer's weight multiplies, as patches ``[G, N, K]`` (``K = in/groups *
-    prod(kernel)``, ``N`` patches over the batch)."""
-    if conv_args is None or layer.weight.dim() == 2:
+    prod(kernel)``, ``N`` patches over the batch: one per output pixel), each in the order of
+    the canonical weight's row (:func:`omse.nn.layers.canonical_weight`), so that output
+    channel ``o`` of group ``g`` at patch ``n`` is ``canon[o] . patches[g, n]``."""
+    if call is None or layer.weight.dim() == 2:
         return x.reshape(1, -1, x.shape[-1])
-    stride, padding, dilation, groups = conv_args
     w = layer.weight
+    if isinstance(call.padding, str):
+        raise CalibrationError(
+            f"a layer with padding={call.padding!r} cannot give input patches; use integer padding"
+        )
+    if call.transposed:
+        return _transposed_patches(w, x, call)
+    stride, padding, dilation, groups = call.stride, call.padding, call.dilation, call.groups
+    if call.nd == 3:
+        pad = [p for d in reversed(range(3)) for p in (padding[d], padding[d])]
+        return _grouped(_im2col(F.pad(x, pad), tuple(w.shape[2:]), stride, dilation), groups)
     if w.dim() == 3:  # conv1d as 2d
         x = x.unsqueeze(-2)
         ks = (1, w.shape[-1])
         stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
     else:
         ks = tuple(w.shape[-2:])
-    if isinstance(padding, str):
-        raise CalibrationError(
-            f"a layer with padding={padding!r} cannot give input patches; use integer padding"
-        )
     cols = F.unfold(x, ks, dilation=dilation, padding=padding, stride=stride)  # [B, C*k, L]
     B, CK, L = cols.shape
     K = CK // groups
@@ -127,9 +209,18 @@ def patches(layer: nn.Module, x: torch.Tensor, conv_args: tuple | None) -> torch
 
 
 class _Capture(TorchFunctionMode):
-    """Calls ``fn(input, conv_args)`` when ``conv1d``/``conv2d``/``linear`` runs on ``weight``."""
+    """Calls ``fn(input, call)`` when a convolution, transposed convolution or ``linear`` runs
+    on ``weight``."""
 
-    _NAMES = ("conv1d", "conv2d", "linear")
+    _NAMES = (
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "linear",
+    )
 
     def __init__(self, weight: torch.Tensor, fn):
         super().__init__()
@@ -158,6 +249,7 @@ class _Observer:
                 f"layer {q.name!r} got NaN or Inf inputs on calibration batch {self.batch}"
             )
         st = self.stats[q.name]
+        st.extra["input_numel"] = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
         if self.needs.input_histograms:
             if st.input is None:
                 st.input = HistogramStats(self.needs.bins)
@@ -187,8 +279,7 @@ class _Observer:
     def output(self, q: QuantizedLayer, y: torch.Tensor) -> None:
         st = self.stats[q.name]
         per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
-        channels = q.float_weight.shape[0]
-        st.macs = int(per_sample // channels * channels * layer_macs_per_output(q.layer))
+        st.macs = q.macs_per_sample(st.extra.get("input_numel", 0), per_sample)
         if q.name in self.clamp:
             lo, hi = self.clamp[q.name]
             if st.output is None:
