@@ -524,19 +524,17 @@ def main(argv=None) -> int:
 
 def rec_override_rows(module: torch.nn.Module) -> list[tuple[str, dict, dict | None, tuple]]:
     """Diagnostic recognizer rows (``target="int4"`` only): the W4A8 recipe with float
-    activations, and with one group of convolutions at W8A8 (first conv, the depthwise convs,
-    the last five convs: the SVTR neck and its fusion)."""
+    activations; with the Linear layers (the SVTR block's attention and MLP and the CTC head,
+    ONNX MatMuls that omse rewrites into ``omse_linear*``) at W8A8; with every convolution at
+    W8A8."""
     convs = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    dw = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     eight = {"weight_bits": 8, "act_bits": 8}
     spec = ROWS["W4A8 recipe"]
-    groups = {"first conv": convs[:1], "depthwise convs": dw, "last 5 convs": convs[-5:]}
-    rows = [("W4A32 recipe (float activations)", {**spec, "act_bits": None}, None, ("int4",))]
-    rows += [
-        (f"W4A8 recipe, {name} at W8A8", spec, {n: eight for n in names}, ("int4",))
-        for name, names in groups.items()
+    return [
+        ("W4A32 recipe (float activations)", {**spec, "act_bits": None}, None, ("int4",)),
+        ("W4A8 recipe, Linear (ex-MatMul) at W8A8", spec, {"omse_linear*": eight}, ("int4",)),
+        ("W4A8 recipe, convs at W8A8", spec, {n: eight for n in convs}, ("int4",)),
     ]
-    return rows
 
 
 if __name__ == "__main__":
