@@ -523,7 +523,7 @@ def main(argv=None) -> int:
 
 
 def rec_override_rows(module: torch.nn.Module) -> list[tuple[str, dict, dict | None, tuple]]:
-    """Diagnostic recognizer rows (``target="int4"`` only): the W4A8 recipe with float
+    """Diagnostic recognizer rows (``target="int4"`` only): the W4A8 and W8A8 recipes with float
     activations, and the W4A8 / W8A8 recipes with the inputs of the Linear layers (the SVTR
     block's attention and MLP and the CTC head: ONNX MatMuls that omse rewrites into
     ``omse_linear*``) left in float."""
@@ -533,6 +533,12 @@ def rec_override_rows(module: torch.nn.Module) -> list[tuple[str, dict, dict | N
         (
             "W4A32 recipe (float activations)",
             {**ROWS["W4A8 recipe"], "act_bits": None},
+            None,
+            ("int4",),
+        ),
+        (
+            "W8A32 recipe (float activations)",
+            {**ROWS["W8A8 recipe"], "act_bits": None},
             None,
             ("int4",),
         ),
