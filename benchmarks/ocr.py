@@ -105,7 +105,6 @@ class Task:
     summarize: Callable[[list[np.ndarray]], object]
     compare: Callable[[object, object], dict]
     truth: Callable[[object], dict]
-    headline: str  # the key of compare()'s dict the table shows
     weights: int = 0  # float weight elements (rank >= 2) in the ONNX file
     module: torch.nn.Module | None = None  # the float model, imported once
 
@@ -150,7 +149,6 @@ def _rec_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
         summarize,
         compare,
         truth,
-        "text_agreement",
     )
 
 
@@ -184,7 +182,6 @@ def _cls_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
         summarize,
         compare,
         truth,
-        "top1_agreement",
     )
 
 
@@ -217,7 +214,6 @@ def _det_task(path: Path, calib_pages, eval_pages, batch: int, side: int) -> Tas
         summarize,
         compare,
         truth,
-        "iou",
     )
 
 
