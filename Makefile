@@ -68,6 +68,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py --zoo
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/ocr.py --threads $(THREADS)
 	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)
