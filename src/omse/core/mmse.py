@@ -10,22 +10,11 @@ E is continuous and piecewise quadratic in ``s``: between consecutive *breakpoin
 kink), so the global minimum is the stationary point ``B / C`` of one piece. :func:`mmse_solve`
 finds it exactly:
 
-1. an upper bound ``U`` from min-max, fractions of it and Lloyd iterations (``s <- B/C``), chosen
-   with float32 passes, its error exact in float64;
+1. an upper bound ``U`` from min-max and a few Lloyd iterations (``s <- B/C``);
 2. a window ``(s_lo, s_hi)`` outside which ``E >= U`` provably: below ``s_lo`` the clipping error
-   of the largest values alone exceeds ``U``; above ``s_hi = 2 s0`` nothing beats some step in
-   ``[s0, 2 s0)``, with ``s0`` the smallest step at which no value clips (the codes of ``m s``,
-   ``m = 2, 3, ...``, are a subset of those of ``s`` there, so ``E(m s) >= E(s)``). Branch and
-   bound narrows it: the window is split geometrically and a piece is dropped where a separable
-   lower bound (each value charged its distance to the segments ``q [lo, hi]``, computed in
-   float32 and lowered by its rounding-error bound) exceeds the best exact error; long slices
-   (>= 4096 values) with many breakpoints are narrowed further by exact interval bounds from
-   prefix sums;
+   of the largest values alone exceeds ``U``; above ``s_hi`` the values that round to zero do;
 3. every breakpoint inside the window, sorted per slice (all slices at once, in padded rows), with
-   ``B`` and ``C`` swept by cumulative sums (float64) and each piece's minimiser clamped into the
-   piece.
-
-All tensors stay on the input's device (no host round trips per row).
+   ``B`` and ``C`` swept by cumulative sums and each piece's minimiser clamped into the piece.
 
 The answer is the global optimum over all ``s > 0`` (not only over ``(0, max|x|/qmax]``), up to
 float64 rounding. Work is ``O(T log T)`` with ``T`` the breakpoints in the window (2-3 per value
@@ -83,7 +72,7 @@ class _Side:
         wm = torch.where(mask, w, 0.0)
         self.a, order = torch.sort(am, dim=1)
         wm = torch.gather(wm, 1, order)
-        z = torch.zeros(a.shape[0], 1, dtype=torch.float64, device=a.device)
+        z = torch.zeros(a.shape[0], 1, dtype=torch.float64)
         self.P = [torch.cat([z, torch.cumsum(t, 1)], 1) for t in (wm, wm * self.a, wm * self.a**2)]
         self.cap = cap
 
@@ -92,7 +81,7 @@ class _Side:
         Q = int(self.cap)
         if Q == 0:  # no code on this side: every value costs w a^2
             return self.P[2][:, -1:].expand_as(s)
-        q = torch.arange(Q + 1, dtype=torch.float64, device=s.device).reshape(1, 1, -1)
+        q = torch.arange(Q + 1, dtype=torch.float64).reshape(1, 1, -1)
         ss = s[:, :, None]
         u = (q - 0.5).clamp_min(0.0) * ss
         v = torch.where(q == Q, torch.full_like(u, float("inf")), (q + 0.5) * ss)
@@ -118,7 +107,7 @@ class _Side:
         lo_, h = lo[:, :, None], hi[:, :, None]
         if Q == 0:
             return self.sse(lo)  # constant in s
-        q = torch.arange(Q + 1, dtype=torch.float64, device=lo.device).reshape(1, 1, -1)
+        q = torch.arange(Q + 1, dtype=torch.float64).reshape(1, 1, -1)
         segs = []
         # constant code q: a in [(q-1/2)h, (q+1/2)lo_); q = 0: [0, lo_/2); q = Q: [(Q-1/2)h, inf)
         lo_c = (q - 0.5).clamp_min(0.0) * h
@@ -148,7 +137,7 @@ def _bnb_window(sides, s_lo, s_hi, best_s, best_e, points: int = _BNB_POINTS):
     """One round of branch and bound: split ``(s_lo, s_hi)`` geometrically into ``points``
     intervals, evaluate the error at the knots (improving the best step) and keep the hull of the
     intervals whose lower bound is below the best error."""
-    t = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64, device=s_lo.device)
+    t = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64)
     knots = s_lo[:, None] * (s_hi / s_lo)[:, None] ** t[None, :]
     E = sum(sd.sse(knots) for sd in sides)
     j = E.argmin(1, keepdim=True)
@@ -168,93 +157,6 @@ def _bnb_window(sides, s_lo, s_hi, best_s, best_e, points: int = _BNB_POINTS):
         torch.where(torch.isfinite(new_hi), new_hi, best_s), best_s * (1 + 1e-12)
     )
     return new_lo.clamp_min(1e-300), new_hi, best_s, best_e
-
-
-_F32_EPS = 2.0**-24
-_BB_INTERVALS = 8
-_BB_ROUNDS = 2
-_UB_FRACTIONS32 = (1.0, 0.8, 0.6, 0.45)
-
-
-class _Rows32:
-    """float32 copies of one chunk's magnitudes ``a``, caps and weights ``[S, n]`` for the
-    cheap passes (upper bounds and interval lower bounds); exact values stay in float64."""
-
-    def __init__(self, a: torch.Tensor, cap: torch.Tensor, w: torch.Tensor | None):
-        self.a = a.float()
-        self.cap = cap.float()
-        self.w = None if w is None else w.float()
-
-    def _wsum(self, t: torch.Tensor) -> torch.Tensor:
-        return (t if self.w is None else self.w * t).sum(1)
-
-    def codes(self, s: torch.Tensor) -> torch.Tensor:
-        """|codes| at steps ``s [S]`` (float32) -> ``[S, n]``."""
-        return torch.minimum((self.a / s[:, None]).sub_(0.5).ceil_().clamp_(min=0.0), self.cap)
-
-    def sse(self, s: torch.Tensor) -> torch.Tensor:
-        """Approximate (float32) error at steps ``s [S]`` -> ``[S]``; for choosing candidates."""
-        r = self.a - self.codes(s) * s[:, None]
-        return self._wsum(r * r)
-
-    def lloyd(self, s: torch.Tensor) -> torch.Tensor:
-        """One Lloyd step ``s <- <a, q> / <q, q>`` at the codes of ``s [S]``."""
-        q = self.codes(s)
-        B, C = self._wsum(q * self.a), self._wsum(q * q)
-        return torch.where(C > 0, B / C.clamp_min(1e-30), s)
-
-    def interval_lb(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """A proven lower bound of ``E(s)`` over every ``s`` in ``[lo, hi]`` (``[S]`` each).
-
-        Each value is charged its squared distance to the union of the segments
-        ``q * [lo, hi]``, ``q = 0..cap`` (its best error if it could pick its own step in the
-        interval). The float32 result is lowered by a bound on its rounding error, so it stays
-        a lower bound of the exact (real-number) value.
-        """
-        u, v = lo.float()[:, None], hi.float()[:, None]
-        ql = torch.minimum(torch.floor(self.a / v), self.cap)  # last segment starting below a
-        d = self.a - ql * v  # distance past its end
-        up = (ql + 1.0) * u - self.a  # distance to the next segment (if ql < cap)
-        up.masked_fill_(ql >= self.cap, float("inf"))
-        d = torch.minimum(d, up).clamp_(min=0.0)
-        wd = d if self.w is None else self.w * d
-        lb = (wd * d).sum(1)
-        slack = (wd * (self.a + v)).sum(1)
-        return (lb * (1.0 - 64 * _F32_EPS) - 16 * _F32_EPS * slack).double().clamp_min(0.0)
-
-
-def _exact_sse(a, w, cap, s):
-    """Exact (float64) error at steps ``s [S]``."""
-    return _sse(a, w, cap, s[:, None])[0]
-
-
-def _bb_rounds(r32, a, w, cap, s_lo, s_hi, best_s, best_e):
-    """Branch and bound on ``(s_lo, s_hi)`` with :meth:`_Rows32.interval_lb`: each round splits
-    the window geometrically into ``_BB_INTERVALS`` pieces, improves the best step with the
-    knots' errors (chosen in float32, kept only if the exact float64 error is lower) and keeps
-    the hull of the pieces whose lower bound is below the best exact error."""
-    G = _BB_INTERVALS
-    t = torch.linspace(0.0, 1.0, G + 1, dtype=torch.float64, device=a.device)
-    for _ in range(_BB_ROUNDS):
-        base = torch.maximum(s_lo, s_hi * 1e-3)  # (s_lo, base] is the first piece
-        knots = base[:, None] * (s_hi / base)[:, None] ** t[None, :]
-        knots[:, 0] = s_lo
-        # the best interior knot (float32 choice), then one Lloyd step, checked exactly
-        e32 = torch.stack([r32.sse(knots[:, g].float()) for g in range(1, G)], 1)
-        cand = torch.gather(knots[:, 1:G], 1, e32.argmin(1, keepdim=True)).squeeze(1)
-        for c in (cand, r32.lloyd(cand.float()).double()):
-            e = _exact_sse(a, w, cap, c)
-            better = e < best_e
-            best_s, best_e = torch.where(better, c, best_s), torch.where(better, e, best_e)
-        lb = torch.stack([r32.interval_lb(knots[:, g], knots[:, g + 1]) for g in range(G)], 1)
-        keep = lb <= best_e[:, None]
-        inf = torch.full_like(lb, float("inf"))
-        new_lo = torch.where(keep, knots[:, :-1], inf).amin(1)
-        new_hi = torch.where(keep, knots[:, 1:], -inf).amax(1)
-        s_lo = torch.minimum(torch.minimum(new_lo, best_s), best_s * (1 - 1e-12))
-        s_hi = torch.maximum(torch.maximum(new_hi, best_s), best_s * (1 + 1e-12))
-        s_lo = s_lo.clamp_min(1e-300)
-    return s_lo, s_hi, best_s, best_e
 
 
 def mmse_solve(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None) -> MMSEResult:
@@ -296,52 +198,51 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
         raise ConfigError("mmse_solve got empty slices")
 
     # Normalise each row by its largest magnitude: the problem is scale-equivariant.
-    dev = x.device
     amax = x.abs().amax(1)
     norm = torch.where(amax > 0, amax, torch.ones_like(amax))
     a = x.abs() / norm[:, None]
     qpos, qneg = float(grid.qmax), float(-grid.qmin)
-    is_pos, is_neg = x > 0, x < 0
-    cap = is_pos * qpos + is_neg * qneg  # float64; 0 where x == 0
+    cap = torch.where(x >= 0, qpos, qneg).to(torch.float64)
+    cap = torch.where(x == 0, torch.zeros_like(cap), cap)
     A = (w * a * a).sum(1)
-    r32 = _Rows32(a, cap, None if weights is None else w)
 
-    # 1. Upper bound: min-max and fractions of it (float32), Lloyd steps from the best, the
-    # chosen step's error exact in float64.
-    pos_max = (a * is_pos).amax(1)
-    neg_max = (a * is_neg).amax(1)
-    s_mm = torch.zeros(S, dtype=torch.float64, device=dev)
-    s0 = torch.zeros_like(s_mm)  # below 2 * s0 lies a global optimum (see the window)
+    # 1. Upper bound: min-max and fractions of it, then Lloyd iterations from the best.
+    pos_max = torch.where(x > 0, a, 0.0).amax(1)
+    neg_max = torch.where(x < 0, a, 0.0).amax(1)
+    s_mm = torch.zeros(S, dtype=torch.float64)
     if qpos > 0:
         s_mm = torch.maximum(s_mm, pos_max / qpos)
-        s0 = torch.maximum(s0, pos_max / (qpos + 0.5))
     if qneg > 0:
         s_mm = torch.maximum(s_mm, neg_max / qneg)
-        s0 = torch.maximum(s0, neg_max / (qneg + 0.5))
     representable = s_mm > 0
     s_mm = torch.where(representable, s_mm, torch.ones_like(s_mm))
-    s0 = torch.where(representable, s0, torch.ones_like(s0))
-    s32 = s_mm.float()
-    fr = torch.tensor(_UB_FRACTIONS32, dtype=torch.float32, device=dev)
-    e32 = torch.stack([r32.sse(s32 * f) for f in _UB_FRACTIONS32], 1)
-    s = s32 * fr[e32.argmin(1)]
+    best_s, best_e = s_mm.clone(), torch.full((S,), float("inf"), dtype=torch.float64)
+    for f in _UB_FRACTIONS:
+        s = s_mm * f
+        e, _ = _sse(a, w, cap, s[:, None])
+        better = e < best_e
+        best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
+    s = best_s
     for _ in range(_LLOYD_STEPS):
-        s = r32.lloyd(s)
-    best_s = s.double()
-    best_e = _exact_sse(a, w, cap, best_s)
-    e_mm = _exact_sse(a, w, cap, s_mm)
-    better = e_mm < best_e
-    best_s, best_e = torch.where(better, s_mm, best_s), torch.where(better, e_mm, best_e)
+        _, q = _sse(a, w, cap, s[:, None])
+        B, C = (w * a * q).sum(1), (w * q * q).sum(1)
+        s = torch.where(C > 0, B / C.clamp_min(1e-300), s)
+        e, _ = _sse(a, w, cap, s[:, None])
+        better = e < best_e
+        best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
     U = best_e
 
-    # 2. Window. Above 2 * s0 nothing is better than some step in [s0, 2 s0): at s >= s0 no
-    # value clips, and the codes of m * s (m = 2, 3, ...) are a subset of those of s, so
-    # E(m s) >= E(s). Below s_lo: clipping of the largest values alone,
-    # sum w (a - cap*s)_+^2, costs >= U.
-    s_hi = torch.maximum(2.0 * s0, best_s * (1 + 1e-12))
+    # 2. Window. Above s_hi: values with a < s/2 round to zero, costing >= U.
+    a_sorted, order = torch.sort(a, dim=1)
+    w_sorted = torch.gather(w, 1, order)
+    cap_sorted = torch.gather(cap, 1, order)
+    zero_cost = torch.cumsum(w_sorted * a_sorted**2, dim=1)
+    j = torch.searchsorted(zero_cost, U[:, None].contiguous(), right=False).clamp(max=n - 1)
+    s_hi = torch.minimum(2.0 * torch.gather(a_sorted, 1, j).squeeze(1), torch.full_like(U, 2.0))
+    s_hi = torch.maximum(s_hi, best_s * (1 + 1e-12))
+    # Below s_lo: clipping of the largest values alone, sum w (a - cap*s)_+^2, costs >= U.
     k = min(_TOPK_CLIP_BOUND, n)
-    ta, ti = torch.topk(a, k, dim=1)
-    tw, tc = torch.gather(w, 1, ti), torch.gather(cap, 1, ti)
+    ta, tw, tc = a_sorted[:, -k:], w_sorted[:, -k:], cap_sorted[:, -k:]
     lo, hi = torch.zeros_like(U), best_s.clone()
     for _ in range(40):
         mid = 0.5 * (lo + hi)
@@ -350,10 +251,6 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     s_lo = torch.minimum(lo, best_s * (1 - 1e-12)).clamp_min(1e-300)
-
-    # 2b. Narrow the window by branch and bound on cheap separable lower bounds.
-    s_lo, s_hi, best_s, best_e = _bb_rounds(r32, a, w, cap, s_lo, s_hi, best_s, best_e)
-    U = best_e
 
     # Many breakpoints per value (high bit widths, long slices): shrink the window first by
     # branch and bound on exact interval lower bounds computed from prefix sums (O(levels log n)).
@@ -369,10 +266,10 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
     k_lo = torch.clamp(torch.floor(a / s_hi[:, None] - 0.5) + 1.0, min=0.0)
     k_hi = level0 - 1.0
     counts = torch.clamp(k_hi - k_lo + 1.0, min=0.0).to(torch.int64).reshape(-1)
-    elem = torch.repeat_interleave(torch.arange(S * n, device=dev), counts)
+    elem = torch.repeat_interleave(torch.arange(S * n), counts)
     T = elem.numel()
     offsets = torch.cumsum(counts, 0) - counts
-    kk = k_lo.reshape(-1)[elem] + (torch.arange(T, device=dev) - offsets[elem]).to(torch.float64)
+    kk = k_lo.reshape(-1)[elem] + (torch.arange(T) - offsets[elem]).to(torch.float64)
     row = elem // n
     a_e, w_e = a.reshape(-1)[elem], w.reshape(-1)[elem]
 
@@ -380,14 +277,14 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
     # then the row's breakpoints (entries are grouped by row since elements are row-major).
     row_tot = counts.reshape(S, n).sum(1)
     row_start = torch.cumsum(row_tot, 0) - row_tot
-    col = torch.arange(T, device=dev) - row_start[row] + 1
+    pos = torch.arange(T) - row_start[row] + 1
     width = int(row_tot.max()) + 1 if S else 1
-    bp = torch.full((S, width), float("inf"), dtype=torch.float64, device=dev)
-    dB = torch.zeros((S, width), dtype=torch.float64, device=dev)
-    dC = torch.zeros((S, width), dtype=torch.float64, device=dev)
-    bp[row, col] = a_e / (kk + 0.5)
-    dB[row, col] = -w_e * a_e
-    dC[row, col] = -w_e * (2.0 * kk + 1.0)
+    bp = torch.full((S, width), float("inf"), dtype=torch.float64)
+    dB = torch.zeros((S, width), dtype=torch.float64)
+    dC = torch.zeros((S, width), dtype=torch.float64)
+    bp[row, pos] = a_e / (kk + 0.5)
+    dB[row, pos] = -w_e * a_e
+    dC[row, pos] = -w_e * (2.0 * kk + 1.0)
     bp[:, 0] = s_lo
     dB[:, 0] = (w * a * level0).sum(1)
     dC[:, 0] = (w * level0 * level0).sum(1)
