@@ -307,7 +307,7 @@ def report(
         >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
         >>> qmodel = omse.quantize(model, calib)
         >>> [p.name for p in omse.report(qmodel, calib, "report")]
-        ['report.md', 'report.csv', 'report.png']
+        ['report.md', 'report.csv', 'report.png', 'float_weights.csv']
     """
     rows = layer_reports(qmodel, batches)  # under torch.distributed: every rank's batches
     if not is_main():

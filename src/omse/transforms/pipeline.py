@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -339,9 +340,16 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
 
 
 def _is_onnx(model) -> bool:
+    """An ``onnx.ModelProto``, or a path that names an ``.onnx`` file or an existing file (a
+    string such as a model's name is neither: :func:`quantize` refuses it as a bad type)."""
     import onnx
 
-    return isinstance(model, str | os.PathLike | onnx.ModelProto)
+    if isinstance(model, onnx.ModelProto):
+        return True
+    if not isinstance(model, str | os.PathLike):
+        return False
+    path = Path(model)
+    return path.suffix.lower() == ".onnx" or path.is_file()
 
 
 def quantize(
@@ -396,9 +404,14 @@ def quantize(
         batches = run_checked(prepare_batches, calib_batches)  # all ranks stop together
         model = load_onnx(model, sample=batches[0])
     elif not isinstance(model, nn.Module):
+        what = f"str {model!r} (no .onnx file)" if isinstance(model, str) else type(model).__name__
         raise ConfigError(
-            f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got "
-            f"{type(model).__name__}"
+            f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {what}"
+            + (
+                "; a built-in model: omse.zoo.models.build_architecture(name)"
+                if what[:3] == "str"
+                else ""
+            )
         )
     batches = run_checked(_checked_inputs, model, calib_batches)  # all ranks stop together
     if model.training:
