@@ -594,3 +594,76 @@ def test_module_from_the_current_folder_without_pythonpath(work):
     r = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "agreement with FP32" in r.stdout
+
+
+USER_NET = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class UserNet(nn.Module):
+    """Residual adds, SiLU, a depthwise conv, interpolate and cat: a small U-shaped net."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(24, 2, 1)
+
+    def forward(self, x):
+        y = F.silu(self.stem(x))
+        y = y + self.pw(F.silu(self.dw(y)))  # residual add
+        z = F.silu(self.down(y))
+        z = F.interpolate(z, scale_factor=2.0, mode="nearest")  # even H, W
+        return self.head(torch.cat([y, z], 1))
+
+
+def build():
+    torch.manual_seed(0)
+    return UserNet().eval()
+'''
+
+
+def test_user_model_onnx_in_onnx_out_at_two_batches_and_two_sizes(cli, work):
+    """A model defined in the user's own file, exported by the user to float ONNX with dynamic
+    batch, height and width, quantized from the command line (ONNX in) and written as int8 and
+    int4 ONNX (ONNX out) that run at two batch sizes and two input sizes."""
+    import importlib
+    import importlib.util
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    if importlib.util.find_spec("onnx2torch") is None:  # imported only with omse's stand-in
+        pytest.skip("onnx2torch is not installed (make install installs it)")
+
+    (work / "omse_usernet.py").write_text(USER_NET)
+    net = importlib.import_module("omse_usernet").build()
+    src = work / "usernet.onnx"
+    dyn = {0: "N", 2: "H", 3: "W"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, torch.rand(1, 3, 32, 32), str(src), dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["mask"],
+            dynamic_axes={"image": dyn, "mask": dyn},
+        )  # fmt: skip
+    for target in ("int8", "int4"):
+        out = work / f"usernet.{target}.onnx"
+        argv = ["--calib", "imgs", "--input-size", "32", "--target", target, "--out", out]
+        rc, stdout, err = cli("quantize", src, *argv, "--force")
+        assert rc == 0, err
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["image"]
+        assert [o.name for o in sess.get_outputs()] == ["mask"]
+        ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        for n, h, w in [(1, 32, 32), (3, 32, 32), (2, 48, 40), (1, 24, 56)]:
+            x = np.random.RandomState(n * h + w).rand(n, 3, h, w).astype(np.float32)
+            y = sess.run(None, {"image": x})[0]
+            y0 = ref.run(None, {"image": x})[0]
+            assert y.shape == y0.shape == (n, 2, h, w)
+            # quantized, not float, and close to the float model at every shape
+            rel = np.abs(y - y0).mean() / np.abs(y0).mean()
+            assert 0 < rel < 0.2, (target, n, h, w, rel)

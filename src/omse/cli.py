@@ -546,16 +546,37 @@ def _logits(model: torch.nn.Module, inputs, pre, desc: str, progress: bool = Tru
         if not all(isinstance(o, torch.Tensor) for o in outs):
             raise OmseError("the model's output is not a tensor of logits; agreement needs one")
         out = torch.cat([o.float() for o in outs])
-    if out.dim() != 2:
+    if out.dim() < 2:
         raise OmseError(
-            f"the model's output has shape {list(out.shape)}: the agreement with FP32 needs "
-            "[N, classes] logits"
+            f"the model's output has shape {list(out.shape)}: comparing it with FP32 needs "
+            "[N, classes] logits or [N, C, ...] maps"
         )
     return out
 
 
+def _compare(ref: torch.Tensor, out: torch.Tensor, labels) -> dict[str, Any]:
+    """The quantized outputs against FP32's. ``[N, classes]`` logits: top-1 agreement, KL and
+    top-1 accuracy (with labels). ``[N, C, ...]`` maps (detection, segmentation): the agreement
+    of the per-position argmax over ``C`` (``None`` for one channel), output SQNR in dB."""
+    from .analysis.metrics import compare_logits, sqnr_db
+
+    if ref.dim() == 2:
+        a = compare_logits(ref, out, labels)
+        fp = compare_logits(ref, ref, labels).top1
+        return {"agreement": a.agreement, "kl": a.kl, "top1": a.top1, "fp32_top1": fp, "n": a.n}
+    c = ref.shape[1]
+    agree = None if c == 1 else float((ref.argmax(1) == out.argmax(1)).float().mean())
+    return {
+        "agreement": agree,
+        "kl": None,
+        "top1": None,
+        "fp32_top1": None,
+        "n": ref.shape[0],
+        "output_sqnr_db": sqnr_db(ref, out),
+    }
+
+
 def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
-    from .analysis.metrics import compare_logits
     from .transforms.pipeline import Calibration, quantize
 
     model, pre, batches, ev_x, ev_y = _load_task(args)
@@ -571,17 +592,14 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
     mine, bar = ev_x[rank::size], is_main()  # evaluation rows too, gathered back in order
     ref = gather_rows(_logits(model, mine, pre, "FP32", progress=bar))
     out = gather_rows(_logits(qmodel, mine, pre, "quantized", progress=bar))
-    a = compare_logits(ref, out, ev_y)
-    eval_on, held_out = _eval_label(args, a.n)
+    m = _compare(ref, out, ev_y)
+    eval_on, held_out = _eval_label(args, m["n"])
     res = {
         "model": args.model,
         "recipe": args.recipe,
         "config": cfg.to_dict(),
-        "agreement": a.agreement,
-        "kl": a.kl,
-        "top1": a.top1,
-        "fp32_top1": compare_logits(ref, ref, ev_y).top1,
-        "eval_inputs": a.n,
+        **{k: v for k, v in m.items() if k != "n"},
+        "eval_inputs": m["n"],
         "eval_on": eval_on,
         "eval_held_out": held_out,
         "calib_batches": cal.batches,
@@ -602,11 +620,16 @@ def _print_result(res: dict) -> None:
     def pc(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
 
-    print(
-        f"{res['model']}: agreement with FP32 {res['agreement']:.1%}, KL {res['kl']:.4f}, "
-        f"top-1 {pc(res['top1'])} (FP32 {pc(res['fp32_top1'])}), on {res['eval_on']}, "
-        f"calibration {res['calib_seconds']:.1f} s"
-    )
+    if res.get("output_sqnr_db") is not None:  # maps, not logits
+        what = f"output SQNR vs FP32 {res['output_sqnr_db']:.1f} dB"
+        if res["agreement"] is not None:
+            what += f", per-position argmax agreement {res['agreement']:.1%}"
+    else:
+        what = (
+            f"agreement with FP32 {res['agreement']:.1%}, KL {res['kl']:.4f}, "
+            f"top-1 {pc(res['top1'])} (FP32 {pc(res['fp32_top1'])})"
+        )
+    print(f"{res['model']}: {what}, on {res['eval_on']}, calibration {res['calib_seconds']:.1f} s")
 
 
 def _registry_name(model: str) -> str | None:
@@ -711,21 +734,16 @@ def _eval_models(args):
 
 
 def cmd_eval(args) -> int:
-    from .analysis.metrics import compare_logits
 
     _check_outputs(args, args.json)
     ref_model, qmodel, name, xs, pre, ys = _eval_models(args)
     ref = _logits(ref_model, xs, pre, "FP32")
     out = _logits(qmodel, xs, pre, "quantized") if qmodel else ref
-    a = compare_logits(ref, out, ys)
+    m = _compare(ref, out, ys)
     res = {
         "model": name,
-        "agreement": a.agreement,
-        "kl": a.kl,
-        "top1": a.top1,
-        "n": a.n,
-        "eval_on": _eval_label(argparse.Namespace(eval=args.eval, model=name), a.n)[0],
-        "fp32_top1": compare_logits(ref, ref, ys).top1,
+        **m,
+        "eval_on": _eval_label(argparse.Namespace(eval=args.eval, model=name), m["n"])[0],
     }
     print(json.dumps(res, indent=2))
     _write_json(args.json, res, args.force)
