@@ -667,3 +667,28 @@ def test_user_model_onnx_in_onnx_out_at_two_batches_and_two_sizes(cli, work):
             # quantized, not float, and close to the float model at every shape
             rel = np.abs(y - y0).mean() / np.abs(y0).mean()
             assert 0 < rel < 0.2, (target, n, h, w, rel)
+
+
+@pytest.mark.parametrize("target", ["int8", "int4"])
+def test_export_dynamic_axes_and_names_from_the_command_line(cli, work, target):
+    ort = pytest.importorskip("onnxruntime")
+    out = work / f"climod.dyn.{target}.onnx"
+    argv = [*USER, "--target", target, "--out", out, "--force", "--input-names", "image"]
+    rc, _, err = cli("export", *argv, "--output-names", "logits", "--dynamic-axes", "image:2=h,3=w")
+    assert rc == 0, err
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert sess.get_inputs()[0].shape == ["batch", 3, "h", "w"]
+    for n, h, w in [(1, 40, 48), (5, 64, 36)]:  # two batch sizes, two image sizes
+        x = np.random.RandomState(h).rand(n, 3, h, w).astype(np.float32)
+        assert sess.run(None, {"image": x})[0].shape == (n, 3)
+
+
+@pytest.mark.parametrize(
+    "spec", ["image", "image:2", "image:x=h", ":2=h", "image:2=h,3"], ids=lambda s: repr(s)
+)
+def test_export_bad_dynamic_axes_is_one_line(cli, work, spec):
+    out = work / "climod.bad.onnx"
+    rc, _, err = cli("export", *USER, "--out", out, "--force", "--dynamic-axes", spec)
+    assert rc == 2 and "--dynamic-axes" in _one_error_line(err) and "NAME:AXIS=DIM" in err
+    assert not out.exists()

@@ -150,6 +150,72 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
+def _add_onnx_io_args(p: argparse.ArgumentParser) -> None:
+    """The exported graph's interface (``omse.export_onnx``'s ``dynamic_axes``, names)."""
+    p.add_argument(
+        "--dynamic-axes",
+        action="append",
+        default=[],
+        metavar="NAME:AXIS=DIM[,AXIS=DIM]",
+        help="free more axes of an input or output (axis 0 is dynamic already), e.g. "
+        "input:2=height,3=width; repeatable",
+    )
+    p.add_argument("--input-names", metavar="A,B", help="the graph's input names")
+    p.add_argument("--output-names", metavar="Y[,Z]", help="the graph's output names")
+
+
+def _parse_dynamic_axes(items: list[str]) -> dict[str, dict[int, str]] | None:
+    """``["input:2=height,3=width", ...]`` -> ``{"input": {2: "height", 3: "width"}}``."""
+    out: dict[str, dict[int, str]] = {}
+    for item in items:
+        name, sep, spec = item.partition(":")
+        axes = {}
+        for part in spec.split(",") if sep else []:
+            axis, eq, dim = part.partition("=")
+            if not eq or not axis.strip().lstrip("-").isdigit() or not dim.strip():
+                axes = None
+                break
+            axes[int(axis)] = dim.strip()
+        if not name or not axes:
+            raise OmseError(
+                f"--dynamic-axes {item!r}: write NAME:AXIS=DIM[,AXIS=DIM], e.g. "
+                "input:2=height,3=width"
+            )
+        out.setdefault(name, {}).update(axes)
+    return out or None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if not text else [n.strip() for n in text.split(",")]
+
+
+def _example(batches: list):
+    """One calibration input to trace the export with: the first row of the first batch (a
+    tensor, the inputs of an ``(inputs, labels)`` tuple, or a dict of keyword tensors)."""
+    b = batches[0]
+    if isinstance(b, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+    if isinstance(b, tuple | list):
+        b = b[0]
+    return b[:1]
+
+
+def _export(qmodel, batches: list, args, **kw):
+    from .deploy.export import export_onnx
+
+    return export_onnx(
+        qmodel,
+        _example(batches),
+        args.out,
+        force=args.force,
+        target=args.target,  # None: the target the model was quantized for
+        input_names=_names(args.input_names),
+        output_names=_names(args.output_names),
+        dynamic_axes=_parse_dynamic_axes(args.dynamic_axes),
+        **kw,
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (exit code 2, as every anticipated failure)."""
 
@@ -177,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the packed quantized checkpoint here (.safetensors), or the quantized ONNX "
         "graph for --target (.onnx)",
     )
+    _add_onnx_io_args(q)
 
     e = sub.add_parser("eval", help="evaluate a saved omse checkpoint (or FP32 model) against FP32")
     e.add_argument("model", help="built-in model name, or a checkpoint written by `omse save`")
@@ -214,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime reproduces omse's integer mode (omse.set_integer) bit for bit",
     )
     x.add_argument("--out", required=True)
+    _add_onnx_io_args(x)
 
     s = sub.add_parser("save", help="quantize and save a packed 4-bit checkpoint")
     _add_quant_args(s)
@@ -670,13 +738,12 @@ def _check_outputs(args, *paths: str | None) -> None:
 
 def cmd_quantize(args) -> int:
     _check_outputs(args, args.json, args.out)
+    _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     if args.out and is_main() and _is_onnx_path(args.out):
-        from .deploy.export import export_onnx
-
-        export_onnx(qmodel, batches[0][:1], args.out, force=args.force, target=args.target)
-        print(f"wrote {args.out} (target {args.target})")
+        _export(qmodel, batches, args)
+        print(f"wrote {args.out} (target {res['config']['target']})")
     elif args.out and is_main():
         from .deploy.checkpoint import save
 
@@ -764,22 +831,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .deploy.export import export_onnx
-
     _check_outputs(args, args.out, args.json)
+    _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     if not is_main():
         return 0
-    export_onnx(
-        qmodel,
-        batches[0][:1],
-        args.out,
-        force=args.force,
-        target=args.target,  # None: the target the model was quantized for
-        container=args.container,
-        integer=args.integer,
-    )
+    _export(qmodel, batches, args, container=args.container, integer=args.integer)
     print(f"wrote {args.out} (target {res['config']['target']})")
     _write_json(args.json, res, args.force)
     return 0

@@ -404,6 +404,10 @@ def test_lite0(tmp_path: Path) -> None:
         # noise of each other may go either way on another CPU's kernels
         assert agree >= 0.98
         if graph == "int8":
-            assert rep["float_layers"] == []
+            # the stem (3 input channels, two residual terms): u8 on a Xeon with AMX, f32 on an
+            # AMD EPYC (AVX-512 VNNI, no AMX): the CPU plugin's choice per ISA (measured);
+            # every other convolution and the classifier run u8 on both
+            assert all("_conv_stem" in n for n in rep["float_layers"]), rep["float_layers"]
+            assert len(rep["float_layers"]) <= 2
         else:
             assert set(rep["counts"]["Convolution"]) == {"f32"}
