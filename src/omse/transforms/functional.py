@@ -1,8 +1,13 @@
 """Weights used through functional calls: rewritten into modules, or listed with a reason.
 
-:func:`apply` (Brevitas-style, ``apply(model) -> (model, notes)``) rewrites, on a
+:func:`apply` first replaces every ``nn.MultiheadAttention`` (its exact type; eager models too: a
+module swap on a copy, no tracing) by :class:`Attention`, the same computation from four
+``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) that the pipeline quantizes,
+checked against the original module on the example batch (:func:`replace_attention`; modules with
+``add_bias_kv``/``add_zero_attn`` stay float and listed). Then (Brevitas-style,
+``apply(model) -> (model, notes)``) it rewrites, on a
 :class:`torch.fx.GraphModule` (what onnx2torch produces for an ONNX model) or on a model that
-:func:`torch.fx.symbolic_trace` traces, every
+:func:`torch.fx.symbolic_trace` traces (with :class:`Attention` a leaf), every
 
 - ``torch.matmul(x, W)``, ``x @ W``, ``torch.mm(x, W)``, ``x.matmul(W)`` and onnx2torch's
   ``OnnxMatMul`` module on ``(x, W)``, with ``W`` a 2-D floating parameter, buffer or constant
@@ -15,13 +20,14 @@ so that the pipeline wraps and quantizes them as any Linear. The rewritten model
 function (``linear(x, W^T) = x @ W``; checked on an example batch when one is given, to a relative
 ``1e-5`` of the output's max-norm: a GEMM on the transposed layout may sum in another order). An
 eager model is traced only to find such calls: if it has none, or does not trace, or the traced
-model differs, it is returned unchanged (its own class and ``forward``), with the reason in the
-notes.
+model differs, it is returned unchanged (its own class and ``forward``; with its attention
+replaced), with the reason in the notes.
 
 :func:`float_weights` lists every parameter the quantized model still holds in float (outside
 :class:`~omse.nn.layers.QuantizedLayer`): module/parameter name, type, its share of the model's
 weight values and why omse left it float (embedding, normalization not folded, recurrent cell,
-attention, a custom module's functional use, skipped by the configuration, ...).
+attention with ``bias_k``/``add_zero_attn`` or not replaced, a custom module's functional use,
+skipped by the configuration, ...).
 """
 
 from __future__ import annotations
