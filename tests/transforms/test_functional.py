@@ -360,3 +360,29 @@ def test_quantize_wraps_attention_projections():
     rows = {r.name: r for r in cal.float_weights}
     assert "bias_k/bias_v or add_zero_attn" in rows["attn.in_proj_weight"].reason
     assert "bias_k/bias_v or add_zero_attn" in rows["attn.out_proj.weight"].reason
+
+
+def test_transformer_encoder_attention_is_replaced_and_a_mismatch_kept(monkeypatch):
+    from omse.transforms import functional
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+    new, notes = apply(model, x)
+    assert [type(m.self_attn).__name__ for m in new.layers] == ["Attention", "Attention"]
+    assert sum("-> omse Attention" in n for n in notes) == 2
+    with torch.no_grad():  # torch's layer calls Attention's forward, not its fused fast path
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
+    # a replacement whose outputs differ on the example batch is not kept
+    real = functional.Attention.from_mha
+
+    def off(mha):
+        att = real(mha)
+        att.out_proj.bias.data += 1.0
+        return att
+
+    monkeypatch.setattr(functional.Attention, "from_mha", off)
+    new, notes = apply(model, x)
+    assert [type(m.self_attn) for m in new.layers] == [nn.MultiheadAttention] * 2
+    assert all("changed its outputs on the example batch: kept float" in n for n in notes[:2])

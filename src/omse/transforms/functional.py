@@ -195,6 +195,11 @@ class Attention(nn.Module):
     gets NaN with ``need_weights=True`` and 0 (then ``out_proj``'s bias) without, as in torch. Not covered (those modules stay
     ``nn.MultiheadAttention``): ``add_bias_kv`` and ``add_zero_attn``."""
 
+    # torch's TransformerEncoder/-Layer read these before their fused fast path (which reads
+    # in_proj_weight): with these values they call this module's forward instead
+    _qkv_same_embed_dim = False
+    in_proj_bias = None
+
     def __init__(
         self,
         embed_dim: int,
