@@ -374,3 +374,42 @@ def test_minilm_dict_export_with_dynamic_batch_and_sequence(cfg):
         cos = (out * sim).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(sim, axis=1)
         assert cos.min() >= 0.9999
     assert len(shapes) == 2
+
+
+# -- attention: nn.MultiheadAttention's projections quantized -------------------------------------
+class AttentionNet(nn.Module):
+    """Linear -> nn.MultiheadAttention(batch_first) self-attention -> Linear on ``[N, T, 8]``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("bits, target", [(8, "int8"), (4, "int4"), (4, "int8")])
+def test_attention_net_runs_at_any_batch_and_length(bits, target):
+    """omse's Attention replaces the nn.MultiheadAttention: its four Linears are quantized and
+    exported, and the graph runs at two batch sizes and two sequence lengths."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 6, 8, generator=g) for _ in range(2)]
+    cfg = QuantConfig.preset(
+        "fast", weight_bits=bits, act_bits=8, target=target, bias_correction=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(AttentionNet().eval(), batches, cfg)
+    assert sorted(quantized_layers(q)) == sorted(
+        ["inp", "out", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"]
+    )
+    axes = {"input": {1: "seq"}, "output": {1: "seq"}}
+    proto = to_onnx_model(q, batches[0][:1], dynamic_axes=axes)
+    assert _dims(proto.graph.input[0]) == ["batch", "seq", 8]
+    assert _dims(proto.graph.output[0]) == ["batch", "seq", 4]
+    shapes = [(b, t, 8) for b in (1, 5) for t in (6, 11)]
+    _check_shapes(q, proto, target, False, shapes)

@@ -175,14 +175,14 @@ def test_eager_custom_module_weights_are_listed_with_reason_and_share():
     cal = Calibration()
     cfg = QuantConfig(weight_bits=4, act_bits=8, bias_correction=False, extra_mac_budget=0.0)
     with pytest.warns(UserWarning, match=r"custom \(Custom\).*% of the model's weight values"):
-        quantize(Net().eval(), [torch.randn(4, 6)], cfg, calibration=cal)
+        q = quantize(Net().eval(), [torch.randn(4, 6)], cfg, calibration=cal)
     rows = {r.name: r for r in cal.float_weights}
     assert "functional use" in rows["custom.weight"].reason
     assert "embedding" in rows["emb.weight"].reason
-    assert "MultiheadAttention" in rows["mha.in_proj_weight"].reason
-    # the MHA's out_proj is read by the MHA's own forward: left float with it, not wrapped
-    assert "inside mha: nn.MultiheadAttention" in rows["mha.out_proj.weight"].reason
-    total = sum(r.values for r in rows.values()) + 36 + 6  # + the quantized fc
+    # the MHA became omse's Attention (a module swap: the untraceable Custom does not matter)
+    assert not any(n.startswith("mha.") for n in rows)
+    assert {"mha.q_proj", "mha.k_proj", "mha.v_proj", "mha.out_proj"} <= set(quantized_layers(q))
+    total = sum(r.values for r in rows.values()) + 36 + 6 + 4 * (36 + 6)  # + fc, q/k/v/out
     assert rows["custom.weight"].share == pytest.approx(36 / total)
 
 
@@ -210,3 +210,179 @@ def test_rewritten_model_exports_and_round_trips(tmp_path):
     with torch.no_grad():
         sim = q(batches[1]).numpy()
     assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
+
+
+# -- nn.MultiheadAttention -> Attention -----------------------------------------------------------
+def _mha(batch_first=False, kdim=None, vdim=None, bias=True, seed=0, **kw) -> nn.MultiheadAttention:
+    torch.manual_seed(seed)
+    m = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=vdim, bias=bias, **kw)
+    with torch.no_grad():
+        for p in m.parameters():  # random biases too (torch initialises them to zero)
+            p.copy_(torch.randn_like(p) * 0.4)
+    return m.eval()
+
+
+def _assert_same(ref, got):
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    if ref[1] is None:
+        assert got[1] is None
+    else:
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kv", [(None, None), (5, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_attention_equals_multihead_attention(batch_first, kv, bias):
+    from omse.transforms.functional import Attention
+
+    m = _mha(batch_first, *kv, bias=bias)
+    a = Attention.from_mha(m)
+    g = torch.Generator().manual_seed(1)
+    n, tgt, src = 3, 4, 6
+    kdim, vdim = kv[0] or 8, kv[1] or 8
+
+    def lay(t, *rest):  # [T, N, C] or [N, T, C]
+        return torch.randn(*((n, t) if batch_first else (t, n)), *rest, generator=g)
+
+    q, k, v = lay(tgt, 8), lay(src, kdim), lay(src, vdim)
+    kpm = torch.zeros(n, src, dtype=torch.bool)
+    kpm[0, -2:] = True
+    kpm[2, 0] = True
+    bool_mask = torch.rand(tgt, src, generator=g) > 0.7
+    bool_mask[:, 0] = False  # no fully masked row (NaN in both)
+    float_mask = torch.randn(n * 2, tgt, src, generator=g)
+    cases = [
+        {},
+        {"key_padding_mask": kpm},
+        {"key_padding_mask": kpm.float() * -3.0},
+        {"attn_mask": bool_mask},
+        {"attn_mask": float_mask},
+        {"attn_mask": bool_mask, "key_padding_mask": kpm},
+    ]
+    with torch.no_grad():
+        for case in cases:
+            for need, avg in ((True, True), (True, False), (False, True)):
+                kw = {**case, "need_weights": need, "average_attn_weights": avg}
+                _assert_same(m(q, k, v, **kw), a(q, k, v, **kw))
+        # self-attention: torch's fused fast path (batch_first, even heads, eval, no grad)
+        x = lay(tgt, 8)
+        if kv == (None, None):
+            _assert_same(m(x, x, x), a(x, x, x))
+        # a causal mask with the is_causal hint, with and without weights / padding mask
+        causal = torch.ones(tgt, tgt, dtype=torch.bool).triu(1)
+        x = lay(tgt, 8)
+        kx, vx = lay(tgt, kdim), lay(tgt, vdim)
+        for need in (True, False):
+            for pad in (None, kpm[:, :tgt]):
+                kw = {"attn_mask": causal, "is_causal": True, "need_weights": need}
+                _assert_same(
+                    m(x, kx, vx, key_padding_mask=pad, **kw),
+                    a(x, kx, vx, key_padding_mask=pad, **kw),
+                )
+        # unbatched inputs ([L, E]), with a [S] padding mask
+        q1, k1, v1 = (t[0] if batch_first else t[:, 0] for t in (q, k, v))
+        for kw in (
+            {},
+            {"key_padding_mask": kpm[0]},
+            {"attn_mask": bool_mask, "average_attn_weights": False},
+        ):
+            _assert_same(m(q1, k1, v1, **kw), a(q1, k1, v1, **kw))
+    # the weights are the module's, sliced
+    if kv == (None, None):
+        assert torch.equal(a.k_proj.weight, m.in_proj_weight[8:16])
+    else:
+        assert torch.equal(a.v_proj.weight, m.v_proj_weight)
+    if bias:
+        assert torch.equal(a.v_proj.bias, m.in_proj_bias[16:])
+
+
+def test_attention_refuses_what_torch_refuses():
+    from omse.errors import ConfigError, UnsupportedLayerError
+    from omse.transforms.functional import Attention
+
+    a = Attention.from_mha(_mha())
+    x = torch.randn(4, 2, 8)
+    with pytest.raises(ConfigError, match="is_causal=True needs attn_mask"):
+        a(x, x, x, is_causal=True)
+    with pytest.raises(UnsupportedLayerError, match="bias_k/bias_v or add_zero_attn"):
+        Attention.from_mha(_mha(add_bias_kv=True))
+
+
+class AttnNet(nn.Module):
+    """Linear -> MultiheadAttention(batch_first) self-attention -> Linear on ``[N, T, 8]``."""
+
+    def __init__(self, seed: int = 0, **kw):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(8, 8)
+        self.attn = _mha(batch_first=True, seed=seed, **kw)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_apply_replaces_multihead_attention_on_a_copy():
+    model = AttnNet().eval()
+    x = torch.randn(3, 5, 8)
+    ref = model(x)
+    new, notes = apply(model, x)
+    assert type(new) is AttnNet and type(model.attn) is nn.MultiheadAttention  # input untouched
+    assert type(new.attn).__name__ == "Attention"
+    assert notes == [
+        "attn (nn.MultiheadAttention) -> omse Attention with nn.Linear q_proj, k_proj, v_proj, "
+        "out_proj (same outputs on the example batch)"
+    ]
+    torch.testing.assert_close(new(x), ref, rtol=1e-5, atol=1e-6)
+    kept, notes = apply(AttnNet(add_bias_kv=True).eval(), x)
+    assert type(kept.attn) is nn.MultiheadAttention
+    assert notes == ["attn (nn.MultiheadAttention): kept float: bias_k/bias_v or add_zero_attn"]
+
+
+def test_quantize_wraps_attention_projections():
+    cfg = QuantConfig(weight_bits=4, act_bits=8, bias_correction=False, extra_mac_budget=0.0)
+    batches = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cal = Calibration()
+    q = quantize(AttnNet().eval(), batches, cfg, calibration=cal)
+    names = sorted(quantized_layers(q))
+    assert names == sorted(
+        ["inp", "out", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"]
+    )
+    assert cal.float_weights == [] and cal.left_float == []
+    assert len(cal.rewritten) == 1 and "omse Attention" in cal.rewritten[0]
+    # the add_bias_kv case stays float, listed with the reason
+    cal = Calibration()
+    with pytest.warns(UserWarning, match=r"attn \(MultiheadAttention\)"):
+        q = quantize(AttnNet(add_bias_kv=True).eval(), batches, cfg, calibration=cal)
+    assert sorted(quantized_layers(q)) == ["inp", "out"]
+    rows = {r.name: r for r in cal.float_weights}
+    assert "bias_k/bias_v or add_zero_attn" in rows["attn.in_proj_weight"].reason
+    assert "bias_k/bias_v or add_zero_attn" in rows["attn.out_proj.weight"].reason
+
+
+def test_transformer_encoder_attention_is_replaced_and_a_mismatch_kept(monkeypatch):
+    from omse.transforms import functional
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+    new, notes = apply(model, x)
+    assert [type(m.self_attn).__name__ for m in new.layers] == ["Attention", "Attention"]
+    assert sum("-> omse Attention" in n for n in notes) == 2
+    with torch.no_grad():  # torch's layer calls Attention's forward, not its fused fast path
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
+    # a replacement whose outputs differ on the example batch is not kept
+    real = functional.Attention.from_mha
+
+    def off(mha):
+        att = real(mha)
+        att.out_proj.bias.data += 1.0
+        return att
+
+    monkeypatch.setattr(functional.Attention, "from_mha", off)
+    new, notes = apply(model, x)
+    assert [type(m.self_attn) for m in new.layers] == [nn.MultiheadAttention] * 2
+    assert all("changed its outputs on the example batch: kept float" in n for n in notes[:2])

@@ -3,7 +3,8 @@
 :func:`quantize` copies the model and runs a list of steps chosen by the configuration, each a
 model transform that works in place and records what it did in :class:`Calibration`:
 
-0. ``functional``: on a :class:`torch.fx.GraphModule` (or a model torch.fx traces),
+0. ``functional``: ``nn.MultiheadAttention`` becomes :class:`~omse.transforms.functional.Attention`
+   (four ``nn.Linear``); on a :class:`torch.fx.GraphModule` (or a model torch.fx traces),
    ``matmul``/``linear`` on constant weights become ``nn.Linear`` (:mod:`omse.transforms.functional`;
    an eager model without such calls is left as it is);
 1. ``fold``: BatchNorm folded into the layer before it (:func:`~omse.transforms.fold.fold_batchnorm`);
