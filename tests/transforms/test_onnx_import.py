@@ -335,8 +335,9 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
     if "det" not in name:  # the classes / characters read off
         assert (got.argmax(-1) == sim.argmax(-1)).mean() >= 0.95
     # the ONNX file's dynamic batch survives (onnx2torch's opset-11 Softmax reshaped with the
-    # traced sizes: SoftmaxV1V11); the detector's H, W too. The recognizer's width does not:
-    # onnx2torch's Reshape with 0 ("copy this dim") is traced with the example's sizes
+    # traced sizes: SoftmaxV1V11); the detector's H, W too. The recognizer's width does not: its
+    # attention's Reshape to Concat(0, Slice(Shape(x)), 3, 8, 15) is exported folded to the
+    # traced width (README, "Dynamic axes after the round trip")
     if "rec" in name:
         second = (second[0], *first[1:])
     x2 = torch.rand(second, generator=g)
