@@ -359,3 +359,12 @@ def test_numpy_helper_roundtrip_of_constants_is_exact():
 
     assert constants_to_initializers(m) == 1
     np.testing.assert_array_equal(numpy_helper.to_array(m.graph.initializer[0]), arr)
+
+
+def test_quantize_reads_a_generator_of_batches_once_for_an_onnx_path(models):
+    batches = tiny_batches()
+    want = omse.quantize(models["tiny"], batches, QuantConfig(**CFG))
+    got = omse.quantize(models["tiny"], (b for b in batches), QuantConfig(**CFG))
+    x = batches[0]
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))

@@ -402,8 +402,8 @@ def quantize(
     cal = calibration if calibration is not None else Calibration()
     t0 = time.perf_counter()
     if _is_onnx(model):
-        batches = run_checked(prepare_batches, calib_batches)  # all ranks stop together
-        model = load_onnx(model, sample=batches[0])
+        calib_batches = run_checked(prepare_batches, calib_batches)  # read once (a generator)
+        model = load_onnx(model, sample=calib_batches[0])
     elif not isinstance(model, nn.Module):
         what = f"str {model!r} (no .onnx file)" if isinstance(model, str) else type(model).__name__
         raise ConfigError(
