@@ -329,8 +329,9 @@ has_minilm = (
     [
         dict(act_bits=None, granularity="per_group32", target="int8"),  # MatMulNBits
         dict(act_bits=8, target="int4"),  # QDQ, integer form (no summation-order flips)
+        dict(weight_bits=8, act_bits=8, target="int8"),  # integer kernels, requantized outputs
     ],
-    ids=["int8-weight-only", "int4-w4a8-integer"],
+    ids=["int8-weight-only", "int4-w4a8-integer", "int8-w8a8"],
 )
 def test_minilm_dict_export_with_dynamic_batch_and_sequence(cfg):
     from omse.zoo.text import corpus_split, load_minilm, tokenize_batches
@@ -356,7 +357,7 @@ def test_minilm_dict_export_with_dynamic_batch_and_sequence(cfg):
     assert [_dims(i) for i in proto.graph.input] == [["batch", "seq"]] * 2
     ops = {n.op_type for n in proto.graph.node}
     if cfg["target"] == "int8":
-        assert "MatMulNBits" in ops
+        assert ("QuantizeLinear" if cfg["act_bits"] else "MatMulNBits") in ops
     sess = _session(proto)
     shapes = set()
     for sents in (evals[100:107], evals[200:202]):  # another batch and another sequence length
@@ -369,10 +370,16 @@ def test_minilm_dict_export_with_dynamic_batch_and_sequence(cfg):
         # weight-only: float arithmetic in another order; integer form: exact layers, float
         # softmax / LayerNorm between them in ORT's order (a rare code flip moves a unit
         # embedding by ~1e-3)
-        tol = 1e-5 if cfg["target"] == "int8" else 5e-3
+        # W8A8 int8: onnxruntime's integer kernels round in their own order, and a flipped 8-bit
+        # code of a requantized output moves a unit embedding by up to ~0.05 (measured)
+        w8a8 = cfg.get("act_bits") == 8 and cfg["target"] == "int8"
+        tol = 0.1 if w8a8 else 1e-5 if cfg["target"] == "int8" else 5e-3
         assert float(np.abs(out - sim).max()) <= tol
         cos = (out * sim).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(sim, axis=1)
-        assert cos.min() >= 0.9999
+        if w8a8:  # most sentences exact; one flip cascades through the layers (measured 0.978)
+            assert np.median(cos) >= 0.999 and cos.min() >= 0.95
+        else:
+            assert cos.min() >= 0.9999
     assert len(shapes) == 2
 
 

@@ -18,9 +18,9 @@ from torch import nn
 from ..core.grids import Grid
 from ..core.ranges import make_range_setter
 from ..core.stats import HistogramStats
-from ..errors import ConfigError
 from ..nn.layers import QuantizedLayer, share_input_quantizer
 from .graph import layer_routes, shared_input_candidates, trace
+from .statistics import run_model
 
 __all__ = [
     "OUTPUT_BITS",
@@ -49,18 +49,14 @@ def plan_output_quantizers(
     scale :func:`cap_activation_scales` caps."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
         return {}, {}, {}  # weight-only: no activation quantizer to place
-    if isinstance(example, dict):
-        raise ConfigError(
-            "target='int8' traces the model on one input tensor; dict (keyword) inputs are not "
-            "supported yet: use target='int4'"
-        )
-    proto, qls = trace(qmodel, example[:1])
+    example = _first_row(example)
+    proto, qls = trace(qmodel, example)
     routes = layer_routes(proto)
     names = [ql.name for ql in qls]
     carriers: dict[str, str] = {}  # module -> the layer whose input quantizer it carries
     shares: dict[str, str] = {}
     for layer, module in _producer_modules(
-        qmodel, example[:1], [names[i] for i in shared_input_candidates(proto)]
+        qmodel, example, [names[i] for i in shared_input_candidates(proto)]
     ).items():
         if layers[layer].cfg.act_bits != OUTPUT_BITS:
             continue  # a narrower input grid stays that layer's own (the skip path keeps 8 bits)
@@ -86,8 +82,16 @@ def plan_output_quantizers(
     return plan, shares, caps
 
 
+def _first_row(example):
+    """The first row of a batch: a tensor ``[1, ...]``, or a dict of keyword tensors (a
+    tokenizer's ``input_ids``, ``attention_mask``) each cut to its first row."""
+    if isinstance(example, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+    return example[:1]
+
+
 @torch.no_grad()
-def _producer_modules(model: nn.Module, example: torch.Tensor, wanted: list[str]) -> dict[str, str]:
+def _producer_modules(model: nn.Module, example, wanted: list[str]) -> dict[str, str]:
     """``{layer: module}``: for each quantized layer in ``wanted``, the innermost module (not a
     quantized layer) whose forward returns the very tensor the layer gets as input."""
     produced: dict[int, str] = {}
@@ -112,7 +116,7 @@ def _producer_modules(model: nn.Module, example: torch.Tensor, wanted: list[str]
         tag = "" if isinstance(m, QuantizedLayer) else name
         handles.append(m.register_forward_hook(lambda mod, i, o, n=tag: post(mod, i, o, n)))
     try:
-        model(example)
+        run_model(model, example)
     finally:
         for h in handles:
             h.remove()
