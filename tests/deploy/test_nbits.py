@@ -451,3 +451,22 @@ def test_apply_gemm_with_broadcast_c_keeps_an_add():
     assert apply_matmul_nbits(m) == ["g"]
     assert _ops(m) == ["Add", "MatMulNBits"]
     np.testing.assert_allclose(_run(m, a), before, rtol=0, atol=1e-4 * np.abs(before).max())
+
+
+def test_weight_only_linear_with_residual_terms_is_refused_for_int8_with_the_fix(tmp_path):
+    import torch
+
+    import omse
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    calib = [torch.randn(8, 64) for _ in range(2)]
+    cfg = omse.QuantConfig(
+        weight_bits=4, act_bits=None, granularity="per_group32", target="int8",
+        extra_mac_budget=1.0, bias_correction=False,
+    )  # fmt: skip
+    q = omse.quantize(model, calib, cfg)
+    assert max(ql.n_terms for ql in omse.quantized_layers(q).values()) == 2
+    with pytest.raises(UnsupportedLayerError, match=r"2 weight terms.*extra_mac_budget=0"):
+        omse.export_onnx(q, calib[0][:1], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

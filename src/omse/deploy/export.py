@@ -716,7 +716,15 @@ def to_onnx_model(
                     "export needs the int8 simulation (merged residuals, output quantizers); "
                     "quantize with QuantConfig(target='int8')"
                 )
-            if (ql.act_scale is None or ql.a_grid is None) and not weight_only(ql):
+            float_input = ql.act_scale is None or ql.a_grid is None
+            if float_input and isinstance(ql.layer, nn.Linear) and ql.n_terms > 1:
+                raise UnsupportedLayerError(
+                    f"layer {ql.name!r} has a float input and {ql.n_terms} weight terms "
+                    "(residual tensors): target='int8' runs weight-only Linear layers as "
+                    "MatMulNBits, one 4-bit term; quantize with extra_mac_budget=0 (e.g. "
+                    "QuantConfig.preset('fast', act_bits=None, ...)) or use target='int4'"
+                )
+            if float_input and not weight_only(ql):
                 raise UnsupportedLayerError(
                     f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
                     "integer kernels on quantized inputs (and weight-only 4-bit Linear layers "
