@@ -63,6 +63,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMSE_AIMET_PATH=$(CURDIR)/$(AIMET) OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/bench.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/latency.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/transformer_latency.py --threads $(THREADS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/transformer_targets.py --threads $(THREADS)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/targets.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/rounding.py --zoo

@@ -189,23 +189,13 @@ def _names(text: str | None) -> list[str] | None:
     return None if not text else [n.strip() for n in text.split(",")]
 
 
-def _example(batches: list):
-    """One calibration input to trace the export with: the first row of the first batch (a
-    tensor, the inputs of an ``(inputs, labels)`` tuple, or a dict of keyword tensors)."""
-    b = batches[0]
-    if isinstance(b, dict):
-        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-    if isinstance(b, tuple | list):
-        b = b[0]
-    return b[:1]
-
-
 def _export(qmodel, batches: list, args, **kw):
     from .deploy.export import export_onnx
+    from .transforms.statistics import first_row
 
     return export_onnx(
         qmodel,
-        _example(batches),
+        first_row(batches[0]),
         args.out,
         force=args.force,
         target=args.target,  # None: the target the model was quantized for

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "UnsupportedLayerError",
     "model_forward_errors",
+    "first_line",
 ]
 
 
@@ -35,6 +36,12 @@ class UnsupportedLayerError(OmseError, TypeError):
     """A layer cannot be quantized or exported (raised under ``strict=True``)."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of ``e``'s message (its type's name if empty), at most ``limit`` chars."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 def _describe(batch: object) -> str:
     shape, dtype = getattr(batch, "shape", None), getattr(batch, "dtype", None)
     if shape is not None:
@@ -54,7 +61,7 @@ def model_forward_errors(batch_index: int, batch: object) -> Iterator[None]:
     except OmseError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise CalibrationError(
             f"the model failed to run calibration batch {batch_index} ({_describe(batch)}): {first}"
         ) from e

@@ -20,7 +20,7 @@ from ..core.ranges import make_range_setter
 from ..core.stats import HistogramStats
 from ..nn.layers import QuantizedLayer, share_input_quantizer
 from .graph import layer_routes, shared_input_candidates, trace
-from .statistics import run_model
+from .statistics import first_row, run_model
 
 __all__ = [
     "OUTPUT_BITS",
@@ -49,7 +49,7 @@ def plan_output_quantizers(
     scale :func:`cap_activation_scales` caps."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
         return {}, {}, {}  # weight-only: no activation quantizer to place
-    example = _first_row(example)
+    example = first_row(example)
     proto, qls = trace(qmodel, example)
     routes = layer_routes(proto)
     names = [ql.name for ql in qls]
@@ -80,14 +80,6 @@ def plan_output_quantizers(
                 if qls[j].cfg.act_bits == OUTPUT_BITS:
                     shares[qls[j].name] = ql.name
     return plan, shares, caps
-
-
-def _first_row(example):
-    """The first row of a batch: a tensor ``[1, ...]``, or a dict of keyword tensors (a
-    tokenizer's ``input_ids``, ``attention_mask``) each cut to its first row."""
-    if isinstance(example, dict):
-        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-    return example[:1]
 
 
 @torch.no_grad()

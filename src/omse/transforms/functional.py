@@ -42,9 +42,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedLayerError
+from ..errors import ConfigError, UnsupportedLayerError, first_line
 from ..nn.layers import WRAPPABLE, QuantizedLayer
 from .fold import _set_module
+from .statistics import run_model
 
 __all__ = [
     "apply",
@@ -226,14 +227,14 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self.k_proj = nn.Linear(self.kdim, embed_dim, **kw)
         self.v_proj = nn.Linear(self.vdim, embed_dim, **kw)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
 
     @classmethod
     @torch.no_grad()
     def from_mha(cls, mha: nn.MultiheadAttention) -> Attention:
         """The same attention as ``mha`` (weights copied, its training mode kept); raises
         :class:`~omse.errors.UnsupportedLayerError` for ``add_bias_kv`` / ``add_zero_attn``."""
-        if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+        if _mha_unsupported(mha):
             raise UnsupportedLayerError(
                 "nn.MultiheadAttention with bias_k/bias_v or add_zero_attn has no Attention "
                 "replacement; it stays float"
@@ -338,10 +339,6 @@ def _mha_unsupported(m: nn.MultiheadAttention) -> bool:
     return m.bias_k is not None or m.bias_v is not None or bool(m.add_zero_attn)
 
 
-def _run(model: nn.Module, example):
-    return model(**example) if isinstance(example, dict) else model(example)
-
-
 def replace_attention(model: nn.Module, example=None) -> tuple[nn.Module, list[str]]:
     """Every ``nn.MultiheadAttention`` of ``model`` (its exact type: a subclass may change
     ``forward``) replaced by :class:`Attention`, on a copy (``model`` itself is returned when it
@@ -369,7 +366,7 @@ def replace_attention(model: nn.Module, example=None) -> tuple[nn.Module, list[s
         ]
         try:
             with torch.no_grad():
-                _run(new, example)
+                run_model(new, example)
         finally:
             for hnd in handles:
                 hnd.remove()
@@ -436,7 +433,7 @@ def apply(model: nn.Module, example=None) -> tuple[nn.Module, list[str]]:
         try:
             gm = _trace(model)
         except Exception as e:  # torch.fx raises many types on untraceable code
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             return model, [
                 *notes,
                 f"not traced by torch.fx ({type(e).__name__}: {first}): left as is",

@@ -51,7 +51,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..errors import CalibrationError, ConfigError, UnsupportedLayerError
+from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, first_line
 
 __all__ = [
     "OnnxImport",
@@ -154,7 +154,7 @@ def read_onnx(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPro
         try:
             proto = onnx.load(path)
         except Exception as e:  # protobuf DecodeError, external data missing, ...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise ConfigError(f"{path} is not a readable ONNX model: {first}") from e
     else:
         raise ConfigError(
@@ -165,7 +165,7 @@ def read_onnx(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPro
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise ConfigError(f"{src} is not a valid ONNX model: {first}") from e
     return proto, src
 
@@ -403,7 +403,7 @@ def _parity(
     try:
         ref = onnx_outputs(model, feeds)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise CalibrationError(
             f"{src} does not run in onnxruntime on the sample "
             f"({ {k: tuple(v.shape) for k, v in feeds.items()} }): {first}"
@@ -411,7 +411,7 @@ def _parity(
     try:
         got = _torch_outputs(module, feeds, names)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise ConfigError(f"the module converted from {src} fails on the sample: {first}") from e
     if len(got) != len(ref):
         raise ConfigError(
@@ -512,7 +512,7 @@ def load_onnx(
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:  # an inconsistent graph (the checker does not infer shapes)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise ConfigError(f"{src}: ONNX shape inference fails: {first}") from e
     io = onnx_io(proto)
     _check_ops(proto, src)

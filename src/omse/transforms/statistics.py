@@ -46,10 +46,29 @@ from ..distributed import all_max, gather, world
 from ..errors import CalibrationError, model_forward_errors
 from ..nn.layers import QuantizedLayer
 
-__all__ = ["Needs", "LayerStatistics", "ConvCall", "collect", "patches", "run_model", "PASSES"]
+__all__ = [
+    "Needs",
+    "LayerStatistics",
+    "ConvCall",
+    "collect",
+    "first_row",
+    "patches",
+    "run_model",
+    "PASSES",
+]
 
 PASSES = [0]
 """How many calibration passes :func:`collect` has made in this process (tests count them)."""
+
+
+def first_row(batch):
+    """The first sample of a batch, as the model takes it: a tensor ``[1, ...]``, a dict of
+    keyword tensors each cut to its first row, or the inputs of an ``(inputs, labels)`` tuple."""
+    if isinstance(batch, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return first_row(batch[0])
+    return batch[:1]
 
 
 def run_model(model: nn.Module, batch) -> torch.Tensor:
@@ -92,14 +111,7 @@ class LayerStatistics:
             mine, theirs = getattr(self, f), getattr(other, f)
             if theirs is not None:
                 setattr(self, f, theirs if mine is None else mine.absorb(theirs))
-        self.H = other.H if self.H is None else self.H if other.H is None else self.H + other.H
-        self.sum = (
-            other.sum
-            if self.sum is None
-            else self.sum
-            if other.sum is None
-            else self.sum + other.sum
-        )
+        self.H, self.sum = _add(self.H, other.H), _add(self.sum, other.sum)
         self.count += other.count
         self.macs = self.macs or other.macs
         self.extra = self.extra or other.extra
@@ -118,6 +130,11 @@ class LayerStatistics:
 
 def _tup(v, nd: int) -> tuple:
     return tuple(v) if isinstance(v, list | tuple) else (v,) * nd
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` where both are set, else whichever is (``None`` for neither)."""
+    return b if a is None else a if b is None else a + b
 
 
 @dataclass(frozen=True)

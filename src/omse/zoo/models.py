@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..deploy import checkpoint
-from ..errors import CheckpointError, OmseError
+from ..errors import CheckpointError, OmseError, first_line
 
 __all__ = [
     "ModelSpec",
@@ -148,11 +148,6 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     return checkpoint.load(path, model, build=build_architecture)
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:limit]
-
-
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file with ``weights_only=True``.
 
@@ -178,14 +173,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(
-                f"weights file {p} is not a valid safetensors file: {_first_line(e)}"
+                f"weights file {p} is not a valid safetensors file: {first_line(e, 200)}"
             ) from e
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"weights file {p} is neither safetensors nor a weights-only torch file "
-            f"(refused, not unpickled): {_first_line(e)}"
+            f"(refused, not unpickled): {first_line(e, 200)}"
         ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
