@@ -478,6 +478,28 @@ def _config(*argv: str):
         ),
         (["--no-bias-correction", "--budget", "0"], QuantConfig.preset("fast")),
         (["--recipe", "best", "--rounding", "nearest"], QuantConfig()),
+        (
+            [
+                "--recipe",
+                "best",
+                "--rounding-scope",
+                "block",
+                "--rounding-iters",
+                "50",
+                "--rounding-blocks",
+                "layers.*",
+                "--rounding-blocks",
+                "head",
+                "--rounding-learn-act",
+            ],
+            QuantConfig(
+                rounding="learned",
+                rounding_scope="block",
+                rounding_iters=50,
+                rounding_blocks=("layers.*", "head"),
+                rounding_learn_act=True,
+            ),
+        ),
         (["-w", "3", "-a", "float"], QuantConfig(weight_bits=3, act_bits=None)),
         (
             ["-a", "4", "--method", "minmax"],

@@ -576,7 +576,13 @@ def quant_hash():
     data = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(3)]
     probe = torch.randn(6, 3, 12, 12, generator=gen)
     h = hashlib.sha256()
-    for cfg in (QuantConfig(), QuantConfig(weight_bits=3, act_bits=4, granularity="per_tensor")):
+    for cfg in (
+        QuantConfig(),
+        QuantConfig(weight_bits=3, act_bits=4, granularity="per_tensor"),
+        QuantConfig.preset(
+            "best", act_bits=4, rounding_scope="block", rounding_iters=20, rounding_learn_act=True
+        ),
+    ):
         q = quantize(model, data, cfg)
         for name, layer in sorted(quantized_layers(q).items()):
             h.update(name.encode())

@@ -142,8 +142,28 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--rounding",
         choices=["nearest", "gptq", "learned"],
-        help="first-term rounding: nearest (recipe), gptq, or learned (AdaRound-style, layer "
-        "by layer; the best recipe)",
+        help="first-term rounding: nearest (recipe), gptq, or learned (learned against each "
+        "block's FP32 output, activations in the loop: the best recipe)",
+    )
+    r.add_argument(
+        "--rounding-scope",
+        choices=["block", "layer"],
+        help="what learned rounding reconstructs: block (the model's own blocks, BRECQ/QDrop "
+        "style; recipe) or layer (each layer from its patch moments, faster)",
+    )
+    r.add_argument(
+        "--rounding-blocks",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="module name (pattern) reconstructed as one block (repeatable; default: found "
+        "from the model's module hierarchy)",
+    )
+    r.add_argument("--rounding-iters", type=int, help="learned rounding iterations per block")
+    r.add_argument(
+        "--rounding-learn-act",
+        action="store_true",
+        help="learn the activation steps with the rounding (from their MMSE values)",
     )
     r.add_argument("--strict", action="store_true", help="fail on layers omse cannot quantize")
     p.add_argument("--json", help="write the results as JSON to this path")
@@ -310,6 +330,8 @@ def _config_from_args(args) -> Any:
         "bias_correction": args.bias_correction,
         "equalize": args.equalize,
         "rounding": args.rounding,
+        "rounding_scope": args.rounding_scope,
+        "rounding_iters": args.rounding_iters,
         "target": args.target,
     }
     kw = {k: v for k, v in given.items() if v is not None}  # None: the recipe's value
@@ -319,6 +341,10 @@ def _config_from_args(args) -> Any:
         kw["output_aware"] = True
     if args.strict:
         kw["strict"] = True
+    if args.rounding_blocks:
+        kw["rounding_blocks"] = tuple(args.rounding_blocks)
+    if args.rounding_learn_act:
+        kw["rounding_learn_act"] = True
     return QuantConfig.preset(args.recipe, skip=tuple(args.skip), overrides=overrides, **kw)
 
 

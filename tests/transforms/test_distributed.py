@@ -58,6 +58,9 @@ CONFIGS = {
     # bias correction + residual tensors, int8 target (output quantizers: the plan step)
     "bc+residuals": _config(extra_mac_budget=0.1, bias_correction=True, target="int8"),
     "learned": _config(rounding="learned", rounding_iters=20, bias_correction=True),
+    "reconstructed": _config(
+        rounding="learned", rounding_scope="block", rounding_iters=10, bias_correction=True
+    ),
 }
 
 

@@ -66,7 +66,12 @@ def test_learned_rounding_is_deterministic():
 
 def test_pipeline_learned_rounding_and_config():
     cfg = omse.QuantConfig.preset(
-        "fast", weight_bits=4, act_bits=8, rounding="learned", rounding_iters=50
+        "fast",
+        weight_bits=4,
+        act_bits=8,
+        rounding="learned",
+        rounding_scope="layer",
+        rounding_iters=50,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

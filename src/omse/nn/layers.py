@@ -217,6 +217,8 @@ class QuantizedLayer(nn.Module):
     ...]`` and ``w_scale{t}`` ``[out, 1, ...]`` per term ``t``; ``w_mask{t}`` bool ``[out]`` marks the kernels that carry term ``t >= 1`` (the others'
     codes are zero); ``act_scale`` 0-d (when the input is quantized). ``macs`` is the layer's
     MACs per sample (set during calibration) and ``float_weight`` the original folded weight.
+    ``observer`` and ``learner`` are set for one calibration pass / one block reconstruction only
+    (:mod:`omse.transforms.statistics`, :mod:`omse.transforms.reconstruct`).
     """
 
     def __init__(self, layer: nn.Module, name: str, cfg: LayerConfig):
@@ -239,6 +241,9 @@ class QuantizedLayer(nn.Module):
         # set by omse.transforms.statistics.collect for one pass: sees the layer's input, the
         # input its convolution really gets (padding included) and its output
         self.observer = None
+        # set by omse.transforms.reconstruct while it learns a block: supplies the weight
+        # (soft-rounded terms) and quantizes the input (straight-through, QDrop)
+        self.learner = None
         self.macs = 0
         self.quant_enabled = True
         self.integer = False
@@ -377,6 +382,8 @@ class QuantizedLayer(nn.Module):
         self.act_scale, self.a_grid = _step(scale), grid
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learner is not None:
+            return self.learner.input(self, x)
         if self.act_scale is None or self.a_grid is None or not self.quant_enabled:
             return x
         return fake_quantize(x, self.act_scale, self.a_grid)
@@ -495,7 +502,10 @@ class QuantizedLayer(nn.Module):
             return self.integer_forward(x)
         x = self.quantize_input(x)
         with contextlib.nullcontext() if obs is None else obs.capture(self):
-            if self.bias_scale() is not None and self.quant_enabled:
+            if self.learner is not None:
+                w = layer_weight(self.layer, self.learner.weight(self))
+                y = torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
+            elif self.bias_scale() is not None and self.quant_enabled:
                 params = {"weight": self.layer.weight, "bias": self.effective_bias()}
                 y = torch.func.functional_call(self.layer, params, (x, *args), kwargs)
             else:

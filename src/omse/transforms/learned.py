@@ -28,13 +28,19 @@ import torch
 from ..nn.layers import QuantizedLayer
 from .statistics import LayerStatistics
 
-__all__ = ["learned_rounding"]
+__all__ = ["learned_rounding", "rectified_sigmoid", "rounding_regulariser", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1
 
 
-def _h(v: torch.Tensor) -> torch.Tensor:
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``, elementwise."""
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rounding_regulariser(hv: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sum (1 - |2 h - 1|^beta)``: 0 when every ``h`` is 0 or 1 (a scalar)."""
+    return (1 - (2 * hv - 1).abs().pow(beta)).sum()
 
 
 def _output_error(e: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -83,17 +89,17 @@ def learned_rounding(
     start = int(warmup * iters)
     with torch.enable_grad():
         for it in range(iters):
-            hv = _h(v)
+            hv = rectified_sigmoid(v)
             loss = _output_error(w - s * codes_of(hv), M) / energy
             if it >= start:
                 t = (it - start) / max(iters - start, 1)
                 beta = 2 + 18 * 0.5 * (1 + math.cos(math.pi * t))  # 20 -> 2
-                loss = loss + reg * (1 - (2 * hv - 1).abs().pow(beta)).sum() / hv.numel()
+                loss = loss + reg * rounding_regulariser(hv, beta) / hv.numel()
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        learned = codes_of((_h(v) >= 0.5).to(torch.float32))
+        learned = codes_of((rectified_sigmoid(v) >= 0.5).to(torch.float32))
     err_learned = rel_error(learned)
     if err_learned < err_nearest:
         new = learned.reshape(codes.shape).to(codes.dtype)

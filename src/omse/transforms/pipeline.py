@@ -14,8 +14,11 @@ model transform that works in place and records what it did in :class:`Calibrati
    listed; at the end :attr:`Calibration.float_weights` lists every float parameter with its share
    of the weights and the reason);
 4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``,
-   ``extra_mac_budget``), from one pass of patch moments (learned rounding: one per layer,
-   sequentially);
+   ``extra_mac_budget``), from one pass of patch moments; learned rounding reconstructs the
+   model's blocks one after the other (:mod:`omse.transforms.reconstruct`: two partial passes
+   per block to capture its inputs, after one pass of activation histograms for the steps the
+   loop starts from) or, ``rounding_scope="layer"``, each layer from its own pass of patch
+   moments;
 5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
@@ -66,6 +69,7 @@ from .equalize import equalize
 from .fold import _set_module, fold_batchnorm
 from .learned import learned_rounding
 from .onnx_import import load_onnx, matmul_constants
+from .reconstruct import find_blocks, reconstruct
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .statistics import Needs, collect
@@ -206,6 +210,7 @@ class _Run:
     shares: dict[str, str] = field(default_factory=dict)
     caps: dict[str, float] = field(default_factory=dict)
     example: object = None  # global batch 0 (rank 0's first batch under torch.distributed)
+    learned_act: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _fold(r: _Run) -> None:
@@ -275,11 +280,59 @@ def _learned(r: _Run) -> None:
     r.cal.corrections["learned_rounding"] = info
 
 
+def _residuals(r: _Run) -> None:
+    stats = collect(
+        r.qmodel, r.layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
+    )
+    c = r.config
+    r.cal.corrections["residual_kernels"] = select_residuals(
+        r.layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms
+    )
+
+
+def _reconstruct(r: _Run) -> None:
+    """Block reconstruction (:mod:`omse.transforms.reconstruct`), with residual kernels chosen
+    before (``rounding_terms="all"``) or after it; activation steps calibrated first when the
+    activations are in the loop."""
+    c = r.config
+    if c.rounding_act_loop and any(q.cfg.act_bits is not None for q in r.layers.values()):
+        _activations(r)  # the MMSE steps the loop starts from (calibrated again afterwards)
+    budget = c.extra_mac_budget > 0
+    if budget and c.rounding_terms == "all":
+        _residuals(r)
+    blocks = find_blocks(r.qmodel, r.layers, c.rounding_blocks)
+    info = reconstruct(
+        r.qmodel,
+        r.layers,
+        r.batches,
+        blocks,
+        iters=c.rounding_iters,
+        lr=c.rounding_lr,
+        reg=c.rounding_reg,
+        batch=c.rounding_batch,
+        drop=c.rounding_drop,
+        act_loop=c.rounding_act_loop,
+        learn_act=c.rounding_learn_act,
+        learn_scales=c.rounding_learn_scales,
+        terms=c.rounding_terms,
+        seed=c.rounding_seed,
+        progress=r.progress,
+    )
+    r.cal.corrections["reconstruction"] = info
+    if c.rounding_learn_act:
+        r.learned_act = {n: q.act_scale for n, q in r.layers.items() if q.act_scale is not None}
+    if budget and c.rounding_terms == "first":
+        _residuals(r)
+
+
 def _weights(r: _Run) -> None:
     """Learned or GPTQ rounding, then residual tensors (chosen from the errors that remain after
     rounding), from the patch moments of the wrapped model."""
     config, layers = r.config, r.layers
     needs = Needs(patch_moments=True)
+    if config.rounding == "learned" and config.rounding_scope == "block":
+        _reconstruct(r)
+        return
     if config.rounding == "learned":
         _learned(r)
         if config.extra_mac_budget == 0:
@@ -312,6 +365,8 @@ def _activations(r: _Run) -> None:
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
     set_activation_scales(r.layers, r.cal.stats)
+    for n, s in r.learned_act.items():  # steps block reconstruction learned
+        r.layers[n].set_act(s, r.layers[n].a_grid)
     cap_activation_scales(r.layers, r.caps)
     set_output_scales(r.layers, r.cal.output_stats)
     share_scales(r.layers, r.shares)
