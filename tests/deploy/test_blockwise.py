@@ -331,6 +331,7 @@ def test_docstring_examples(tmp_path, monkeypatch):
     assert runner.failures == 0 and runner.tries >= 8
 
 
+ALLOC = "plain"  # glibc defaults ("tuned": omse.runtime.tune_allocator, as the CLI)
 CHILD = r"""
 import functools, gc, json, sys, time
 from pathlib import Path
@@ -339,9 +340,11 @@ sys.path.insert(0, sys.argv[1])
 import blockwise as bench
 import omse
 from omse.deploy.blockwise import quantize_blockwise
-from omse.runtime import trim_heap
+from omse.runtime import trim_heap, tune_allocator
 
 torch.set_num_threads(1)
+if sys.argv[6] == "tuned":
+    tune_allocator()  # as the CLI does
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -366,8 +369,8 @@ print("RESULT " + json.dumps({"growth": status("VmHWM") - base, "weights": res.w
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_is_bounded_by_one_block(tmp_path):
-    """A model whose FP32 weights (192 MB, 96 blocks of 2 MB) are >= 4x the memory the
-    process may add (48 MB above the resident memory of a process that imported torch and omse
+    """A model whose FP32 weights (353 MB, 176 blocks of 2 MB) are >= 4x the memory the
+    process may add (88 MB above the resident memory of a process that imported torch and omse
     and quantized once) quantizes block by block within it: peak RSS (VmHWM) measured in a
     fresh process. Weight ranges are min-max here to keep the test fast; the exact MMSE solve
     adds a fixed transient (chunked, independent of the model): benchmarks/blockwise.py."""
@@ -376,7 +379,7 @@ def test_peak_memory_is_bounded_by_one_block(tmp_path):
         import blockwise as bench
     finally:
         sys.path.pop(0)
-    d, n, cap = 256, 96, 48 * 2**20
+    d, n, cap = 256, 176, 88 * 2**20
     index, total = bench.write_model(tmp_path / "w", n, d, per_shard=16)
     assert total >= 4 * cap
     p = subprocess.run(
@@ -389,6 +392,7 @@ def test_peak_memory_is_bounded_by_one_block(tmp_path):
             str(d),
             str(n),
             str(tmp_path),
+            ALLOC,
         ],
         capture_output=True,
         text=True,
@@ -399,4 +403,42 @@ def test_peak_memory_is_bounded_by_one_block(tmp_path):
     assert p.returncode == 0 and line, p.stderr[-2000:]
     r = json.loads(line[0][7:])
     assert r["weights"] == total and r["largest"] < 2.1 * 2**20
-    assert r["growth"] <= cap, f"peak {r['growth'] / 2**20:.0f} MB above baseline > 48 MB"
+    print(f"peak {r['growth'] / 2**20:.1f} MB above baseline, weights {total / 2**20:.0f} MB")
+    assert r["growth"] <= cap, f"peak {r['growth'] / 2**20:.0f} MB above baseline > 88 MB"
+
+
+def test_cli_blockwise(tmp_path, monkeypatch, capsys):
+    """``omse quantize MODULE:FACTORY --weights INDEX --blockwise --out DIR``: the folder
+    reloads to the model the API makes; misuse is refused in one line."""
+    import inspect
+
+    from omse.cli import main
+
+    (tmp_path / "bwnets.py").write_text(  # the same Net, importable as bwnets:net
+        "import torch\nfrom torch import nn\n\n"
+        + inspect.getsource(Block)
+        + inspect.getsource(Net)
+        + "def net():\n    return Net()\n\n"
+        + "def calib():\n"
+        + "    g = torch.Generator().manual_seed(1)\n"
+        + "    return [torch.randn(8, 16, generator=g) for _ in range(3)]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    model = _net()
+    index = _shards(model, tmp_path / "w")
+    argv = ["quantize", "bwnets:net", "--weights", str(index), "--calib-loader", "bwnets:calib"]
+    argv += ["--recipe", "fast", "--json", "r.json"]
+    assert main([*argv, "--blockwise", "--out", "q"]) == 0
+    out = capsys.readouterr().out
+    assert "4 blocks, output SQNR vs FP32" in out and "wrote q" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["blocks"] == 4 and r["output_sqnr_db"] > 10 and r["eval_held_out"] is False
+    import bwnets
+
+    api = quantize_blockwise(model, bwnets.calib(), FAST).model
+    x = torch.randn(5, 16)
+    assert torch.equal(load_blockwise("q", bwnets.net)(x), api(x))
+    assert main([*argv, "--blockwise", "--out", "q"]) == 2  # exists: needs --force
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", "bwnets:net", "--blockwise", "--out", "q2"]) == 2
+    assert "--blockwise needs --weights" in capsys.readouterr().err
