@@ -24,8 +24,9 @@ quantization working set (its FP32 weights, :func:`omse.quantize`'s copy, the qu
 for recipes with residual tensors or GPTQ, each layer's patch moments, ``8 * in^2`` bytes per
 Linear) + two streams of calibration activations (block inputs and outputs, ``batches x
 [batch, ..., hidden]`` each, a third with ``compare=True``). It does not grow with the number of
-blocks (``tests/deploy/test_blockwise.py`` runs a model whose FP32 weights are 4x the memory the
-process may add under ``RLIMIT_DATA``; ``benchmarks/blockwise.py`` measures it).
+blocks (``tests/deploy/test_blockwise.py`` runs a model whose FP32 weights are 4x the peak RSS
+the process adds above a warmed-up baseline; ``benchmarks/blockwise.py`` measures peak RSS
+against model size). The heap is trimmed after each block (:func:`omse.runtime.trim_heap`).
 
 **What "per block" means.** Each unit is one :func:`omse.quantize` call, so every step that works
 within a unit works as in memory: BatchNorm folding (a BatchNorm after a conv of the same block),
@@ -36,9 +37,10 @@ quantized blocks before it produce), activation scales, bias correction. Two thi
 - calibration: block ``i`` is calibrated on the outputs of the quantized blocks before it, weights
   *and* activations quantized (the sequential scheme of GPTQ-style tools), while the whole-model
   pipeline computes every layer's activation scale in one pass with the upstream activations in
-  float. Both are valid; only weight-only recipes without residual tensors (``act_bits=None``,
-  ``rounding="nearest"``, ``extra_mac_budget=0``, with or without bias correction) give the
-  same model both ways (a test checks it);
+  float (and bias correction sees upstream biases uncorrected). Both are valid; only recipes
+  that do not use calibration data across units (``act_bits=None``, ``rounding="nearest"``,
+  ``extra_mac_budget=0``, ``bias_correction=False``) give the same model both ways (a test
+  checks it);
 - ``extra_mac_budget`` applies per unit: each unit's residual tensors cost at most ``budget`` x
   its own MACs (the model's total stays within ``budget`` x its MACs, spread evenly over units
   rather than chosen by one model-wide ranking).
