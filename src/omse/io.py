@@ -11,7 +11,13 @@ from pathlib import Path
 
 from .errors import OmseError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "check_output_path"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_path",
+    "atomic_dir",
+    "check_output_path",
+]
 
 
 def check_output_path(path: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
@@ -45,6 +51,40 @@ def atomic_path(path: str | Path, force: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (an existing
+    folder needs ``force``; it is removed only after the new one is in place), on any exception
+    (KeyboardInterrupt included) the temporary folder is removed and ``path`` is left as it was."""
+    import shutil
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OmseError(f"output {p} exists and is not a folder")
+    if p.exists() and not force:
+        raise OmseError(f"output {p} already exists; pass --force (force=True) to overwrite it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
+    old = None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        if p.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".old", dir=p.parent))
+            os.replace(p, old / p.name)
+        os.replace(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / p.name).exists() and not p.exists():
+            os.replace(old / p.name, p)  # put the previous folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> Path:

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_allocator"]
+__all__ = ["tune_allocator", "trim_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +36,18 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
         return False
     _done = bool(ok)
     return _done
+
+
+def trim_heap() -> bool:
+    """Return the heap's free memory to the OS now (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Block-by-block quantization calls it after each block, so that one block's freed buffers
+    do not stay resident (or fragment the heap) while the next block runs. Returns True if
+    applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
