@@ -39,30 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from omse.runtime import reset_peak_rss, status_kb
+
 ROOT = Path(__file__).resolve().parents[1]
 D = 512  # hidden width: a block holds 2 * 4 * D^2 weights = 8 MB in FP32
 IN = 64
 OUT = 10
 BLOCKS_PER_SHARD = 8
 CALIB = (4, 8, 16)  # batches, batch size, tokens: activations [8, 16, D] per batch
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def build(d: int = D, n: int = 4):
@@ -168,11 +152,11 @@ def child(args) -> None:
     builder = functools.partial(build, args.d, args.n)
     limited = None
     if args.limit_mb:
-        data = _status_kb("VmData") * 1024
+        data = status_kb("VmData") * 1024
         limited = data + int(args.limit_mb * 2**20)
         resource.setrlimit(resource.RLIMIT_DATA, (limited, resource.RLIM_INFINITY))
-    rss0 = _status_kb("VmRSS")
-    reset = _reset_peak()
+    rss0 = status_kb("VmRSS")
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     if args.child == "blockwise":
         res = quantize_blockwise(builder, calib, cfg, weights=args.weights, out=args.out)
@@ -190,7 +174,7 @@ def child(args) -> None:
         qmodel = omse.quantize(model, calib, cfg)
         extra = {"layers": len(omse.quantized_layers(qmodel))}
     seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
         "mode": args.child,
         "seconds": seconds,

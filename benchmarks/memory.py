@@ -37,28 +37,11 @@ import sys
 import time
 from pathlib import Path
 
+from omse.runtime import reset_peak_rss, status_kb
+
 SIZES = (16, 64, 256)
 BATCH = 8
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def calibration_set(n: int):
@@ -99,8 +82,8 @@ def child(n: int, threads: int) -> dict:
     batches = [spec.preprocess(images[i : i + BATCH]) for i in range(0, n, BATCH)]
     del images
     data_bytes = sum(b.numel() * b.element_size() for b in batches)
-    before = _status_kb("VmRSS")
-    reset = _reset_peak()
+    before = status_kb("VmRSS")
+    reset = reset_peak_rss()
     # the calibration pass alone: peak above the RSS at its start (needs the peak reset)
     import omse.transforms.pipeline
 
@@ -108,15 +91,15 @@ def child(n: int, threads: int) -> dict:
     box: dict = {}
 
     def measured(*a, **k):
-        box["peak_so_far"] = _status_kb("VmHWM")
-        box["rss0"] = _status_kb("VmRSS")
-        box["reset"] = _reset_peak()
+        box["peak_so_far"] = status_kb("VmHWM")
+        box["rss0"] = status_kb("VmRSS")
+        box["reset"] = reset_peak_rss()
         t = time.perf_counter()
         try:
             return orig(*a, **k)
         finally:
             box["secs"] = time.perf_counter() - t
-            box["hwm"] = _status_kb("VmHWM")
+            box["hwm"] = status_kb("VmHWM")
 
     omse.transforms.pipeline.collect = measured
     cal = Calibration()
@@ -136,7 +119,7 @@ def child(n: int, threads: int) -> dict:
     )
     secs = time.perf_counter() - t0
     omse.transforms.pipeline.collect = orig
-    peak = max(_status_kb("VmHWM") or 0, box.get("peak_so_far") or 0) if reset else None
+    peak = max(status_kb("VmHWM") or 0, box.get("peak_so_far") or 0) if reset else None
     if peak is None:  # no reset possible: the process-lifetime peak (includes loading)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     calib_pass = box["hwm"] - box["rss0"] if box.get("reset") and box.get("rss0") else None
