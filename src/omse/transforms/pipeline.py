@@ -327,27 +327,21 @@ def _reconstruct(r: _Run) -> None:
 
 def _weights(r: _Run) -> None:
     """Learned or GPTQ rounding, then residual tensors (chosen from the errors that remain after
-    rounding), from the patch moments of the wrapped model."""
+    rounding, from a pass of patch moments over the rounded model)."""
     config, layers = r.config, r.layers
-    needs = Needs(patch_moments=True)
     if config.rounding == "learned" and config.rounding_scope == "block":
         _reconstruct(r)
         return
     if config.rounding == "learned":
         _learned(r)
-        if config.extra_mac_budget == 0:
-            return
-    stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
-    if config.rounding == "gptq":
+    elif config.rounding == "gptq":
+        needs = Needs(patch_moments=True)
+        stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
         for name, q in tqdm(layers.items(), desc="output-aware", disable=not r.progress):
             if stats[name].H is not None:
                 gptq_terms(q, stats[name])
-        if config.extra_mac_budget > 0:  # inputs changed with the new upstream weights
-            stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
-    if config.extra_mac_budget > 0:
-        r.cal.corrections["residual_kernels"] = select_residuals(
-            layers, stats, config.extra_mac_budget, config.residual_criterion, config.max_terms
-        )
+    if config.extra_mac_budget > 0:  # a new pass: the rounding changed every layer's input
+        _residuals(r)
 
 
 def _plan(r: _Run) -> None:

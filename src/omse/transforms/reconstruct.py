@@ -385,16 +385,14 @@ def _eval_loss(block, rows: _Rows, target: list, energy: float, chunk: int) -> f
 
 @torch.no_grad()
 def _target(block: nn.Module, qs, rows: _Rows, chunk: int) -> list[torch.Tensor]:
-    for q in qs.values():
-        q.set_quant_enabled(False)
+    _set_enabled(qs, False)
     try:
         parts = []
         for i in range(0, rows.n, chunk):
             a, k = rows.take(slice(i, i + chunk))
             parts.append(_outputs(block(*a, **k)))
     finally:
-        for q in qs.values():
-            q.set_quant_enabled(True)
+        _set_enabled(qs, True)
     outs = [torch.cat(col) for col in zip(*parts)]
     if not outs or any(o.shape[0] != rows.n for o in outs):
         raise ConfigError("a block's output has no floating tensor with the batch dimension first")
