@@ -54,7 +54,7 @@ from omse.config import QuantConfig
 from omse.deploy.export import export_onnx
 from omse.io import atomic_write_text
 from omse.nn.layers import quantized_layers
-from omse.runtime import tune_allocator
+from omse.runtime import cpu_name, tune_allocator
 from omse.transforms.onnx_import import load_onnx
 from omse.transforms.pipeline import Calibration, quantize
 from omse.zoo import ocr
@@ -367,14 +367,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _environment(args) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         from importlib.metadata import version
 

@@ -9,14 +9,14 @@ then the limits: W8A4 with nearest rounding, and the first and last layer at W8A
 
     python benchmarks/reconstruct.py [--models fmnist-resnet20,fmnist-mobilenetv2] [--lite0]
 
-Prints a markdown table and writes ``results/reconstruct.json``.
+Prints a markdown table and writes ``results/reconstruct.json`` after every row; a rerun keeps the
+rows already there (same model, setting, recipe and iterations) and measures only the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import warnings
@@ -27,6 +27,7 @@ import torch
 import omse
 from omse.analysis.metrics import compare_logits, predict
 from omse.io import atomic_write_text
+from omse.runtime import cpu_name
 from omse.zoo.tasks import get_task
 
 ROWS = {
@@ -46,7 +47,20 @@ def _first_last(model: torch.nn.Module) -> dict:
     return {n: {"weight_bits": 8, "act_bits": 8} for n in (names[0], names[-1])}
 
 
-def run(name: str, ab: int, iters: int) -> list[dict]:
+def _save(rows: list[dict], iters: int, out: Path) -> None:
+    result = {
+        "iters": iters,
+        "machine": f"per row; {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "rows": rows,
+    }
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n", force=True)
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["setting"], r["recipe"]
+
+
+def run(name: str, ab: int, iters: int, done: list[dict], out: Path) -> list[dict]:
     task = get_task(name)
     model = task.build()
     fl = {"overrides": _first_last(model)}
@@ -65,8 +79,11 @@ def run(name: str, ab: int, iters: int) -> list[dict]:
         batches = list(task.calibration(256).split(32))
         bs = 1000
     ref = predict(model, x, None, batch_size=bs)
-    rows = []
+    rows = done
+    have = {_key(r) for r in done}
     for label, kw in {"nearest": dict(rounding="nearest"), **ROWS, **extra}.items():
+        if (name, f"W4A{ab}", label) in have:
+            continue
         base = dict(weight_bits=4, act_bits=ab, bias_correction=True, rounding="learned")
         cfg = omse.QuantConfig.preset("fast", **(base | {"rounding_iters": iters} | kw))
         t = time.perf_counter()
@@ -83,9 +100,11 @@ def run(name: str, ab: int, iters: int) -> list[dict]:
                 "top1": round(a.top1, 4),
                 "fp32_top1": round(fp, 4),
                 "seconds": round(secs, 1),
+                "cpu": cpu_name(),
             }
         )
         print(rows[-1], flush=True)
+        _save(rows, iters, out)
     return rows
 
 
@@ -96,12 +115,16 @@ def main() -> int:
     ap.add_argument("--lite0", action="store_true")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    out = Path("results/reconstruct.json")
     rows = []
+    if out.exists():
+        old = json.loads(out.read_text())
+        rows = old["rows"] if old.get("iters") == args.iters else []
     for name in args.models.split(","):
-        rows += run(name, 4, args.iters)
+        rows = run(name, 4, args.iters, rows, out)
     if args.lite0:
         for ab in (8, 4):
-            rows += run("efficientnet-lite0", ab, args.iters)
+            rows = run("efficientnet-lite0", ab, args.iters, rows, out)
     print("\n| model | setting | recipe | agreement | top-1 (FP32) | calibration s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -109,15 +132,7 @@ def main() -> int:
             f"| {r['model']} | {r['setting']} | {r['recipe']} | {r['agreement']:.2%} | "
             f"{r['top1']:.2%} ({r['fp32_top1']:.2%}) | {r['seconds']} |"
         )
-    out = {
-        "iters": args.iters,
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "rows": rows,
-    }
-    atomic_write_text(
-        Path("results/reconstruct.json"), json.dumps(out, indent=2) + "\n", force=True
-    )
+    _save(rows, args.iters, out)
     return 0
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import sys
 from pathlib import Path
 
-__all__ = ["tune_allocator", "trim_heap", "status_kb", "reset_peak_rss"]
+__all__ = ["tune_allocator", "trim_heap", "status_kb", "reset_peak_rss", "cpu_name"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -64,6 +65,18 @@ def status_kb(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def cpu_name() -> str:
+    """The processor's model name from ``/proc/cpuinfo`` (e.g. ``AMD EPYC``), else the platform's
+    machine type; benchmarks record it beside their figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def reset_peak_rss() -> bool:
