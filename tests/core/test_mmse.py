@@ -1,4 +1,5 @@
-"""The exact MMSE solver: global optimality against dense brute force, and the analytic oracles."""
+"""The exact MMSE solver: global optimality against dense brute force, and the analytic oracles;
+its two methods (the compiled CPU sweep and the vectorised torch path) agree."""
 
 import csv
 import math
@@ -64,8 +65,12 @@ CASES = [
 ]
 
 
+METHODS = ["sweep", "vectorised"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("dist", "n", "bits", "kind"), CASES)
-def test_global_optimum_beats_dense_grid(dist, n, bits, kind):
+def test_global_optimum_beats_dense_grid(dist, n, bits, kind, method):
     gen = torch.Generator().manual_seed(hash((dist, n, bits, kind)) % 2**31)
     x = sample(dist, n, gen)
     if kind == "unsigned" and dist not in ("zeros",):
@@ -73,7 +78,7 @@ def test_global_optimum_beats_dense_grid(dist, n, bits, kind):
             x.abs() if n % 2 else x
         )  # odd sizes non-negative; even sizes keep negatives (clipped to 0)
     grid = Grid(bits, kind)
-    s = mmse_scale(x, bits, kind)
+    s = mmse_solve(x.reshape(1, -1), grid, method=method).scale[0]
     assert s.dim() == 0 and torch.isfinite(s) and s > 0
     err = quant_error(x.reshape(1, -1), s.reshape(1), grid)[0]
     if x.abs().max() == 0:
@@ -118,8 +123,9 @@ def test_scale_equivariance():
     assert torch.allclose(s3 * 1e-6, s1, rtol=1e-9)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("bits", "kind"), [(8, "full"), (4, "full"), (6, "unsigned")])
-def test_many_rows_of_very_different_magnitudes_solve_like_single_rows(bits, kind):
+def test_many_rows_of_very_different_magnitudes_solve_like_single_rows(bits, kind, method):
     """Rows are independent problems: batching 300 rows whose magnitudes span 1e-10..1e3 (as
     BN-folded dead channels do) must give each row its own optimum."""
     gen = torch.Generator().manual_seed(3)
@@ -133,10 +139,79 @@ def test_many_rows_of_very_different_magnitudes_solve_like_single_rows(bits, kin
     if kind == "unsigned":
         x = x.abs()
     grid = Grid(bits, kind)
-    batched = mmse_solve(x, grid)
-    single = torch.cat([mmse_solve(x[i : i + 1], grid).sse for i in range(rows)])
+    batched = mmse_solve(x, grid, method=method)
+    single = torch.cat([mmse_solve(x[i : i + 1], grid, method=method).sse for i in range(rows)])
     energy = (x * x).sum(1)
     assert (batched.sse <= single * (1 + 1e-9) + 1e-15 * energy).all()
+
+
+def _rows(gen: torch.Generator) -> list[torch.Tensor]:
+    """Kernel-shaped rows as weights give them: Laplace-like per-channel slices of 9 to 1152 values
+    (depthwise, pointwise, classifier), per-group slices of 32 to 128, with outlier channels,
+    lattice-valued (already quantized) rows and zero rows."""
+    out = []
+    for rows, n in ((32, 9), (16, 25), (24, 144), (8, 1152), (64, 32), (32, 64), (16, 128)):
+        x = sample("laplace", rows * n, gen).reshape(rows, n)
+        x = x * torch.logspace(-4, 1, rows, dtype=torch.float64)[:, None]
+        x[0] = 0.0
+        x[1] = torch.randint(-7, 8, (n,), generator=gen).double() * 0.03
+        x[2, 0] = 40.0 * x[2].abs().max().clamp_min(1.0)  # one outlier
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("bits", "kind"),
+    [(2, "full"), (3, "narrow"), (4, "full"), (4, "unsigned"), (6, "full"), (8, "full")],
+)
+def test_sweep_and_vectorised_agree(bits, kind):
+    """The two methods solve the same problems: equal errors (to float64 rounding) on every row,
+    weighted and not, and the sweep is never worse."""
+    gen = torch.Generator().manual_seed(bits * 10 + len(kind))
+    grid = Grid(bits, kind)
+    for x in _rows(gen):
+        if kind == "unsigned":
+            x = x.abs()
+        w = torch.randint(1, 5, x.shape, generator=gen).double()
+        for weights in (None, w):
+            a = mmse_solve(x, grid, weights, method="sweep")
+            b = mmse_solve(x, grid, weights, method="vectorised")
+            energy = ((x * x) * (1 if weights is None else weights)).sum(1)
+            assert (a.sse <= b.sse * (1 + 1e-9) + 1e-15 * energy).all()
+            assert (
+                torch.allclose(a.sse, b.sse, rtol=1e-9, atol=0)
+                or ((a.sse - b.sse).abs() <= 1e-9 * b.sse + 1e-15 * energy).all()
+            )
+
+
+def test_sweep_does_not_depend_on_threads():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.cat([r[:, :9] for r in _rows(gen)] * 40)  # 10,560 rows of 9: split over threads
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mmse_solve(x, Grid(4), method="sweep")
+        torch.set_num_threads(3)
+        three = mmse_solve(x, Grid(4), method="sweep")
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one.scale, three.scale) and torch.equal(one.sse, three.sse)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vectorised_runs_on_cuda_like_the_cpu_sweep():
+    gen = torch.Generator().manual_seed(8)
+    for x in _rows(gen):
+        cpu = mmse_solve(x, Grid(4), method="sweep")
+        gpu = mmse_solve(x.cuda(), Grid(4))  # auto: vectorised on the tensor's device
+        assert gpu.scale.device.type == "cuda"
+        energy = (x * x).sum(1)
+        assert ((gpu.sse.cpu() - cpu.sse).abs() <= 1e-9 * cpu.sse + 1e-15 * energy).all()
+
+
+def test_rejects_an_unknown_method():
+    with pytest.raises(ConfigError, match="method"):
+        mmse_solve(torch.randn(2, 5), Grid(4), method="grid")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -30,7 +30,7 @@ import torch
 from ..errors import ConfigError
 from .grids import Grid, GridKind
 
-__all__ = ["MMSEResult", "mmse_solve", "mmse_scale"]
+__all__ = ["DEFAULT_METHOD", "MMSEResult", "mmse_solve", "mmse_scale"]
 
 _LLOYD_STEPS = 4
 _UB_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.28, 0.2)
@@ -40,6 +40,11 @@ _CHUNK_VALUES = 1 << 18
 _BNB_MIN_N = 4096
 _BNB_POINTS = 512
 _BNB_ROUNDS = 4
+
+
+DEFAULT_METHOD = "auto"
+"""The method of :func:`mmse_solve` calls that name none. ``"vectorised"`` reproduces, to the last
+bit, the steps of omse before the compiled sweep (tests/transforms/test_recorded.py sets it)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class _Side:
         wm = torch.where(mask, w, 0.0)
         self.a, order = torch.sort(am, dim=1)
         wm = torch.gather(wm, 1, order)
-        z = torch.zeros(a.shape[0], 1, dtype=torch.float64)
+        z = torch.zeros(a.shape[0], 1, dtype=torch.float64, device=a.device)
         self.P = [torch.cat([z, torch.cumsum(t, 1)], 1) for t in (wm, wm * self.a, wm * self.a**2)]
         self.cap = cap
 
@@ -81,7 +86,7 @@ class _Side:
         Q = int(self.cap)
         if Q == 0:  # no code on this side: every value costs w a^2
             return self.P[2][:, -1:].expand_as(s)
-        q = torch.arange(Q + 1, dtype=torch.float64).reshape(1, 1, -1)
+        q = torch.arange(Q + 1, dtype=torch.float64, device=s.device).reshape(1, 1, -1)
         ss = s[:, :, None]
         u = (q - 0.5).clamp_min(0.0) * ss
         v = torch.where(q == Q, torch.full_like(u, float("inf")), (q + 0.5) * ss)
@@ -107,7 +112,7 @@ class _Side:
         lo_, h = lo[:, :, None], hi[:, :, None]
         if Q == 0:
             return self.sse(lo)  # constant in s
-        q = torch.arange(Q + 1, dtype=torch.float64).reshape(1, 1, -1)
+        q = torch.arange(Q + 1, dtype=torch.float64, device=lo.device).reshape(1, 1, -1)
         segs = []
         # constant code q: a in [(q-1/2)h, (q+1/2)lo_); q = 0: [0, lo_/2); q = Q: [(Q-1/2)h, inf)
         lo_c = (q - 0.5).clamp_min(0.0) * h
@@ -137,7 +142,7 @@ def _bnb_window(sides, s_lo, s_hi, best_s, best_e, points: int = _BNB_POINTS):
     """One round of branch and bound: split ``(s_lo, s_hi)`` geometrically into ``points``
     intervals, evaluate the error at the knots (improving the best step) and keep the hull of the
     intervals whose lower bound is below the best error."""
-    t = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64, device=s_lo.device)
     knots = s_lo[:, None] * (s_hi / s_lo)[:, None] ** t[None, :]
     E = sum(sd.sse(knots) for sd in sides)
     j = E.argmin(1, keepdim=True)
@@ -159,43 +164,73 @@ def _bnb_window(sides, s_lo, s_hi, best_s, best_e, points: int = _BNB_POINTS):
     return new_lo.clamp_min(1e-300), new_hi, best_s, best_e
 
 
-def mmse_solve(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None) -> MMSEResult:
+def mmse_solve(
+    slices: torch.Tensor,
+    grid: Grid,
+    weights: torch.Tensor | None = None,
+    *,
+    method: str | None = None,
+) -> MMSEResult:
     """Exact MMSE steps per row: slices ``[S, n]`` (weights ``[S, n]`` >= 0) -> ``MMSEResult``.
 
     Rows that are all zero (or whose values no code can represent, e.g. only negative values on an
-    unsigned grid) get step ``1`` (any step is optimal there) in normalised units. Rows are
-    independent problems, solved in chunks of about 2^18 values so that transient memory stays
-    bounded (a 1000 x 1280 classifier needs ~100 MB instead of ~1 GB).
+    unsigned grid) get step ``1`` (any step is optimal there) in normalised units.
+
+    ``method``: ``"sweep"``, the compiled binned sweep of :mod:`omse.core.sweep` (CPU, threads as
+    ``torch.get_num_threads()``); ``"vectorised"``, torch operations on the input's device (CUDA
+    included), in chunks of about 2^18 values so that transient memory stays bounded (a 1000 x 1280
+    classifier needs ~100 MB instead of ~1 GB); ``"auto"``: the sweep for CPU tensors, vectorised
+    elsewhere; None: :data:`DEFAULT_METHOD`. Both return the global optimum (up to float64
+    rounding; their steps can differ in the last bits); results are float64 on the input's device.
     """
-    if slices.dim() == 2 and slices.shape[0] > 1 and slices.numel() > _CHUNK_VALUES:
-        rows = max(1, _CHUNK_VALUES // max(slices.shape[1], 1))
-        w = None if weights is None else weights.expand_as(slices)
-        parts = [
-            _solve_rows(slices[i : i + rows], grid, None if w is None else w[i : i + rows])
-            for i in range(0, slices.shape[0], rows)
-        ]
-        return MMSEResult(torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts]))
-    return _solve_rows(slices, grid, weights)
-
-
-def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) -> MMSEResult:
+    method = DEFAULT_METHOD if method is None else method
+    if method not in ("auto", "sweep", "vectorised"):
+        raise ConfigError(f"mmse_solve method must be auto, sweep or vectorised, got {method!r}")
     if slices.dim() != 2:
         raise ConfigError(f"mmse_solve takes a [slices, n] tensor, got shape {tuple(slices.shape)}")
+    if slices.shape[1] == 0:
+        raise ConfigError("mmse_solve got empty slices")
     x = slices.detach().to(torch.float64)
     if not torch.isfinite(x).all():
         raise ConfigError("mmse_solve got NaN or Inf values")
-    S, n = x.shape
-    if weights is None:
-        w = torch.ones_like(x)
-    else:
-        w = weights.detach().to(torch.float64).expand_as(x)
+    w = None
+    if weights is not None:
+        w = weights.detach().to(device=x.device, dtype=torch.float64).expand_as(x)
         if (w < 0).any() or not torch.isfinite(w).all():
             raise ConfigError("mmse_solve weights must be finite and >= 0")
+    if method == "auto":
+        method = "sweep" if x.device.type == "cpu" else "vectorised"
+    if method == "sweep":
+        from .sweep import sweep_rows  # numba: imported (and compiled, cached) on first use
+
+        scale, sse = sweep_rows(
+            x.cpu().numpy(),
+            float(grid.qmax),
+            float(-grid.qmin),
+            None if w is None else w.cpu().numpy(),
+            threads=torch.get_num_threads(),
+        )
+        return MMSEResult(torch.from_numpy(scale).to(x.device), torch.from_numpy(sse).to(x.device))
+    if x.shape[0] > 1 and x.numel() > _CHUNK_VALUES:
+        rows = max(1, _CHUNK_VALUES // max(x.shape[1], 1))
+        parts = [
+            _solve_rows(x[i : i + rows], grid, None if w is None else w[i : i + rows])
+            for i in range(0, x.shape[0], rows)
+        ]
+        return MMSEResult(torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts]))
+    return _solve_rows(x, grid, w)
+
+
+def _solve_rows(x: torch.Tensor, grid: Grid, w: torch.Tensor | None) -> MMSEResult:
+    """The vectorised solve of float64 rows ``x [S, n]`` (validated; weights ``w`` or None)."""
+    S, n = x.shape
+    dev = x.device
+    if w is None:
+        w = torch.ones_like(x)
+    else:
         # a value of weight 0 adds nothing to E(s) at any step: drop it (as 0) so that it cannot
         # set the normalisation, the min-max start or the search window
         x = torch.where(w > 0, x, torch.zeros_like(x))
-    if n == 0:
-        raise ConfigError("mmse_solve got empty slices")
 
     # Normalise each row by its largest magnitude: the problem is scale-equivariant.
     amax = x.abs().amax(1)
@@ -209,14 +244,14 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
     # 1. Upper bound: min-max and fractions of it, then Lloyd iterations from the best.
     pos_max = torch.where(x > 0, a, 0.0).amax(1)
     neg_max = torch.where(x < 0, a, 0.0).amax(1)
-    s_mm = torch.zeros(S, dtype=torch.float64)
+    s_mm = torch.zeros(S, dtype=torch.float64, device=dev)
     if qpos > 0:
         s_mm = torch.maximum(s_mm, pos_max / qpos)
     if qneg > 0:
         s_mm = torch.maximum(s_mm, neg_max / qneg)
     representable = s_mm > 0
     s_mm = torch.where(representable, s_mm, torch.ones_like(s_mm))
-    best_s, best_e = s_mm.clone(), torch.full((S,), float("inf"), dtype=torch.float64)
+    best_s, best_e = s_mm.clone(), torch.full((S,), float("inf"), dtype=torch.float64, device=dev)
     for f in _UB_FRACTIONS:
         s = s_mm * f
         e, _ = _sse(a, w, cap, s[:, None])
@@ -266,10 +301,10 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
     k_lo = torch.clamp(torch.floor(a / s_hi[:, None] - 0.5) + 1.0, min=0.0)
     k_hi = level0 - 1.0
     counts = torch.clamp(k_hi - k_lo + 1.0, min=0.0).to(torch.int64).reshape(-1)
-    elem = torch.repeat_interleave(torch.arange(S * n), counts)
+    elem = torch.repeat_interleave(torch.arange(S * n, device=dev), counts)
     T = elem.numel()
     offsets = torch.cumsum(counts, 0) - counts
-    kk = k_lo.reshape(-1)[elem] + (torch.arange(T) - offsets[elem]).to(torch.float64)
+    kk = k_lo.reshape(-1)[elem] + (torch.arange(T, device=dev) - offsets[elem]).to(torch.float64)
     row = elem // n
     a_e, w_e = a.reshape(-1)[elem], w.reshape(-1)[elem]
 
@@ -277,11 +312,11 @@ def _solve_rows(slices: torch.Tensor, grid: Grid, weights: torch.Tensor | None) 
     # then the row's breakpoints (entries are grouped by row since elements are row-major).
     row_tot = counts.reshape(S, n).sum(1)
     row_start = torch.cumsum(row_tot, 0) - row_tot
-    pos = torch.arange(T) - row_start[row] + 1
+    pos = torch.arange(T, device=dev) - row_start[row] + 1
     width = int(row_tot.max()) + 1 if S else 1
-    bp = torch.full((S, width), float("inf"), dtype=torch.float64)
-    dB = torch.zeros((S, width), dtype=torch.float64)
-    dC = torch.zeros((S, width), dtype=torch.float64)
+    bp = torch.full((S, width), float("inf"), dtype=torch.float64, device=dev)
+    dB = torch.zeros((S, width), dtype=torch.float64, device=dev)
+    dC = torch.zeros((S, width), dtype=torch.float64, device=dev)
     bp[row, pos] = a_e / (kk + 0.5)
     dB[row, pos] = -w_e * a_e
     dC[row, pos] = -w_e * (2.0 * kk + 1.0)

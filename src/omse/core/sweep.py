@@ -1,0 +1,386 @@
+"""The exact MMSE step of each row by a binned breakpoint sweep, compiled for the CPU (numba).
+
+Same problem and answer as :func:`omse.core.mmse.mmse_solve` (see there for ``E(s)``, its pieces
+and breakpoints), found with work linear in the breakpoints and no sort of them. Per row, in
+``t = 1/s`` where breakpoints ``t = (k + 1/2) / a`` of a value are evenly spaced:
+
+1. an upper bound ``U``: min-max and Lloyd steps (``s <- B/C``) from it;
+2. a window: the optimum lies in ``(0, 2 s_mm]`` (at ``s >= 2 s_mm`` the lattice of step ``s/2``
+   holds, inside every value's range, a point at least as near as the lattice of step ``s``), and
+   above ``s_lo``, where clipping the largest values alone costs ``U``;
+3. the breakpoints in the window are counted into uniform ``t`` bins (their ``sum w a`` and
+   ``sum w (2k + 1)``), which gives the exact state ``(B, C)`` at every bin edge. A bin with at most
+   one breakpoint is solved exactly in closed form; a bin with more gets a lower bound: ``E`` is
+   convex on each piece with curvature ``>= 2 C`` and its slope drops by ``2 w a`` at each
+   breakpoint, so it lies above two parabolas through the bin's ends, ``max`` of which is convex.
+   Its upper bounds (the end pieces extended over the bin) tighten ``U``;
+4. the bins whose lower bound is below ``U`` are swept exactly: their breakpoints sorted, each
+   piece's minimiser clamped into the piece.
+
+Rows are independent problems: threads take contiguous shares of them (the compiled kernel
+releases the GIL; no thread pool outlives the call, so forked processes are safe). Each row's
+arithmetic is sequential, so the answer does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+__all__ = ["sweep_rows"]
+
+_BINS_PER_VALUE = 4  # at most this many bins per value (bounds memory at high bit widths)
+_MAX_BINS = 1 << 16  # and per row (a 10^6-value row: about 5 MB of bins)
+_CLIP_TOP = 64  # largest clipping thresholds used for the lower end of the window
+_LLOYD = 3  # evaluations for the upper bound: min-max, then Lloyd steps
+_PARALLEL_MIN = 1 << 14  # fewer values are solved on the calling thread
+
+
+@numba.njit(cache=True, inline="always")
+def _code(a: float, t: float, cap: float) -> float:
+    """|code| of magnitude ``a`` at ``t = 1/s`` (ties to the lower level), clipped at ``cap``."""
+    q = np.ceil(a * t - 0.5)
+    if q < 0.0:
+        return 0.0
+    return cap if q > cap else q
+
+
+@numba.njit(cache=True, inline="always")
+def _bin(tb: float, t_lo: float, inv_w: float, nb: int) -> int:
+    """Bin of breakpoint ``tb`` among ``nb`` bins of width ``1/inv_w`` from ``t_lo``."""
+    return min(max(int((tb - t_lo) * inv_w), 0), nb - 1)
+
+
+@numba.njit(cache=True)
+def _evaluate(a, w, cap, s):
+    """``(E, B, C)`` at step ``s``: error, ``sum w a q``, ``sum w q^2`` (codes as ``_levels``)."""
+    e = b = c = 0.0
+    for i in range(a.size):
+        q = np.ceil(a[i] / s - 0.5)
+        q = 0.0 if q < 0.0 else (cap[i] if q > cap[i] else q)
+        r = a[i] - s * q
+        e += w[i] * r * r
+        b += w[i] * a[i] * q
+        c += w[i] * q * q
+    return e, b, c
+
+
+@numba.njit(cache=True, inline="always")
+def _piece(A, B, C, lo, hi):
+    """Minimiser and minimum of ``A - 2 s B + s^2 C`` over ``s`` in ``[lo, hi]``."""
+    s = B / C if C > 0.0 else lo
+    s = min(max(s, lo), hi)
+    return s, A - 2.0 * s * B + s * s * C
+
+
+@numba.njit(cache=True, inline="always")
+def _better(e, s, best_e, best_s):
+    return e < best_e or (e == best_e and s < best_s)
+
+
+@numba.njit(cache=True)
+def _lower_bound(El, Er, dl, dr, D, c, lo, hi):
+    """Lower bound of ``E`` on ``[lo, hi]`` from its ends (values ``El``, ``Er``; slopes ``dl`` just
+    above ``lo`` and ``dr`` just below ``hi``), total slope drop ``D`` and curvature ``>= 2c``."""
+    g1 = dl - D  # E(s) >= El + g1 (s - lo) + c (s - lo)^2
+    g2 = dr + D  # E(s) >= Er - g2 (hi - s) + c (hi - s)^2
+    best = math.inf
+    for k in range(4):
+        if k == 0:
+            s = lo - g1 / (2.0 * c) if c > 0.0 else lo
+        elif k == 1:
+            s = hi - g2 / (2.0 * c) if c > 0.0 else hi
+        elif k == 2:
+            s = lo
+        else:  # where the two parabolas cross (their difference is linear in s)
+            u0 = El - (Er - g2 * (hi - lo) + c * (hi - lo) ** 2)
+            u1 = (El + g1 * (hi - lo) + c * (hi - lo) ** 2) - Er
+            if (u0 > 0.0) == (u1 > 0.0) or u0 == u1:
+                continue
+            s = lo + (hi - lo) * u0 / (u0 - u1)
+        s = min(max(s, lo), hi)
+        v1 = El + g1 * (s - lo) + c * (s - lo) ** 2
+        v2 = Er - g2 * (hi - s) + c * (hi - s) ** 2
+        best = min(best, max(v1, v2))
+    return best
+
+
+@numba.njit(cache=True)
+def _top(v, k):
+    """Indices of the ``k`` largest entries of ``v``, largest first (one pass, insertion)."""
+    val = np.full(k, -math.inf)
+    idx = np.zeros(k, np.int64)
+    for i in range(v.size):
+        x = v[i]
+        if x > val[k - 1]:
+            j = k - 1
+            while j > 0 and val[j - 1] < x:
+                val[j] = val[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            val[j] = x
+            idx[j] = i
+    return idx
+
+
+@numba.njit(cache=True)
+def _clip_bound(a, w, cap, idx, U):
+    """Largest step at which clipping the values ``idx`` (sorted by ``a / cap``, largest first)
+    alone costs ``U``: every smaller step costs more. 0 where no step does.
+
+    Clipping costs ``g(s) = sum w (a - cap s)^2`` over the values with ``a / cap > s``: between
+    consecutive thresholds a quadratic, decreasing in ``s``, solved exactly for ``g = U``."""
+    P0 = P1 = P2 = 0.0
+    for m in range(idx.size):
+        i = idx[m]
+        P0 += w[i] * cap[i] * cap[i]
+        P1 += w[i] * a[i] * cap[i]
+        P2 += w[i] * a[i] * a[i]
+        below = a[idx[m + 1]] / cap[idx[m + 1]] if m + 1 < idx.size else 0.0
+        if P2 - 2.0 * below * P1 + below * below * P0 >= U:
+            d = max(P1 * P1 - P0 * (P2 - U), 0.0)
+            s = (P1 - math.sqrt(d)) / P0
+            return min(max(s, below), a[i] / cap[i])
+    return 0.0
+
+
+@numba.njit(cache=True)
+def _solve_row(x, wr, weighted, qpos, qneg):
+    n = x.size
+    a = np.empty(n)
+    w = np.empty(n)
+    cap = np.empty(n)
+    amax = 0.0
+    for i in range(n):
+        wi = wr[i] if weighted else 1.0
+        v = x[i] if wi > 0.0 else 0.0
+        w[i] = wi
+        a[i] = abs(v)
+        cap[i] = qpos if v > 0.0 else (qneg if v < 0.0 else 0.0)
+        amax = max(amax, a[i])
+    norm = amax if amax > 0.0 else 1.0
+    A = 0.0
+    pos_max = neg_max = 0.0
+    for i in range(n):
+        a[i] /= norm
+        A += w[i] * a[i] * a[i]
+        if x[i] > 0.0 and cap[i] > 0.0:
+            pos_max = max(pos_max, a[i])
+        elif x[i] < 0.0 and cap[i] > 0.0:
+            neg_max = max(neg_max, a[i])
+    s_mm = 0.0
+    if qpos > 0.0:
+        s_mm = max(s_mm, pos_max / qpos)
+    if qneg > 0.0:
+        s_mm = max(s_mm, neg_max / qneg)
+    if not s_mm > 0.0:  # no value any code can represent: every step is optimal
+        return norm, A * norm * norm
+
+    # 1. Upper bound.
+    best_s, best_e = s_mm, math.inf
+    s = s_mm
+    for _ in range(_LLOYD):
+        e, b, c = _evaluate(a, w, cap, s)
+        if _better(e, s, best_e, best_s):
+            best_s, best_e = s, e
+        if not c > 0.0:
+            break
+        s = b / c
+    U = best_e
+    lloyd_s, lloyd_e = best_s, best_e
+
+    # 2. Window (s_lo, s_hi]; in t = 1/s: [t_lo, t_hi).
+    s_hi = max(2.0 * s_mm, best_s * (1.0 + 1e-12))
+    th = np.empty(n)  # clipping thresholds a / cap (-1: never clipped)
+    for i in range(n):
+        th[i] = a[i] / cap[i] if cap[i] > 0.0 and w[i] > 0.0 else -1.0
+    k = min(_CLIP_TOP, n)
+    top = np.argsort(-th)[:k] if n <= _CLIP_TOP else _top(th, k)
+    lo = _clip_bound(a, w, cap, top[th[top] > 0.0], U)
+    if lo == 0.0 and n > k:  # the largest values alone never cost U: bound with all of them
+        order = np.argsort(-th)
+        lo = _clip_bound(a, w, cap, order[th[order] > 0.0], U)
+    s_lo = max(min(lo * (1.0 - 1e-9), best_s * (1.0 - 1e-12)), 1e-300)
+    t_lo, t_hi = 1.0 / s_hi, 1.0 / s_lo
+
+    # 3. Bins: state at t_lo and breakpoints per bin.
+    B0 = C0 = 0.0
+    total = 0.0
+    for i in range(n):
+        q0 = _code(a[i], t_lo, cap[i])
+        B0 += w[i] * a[i] * q0
+        C0 += w[i] * q0 * q0
+        total += _code(a[i], t_hi, cap[i]) - q0
+    nb = int(max(1.0, min(total, _BINS_PER_VALUE * n + 16.0, _MAX_BINS)))
+    width = (t_hi - t_lo) / nb
+    inv_w = 1.0 / width
+    dB = np.zeros(nb)
+    dC = np.zeros(nb)
+    cnt = np.zeros(nb, np.int64)
+    tfirst = np.full(nb, math.inf)
+    for i in range(n):
+        if a[i] == 0.0 or cap[i] == 0.0:
+            continue
+        inv_a = 1.0 / a[i]
+        wa = w[i] * a[i]
+        for kk in range(int(_code(a[i], t_lo, cap[i])), int(_code(a[i], t_hi, cap[i]))):
+            tb = (kk + 0.5) * inv_a
+            j = _bin(tb, t_lo, inv_w, nb)
+            dB[j] += wa
+            dC[j] += w[i] * (2.0 * kk + 1.0)
+            cnt[j] += 1
+            tfirst[j] = min(tfirst[j], tb)
+
+    # E at every bin edge (s_e[j] = 1 / t_j) bounds the optimum: U.
+    eps = 1e-11 * A
+    Bs = np.empty(nb + 1)  # state (B, C) for t just above t_j
+    Cs = np.empty(nb + 1)
+    s_e = np.empty(nb + 1)
+    E_e = np.empty(nb + 1)
+    B, C = B0, C0
+    s_e[0] = s_hi
+    E_e[0] = A - 2.0 * s_hi * B + s_hi * s_hi * C
+    for j in range(nb):
+        Bs[j], Cs[j] = B, C
+        B, C = B + dB[j], C + dC[j]
+        lo = 1.0 / (t_lo + (j + 1) * width) if j < nb - 1 else s_lo
+        s_e[j + 1] = lo
+        E_e[j + 1] = A - 2.0 * lo * B + lo * lo * C
+        U = min(U, E_e[j + 1])
+    Bs[nb], Cs[nb] = B, C
+
+    # Each bin: ruled out by a cheap bound from its ends, or solved exactly (at most one
+    # breakpoint), or kept for the sweep where its tighter lower bound is below U.
+    keep = np.zeros(nb, np.bool_)
+    opt_s, opt_e = math.inf, math.inf
+    m = runs = 0
+    for j in range(nb):
+        lo, hi = s_e[j + 1], s_e[j]
+        B, C, B1, C1 = Bs[j], Cs[j], Bs[j + 1], Cs[j + 1]
+        dl = -2.0 * B1 + 2.0 * lo * C1  # slope just above lo
+        dr = -2.0 * B + 2.0 * hi * C  # slope just below hi
+        D = 2.0 * dB[j]  # total drop of the slope across the bin
+        h = hi - lo
+        if max(E_e[j + 1] + min(0.0, dl - D) * h, E_e[j] - max(0.0, dr + D) * h) > U + eps:
+            continue
+        if cnt[j] == 0:
+            s, e = _piece(A, B, C, lo, hi)
+            if _better(e, s, opt_e, opt_s):
+                opt_s, opt_e = s, e
+        elif cnt[j] == 1:
+            sb = min(max(1.0 / tfirst[j], lo), hi)
+            s, e = _piece(A, B, C, sb, hi)
+            if _better(e, s, opt_e, opt_s):
+                opt_s, opt_e = s, e
+            s, e = _piece(A, B1, C1, lo, sb)
+            if _better(e, s, opt_e, opt_s):
+                opt_s, opt_e = s, e
+        elif _lower_bound(E_e[j + 1], E_e[j], dl, dr, D, C, lo, hi) <= U + eps:
+            keep[j] = True
+            m += cnt[j]
+            runs += 1 if j == 0 or not keep[j - 1] else 0
+
+    # 4. Exact sweep of the kept bins: their breakpoints (found near each run of kept bins, or by
+    # enumerating all again where runs are many), sorted.
+    if m > 0:
+        tb_all = np.empty(m)
+        bin_all = np.empty(m, np.int64)
+        db_all = np.empty(m)
+        dc_all = np.empty(m)
+        r_lo = np.empty(runs, np.int64)
+        r_hi = np.empty(runs, np.int64)
+        r = -1
+        for j in range(nb):
+            if keep[j]:
+                if j == 0 or not keep[j - 1]:
+                    r += 1
+                    r_lo[r] = j
+                r_hi[r] = j
+        near = runs * n < total
+        p = 0
+        for i in range(n):
+            if a[i] == 0.0 or cap[i] == 0.0:
+                continue
+            inv_a = 1.0 / a[i]
+            k0 = int(_code(a[i], t_lo, cap[i]))
+            k1 = int(_code(a[i], t_hi, cap[i]))
+            for u in range(runs if near else 1):
+                ka, kb = k0, k1
+                if near:
+                    ka = max(k0, int(_code(a[i], t_lo + r_lo[u] * width, cap[i])) - 1)
+                    kb = min(k1, int(_code(a[i], t_lo + (r_hi[u] + 1) * width, cap[i])) + 2)
+                for kk in range(ka, kb):
+                    tb = (kk + 0.5) * inv_a
+                    j = _bin(tb, t_lo, inv_w, nb)
+                    if keep[j] and (not near or r_lo[u] <= j <= r_hi[u]) and p < m:
+                        tb_all[p] = tb
+                        bin_all[p] = j
+                        db_all[p] = w[i] * a[i]
+                        dc_all[p] = w[i] * (2.0 * kk + 1.0)
+                        p += 1
+        m = p
+        tb_all, bin_all = tb_all[:m], bin_all[:m]
+        order = np.argsort(tb_all, kind="mergesort")  # bins increase with t
+        cur = -1
+        B = C = t_prev = 0.0
+        for idx in range(m + 1):
+            if idx < m:
+                o = order[idx]
+                j = bin_all[o]
+            else:
+                j = -2
+            if j != cur:
+                if cur >= 0:  # close the last piece of the bin
+                    t_end = t_lo + (cur + 1) * width if cur < nb - 1 else t_hi
+                    s, e = _piece(A, B, C, 1.0 / t_end, 1.0 / t_prev)
+                    if _better(e, s, opt_e, opt_s):
+                        opt_s, opt_e = s, e
+                if idx == m:
+                    break
+                cur = j
+                B, C = Bs[j], Cs[j]
+                t_prev = t_lo + j * width if j > 0 else t_lo
+            tb = tb_all[o]
+            s, e = _piece(A, B, C, 1.0 / max(tb, t_prev), 1.0 / t_prev)
+            if _better(e, s, opt_e, opt_s):
+                opt_s, opt_e = s, e
+            B += db_all[o]
+            C += dc_all[o]
+            t_prev = max(tb, t_prev)
+
+    # Exact re-evaluation; keep the Lloyd point where rounding made the sweep's worse.
+    e_opt, _, _ = _evaluate(a, w, cap, opt_s)
+    if not e_opt <= lloyd_e:
+        opt_s, e_opt = lloyd_s, lloyd_e
+    return opt_s * norm, e_opt * norm * norm
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(x, w, weighted, qpos, qneg, scale, sse, r0, r1):
+    for r in range(r0, r1):
+        scale[r], sse[r] = _solve_row(x[r], w[r % w.shape[0]], weighted, qpos, qneg)
+
+
+def sweep_rows(
+    x: np.ndarray, qpos: float, qneg: float, w: np.ndarray | None = None, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact steps and errors of rows ``x [S, n]`` (weights ``w [S, n]`` >= 0, or None) on the grid
+    with ``qpos`` positive and ``qneg`` negative levels -> ``(scale [S], sse [S])``, float64, in
+    ``x``'s units (and units squared). ``threads`` threads take contiguous shares of the rows."""
+    x = np.require(x, np.float64, ["C", "W"])  # C-ordered and writable: one compiled signature
+    S = x.shape[0]
+    scale, sse = np.empty(S), np.empty(S)
+    weighted = w is not None
+    ww = np.require(np.broadcast_to(w, x.shape), np.float64, ["C", "W"]) if weighted else x[:1, :1]
+    args = (x, ww, weighted, float(qpos), float(qneg), scale, sse)
+    parts = min(threads, S) if x.size >= _PARALLEL_MIN else 1
+    if parts <= 1:
+        _sweep(*args, 0, S)
+        return scale, sse
+    cuts = [S * k // parts for k in range(parts + 1)]
+    with ThreadPoolExecutor(parts) as pool:  # the kernel releases the GIL
+        list(pool.map(lambda k: _sweep(*args, cuts[k], cuts[k + 1]), range(parts)))
+    return scale, sse
