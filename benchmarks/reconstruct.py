@@ -69,6 +69,9 @@ def run(name: str, ab: int, iters: int, done: list[dict], out: Path) -> list[dic
         "nearest, first/last W8A8": dict(rounding="nearest", **fl),
         "layer, first/last W8A8": dict(rounding_scope="layer", **fl),
         "block + QDrop, first/last W8A8": dict(rounding_scope="block", **fl),
+        "block + QDrop + learned act steps, first/last W8A8": dict(
+            rounding_scope="block", rounding_learn_act=True, **fl
+        ),
     }
     if name == "efficientnet-lite0":
         x, y = task.evaluation(200)

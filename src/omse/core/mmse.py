@@ -18,7 +18,10 @@ finds it exactly:
 
 The answer is the global optimum over all ``s > 0`` (not only over ``(0, max|x|/qmax]``), up to
 float64 rounding. Work is ``O(T log T)`` with ``T`` the breakpoints in the window (2-3 per value
-at 4 bits).
+at 4 bits). That is the ``"vectorised"`` method, torch operations on the input's device (CUDA
+included). On the CPU, :func:`mmse_solve` uses :mod:`omse.core.sweep` instead: the same optimum
+from a compiled sweep that counts breakpoints into bins and sorts only the few bins no bound rules
+out, in about a third of a 100-point grid search's time at 2-4 bits (``benchmarks/solver_speed.py``).
 """
 
 from __future__ import annotations
