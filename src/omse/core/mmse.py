@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -193,6 +194,23 @@ def mmse_solve(
         raise ConfigError(f"mmse_solve takes a [slices, n] tensor, got shape {tuple(slices.shape)}")
     if slices.shape[1] == 0:
         raise ConfigError("mmse_solve got empty slices")
+    if method == "auto":
+        method = "sweep" if slices.device.type == "cpu" else "vectorised"
+    if method == "sweep":  # numpy from here on: no torch kernel's threads compete with the sweep's
+        from .sweep import sweep_rows  # numba: imported (and compiled, cached) on first use
+
+        xn, wn = (None if t is None else _numpy64(t.detach().cpu()) for t in (slices, weights))
+        if not np.isfinite(xn).all():
+            raise ConfigError("mmse_solve got NaN or Inf values")
+        if wn is not None:
+            wn = np.broadcast_to(wn, xn.shape)
+            if not np.isfinite(wn).all() or (wn < 0).any():
+                raise ConfigError("mmse_solve weights must be finite and >= 0")
+        scale, sse = sweep_rows(
+            xn, float(grid.qmax), float(-grid.qmin), wn, threads=torch.get_num_threads()
+        )
+        dev = slices.device
+        return MMSEResult(torch.from_numpy(scale).to(dev), torch.from_numpy(sse).to(dev))
     x = slices.detach().to(torch.float64)
     if not torch.isfinite(x).all():
         raise ConfigError("mmse_solve got NaN or Inf values")
@@ -201,19 +219,6 @@ def mmse_solve(
         w = weights.detach().to(device=x.device, dtype=torch.float64).expand_as(x)
         if (w < 0).any() or not torch.isfinite(w).all():
             raise ConfigError("mmse_solve weights must be finite and >= 0")
-    if method == "auto":
-        method = "sweep" if x.device.type == "cpu" else "vectorised"
-    if method == "sweep":
-        from .sweep import sweep_rows  # numba: imported (and compiled, cached) on first use
-
-        scale, sse = sweep_rows(
-            x.cpu().numpy(),
-            float(grid.qmax),
-            float(-grid.qmin),
-            None if w is None else w.cpu().numpy(),
-            threads=torch.get_num_threads(),
-        )
-        return MMSEResult(torch.from_numpy(scale).to(x.device), torch.from_numpy(sse).to(x.device))
     if x.shape[0] > 1 and x.numel() > _CHUNK_VALUES:
         rows = max(1, _CHUNK_VALUES // max(x.shape[1], 1))
         parts = [
@@ -222,6 +227,13 @@ def mmse_solve(
         ]
         return MMSEResult(torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts]))
     return _solve_rows(x, grid, w)
+
+
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a float64 array (bfloat16 and other types numpy lacks through torch)."""
+    if t.dtype not in (torch.float32, torch.float64, torch.float16):
+        t = t.double()
+    return t.numpy().astype(np.float64)
 
 
 def _solve_rows(x: torch.Tensor, grid: Grid, w: torch.Tensor | None) -> MMSEResult:

@@ -55,11 +55,13 @@ def _bin(tb: float, t_lo: float, inv_w: float, nb: int) -> int:
 
 
 @numba.njit(cache=True)
-def _evaluate(a, w, cap, s):
-    """``(E, B, C)`` at step ``s``: error, ``sum w a q``, ``sum w q^2`` (codes as ``_levels``)."""
+def _evaluate(a, w, cap, n, s):
+    """``(E, B, C)`` at step ``s`` over the first ``n`` values: error, ``sum w a q``, ``sum w q^2``
+    (codes ``ceil(a / s - 1/2)`` clipped to ``[0, cap]``, ``a / s`` as ``a * (1 / s)``)."""
     e = b = c = 0.0
-    for i in range(a.size):
-        q = np.ceil(a[i] / s - 0.5)
+    inv_s = 1.0 / s
+    for i in range(n):
+        q = np.ceil(a[i] * inv_s - 0.5)
         q = 0.0 if q < 0.0 else (cap[i] if q > cap[i] else q)
         r = a[i] - s * q
         e += w[i] * r * r
@@ -109,11 +111,12 @@ def _lower_bound(El, Er, dl, dr, D, c, lo, hi):
 
 
 @numba.njit(cache=True)
-def _top(v, k):
-    """Indices of the ``k`` largest entries of ``v``, largest first (one pass, insertion)."""
-    val = np.full(k, -math.inf)
-    idx = np.zeros(k, np.int64)
-    for i in range(v.size):
+def _top(v, n, k, val, idx):
+    """``idx[:m]``: the indices of the ``m <= k`` largest positive entries of ``v[:n]``, largest
+    first (one pass, insertion into ``val``/``idx``); returns ``m``."""
+    val[:k] = 0.0
+    m = 0
+    for i in range(n):
         x = v[i]
         if x > val[k - 1]:
             j = k - 1
@@ -123,23 +126,24 @@ def _top(v, k):
                 j -= 1
             val[j] = x
             idx[j] = i
-    return idx
+            m = min(m + 1, k)
+    return m
 
 
 @numba.njit(cache=True)
-def _clip_bound(a, w, cap, idx, U):
-    """Largest step at which clipping the values ``idx`` (sorted by ``a / cap``, largest first)
+def _clip_bound(a, w, cap, idx, m, U):
+    """Largest step at which clipping the values ``idx[:m]`` (sorted by ``a / cap``, largest first)
     alone costs ``U``: every smaller step costs more. 0 where no step does.
 
     Clipping costs ``g(s) = sum w (a - cap s)^2`` over the values with ``a / cap > s``: between
     consecutive thresholds a quadratic, decreasing in ``s``, solved exactly for ``g = U``."""
     P0 = P1 = P2 = 0.0
-    for m in range(idx.size):
-        i = idx[m]
+    for u in range(m):
+        i = idx[u]
         P0 += w[i] * cap[i] * cap[i]
         P1 += w[i] * a[i] * cap[i]
         P2 += w[i] * a[i] * a[i]
-        below = a[idx[m + 1]] / cap[idx[m + 1]] if m + 1 < idx.size else 0.0
+        below = a[idx[u + 1]] / cap[idx[u + 1]] if u + 1 < m else 0.0
         if P2 - 2.0 * below * P1 + below * below * P0 >= U:
             d = max(P1 * P1 - P0 * (P2 - U), 0.0)
             s = (P1 - math.sqrt(d)) / P0
@@ -148,12 +152,10 @@ def _clip_bound(a, w, cap, idx, U):
 
 
 @numba.njit(cache=True)
-def _solve_row(x, wr, weighted, qpos, qneg):
+def _solve_row(x, wr, weighted, qpos, qneg, ws):
+    a, w, cap, inv_a, th, k0, k1, top_v, top_i, dB, dC, cnt, tfirst, keep, Bs, Cs, s_e, E_e = ws
     n = x.size
-    a = np.empty(n)
-    w = np.empty(n)
-    cap = np.empty(n)
-    amax = 0.0
+    amax = pos_max = neg_max = 0.0
     for i in range(n):
         wi = wr[i] if weighted else 1.0
         v = x[i] if wi > 0.0 else 0.0
@@ -161,21 +163,22 @@ def _solve_row(x, wr, weighted, qpos, qneg):
         a[i] = abs(v)
         cap[i] = qpos if v > 0.0 else (qneg if v < 0.0 else 0.0)
         amax = max(amax, a[i])
-    norm = amax if amax > 0.0 else 1.0
-    A = 0.0
-    pos_max = neg_max = 0.0
-    for i in range(n):
-        a[i] /= norm
-        A += w[i] * a[i] * a[i]
-        if x[i] > 0.0 and cap[i] > 0.0:
+        if v > 0.0 and qpos > 0.0:
             pos_max = max(pos_max, a[i])
-        elif x[i] < 0.0 and cap[i] > 0.0:
+        elif v < 0.0 and qneg > 0.0:
             neg_max = max(neg_max, a[i])
+    norm = amax if amax > 0.0 else 1.0
+    inv_norm = 1.0 / norm
+    A = 0.0
+    for i in range(n):
+        a[i] *= inv_norm
+        A += w[i] * a[i] * a[i]
+        th[i] = a[i] / cap[i] if cap[i] > 0.0 and w[i] > 0.0 else -1.0  # clipped below this step
     s_mm = 0.0
     if qpos > 0.0:
-        s_mm = max(s_mm, pos_max / qpos)
+        s_mm = max(s_mm, pos_max * inv_norm / qpos)
     if qneg > 0.0:
-        s_mm = max(s_mm, neg_max / qneg)
+        s_mm = max(s_mm, neg_max * inv_norm / qneg)
     if not s_mm > 0.0:  # no value any code can represent: every step is optimal
         return norm, A * norm * norm
 
@@ -183,7 +186,7 @@ def _solve_row(x, wr, weighted, qpos, qneg):
     best_s, best_e = s_mm, math.inf
     s = s_mm
     for _ in range(_LLOYD):
-        e, b, c = _evaluate(a, w, cap, s)
+        e, b, c = _evaluate(a, w, cap, n, s)
         if _better(e, s, best_e, best_s):
             best_s, best_e = s, e
         if not c > 0.0:
@@ -194,40 +197,36 @@ def _solve_row(x, wr, weighted, qpos, qneg):
 
     # 2. Window (s_lo, s_hi]; in t = 1/s: [t_lo, t_hi).
     s_hi = max(2.0 * s_mm, best_s * (1.0 + 1e-12))
-    th = np.empty(n)  # clipping thresholds a / cap (-1: never clipped)
-    for i in range(n):
-        th[i] = a[i] / cap[i] if cap[i] > 0.0 and w[i] > 0.0 else -1.0
-    k = min(_CLIP_TOP, n)
-    top = np.argsort(-th)[:k] if n <= _CLIP_TOP else _top(th, k)
-    lo = _clip_bound(a, w, cap, top[th[top] > 0.0], U)
-    if lo == 0.0 and n > k:  # the largest values alone never cost U: bound with all of them
-        order = np.argsort(-th)
-        lo = _clip_bound(a, w, cap, order[th[order] > 0.0], U)
+    m = _top(th, n, min(_CLIP_TOP, n), top_v, top_i)
+    lo = _clip_bound(a, w, cap, top_i, m, U)
+    if lo == 0.0 and n > _CLIP_TOP:  # the largest values alone never cost U: use all of them
+        order = np.argsort(-th[:n])
+        lo = _clip_bound(a, w, cap, order, int((th[:n] > 0.0).sum()), U)
     s_lo = max(min(lo * (1.0 - 1e-9), best_s * (1.0 - 1e-12)), 1e-300)
     t_lo, t_hi = 1.0 / s_hi, 1.0 / s_lo
 
-    # 3. Bins: state at t_lo and breakpoints per bin.
+    # 3. Bins: state at t_lo, and breakpoints (k0[i] .. k1[i] - 1 of each value) per bin.
     B0 = C0 = 0.0
     total = 0.0
     for i in range(n):
         q0 = _code(a[i], t_lo, cap[i])
+        q1 = _code(a[i], t_hi, cap[i])
+        k0[i], k1[i] = int(q0), int(q1)
         B0 += w[i] * a[i] * q0
         C0 += w[i] * q0 * q0
-        total += _code(a[i], t_hi, cap[i]) - q0
+        total += q1 - q0
+        inv_a[i] = 1.0 / a[i] if q1 > q0 else 0.0
     nb = int(max(1.0, min(total, _BINS_PER_VALUE * n + 16.0, _MAX_BINS)))
     width = (t_hi - t_lo) / nb
     inv_w = 1.0 / width
-    dB = np.zeros(nb)
-    dC = np.zeros(nb)
-    cnt = np.zeros(nb, np.int64)
-    tfirst = np.full(nb, math.inf)
+    dB[:nb] = 0.0
+    dC[:nb] = 0.0
+    cnt[:nb] = 0
+    tfirst[:nb] = math.inf
     for i in range(n):
-        if a[i] == 0.0 or cap[i] == 0.0:
-            continue
-        inv_a = 1.0 / a[i]
         wa = w[i] * a[i]
-        for kk in range(int(_code(a[i], t_lo, cap[i])), int(_code(a[i], t_hi, cap[i]))):
-            tb = (kk + 0.5) * inv_a
+        for kk in range(k0[i], k1[i]):
+            tb = (kk + 0.5) * inv_a[i]
             j = _bin(tb, t_lo, inv_w, nb)
             dB[j] += wa
             dC[j] += w[i] * (2.0 * kk + 1.0)
@@ -236,10 +235,7 @@ def _solve_row(x, wr, weighted, qpos, qneg):
 
     # E at every bin edge (s_e[j] = 1 / t_j) bounds the optimum: U.
     eps = 1e-11 * A
-    Bs = np.empty(nb + 1)  # state (B, C) for t just above t_j
-    Cs = np.empty(nb + 1)
-    s_e = np.empty(nb + 1)
-    E_e = np.empty(nb + 1)
+    # Bs, Cs: the state (B, C) for t just above t_j
     B, C = B0, C0
     s_e[0] = s_hi
     E_e[0] = A - 2.0 * s_hi * B + s_hi * s_hi * C
@@ -254,7 +250,7 @@ def _solve_row(x, wr, weighted, qpos, qneg):
 
     # Each bin: ruled out by a cheap bound from its ends, or solved exactly (at most one
     # breakpoint), or kept for the sweep where its tighter lower bound is below U.
-    keep = np.zeros(nb, np.bool_)
+    keep[:nb] = False
     opt_s, opt_e = math.inf, math.inf
     m = runs = 0
     for j in range(nb):
@@ -302,18 +298,15 @@ def _solve_row(x, wr, weighted, qpos, qneg):
         near = runs * n < total
         p = 0
         for i in range(n):
-            if a[i] == 0.0 or cap[i] == 0.0:
+            if k1[i] == k0[i]:
                 continue
-            inv_a = 1.0 / a[i]
-            k0 = int(_code(a[i], t_lo, cap[i]))
-            k1 = int(_code(a[i], t_hi, cap[i]))
             for u in range(runs if near else 1):
-                ka, kb = k0, k1
+                ka, kb = k0[i], k1[i]
                 if near:
-                    ka = max(k0, int(_code(a[i], t_lo + r_lo[u] * width, cap[i])) - 1)
-                    kb = min(k1, int(_code(a[i], t_lo + (r_hi[u] + 1) * width, cap[i])) + 2)
+                    ka = max(ka, int(_code(a[i], t_lo + r_lo[u] * width, cap[i])) - 1)
+                    kb = min(kb, int(_code(a[i], t_lo + (r_hi[u] + 1) * width, cap[i])) + 2)
                 for kk in range(ka, kb):
-                    tb = (kk + 0.5) * inv_a
+                    tb = (kk + 0.5) * inv_a[i]
                     j = _bin(tb, t_lo, inv_w, nb)
                     if keep[j] and (not near or r_lo[u] <= j <= r_hi[u]) and p < m:
                         tb_all[p] = tb
@@ -352,7 +345,7 @@ def _solve_row(x, wr, weighted, qpos, qneg):
             t_prev = max(tb, t_prev)
 
     # Exact re-evaluation; keep the Lloyd point where rounding made the sweep's worse.
-    e_opt, _, _ = _evaluate(a, w, cap, opt_s)
+    e_opt, _, _ = _evaluate(a, w, cap, n, opt_s)
     if not e_opt <= lloyd_e:
         opt_s, e_opt = lloyd_s, lloyd_e
     return opt_s * norm, e_opt * norm * norm
@@ -360,8 +353,14 @@ def _solve_row(x, wr, weighted, qpos, qneg):
 
 @numba.njit(cache=True, nogil=True)
 def _sweep(x, w, weighted, qpos, qneg, scale, sse, r0, r1):
+    n = x.shape[1]
+    nb = min(_BINS_PER_VALUE * n + 16, _MAX_BINS)
+    f = np.empty
+    ws = (f(n), f(n), f(n), f(n), f(n), f(n, np.int64), f(n, np.int64), f(_CLIP_TOP),
+          f(_CLIP_TOP, np.int64), f(nb), f(nb), f(nb, np.int64), f(nb), f(nb, np.bool_),
+          f(nb + 1), f(nb + 1), f(nb + 1), f(nb + 1))  # fmt: skip
     for r in range(r0, r1):
-        scale[r], sse[r] = _solve_row(x[r], w[r % w.shape[0]], weighted, qpos, qneg)
+        scale[r], sse[r] = _solve_row(x[r], w[r % w.shape[0]], weighted, qpos, qneg, ws)
 
 
 def sweep_rows(
