@@ -198,6 +198,32 @@ def test_sweep_does_not_depend_on_threads():
     assert torch.equal(one.scale, three.scale) and torch.equal(one.sse, three.sse)
 
 
+def _solve_in_child(q):
+    x = torch.randn(4000, 9, generator=torch.Generator().manual_seed(9))
+    q.put(float(mmse_solve(x, Grid(4), method="sweep").sse.sum()))
+
+
+def test_sweep_works_in_a_forked_child_of_a_process_that_used_it():
+    """The sweep's thread pool belongs to the process that made it: a DataLoader-style fork of a
+    process that solved with threads gets its own pool instead of waiting on absent threads."""
+    import multiprocessing as mp
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = torch.randn(4000, 9, generator=torch.Generator().manual_seed(9))
+        want = float(mmse_solve(want, Grid(4), method="sweep").sse.sum())  # pool made here
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_solve_in_child, args=(q,))
+        p.start()
+        got = q.get(timeout=120)
+        p.join(30)
+    finally:
+        torch.set_num_threads(n)
+    assert got == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_vectorised_runs_on_cuda_like_the_cpu_sweep():
     gen = torch.Generator().manual_seed(8)

@@ -18,13 +18,14 @@ and breakpoints), found with work linear in the breakpoints and no sort of them.
    piece's minimiser clamped into the piece.
 
 Rows are independent problems: threads take contiguous shares of them (the compiled kernel
-releases the GIL; no thread pool outlives the call, so forked processes are safe). Each row's
+releases the GIL; the pool belongs to the process that made it, so a forked child makes its own). Each row's
 arithmetic is sequential, so the answer does not depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -32,7 +33,7 @@ import numpy as np
 
 __all__ = ["sweep_rows"]
 
-_BINS_PER_VALUE = 4  # at most this many bins per value (bounds memory at high bit widths)
+_BINS_PER_VALUE = 8  # at most this many bins per value (bounds memory at high bit widths)
 _MAX_BINS = 1 << 16  # and per row (a 10^6-value row: about 5 MB of bins)
 _CLIP_TOP = 64  # largest clipping thresholds used for the lower end of the window
 _LLOYD = 3  # evaluations for the upper bound: min-max, then Lloyd steps
@@ -169,11 +170,15 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
             neg_max = max(neg_max, a[i])
     norm = amax if amax > 0.0 else 1.0
     inv_norm = 1.0 / norm
+    inv_p = 1.0 / qpos if qpos > 0.0 else 0.0
+    inv_q = 1.0 / qneg if qneg > 0.0 else 0.0
     A = 0.0
     for i in range(n):
         a[i] *= inv_norm
         A += w[i] * a[i] * a[i]
-        th[i] = a[i] / cap[i] if cap[i] > 0.0 and w[i] > 0.0 else -1.0  # clipped below this step
+        # clipped below this step (-1: never)
+        ic = inv_p if cap[i] == qpos else inv_q
+        th[i] = a[i] * ic if cap[i] > 0.0 and w[i] > 0.0 else -1.0
     s_mm = 0.0
     if qpos > 0.0:
         s_mm = max(s_mm, pos_max * inv_norm / qpos)
@@ -380,6 +385,17 @@ def sweep_rows(
         _sweep(*args, 0, S)
         return scale, sse
     cuts = [S * k // parts for k in range(parts + 1)]
-    with ThreadPoolExecutor(parts) as pool:  # the kernel releases the GIL
-        list(pool.map(lambda k: _sweep(*args, cuts[k], cuts[k + 1]), range(parts)))
+    list(_pool(parts).map(lambda k: _sweep(*args, cuts[k], cuts[k + 1]), range(parts)))
     return scale, sse
+
+
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads owned by this process (a forked child makes its own: the
+    parent's threads do not exist there)."""
+    key = (os.getpid(), threads)
+    if key not in _POOL:
+        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix="omse-sweep")
+    return _POOL[key]
