@@ -204,9 +204,13 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
     s_hi = max(2.0 * s_mm, best_s * (1.0 + 1e-12))
     m = _top(th, n, min(_CLIP_TOP, n), top_v, top_i)
     lo = _clip_bound(a, w, cap, top_i, m, U)
-    if lo == 0.0 and n > _CLIP_TOP:  # the largest values alone never cost U: use all of them
-        order = np.argsort(-th[:n])
-        lo = _clip_bound(a, w, cap, order, int((th[:n] > 0.0).sum()), U)
+    k = _CLIP_TOP
+    while lo == 0.0 and n > k:  # the largest values alone never cost U: take 16x more of them
+        k = min(16 * k, n)
+        tau = np.partition(th[:n], n - k)[n - k] if k < n else -math.inf
+        sel = np.nonzero(th[:n] >= tau)[0]
+        order = sel[np.argsort(-th[sel])]
+        lo = _clip_bound(a, w, cap, order, int((th[order] > 0.0).sum()), U)
     s_lo = max(min(lo * (1.0 - 1e-9), best_s * (1.0 - 1e-12)), 1e-300)
     t_lo, t_hi = 1.0 / s_hi, 1.0 / s_lo
 
