@@ -21,7 +21,7 @@ float64 rounding. Work is ``O(T log T)`` with ``T`` the breakpoints in the windo
 at 4 bits). That is the ``"vectorised"`` method, torch operations on the input's device (CUDA
 included). On the CPU, :func:`mmse_solve` uses :mod:`omse.core.sweep` instead: the same optimum
 from a compiled sweep that counts breakpoints into bins and sorts only the few bins no bound rules
-out, in about a third of a 100-point grid search's time at 2-4 bits (``benchmarks/solver_speed.py``).
+out, in 0.2-0.5 of a 100-point grid search's time at 2-4 bits (``benchmarks/solver_speed.py``).
 """
 
 from __future__ import annotations

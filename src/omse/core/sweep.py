@@ -9,17 +9,17 @@ and breakpoints), found with work linear in the breakpoints and no sort of them.
    holds, inside every value's range, a point at least as near as the lattice of step ``s``), and
    above ``s_lo``, where clipping the largest values alone costs ``U``;
 3. the breakpoints in the window are counted into uniform ``t`` bins (their ``sum w a`` and
-   ``sum w (2k + 1)``), which gives the exact state ``(B, C)`` at every bin edge. A bin with at most
-   one breakpoint is solved exactly in closed form; a bin with more gets a lower bound: ``E`` is
-   convex on each piece with curvature ``>= 2 C`` and its slope drops by ``2 w a`` at each
-   breakpoint, so it lies above two parabolas through the bin's ends, ``max`` of which is convex.
-   Its upper bounds (the end pieces extended over the bin) tighten ``U``;
-4. the bins whose lower bound is below ``U`` are swept exactly: their breakpoints sorted, each
-   piece's minimiser clamped into the piece.
+   ``sum w (2k + 1)``), which gives the exact state ``(B, C)``, hence ``E``, at every bin edge
+   (the edges tighten ``U``). ``E`` is convex on each piece with curvature ``>= 2 C`` and its
+   slope drops by ``2 w a`` at each breakpoint, so on a bin it lies above two parabolas through
+   the bin's ends (``max`` of which is convex) and, more loosely, above two lines: a bin whose
+   bound exceeds ``U`` is ruled out; one with at most one breakpoint is solved in closed form;
+4. the other bins are swept exactly: their breakpoints sorted, each piece's minimiser clamped
+   into the piece.
 
 Rows are independent problems: threads take contiguous shares of them (the compiled kernel
-releases the GIL; the pool belongs to the process that made it, so a forked child makes its own). Each row's
-arithmetic is sequential, so the answer does not depend on the number of threads.
+releases the GIL; the pool belongs to the process that made it, so a forked child makes its
+own). Each row's arithmetic is sequential, so the answer does not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -242,9 +242,9 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
             cnt[j] += 1
             tfirst[j] = min(tfirst[j], tb)
 
-    # E at every bin edge (s_e[j] = 1 / t_j) bounds the optimum: U.
+    # E at every bin edge (s_e[j] = 1 / t_j) bounds the optimum: U. Bs[j], Cs[j]: the state
+    # (B, C) for t just above t_j. eps: float64 rounding of E, below which bins are kept.
     eps = 1e-11 * A
-    # Bs, Cs: the state (B, C) for t just above t_j
     B, C = B0, C0
     s_e[0] = s_hi
     E_e[0] = A - 2.0 * s_hi * B + s_hi * s_hi * C
