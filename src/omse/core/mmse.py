@@ -199,9 +199,7 @@ def mmse_solve(
     if method == "sweep":  # numpy from here on: no torch kernel's threads compete with the sweep's
         from .sweep import sweep_rows  # numba: imported (and compiled, cached) on first use
 
-        xn, wn = (None if t is None else _numpy64(t.detach().cpu()) for t in (slices, weights))
-        if not np.isfinite(xn).all():
-            raise ConfigError("mmse_solve got NaN or Inf values")
+        xn, wn = (None if t is None else _numpy(t.detach().cpu()) for t in (slices, weights))
         if wn is not None:
             wn = np.broadcast_to(wn, xn.shape)
             if not np.isfinite(wn).all() or (wn < 0).any():
@@ -209,6 +207,8 @@ def mmse_solve(
         scale, sse = sweep_rows(
             xn, float(grid.qmax), float(-grid.qmin), wn, threads=torch.get_num_threads()
         )
+        if np.isnan(sse).any():  # the kernel's mark for a row holding NaN or Inf
+            raise ConfigError("mmse_solve got NaN or Inf values")
         dev = slices.device
         return MMSEResult(torch.from_numpy(scale).to(dev), torch.from_numpy(sse).to(dev))
     x = slices.detach().to(torch.float64)
@@ -229,11 +229,11 @@ def mmse_solve(
     return _solve_rows(x, grid, w)
 
 
-def _numpy64(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a float64 array (bfloat16 and other types numpy lacks through torch)."""
-    if t.dtype not in (torch.float32, torch.float64, torch.float16):
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a float32 (no copy) or float64 array (other dtypes through torch)."""
+    if t.dtype not in (torch.float32, torch.float64):
         t = t.double()
-    return t.numpy().astype(np.float64)
+    return t.numpy()
 
 
 def _solve_rows(x: torch.Tensor, grid: Grid, w: torch.Tensor | None) -> MMSEResult:

@@ -158,6 +158,8 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
     n = x.size
     amax = pos_max = neg_max = 0.0
     for i in range(n):
+        if not math.isfinite(x[i]):
+            return math.nan, math.nan
         wi = wr[i] if weighted else 1.0
         v = x[i] if wi > 0.0 else 0.0
         w[i] = wi
@@ -377,12 +379,14 @@ def sweep_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact steps and errors of rows ``x [S, n]`` (weights ``w [S, n]`` >= 0, or None) on the grid
     with ``qpos`` positive and ``qneg`` negative levels -> ``(scale [S], sse [S])``, float64, in
-    ``x``'s units (and units squared). ``threads`` threads take contiguous shares of the rows."""
-    x = np.require(x, np.float64, ["C", "W"])  # C-ordered and writable: one compiled signature
+    ``x``'s units (and units squared); NaN for a row holding NaN or Inf. ``threads`` threads take
+    contiguous shares of the rows."""
+    # C-ordered and writable, float32 or float64: one compiled signature each, no copy of float32
+    x = np.require(x, np.float32 if x.dtype == np.float32 else np.float64, ["C", "W"])
     S = x.shape[0]
     scale, sse = np.empty(S), np.empty(S)
     weighted = w is not None
-    ww = np.require(np.broadcast_to(w, x.shape), np.float64, ["C", "W"]) if weighted else x[:1, :1]
+    ww = np.require(np.broadcast_to(w, x.shape), np.float64, ["C", "W"]) if weighted else _NO_W
     args = (x, ww, weighted, float(qpos), float(qneg), scale, sse)
     parts = min(threads, S) if x.size >= _PARALLEL_MIN else 1
     if parts <= 1:
@@ -394,6 +398,7 @@ def sweep_rows(
 
 
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_NO_W = np.ones((1, 1))  # the weights argument of unweighted rows (not read)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
