@@ -75,6 +75,7 @@ from omse.deploy.checkpoint import read_header, save  # noqa: E402
 from omse.deploy.export import export_onnx  # noqa: E402
 from omse.errors import ConfigError  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
+from omse.runtime import cpu_name  # noqa: E402
 from omse.transforms.pipeline import quantize  # noqa: E402
 from omse.zoo.models import get_model  # noqa: E402
 from omse.zoo.tasks import get_task  # noqa: E402
@@ -815,13 +816,12 @@ def bench_model(name: str, args, work: Path, api: Api, ovr: OpenVino | None) -> 
 
 # ----------------------------------------------------------------------------- report
 def _cpu() -> tuple[str, dict[str, bool]]:
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = cpu_name(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
+            if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
     names = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")

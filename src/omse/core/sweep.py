@@ -84,6 +84,13 @@ def _better(e, s, best_e, best_s):
     return e < best_e or (e == best_e and s < best_s)
 
 
+@numba.njit(cache=True, inline="always")
+def _take(A, B, C, lo, hi, opt_s, opt_e):
+    """The better of ``(opt_s, opt_e)`` and the piece ``(B, C)``'s minimum over ``[lo, hi]``."""
+    s, e = _piece(A, B, C, lo, hi)
+    return (s, e) if _better(e, s, opt_e, opt_s) else (opt_s, opt_e)
+
+
 @numba.njit(cache=True)
 def _lower_bound(El, Er, dl, dr, D, c, lo, hi):
     """Lower bound of ``E`` on ``[lo, hi]`` from its ends (values ``El``, ``Er``; slopes ``dl`` just
@@ -204,8 +211,8 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
 
     # 2. Window (s_lo, s_hi]; in t = 1/s: [t_lo, t_hi).
     s_hi = max(2.0 * s_mm, best_s * (1.0 + 1e-12))
-    m = _top(th, n, min(_CLIP_TOP, n), top_v, top_i)
-    lo = _clip_bound(a, w, cap, top_i, m, U)
+    n_top = _top(th, n, min(_CLIP_TOP, n), top_v, top_i)
+    lo = _clip_bound(a, w, cap, top_i, n_top, U)
     k = _CLIP_TOP
     while lo == 0.0 and n > k:  # the largest values alone never cost U: take 16x more of them
         k = min(16 * k, n)
@@ -274,17 +281,11 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
         if max(E_e[j + 1] + min(0.0, dl - D) * h, E_e[j] - max(0.0, dr + D) * h) > U + eps:
             continue
         if cnt[j] == 0:
-            s, e = _piece(A, B, C, lo, hi)
-            if _better(e, s, opt_e, opt_s):
-                opt_s, opt_e = s, e
+            opt_s, opt_e = _take(A, B, C, lo, hi, opt_s, opt_e)
         elif cnt[j] == 1:
             sb = min(max(1.0 / tfirst[j], lo), hi)
-            s, e = _piece(A, B, C, sb, hi)
-            if _better(e, s, opt_e, opt_s):
-                opt_s, opt_e = s, e
-            s, e = _piece(A, B1, C1, lo, sb)
-            if _better(e, s, opt_e, opt_s):
-                opt_s, opt_e = s, e
+            opt_s, opt_e = _take(A, B, C, sb, hi, opt_s, opt_e)
+            opt_s, opt_e = _take(A, B1, C1, lo, sb, opt_s, opt_e)
         elif _lower_bound(E_e[j + 1], E_e[j], dl, dr, D, C, lo, hi) <= U + eps:
             keep[j] = True
             m += cnt[j]
@@ -297,29 +298,28 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
         bin_all = np.empty(m, np.int64)
         db_all = np.empty(m)
         dc_all = np.empty(m)
-        r_lo = np.empty(runs, np.int64)
-        r_hi = np.empty(runs, np.int64)
-        r = -1
-        for j in range(nb):
-            if keep[j]:
-                if j == 0 or not keep[j - 1]:
-                    r += 1
-                    r_lo[r] = j
-                r_hi[r] = j
-        near = runs * n < total
+        # runs of consecutive kept bins; where they are many, one run over every bin
+        if runs * n >= total:
+            runs = 1
+        r_lo = np.zeros(runs, np.int64)
+        r_hi = np.full(runs, nb - 1)
+        if runs > 1:
+            r = -1
+            for j in range(nb):
+                if keep[j]:
+                    if j == 0 or not keep[j - 1]:
+                        r += 1
+                        r_lo[r] = j
+                    r_hi[r] = j
         p = 0
         for i in range(n):
-            if k1[i] == k0[i]:
-                continue
-            for u in range(runs if near else 1):
-                ka, kb = k0[i], k1[i]
-                if near:
-                    ka = max(ka, int(_code(a[i], t_lo + r_lo[u] * width, cap[i])) - 1)
-                    kb = min(kb, int(_code(a[i], t_lo + (r_hi[u] + 1) * width, cap[i])) + 2)
+            for u in range(runs if k1[i] > k0[i] else 0):
+                ka = max(k0[i], int(_code(a[i], t_lo + r_lo[u] * width, cap[i])) - 1)
+                kb = min(k1[i], int(_code(a[i], t_lo + (r_hi[u] + 1) * width, cap[i])) + 2)
                 for kk in range(ka, kb):
                     tb = (kk + 0.5) * inv_a[i]
                     j = _bin(tb, t_lo, inv_w, nb)
-                    if keep[j] and (not near or r_lo[u] <= j <= r_hi[u]) and p < m:
+                    if keep[j] and r_lo[u] <= j <= r_hi[u] and p < m:
                         tb_all[p] = tb
                         bin_all[p] = j
                         db_all[p] = w[i] * a[i]
@@ -339,18 +339,14 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
             if j != cur:
                 if cur >= 0:  # close the last piece of the bin
                     t_end = t_lo + (cur + 1) * width if cur < nb - 1 else t_hi
-                    s, e = _piece(A, B, C, 1.0 / t_end, 1.0 / t_prev)
-                    if _better(e, s, opt_e, opt_s):
-                        opt_s, opt_e = s, e
+                    opt_s, opt_e = _take(A, B, C, 1.0 / t_end, 1.0 / t_prev, opt_s, opt_e)
                 if idx == m:
                     break
                 cur = j
                 B, C = Bs[j], Cs[j]
                 t_prev = t_lo + j * width if j > 0 else t_lo
             tb = tb_all[o]
-            s, e = _piece(A, B, C, 1.0 / max(tb, t_prev), 1.0 / t_prev)
-            if _better(e, s, opt_e, opt_s):
-                opt_s, opt_e = s, e
+            opt_s, opt_e = _take(A, B, C, 1.0 / max(tb, t_prev), 1.0 / t_prev, opt_s, opt_e)
             B += db_all[o]
             C += dc_all[o]
             t_prev = max(tb, t_prev)
