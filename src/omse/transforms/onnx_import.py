@@ -475,6 +475,88 @@ def _dynamic_softmax(module: nn.Module) -> int:
     return n
 
 
+def _ints(item: Any) -> Any:
+    """One index item with Python ints in place of onnx2torch's 0-d tensors / numpy ints."""
+    if not isinstance(item, slice):
+        return item  # Ellipsis
+    return slice(*(None if v is None else int(v) for v in (item.start, item.stop, item.step)))
+
+
+class StaticSlice(nn.Module):
+    """ONNX ``Slice`` (opset 10+) whose ``starts``/``ends``/``axes``/``steps`` are constants, as
+    Python-int indexing: the slices that onnx2torch's ``OnnxSlice`` computes from those tensors on
+    every call, computed once (the same numbers, the same flips and indexing).
+
+    Why: ``OnnxSlice`` takes them as tensor inputs (initializer buffers). The TorchScript
+    exporter's per-node shape inference sees them as graph inputs without values, so the length of
+    ``Slice(Shape(x))`` is unknown, and so is the rank of a ``Reshape`` to ``Concat(...,
+    Slice(Shape(x)), ...)``. The exporter fills that gap with the sizes recorded at trace time;
+    the Reshape's output then counts as static and every later ``Shape`` of it is folded into a
+    constant (PP-OCRv4's recognizer: ``[0, 20, 3, 8, 15]``, width 160, with or without constant
+    folding). Python-int slices export as a ``Slice`` of known length: the rank is inferred, the
+    sizes stay symbolic. ``[*] -> [*]``."""
+
+    def __init__(self, flip_dims: list[int], index: tuple, neg_index: tuple):
+        super().__init__()
+        self.flip_dims, self.index, self.neg_index = flip_dims, index, neg_index
+
+    @classmethod
+    def from_tensors(cls, starts, ends, axes=None, steps=None) -> StaticSlice:
+        """From ``OnnxSlice``'s inputs (1-D tensors), by onnx2torch's own ``_get_slices``."""
+        from onnx2torch.node_converters.slice import _get_slices
+
+        flip, pos, neg = _get_slices(starts, ends, axes, steps)
+        return cls([int(d) for d in flip], tuple(map(_ints, pos)), tuple(map(_ints, neg)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_dims:
+            x = torch.flip(x, dims=self.flip_dims)
+        if self.index:
+            x = x[self.index]
+        if self.neg_index:
+            x = x[self.neg_index]
+        return x
+
+    def extra_repr(self) -> str:
+        return f"flip_dims={self.flip_dims}, index={self.index}, neg_index={self.neg_index}"
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+def _static_slices(module: nn.Module) -> int:
+    """Replace each onnx2torch ``OnnxSlice`` of ``module`` (an fx graph) whose ``starts``/
+    ``ends``/``axes``/``steps`` are all initializers by :class:`StaticSlice` (in place; the node
+    keeps only its data input); returns how many. A slice with a computed bound stays."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(module, torch.fx.GraphModule) or graph is None:
+        return 0
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.kwargs or len(node.args) < 3:
+            continue
+        sub = module.get_submodule(node.target)
+        bounds = node.args[1:]
+        if type(sub).__name__ != "OnnxSlice" or not all(
+            isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in bounds
+        ):
+            continue
+        owner, _, attr = node.target.rpartition(".")
+        new = StaticSlice.from_tensors(*(_attr(module, a.target) for a in bounds))
+        setattr(module.get_submodule(owner) if owner else module, attr, new)
+        node.args = node.args[:1]
+        for a in bounds:
+            if not a.users:
+                graph.erase_node(a)
+        n += 1
+    if n:
+        graph.lint()
+        module.recompile()
+    return n
+
+
 # -- the entry point -------------------------------------------------------------------------------
 def load_onnx(
     model: str | os.PathLike | onnx.ModelProto,
@@ -521,6 +603,7 @@ def load_onnx(
         _fill_ranks(proto, feeds)
     module = _convert(onnx2torch, proto, src).eval()
     _dynamic_softmax(module)
+    _static_slices(module)
     mm, total = _weight_elements(proto)
     info = OnnxImport(
         source=src,
