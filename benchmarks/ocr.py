@@ -120,7 +120,7 @@ class Task:
 
 def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     """Equal batches of ``size`` images, calibration and evaluation alike (recognizer lines are
-    padded to one width anyway: its exported graph keeps the traced width, see the README)."""
+    padded to one width, as rapidocr pads a batch to its widest line)."""
     if len(x) % size:
         raise SystemExit(f"ocr.py: {len(x)} images do not split into batches of {size}")
     return [x[i : i + size] for i in range(0, len(x), size)]

@@ -15,8 +15,10 @@ Steps: read (a missing or unreadable file, or an invalid model, is a :class:`Con
 the file), copy (the user's ``ModelProto`` is never modified), ``Constant`` nodes holding tensors
 become initializers (PaddleOCR exports keep every weight as a ``Constant``; the converter needs
 initializers to build ``nn.Conv2d``), shape inference, a check that the converter knows every op
-(an :class:`UnsupportedLayerError` listing each missing op and the nodes using it), conversion,
-and, given a ``sample`` (:func:`omse.quantize` passes the first calibration batch), a parity check
+(an :class:`UnsupportedLayerError` listing each missing op and the nodes using it), conversion
+(then two kinds of onnx2torch modules that an ONNX export would fix to the traced sizes are
+replaced by the same math: opset-1..11 softmax by :class:`SoftmaxV1V11`, a ``Slice`` with
+constant bounds by :class:`StaticSlice`), and, given a ``sample`` (:func:`omse.quantize` passes the first calibration batch), a parity check
 against the float model in onnxruntime (CPU): a :class:`ConfigError` if the largest absolute
 difference of any output exceeds ``rtol * (max - min)`` of that output (plus ``atol``).
 
