@@ -85,6 +85,7 @@ from ..transforms.graph import (
     TRACE_OPSET,
     TracedLayer,
     const_value,
+    float_output,
     fold_constants,
     fold_pads,
     layer_routes,
@@ -418,7 +419,9 @@ class _Rewriter:
                 if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
                     # nothing between the two quantizers changes a value
                     dropped.add((r.consumer_kind, r.consumer))
-            elif r.kind == "graph_output":
+            elif r.kind == "graph_output" or float_output(ql, r):
+                # a graph output, or a Linear whose output only float ops read: the integer
+                # MatMul/Gemm yields float (MatMulIntegerToFloat / QGemm without output scale)
                 plan[idx] = ("float", None)
             else:
                 reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
