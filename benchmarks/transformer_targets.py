@@ -137,12 +137,15 @@ def main() -> None:
             "ort_vs_sim_max_abs_diff": float((ort_out - sim).abs().max()),
             "optimized_ops": _optimized_ops(path, work, args.threads),
         })  # fmt: skip
+    own = set(graphs)
     for spec in args.baseline_onnx:
         label, _, p = spec.partition("=")
+        if label in own:
+            raise SystemExit(f"--baseline-onnx {label}: the label names one of {sorted(own)}")
         graphs[label] = Path(p)
     baselines = {}
     for label in graphs:
-        if label.startswith(("fp32", "w8a8_")):
+        if label in own:
             continue
         sess = ort_session(graphs[label], args.threads)
         out = _ort_embed(sess, ev, order)
