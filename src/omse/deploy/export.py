@@ -85,6 +85,7 @@ from ..transforms.graph import (
     TRACE_OPSET,
     TracedLayer,
     const_value,
+    float_output,
     fold_constants,
     fold_pads,
     layer_routes,
@@ -418,7 +419,9 @@ class _Rewriter:
                 if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
                     # nothing between the two quantizers changes a value
                     dropped.add((r.consumer_kind, r.consumer))
-            elif r.kind == "graph_output":
+            elif r.kind == "graph_output" or float_output(ql, r):
+                # a graph output, or a Linear whose output only float ops read: the integer
+                # MatMul/Gemm yields float (MatMulIntegerToFloat / QGemm without output scale)
                 plan[idx] = ("float", None)
             else:
                 reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
@@ -450,6 +453,7 @@ class _Rewriter:
         plan, dropped = self._int8_plan() if self.target == "int8" else ({}, set())
         new_nodes: list[onnx.NodeProto] = []
         w_out: dict[str, int] = {}  # dequantized term-0 weight output -> layer index
+        act_done: dict[tuple, str] = {}  # (tensor, grid, step, integer) -> its dequantized copy
         for node in g.node:
             if node.domain != DOMAIN:
                 new_nodes.append(node)
@@ -465,7 +469,14 @@ class _Rewriter:
                     s = ql.act_scale
                     new_nodes += self.qdq_nodes(f"{ql.name}.shared", ql.a_grid, s, x, y, unit)
                 else:
-                    new_nodes += self.act_nodes(idx, x, y)
+                    # readers of one tensor with one quantizer (the projections reading a
+                    # LayerNorm output) share one QuantizeLinear -> DequantizeLinear
+                    key = (x, ql.a_grid, float(ql.act_scale.item()), self._integer_layer(idx))
+                    if key in act_done:
+                        new_nodes.append(helper.make_node("Identity", [act_done[key]], [y]))
+                    else:
+                        act_done[key] = y
+                        new_nodes += self.act_nodes(idx, x, y)
             elif kind == "mul":
                 new_nodes += self.mul_nodes(idx, term, x, y)
             elif kind == "out":

@@ -19,7 +19,7 @@ from ..core.grids import Grid
 from ..core.ranges import make_range_setter
 from ..core.stats import HistogramStats
 from ..nn.layers import QuantizedLayer, share_input_quantizer
-from .graph import layer_routes, shared_input_candidates, trace
+from .graph import float_output, input_groups, layer_routes, shared_input_candidates, trace
 from .statistics import first_row, run_model
 
 __all__ = [
@@ -31,6 +31,10 @@ __all__ = [
     "share_scales",
 ]
 
+Share = tuple[str, str]
+"""``(producer layer, "input" | "output")``: which of the producer's quantizers a consumer's input
+shares (:func:`plan_output_quantizers`, :func:`share_scales`)."""
+
 OUTPUT_BITS = 8
 """Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
 integer kernel); only input quantizers of this width are shared with them."""
@@ -38,15 +42,26 @@ integer kernel); only input quantizers of this width are shared with them."""
 
 def plan_output_quantizers(
     qmodel: nn.Module, layers: dict[str, QuantizedLayer], example
-) -> tuple[dict[str, tuple[float, float]], dict[str, str], dict[str, float]]:
+) -> tuple[dict[str, tuple[float, float]], dict[str, Share], dict[str, float]]:
     """For ``target="int8"``: the layers that need an output quantizer, with the ``(lo, hi)``
-    range the ``Relu``/``Clip`` after them impose (see :func:`omse.transforms.graph.layer_routes`): those
-    whose output does not reach exactly one quantized input through quantizer-transparent ops;
-    and ``{consumer: producer}`` for the quantized inputs that read such an output beside other
-    readers, or a module output whose quantizer another layer's input carries (see
-    :class:`~omse.nn.layers.SharedInputQuantizer`): they share that quantizer (one scale per tensor,
-    as an integer runtime holds it); and ``{consumer: hi}`` for inputs reached through a ``Clip(.., hi)`` whose
-    scale :func:`cap_activation_scales` caps."""
+    range the ``Relu``/``Clip`` after them impose (see :func:`omse.transforms.graph.layer_routes`):
+    those whose output does not reach exactly one quantized input through quantizer-transparent
+    ops, except a Linear whose output only float ops read (see below); ``{consumer: (producer,
+    kind)}`` for the quantized inputs that share a quantizer: ``kind="output"``, the producer's
+    output quantizer (the consumer reads that output beside other readers); ``kind="input"``,
+    the producer's input quantizer (both read one tensor: a module output that carries the
+    producer's quantizer for every reader, or a tensor only float ops read besides them, such as
+    a LayerNorm output read by the query, key and value projections): one scale per tensor, as
+    an integer runtime holds it; and ``{consumer: hi}`` for inputs reached through a ``Clip(..,
+    hi)`` whose scale :func:`cap_activation_scales` caps.
+
+    A Linear runs as an integer kernel with a float output (onnxruntime's
+    ``MatMulIntegerToFloat`` / ``QGemm`` without an output scale), so where no integer op reads
+    its output (:attr:`~omse.transforms.graph.Route.integer_reader`: a transformer's residual
+    ``Add`` -> ``LayerNormalization``, ``Gelu``, the attention ``MatMul``) it gets no output
+    quantizer: 8-bit per-tensor steps there would only round away the residual stream's outlier
+    channels, which the runtime dequantizes at once. The same holds for a module output that
+    only float ops read besides its quantized readers: no shared quantizer is attached to it."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
         return {}, {}, {}  # weight-only: no activation quantizer to place
     example = first_row(example)
@@ -54,7 +69,7 @@ def plan_output_quantizers(
     routes = layer_routes(proto)
     names = [ql.name for ql in qls]
     carriers: dict[str, str] = {}  # module -> the layer whose input quantizer it carries
-    shares: dict[str, str] = {}
+    shares: dict[str, Share] = {}
     for layer, module in _producer_modules(
         qmodel, example, [names[i] for i in shared_input_candidates(proto)]
     ).items():
@@ -65,7 +80,15 @@ def plan_output_quantizers(
             carriers[module] = layer
             share_input_quantizer(qmodel, layers[layer], module)
         elif layers[layer].cfg.act_bits == layers[first].cfg.act_bits:
-            shares[layer] = first  # two quantized readers of one tensor: one quantizer
+            shares[layer] = (first, "input")  # two quantized readers of one tensor: one quantizer
+    for group in input_groups(proto):  # readers of one tensor without a carried quantizer
+        group = [
+            names[i] for i in group if names[i] not in shares and names[i] not in carriers.values()
+        ]
+        bits = [layers[n].cfg.act_bits for n in group]
+        for n, b in zip(group[1:], bits[1:], strict=True):
+            if b is not None and b == bits[0]:
+                shares[n] = (group[0], "input")
     plan, caps = {}, {}
     for i, ql in enumerate(qls):
         r = routes.get(i)
@@ -74,11 +97,14 @@ def plan_output_quantizers(
         fused = r.kind == "fused" and qls[r.consumer].cfg.act_bits is not None
         if fused and set(r.chain) <= {"Relu", "Clip"} and r.clamp[1] < float("inf"):
             caps[qls[r.consumer].name] = r.clamp[1]
-        if not fused and ql.cfg.act_bits is not None:  # graph outputs too: QGemm then DQ
-            plan[ql.name] = r.clamp
-            for j in r.shared:
-                if qls[j].cfg.act_bits == OUTPUT_BITS:
-                    shares[qls[j].name] = ql.name
+        if fused or ql.cfg.act_bits is None:
+            continue
+        if float_output(ql, r):
+            continue  # an integer kernel with a float output: nothing to requantize
+        plan[ql.name] = r.clamp  # graph outputs too: QGemm then DQ
+        for j in r.shared:
+            if qls[j].cfg.act_bits == OUTPUT_BITS:
+                shares[qls[j].name] = (ql.name, "output")
     return plan, shares, caps
 
 
@@ -162,12 +188,13 @@ def set_activation_scales(
         layer.set_act(scale, grid)
 
 
-def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, str]) -> None:
-    """Give each ``consumer`` of ``shares`` its producer's quantizer (its output quantizer, or the
-    input quantizer a module output carries for it): one scale per tensor."""
-    for consumer, producer in shares.items():
+def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, Share]) -> None:
+    """Give each ``consumer`` of ``shares`` its producer's quantizer: its output quantizer
+    (``"output"``) or its input quantizer (``"input"``: both read one tensor): one scale per
+    tensor."""
+    for consumer, (producer, kind) in shares.items():
         src = layers[producer]
-        if src.out_scale is not None:
+        if kind == "output" and src.out_scale is not None:
             layers[consumer].set_act(src.out_scale, src.out_grid)
-        elif src.act_scale is not None:
+        elif kind == "input" and src.act_scale is not None:
             layers[consumer].set_act(src.act_scale, src.a_grid)

@@ -20,6 +20,12 @@ needed for ``target="int8"``) read this one graph, so the plan and the export ne
 - ``"output"``: anything else (a residual ``Add``, a pooling, a non-monotone activation, several
   readers): layer ``i`` needs a quantizer of its own output. ``clamp`` is the range the
   ``Relu``/``Clip`` ops right after it impose, used to calibrate that quantizer.
+  ``integer_reader`` says whether an integer runtime would run any reader there on 8-bit values
+  (:func:`integer_reader`: an ``Add``/``Concat``/pooling whose result is requantized); where
+  none would (a transformer's ``Add`` -> ``LayerNormalization``, ``Gelu``, ``Softmax``, the
+  attention ``MatMul``), a Linear keeps a float output (:func:`float_output`: onnxruntime's
+  ``MatMulIntegerToFloat`` / ``QGemm`` without an output scale are integer kernels with float
+  outputs), while a convolution, whose integer kernels always requantize, keeps the quantizer.
 
 Inputs and dynamic axes: :func:`trace` takes the example as ``torch.onnx.export`` does (a tensor,
 a tuple of tensors or a dict of keyword tensors, laid out by :func:`example_args`) and declares
@@ -75,6 +81,10 @@ __all__ = [
     "consumers",
     "const_value",
     "shared_input_candidates",
+    "integer_reader",
+    "input_groups",
+    "float_output",
+    "INTEGER_OPS",
 ]
 
 TRACE_OPSET = 20
@@ -94,6 +104,19 @@ TRANSPARENT = {
     "Pad",
 }
 _SHAPE_READERS = {"Shape", "Size"}  # read a tensor's shape, not its values
+# ops an integer runtime runs on 8-bit inputs when their output is requantized (onnxruntime's QDQ
+# fusions: QLinearAdd/Mul/Concat/AveragePool/GlobalAveragePool/Sigmoid/LeakyRelu, QLinearReduceMean)
+INTEGER_OPS = {
+    "Add",
+    "Sum",
+    "Mul",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "Sigmoid",
+    "LeakyRelu",
+}
 
 
 class TracedLayer(nn.Module):
@@ -488,7 +511,10 @@ def shared_input_candidates(model: onnx.ModelProto) -> list[int]:
     """Layers whose input quantizer reads a tensor that other nodes read too and that is not a
     quantized layer's output (a residual block's output, read by the next block's first layer
     and by its skip connection): quantizing that tensor once, for every reader, lets an integer
-    runtime run the residual ``Add`` as an integer kernel (``QLinearAdd``)."""
+    runtime run the residual ``Add`` as an integer kernel (``QLinearAdd``). Not where the
+    other readers are float ops only (:func:`integer_reader`: a transformer's LayerNorm output,
+    read by the next attention's projections and by the residual ``Add`` into the next
+    LayerNorm): the float readers keep the float tensor."""
     g = model.graph
     readers = consumers(g)
     producers = {o: n for n in g.node for o in n.output}
@@ -504,8 +530,59 @@ def shared_input_candidates(model: onnx.ModelProto) -> list[int]:
             continue
         if src.domain == DOMAIN:  # a quantized layer's output: its output quantizer is shared
             continue
+        others = [u for u in users if not _is_quantizer(u)]
+        if others and not integer_reader(g, t, readers):
+            continue  # the other readers are float ops (a LayerNorm's residual Add): float there
         out.append(marker_attrs(node)[1])
     return out
+
+
+def input_groups(model: onnx.ModelProto) -> list[list[int]]:
+    """The layers whose input quantizers read one tensor, in graph order (groups of >= 2)."""
+    groups: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN and marker_attrs(node)[0] == "act":
+            groups.setdefault(node.input[0], []).append(marker_attrs(node)[1])
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def _is_quantizer(node: onnx.NodeProto) -> bool:
+    return node.domain == DOMAIN and marker_attrs(node)[0] in ("act", "tq")
+
+
+def _reaches_quantizer(
+    g: onnx.GraphProto, t: str, readers: dict[str, list[onnx.NodeProto]], depth: int = 0
+) -> bool:
+    """Whether some reader of ``t`` is a quantizer marker, directly or through
+    :data:`TRANSPARENT` ops (then an integer runtime has the tensor in 8 bits there)."""
+    if depth > 64:
+        return False
+    for u in readers.get(t, []):
+        if _is_quantizer(u):
+            return True
+        transparent = u.domain == "" and u.op_type in TRANSPARENT and u.input[:1] == [t]
+        if transparent and _reaches_quantizer(g, u.output[0], readers, depth + 1):
+            return True
+    return False
+
+
+def integer_reader(
+    g: onnx.GraphProto, t: str, readers: dict[str, list[onnx.NodeProto]] | None = None
+) -> bool:
+    """Whether an integer runtime would run a reader of tensor ``t`` (other than the quantized
+    layers' own input quantizers) on 8-bit values: an op of :data:`INTEGER_OPS` whose output
+    reaches a quantizer (a residual ``Add`` into the next block's quantized input runs as
+    ``QLinearAdd``). Where every reader is a float op (``LayerNormalization``, ``Softmax``, an
+    activation ``MatMul``, ``Gelu``, an ``Add`` into a LayerNorm), quantizing ``t`` itself only
+    loses precision: the runtime dequantizes it at once."""
+    readers = consumers(g) if readers is None else readers
+    for u in readers.get(t, []):
+        if u.op_type in _SHAPE_READERS or _is_quantizer(u):
+            continue
+        integer = u.domain == "" and u.op_type in INTEGER_OPS
+        if integer and any(_reaches_quantizer(g, o, readers) for o in u.output):
+            return True
+    return False
 
 
 def marker_attrs(node: onnx.NodeProto) -> tuple[str, int, int]:
@@ -647,7 +724,11 @@ class Route:
     ``clamp``: ``(lo, hi)`` the ``Relu``/``Clip`` ops right after the layer impose (``-inf``,
     ``inf`` where none); ``reader``: the op that stops the route (for messages); ``shared``
     (``"output"``): the layers whose input quantizer reads the tensor where the route stops,
-    beside other readers (they can share the layer's output quantizer: one scale per tensor).
+    beside other readers (they can share the layer's output quantizer: one scale per tensor);
+    ``integer_reader`` (``"output"``): whether an op other than those input quantizers would run
+    on the 8-bit tensor there (:func:`integer_reader`); where none would, an integer kernel
+    with a float output (a Linear's ``MatMulIntegerToFloat`` / ``QGemm``) needs no output
+    quantizer.
     """
 
     kind: str
@@ -657,6 +738,7 @@ class Route:
     reader: str = ""
     shared: tuple[int, ...] = ()
     consumer_kind: str = "act"
+    integer_reader: bool = True
 
 
 def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, float]:
@@ -670,6 +752,13 @@ def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, fl
         v = const_value(graph, node.input[2])
         hi = float(v) if v is not None else hi
     return lo, hi
+
+
+def float_output(ql: QuantizedLayer, route: Route) -> bool:
+    """Whether ``target="int8"`` leaves layer ``ql``'s output float: a Linear (an integer
+    ``MatMul``/``Gemm`` with a float output exists in every int8 runtime; an integer convolution
+    always requantizes) whose output no integer op reads (:attr:`Route.integer_reader`)."""
+    return isinstance(ql.layer, nn.Linear) and route.kind == "output" and not route.integer_reader
 
 
 def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
@@ -699,7 +788,12 @@ def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
                     if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq")
                 )
                 routes[idx] = Route(
-                    "output", chain=tuple(chain), clamp=(lo, hi), reader=why, shared=shared
+                    "output",
+                    chain=tuple(chain),
+                    clamp=(lo, hi),
+                    reader=why,
+                    shared=shared,
+                    integer_reader=integer_reader(g, t, readers),
                 )
                 break
             u = users[0]
@@ -708,7 +802,13 @@ def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
                 routes[idx] = Route("fused", j, tuple(chain), (lo, hi), consumer_kind=kind)
                 break
             if u.domain != "" or u.op_type not in TRANSPARENT or u.input[0] != t:
-                routes[idx] = Route("output", chain=tuple(chain), clamp=(lo, hi), reader=u.op_type)
+                routes[idx] = Route(
+                    "output",
+                    chain=tuple(chain),
+                    clamp=(lo, hi),
+                    reader=u.op_type,
+                    integer_reader=integer_reader(g, t, readers),
+                )
                 break
             if u.op_type == "Pad":
                 v = const_value(g, u.input[2]) if len(u.input) > 2 and u.input[2] else 0

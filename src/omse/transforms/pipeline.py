@@ -207,7 +207,7 @@ class _Run:
     progress: bool
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     out_clamp: dict[str, tuple[float, float]] = field(default_factory=dict)
-    shares: dict[str, str] = field(default_factory=dict)
+    shares: dict[str, tuple[str, str]] = field(default_factory=dict)
     caps: dict[str, float] = field(default_factory=dict)
     example: object = None  # global batch 0 (rank 0's first batch under torch.distributed)
     learned_act: dict[str, torch.Tensor] = field(default_factory=dict)
