@@ -7,7 +7,9 @@ and breakpoints), found with work linear in the breakpoints and no sort of them.
 1. an upper bound ``U``: min-max and Lloyd steps (``s <- B/C``) from it;
 2. a window: the optimum lies in ``(0, 2 s_mm]`` (at ``s >= 2 s_mm`` the lattice of step ``s/2``
    holds, inside every value's range, a point at least as near as the lattice of step ``s``), and
-   above ``s_lo``, where clipping the largest values alone costs ``U``;
+   above ``s_lo``, where clipping alone costs ``U`` (one pass bins the clipping thresholds
+   ``a / cap``; the cost is exact at the bin edges and solved exactly inside the bin that
+   crosses ``U`` for the values above it);
 3. the breakpoints in the window are counted into uniform ``t`` bins (their ``sum w a`` and
    ``sum w (2k + 1)``), which gives the exact state ``(B, C)``, hence ``E``, at every bin edge
    (the edges tighten ``U``). ``E`` is convex on each piece with curvature ``>= 2 C`` and its
@@ -35,7 +37,7 @@ __all__ = ["sweep_rows"]
 
 _BINS_PER_VALUE = 8  # at most this many bins per value (bounds memory at high bit widths)
 _MAX_BINS = 1 << 16  # and per row (a 10^6-value row: about 5 MB of bins)
-_CLIP_TOP = 64  # largest clipping thresholds used for the lower end of the window
+_CLIP_BINS = 256  # at most this many bins of clipping thresholds (lower end of the window)
 _LLOYD = 3  # evaluations for the upper bound: min-max, then Lloyd steps
 _PARALLEL_MIN = 1 << 14  # fewer values are solved on the calling thread
 
@@ -119,49 +121,32 @@ def _lower_bound(El, Er, dl, dr, D, c, lo, hi):
 
 
 @numba.njit(cache=True)
-def _top(v, n, k, val, idx):
-    """``idx[:m]``: the indices of the ``m <= k`` largest positive entries of ``v[:n]``, largest
-    first (one pass, insertion into ``val``/``idx``); returns ``m``."""
-    val[:k] = 0.0
-    m = 0
-    for i in range(n):
-        x = v[i]
-        if x > val[k - 1]:
-            j = k - 1
-            while j > 0 and val[j - 1] < x:
-                val[j] = val[j - 1]
-                idx[j] = idx[j - 1]
-                j -= 1
-            val[j] = x
-            idx[j] = i
-            m = min(m + 1, k)
-    return m
+def _clip_bound(h0, h1, h2, nh, width, U):
+    """Largest step at which clipping alone costs ``U``, from the clipping thresholds ``a / cap``
+    binned into ``nh`` bins of width ``width`` from 0 (``h0, h1, h2``: each bin's ``sum w cap^2``,
+    ``sum w a cap``, ``sum w a^2``): every smaller step costs more. 0 where no step does.
 
-
-@numba.njit(cache=True)
-def _clip_bound(a, w, cap, idx, m, U):
-    """Largest step at which clipping the values ``idx[:m]`` (sorted by ``a / cap``, largest first)
-    alone costs ``U``: every smaller step costs more. 0 where no step does.
-
-    Clipping costs ``g(s) = sum w (a - cap s)^2`` over the values with ``a / cap > s``: between
-    consecutive thresholds a quadratic, decreasing in ``s``, solved exactly for ``g = U``."""
+    Clipping costs ``g(s) = sum w (a - cap s)^2`` over the values with ``a / cap > s``, decreasing
+    in ``s``. Down from the top bin, ``g`` is exact at each bin's lower edge; in the bin where it
+    first reaches ``U``, the values of the bins above alone (a lower bound of ``g`` there, a
+    quadratic) are solved exactly for ``U``."""
     P0 = P1 = P2 = 0.0
-    for u in range(m):
-        i = idx[u]
-        P0 += w[i] * cap[i] * cap[i]
-        P1 += w[i] * a[i] * cap[i]
-        P2 += w[i] * a[i] * a[i]
-        below = a[idx[u + 1]] / cap[idx[u + 1]] if u + 1 < m else 0.0
-        if P2 - 2.0 * below * P1 + below * below * P0 >= U:
-            d = max(P1 * P1 - P0 * (P2 - U), 0.0)
-            s = (P1 - math.sqrt(d)) / P0
-            return min(max(s, below), a[i] / cap[i])
+    for j in range(nh - 1, -1, -1):
+        hi = (j + 1) * width
+        q0, q1, q2 = P0, P1, P2  # the bins above j
+        P0, P1, P2 = P0 + h0[j], P1 + h1[j], P2 + h2[j]
+        lo = j * width
+        if P2 - 2.0 * lo * P1 + lo * lo * P0 >= U:
+            if q0 > 0.0 and q2 - 2.0 * lo * q1 + lo * lo * q0 >= U:
+                d = max(q1 * q1 - q0 * (q2 - U), 0.0)
+                return min(max((q1 - math.sqrt(d)) / q0, lo), hi)
+            return lo
     return 0.0
 
 
 @numba.njit(cache=True)
 def _solve_row(x, wr, weighted, qpos, qneg, ws):
-    a, w, cap, inv_a, th, k0, k1, top_v, top_i, dB, dC, cnt, tfirst, keep, Bs, Cs, s_e, E_e = ws
+    a, w, cap, inv_a, k0, k1, h0, h1, h2, dB, dC, cnt, tone, keep, Bs, Cs, s_e, E_e = ws
     n = x.size
     amax = pos_max = neg_max = 0.0
     for i in range(n):
@@ -181,18 +166,29 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
     inv_norm = 1.0 / norm
     inv_p = 1.0 / qpos if qpos > 0.0 else 0.0
     inv_q = 1.0 / qneg if qneg > 0.0 else 0.0
-    A = 0.0
-    for i in range(n):
-        a[i] *= inv_norm
-        A += w[i] * a[i] * a[i]
-        # clipped below this step (-1: never)
-        ic = inv_p if cap[i] == qpos else inv_q
-        th[i] = a[i] * ic if cap[i] > 0.0 and w[i] > 0.0 else -1.0
     s_mm = 0.0
     if qpos > 0.0:
         s_mm = max(s_mm, pos_max * inv_norm / qpos)
     if qneg > 0.0:
         s_mm = max(s_mm, neg_max * inv_norm / qneg)
+    # clipping thresholds a / cap (clipped below this step) binned over (0, s_mm]
+    nh = min(max(n, 16), _CLIP_BINS)
+    h0[:nh] = 0.0
+    h1[:nh] = 0.0
+    h2[:nh] = 0.0
+    hw = s_mm / nh if s_mm > 0.0 else 1.0
+    inv_hw = 1.0 / hw
+    A = 0.0
+    for i in range(n):
+        a[i] *= inv_norm
+        a2 = w[i] * a[i] * a[i]
+        A += a2
+        if cap[i] > 0.0 and w[i] > 0.0:
+            ic = inv_p if cap[i] == qpos else inv_q
+            j = min(int(a[i] * ic * inv_hw), nh - 1)
+            h0[j] += w[i] * cap[i] * cap[i]
+            h1[j] += w[i] * a[i] * cap[i]
+            h2[j] += a2
     if not s_mm > 0.0:  # no value any code can represent: every step is optimal
         return norm, A * norm * norm
 
@@ -211,15 +207,7 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
 
     # 2. Window (s_lo, s_hi]; in t = 1/s: [t_lo, t_hi).
     s_hi = max(2.0 * s_mm, best_s * (1.0 + 1e-12))
-    n_top = _top(th, n, min(_CLIP_TOP, n), top_v, top_i)
-    lo = _clip_bound(a, w, cap, top_i, n_top, U)
-    k = _CLIP_TOP
-    while lo == 0.0 and n > k:  # the largest values alone never cost U: take 16x more of them
-        k = min(16 * k, n)
-        tau = np.partition(th[:n], n - k)[n - k] if k < n else -math.inf
-        sel = np.nonzero(th[:n] >= tau)[0]
-        order = sel[np.argsort(-th[sel])]
-        lo = _clip_bound(a, w, cap, order, int((th[order] > 0.0).sum()), U)
+    lo = _clip_bound(h0, h1, h2, nh, hw, U)
     s_lo = max(min(lo * (1.0 - 1e-9), best_s * (1.0 - 1e-12)), 1e-300)
     t_lo, t_hi = 1.0 / s_hi, 1.0 / s_lo
 
@@ -240,7 +228,6 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
     dB[:nb] = 0.0
     dC[:nb] = 0.0
     cnt[:nb] = 0
-    tfirst[:nb] = math.inf
     for i in range(n):
         wa = w[i] * a[i]
         for kk in range(k0[i], k1[i]):
@@ -249,7 +236,7 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
             dB[j] += wa
             dC[j] += w[i] * (2.0 * kk + 1.0)
             cnt[j] += 1
-            tfirst[j] = min(tfirst[j], tb)
+            tone[j] = tb  # a breakpoint of the bin (its only one where the count is 1)
 
     # E at every bin edge (s_e[j] = 1 / t_j) bounds the optimum: U. Bs[j], Cs[j]: the state
     # (B, C) for t just above t_j. eps: float64 rounding of E, below which bins are kept.
@@ -283,7 +270,7 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
         if cnt[j] == 0:
             opt_s, opt_e = _take(A, B, C, lo, hi, opt_s, opt_e)
         elif cnt[j] == 1:
-            sb = min(max(1.0 / tfirst[j], lo), hi)
+            sb = min(max(1.0 / tone[j], lo), hi)
             opt_s, opt_e = _take(A, B, C, sb, hi, opt_s, opt_e)
             opt_s, opt_e = _take(A, B1, C1, lo, sb, opt_s, opt_e)
         elif _lower_bound(E_e[j + 1], E_e[j], dl, dr, D, C, lo, hi) <= U + eps:
@@ -363,8 +350,8 @@ def _sweep(x, w, weighted, qpos, qneg, scale, sse, r0, r1):
     n = x.shape[1]
     nb = min(_BINS_PER_VALUE * n + 16, _MAX_BINS)
     f = np.empty
-    ws = (f(n), f(n), f(n), f(n), f(n), f(n, np.int64), f(n, np.int64), f(_CLIP_TOP),
-          f(_CLIP_TOP, np.int64), f(nb), f(nb), f(nb, np.int64), f(nb), f(nb, np.bool_),
+    ws = (f(n), f(n), f(n), f(n), f(n, np.int64), f(n, np.int64), f(_CLIP_BINS),
+          f(_CLIP_BINS), f(_CLIP_BINS), f(nb), f(nb), f(nb, np.int64), f(nb), f(nb, np.bool_),
           f(nb + 1), f(nb + 1), f(nb + 1), f(nb + 1))  # fmt: skip
     for r in range(r0, r1):
         scale[r], sse[r] = _solve_row(x[r], w[r % w.shape[0]], weighted, qpos, qneg, ws)
