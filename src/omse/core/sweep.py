@@ -258,6 +258,10 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
     keep[:nb] = False
     opt_s, opt_e = math.inf, math.inf
     m = runs = 0
+    # kept bins closer than `gap` share a run: enumerating the gap's breakpoints (about
+    # total / nb per bin) costs less than enumerating every value for one more run
+    gap = max(1, int(n * nb / max(total, 1.0)))
+    last = -gap - 1
     for j in range(nb):
         lo, hi = s_e[j + 1], s_e[j]
         B, C, B1, C1 = Bs[j], Cs[j], Bs[j + 1], Cs[j + 1]
@@ -276,7 +280,8 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
         elif _lower_bound(E_e[j + 1], E_e[j], dl, dr, D, C, lo, hi) <= U + eps:
             keep[j] = True
             m += cnt[j]
-            runs += 1 if j == 0 or not keep[j - 1] else 0
+            runs += 1 if j - last > gap else 0
+            last = j
 
     # 4. Exact sweep of the kept bins: their breakpoints (found near each run of kept bins, or by
     # enumerating all again where runs are many), sorted.
@@ -285,19 +290,19 @@ def _solve_row(x, wr, weighted, qpos, qneg, ws):
         bin_all = np.empty(m, np.int64)
         db_all = np.empty(m)
         dc_all = np.empty(m)
-        # runs of consecutive kept bins; where they are many, one run over every bin
-        if runs * n >= total:
-            runs = 1
+        # runs of kept bins; where they are many, one run over every bin
+        every = runs * n >= total
+        runs = 1 if every else runs
         r_lo = np.zeros(runs, np.int64)
         r_hi = np.full(runs, nb - 1)
-        if runs > 1:
-            r = -1
+        if not every:
+            r, last = -1, -gap - 1
             for j in range(nb):
                 if keep[j]:
-                    if j == 0 or not keep[j - 1]:
+                    if j - last > gap:
                         r += 1
                         r_lo[r] = j
-                    r_hi[r] = j
+                    r_hi[r] = last = j
         p = 0
         for i in range(n):
             for u in range(runs if k1[i] > k0[i] else 0):
