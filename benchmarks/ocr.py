@@ -88,6 +88,11 @@ ROWS = {
     "W4A8 recipe": {"weight_bits": 4, "act_bits": 8, **RECIPE},
     "W4A4 recipe": {"weight_bits": 4, "act_bits": 4, **RECIPE},
     "W4A8 MMSE": {"weight_bits": 4, "act_bits": 8, **PLAIN},
+    # affine activation grids (a zero point fitted with each step): the recognizer's convolutions
+    # read hardswish outputs of range ~[-0.4, 6], on which a signed grid wastes half its codes
+    "W8A8 recipe + affine act.": {"weight_bits": 8, "act_bits": 8, **RECIPE, "act_grid": "affine"},
+    "W4A8 recipe + affine act.": {"weight_bits": 4, "act_bits": 8, **RECIPE, "act_grid": "affine"},
+    "W4A4 recipe + affine act.": {"weight_bits": 4, "act_bits": 4, **RECIPE, "act_grid": "affine"},
     # learned rounding (AdaRound-style, layer by layer) on top of the recipe; not in the default
     # --rows (minutes per model): `--rows "W4A8 recipe + learned rounding"`
     "W4A8 recipe + learned rounding": {
@@ -136,6 +141,11 @@ def _rec_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
     def compare(texts, ref):
         return {
             "text_agreement": float(np.mean([a == b for a, b in zip(texts, ref)])),
+            # leading/trailing spaces ignored (FP32 itself emits them at a line's margins on a
+            # near tie between ' ' and blank; the ground truth has none)
+            "stripped_agreement": float(
+                np.mean([a.strip() == b.strip() for a, b in zip(texts, ref)])
+            ),
             "cer": float(np.mean([ocr.char_error_rate(a, b) for a, b in zip(texts, ref)])),
         }
 
@@ -322,7 +332,8 @@ def _cell(task: str, m: dict | None) -> str:
     if not m:
         return "-"
     if task == "rec":
-        return f"{m['text_agreement']:.1%} (CER {m['cer']:.3f})"
+        stripped = f", {m['stripped_agreement']:.1%} stripped" if "stripped_agreement" in m else ""
+        return f"{m['text_agreement']:.1%} (CER {m['cer']:.3f}{stripped})"
     if task == "det":
         return f"IoU {m['iou']:.3f}"
     return f"{m['top1_agreement']:.1%}"

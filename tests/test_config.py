@@ -224,3 +224,9 @@ def test_version_2_dicts_keep_their_old_meaning():
     assert QuantConfig.from_dict({"version": 3, "rounding": "learned"}) == QuantConfig.preset(
         "best"
     )
+
+
+def test_affine_act_grid_is_accepted_and_round_trips():
+    cfg = QuantConfig(act_grid="affine", overrides={"fc": {"act_grid": "full"}})
+    assert cfg.for_layer("conv").act_grid == "affine" and cfg.for_layer("fc").act_grid == "full"
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg

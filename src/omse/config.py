@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _GRIDS = ("full", "narrow")
+ACT_GRIDS = ("full", "narrow", "affine")
 TARGETS = ("int4", "int8")
 ROUNDINGS = ("nearest", "gptq", "learned")
 SCOPES = ("block", "layer")
@@ -124,10 +125,10 @@ class LayerConfig:
             object.__setattr__(self, k, _method(k, getattr(self, k)))
         if self.weight_grid not in _GRIDS:
             raise ConfigError(f"weight_grid={self.weight_grid!r}: use 'full' or 'narrow'")
-        if self.act_grid not in _GRIDS:
+        if self.act_grid not in ACT_GRIDS:
             raise ConfigError(
-                f"act_grid={self.act_grid!r}: use 'full' or 'narrow' (unsigned is chosen "
-                "automatically for non-negative inputs)"
+                f"act_grid={self.act_grid!r}: use 'full', 'narrow' or 'affine' (unsigned is "
+                "chosen automatically for non-negative inputs)"
             )
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         if self.scale_dtype not in SCALE_DTYPES:
@@ -147,6 +148,12 @@ class QuantConfig:
             ``percentile`` or ``aciq``, or a range setter object (``Percentile(99.9)``).
         granularity: weight scales ``per_channel`` (kernel-wise, default), ``per_tensor`` or
             ``per_group<N>`` (or a :class:`~omse.core.granularity.Granularity`).
+        weight_grid: ``full`` (two's complement, default) or ``narrow`` (symmetric).
+        act_grid: the grid of activations that take negative values (non-negative ones always
+            get the unsigned grid): ``full`` (signed, zero point 0, default), ``narrow`` or
+            ``affine`` (unsigned codes with a zero point, fitted with the step by least squared
+            error: :func:`omse.core.ranges.fit_affine`; for skewed inputs such as a hardswish's
+            ``[-0.375, 6]``, where a signed grid spends half its codes on the small negative side).
         overrides: per-layer changes by module name (``fnmatch`` patterns allowed), e.g.
             ``{"_conv_stem": {"weight_bits": 8, "act_bits": 8}}``; the first matching pattern wins.
         skip: module names (patterns allowed) left entirely in float.

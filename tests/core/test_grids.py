@@ -64,3 +64,23 @@ def test_config_error_is_an_omse_error_and_value_error():
         Grid(12)
     with pytest.raises(ValueError):
         Grid(12)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_affine_grid_shifts_the_unsigned_range(bits):
+    n = 2**bits
+    for z in (0, 1, n // 2, n - 1):
+        g = Grid(bits, "unsigned", z)
+        assert (g.qmin, g.qmax) == (-z, n - 1 - z) and g.levels == n and not g.signed
+        assert Grid(*g.to_list()) == g
+    assert Grid(bits, "unsigned").to_list() == [bits, "unsigned"]  # old layout, no zero point
+    assert str(Grid(8, "unsigned", 3)) == "unsigned8z3[-3,252]"
+
+
+def test_affine_grid_validation():
+    with pytest.raises(ConfigError, match="needs an unsigned grid"):
+        Grid(8, "full", 3)
+    with pytest.raises(ConfigError, match="outside 0..15"):
+        Grid(4, "unsigned", 16)
+    with pytest.raises(ConfigError, match="zero_point must be an int"):
+        Grid(4, "unsigned", 1.5)

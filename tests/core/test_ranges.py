@@ -17,6 +17,7 @@ from omse.core.ranges import (
     MinMax,
     Percentile,
     _unit_optimum,
+    fit_affine,
     make_range_setter,
 )
 from omse.core.stats import HistogramStats
@@ -175,3 +176,46 @@ def test_tiny_magnitudes_keep_their_own_step():
     for setter in (MMSE(), MinMax()):
         s = setter.fit(x, Grid(4))
         assert 1e-15 < float(s[0]) < 1e-12
+
+
+def _hist(x: torch.Tensor) -> HistogramStats:
+    st = HistogramStats(4096)
+    st.update(x)
+    return st
+
+
+def _sse(v, w, s, g):
+    s = s.to(torch.float64)
+    return float((((v - torch.clamp(torch.round(v / s), g.qmin, g.qmax) * s) ** 2) * w).sum())
+
+
+def test_fit_affine_is_the_best_zero_point_and_beats_the_signed_grid():
+    torch.manual_seed(0)
+    x = torch.nn.functional.hardswish(torch.randn(20000) * 2)  # skewed: [-0.375, ~8]
+    st = _hist(x)
+    v, w = (t.to(torch.float64) for t in st.points())
+    s, g = fit_affine(MMSE(), st, 8)
+    assert g.kind == "unsigned" and 0 < g.zero_point < 40  # most codes for the positive side
+    best = _sse(v, w, s, g)
+    for z in range(1, 255):  # brute force over the zero point, MMSE step each
+        gz = Grid(8, "unsigned", z)
+        assert best <= _sse(v, w, MMSE().fit(st, gz), gz) + 1e-12
+    full = Grid(8)
+    assert best < 0.5 * _sse(v, w, MMSE().fit(st, full), full)  # a signed grid wastes a bit
+    # the fitted quantizer is no worse than the signed grid on the raw values either
+    xa = torch.clamp(torch.round(x / s), g.qmin, g.qmax) * s
+    sf = MMSE().fit(st, full)
+    xf = torch.clamp(torch.round(x / sf), full.qmin, full.qmax) * sf
+    assert ((x - xa) ** 2).sum() < ((x - xf) ** 2).sum()
+
+
+def test_fit_affine_non_negative_and_minmax():
+    st = _hist(torch.rand(1000) * 3)
+    s, g = fit_affine(MMSE(), st, 4)
+    assert g == Grid(4, "unsigned") and torch.equal(s, MMSE().fit(st, Grid(4, "unsigned")))
+    st = _hist(torch.linspace(-1.0, 3.0, 1001))
+    s, g = fit_affine(MinMax(), st, 8)  # nothing clipped: both ends inside the grid
+    assert g.qmin * float(s) <= -1.0 + 1e-6 and g.qmax * float(s) >= 3.0 - 1e-6
+    assert abs(g.zero_point - 64) <= 1  # 1/4 of the range below zero
+    with pytest.raises(ConfigError, match="histograms"):
+        fit_affine(MMSE(), torch.randn(2, 5), 8)

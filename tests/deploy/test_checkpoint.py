@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import warnings
@@ -298,3 +299,18 @@ def test_float32_scales_are_kept_exactly(tmp_path):
     assert {v.dtype for k, v in raw.items() if k.endswith(".scale")} == {torch.float32}
     with torch.no_grad():
         assert torch.equal(q32(x), load_checkpoint(path, model=model)(x))
+
+
+def test_affine_grids_reload(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 4, 1)).eval()
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    q = quantize(net, calib, QuantConfig.preset("fast", act_grid="affine"))
+    assert quantized_layers(q)["2"].a_grid.zero_point > 0
+    path = checkpoint.save(q, tmp_path / "affine.safetensors")
+    q2 = load_checkpoint(path, model=copy.deepcopy(net))
+    for name, ql in quantized_layers(q).items():
+        assert quantized_layers(q2)[name].a_grid == ql.a_grid
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))

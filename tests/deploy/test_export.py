@@ -120,6 +120,9 @@ def test_small_net_parity(tmp_path, act_bits):
         (dict(weight_bits=4, act_bits=4), "int8"),  # 4-bit activations in UINT8 + exact Clip
         (dict(weight_bits=6, act_bits=6, weight_grid="narrow", act_grid="narrow"), "int4"),
         (dict(weight_bits=3, act_bits=3, granularity="per_tensor"), "int4"),
+        (dict(weight_bits=4, act_bits=8, act_grid="affine"), "int4"),  # zero points
+        (dict(weight_bits=4, act_bits=4, act_grid="affine"), "int4"),  # UINT4 zero points
+        (dict(weight_bits=4, act_bits=4, act_grid="affine"), "int8"),
     ],
 )
 def test_other_grids_parity(tmp_path, cfg, container):
@@ -355,3 +358,24 @@ def test_zoo_parity(tmp_path, fmnist_data, name):
     # inputs within one step, the worst ~25 steps); most inputs are untouched
     per_input = np.abs(out_qdq - sim_fake).max(1)
     assert np.median(per_input) <= step and (per_input <= step).mean() >= 0.75
+
+
+def test_affine_activations_export_zero_points(tmp_path):
+    q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=8, act_grid="affine"))
+    stem = quantized_layers(q)["stem"]
+    assert stem.a_grid.kind == "unsigned" and stem.a_grid.zero_point > 0  # a signed input
+    m = to_onnx_model(q, _data(1))
+    zp = {i.name: i for i in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.name == "stem.act.quant")
+    z = zp[node.input[2]]
+    assert z.data_type == TensorProto.UINT8
+    assert int(onnx.numpy_helper.to_array(z)) == stem.a_grid.zero_point
+    for target in ("int4", "int8"):
+        qt = _quantized(
+            QuantConfig.preset("fast", weight_bits=4, act_bits=8, act_grid="affine", target=target),
+            residual=False,
+        )
+        path = export_onnx(qt, _data(1), tmp_path / f"{target}.onnx")
+        out, sim = _run(qt, path, _data(64, seed=4))
+        tol = (2 if target == "int8" else 1) * _one_step(qt) + 1e-5 * np.abs(sim).max()
+        assert np.abs(out - sim).max() <= tol

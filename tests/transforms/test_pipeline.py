@@ -7,6 +7,7 @@ from torch import nn
 
 import omse
 from omse.config import QuantConfig
+from omse.core.grids import Grid
 from omse.nn.layers import QuantizedLayer, quantized_layers
 from omse.transforms.fold import fold_batchnorm
 from omse.transforms.pipeline import Calibration
@@ -169,3 +170,27 @@ def test_set_integer_warns_where_float32_cannot_hold_the_accumulator():
     q = omse.quantize(net, [x], QuantConfig.preset("fast", weight_bits=8, act_bits=8))
     with pytest.warns(UserWarning, match=r"\['0'\].*2\^24"):
         set_integer(q)
+
+
+def test_affine_act_grid_fits_zero_points_on_skewed_inputs():
+    """Hardswish outputs ([-0.375, ...]) get a zero point, the non-negative input of the layer
+    after a ReLU none; the model's output error drops against signed grids."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Hardswish(),
+        nn.Conv2d(16, 16, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+    ).eval()
+    calib = [torch.randn(8, 3, 12, 12) * 2 for _ in range(4)]
+    x = torch.randn(32, 3, 12, 12) * 2
+    errs = {}
+    for grid in ("full", "affine"):
+        q = omse.quantize(net, calib, QuantConfig.preset("fast", weight_bits=8, act_grid=grid))
+        layers = quantized_layers(q)
+        with torch.no_grad():
+            errs[grid] = float(((q(x) - net(x)) ** 2).mean())
+    assert layers["2"].a_grid.kind == "unsigned" and layers["2"].a_grid.zero_point > 0
+    assert layers["4"].a_grid == Grid(8, "unsigned")  # after the ReLU
+    assert errs["affine"] < 0.8 * errs["full"]

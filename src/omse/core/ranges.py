@@ -8,6 +8,9 @@ positive finite steps: ``[S]`` for slices, a 0-d tensor for a histogram.
 - :class:`Percentile`: the ``p``-quantile of ``|x|`` as clipping point.
 - :class:`ACIQ`: fit a Laplace or Gaussian and take its analytic MMSE clipping point.
 - :class:`MMSE`: the exact minimiser of the squared quantization error (:mod:`omse.core.mmse`).
+
+:func:`fit_affine` adds the zero point of an affine (asymmetric) activation grid: every zero
+point is tried, each with the method's step, and the pair of least squared error is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "Percentile",
     "ACIQ",
     "MMSE",
+    "fit_affine",
     "make_range_setter",
     "range_setter_to_dict",
     "METHODS",
@@ -61,6 +65,9 @@ def _absmax(stats: Stats, grid: Grid) -> torch.Tensor:
     if isinstance(stats, HistogramStats):
         if stats.n == 0:
             raise CalibrationError("no calibration values were seen")
+        if grid.zero_point:  # affine: each side must fit its own end of the grid
+            need = max(max(stats.max, 0.0) / grid.qmax, max(-stats.min, 0.0) / -grid.qmin)
+            return torch.tensor(need * grid.qmax, dtype=torch.float64)
         hi = stats.max if not grid.signed else stats.absmax
         # signed full grid: the negative side reaches -qmin*s > qmax*s; both sides must fit
         lo = -stats.min if grid.signed else 0.0
@@ -167,6 +174,36 @@ class MMSE:
             v, w = stats.points()
             return _fallback(mmse_solve(v.reshape(1, -1), grid, w.reshape(1, -1)).scale).reshape(())
         return _fallback(mmse_solve(stats, grid).scale)
+
+
+def fit_affine(setter: RangeSetter, stats: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+    """Step and affine grid of one activation tensor: ``(s, Grid(bits, "unsigned", z))``.
+
+    A non-negative tensor gets zero point 0 (the unsigned grid). Otherwise every zero point
+    ``z = 1 .. 2^b - 2`` (one code at least on either side of zero) is tried, with the step ``setter`` fits on ``[-z, 2^b - 1 - z]``, and
+    the pair of least squared error over the histogram's bin centroids is kept (the smallest
+    ``z`` on a tie). With :class:`MMSE` this is the exact minimiser over ``(s, z)`` on the
+    histogram; ``z = 2^(b-1)`` is the signed ``full`` grid, so the result is never worse than it.
+    """
+    if not isinstance(stats, HistogramStats):
+        raise ConfigError("affine activation grids are fitted from histograms")
+    if stats.n == 0:
+        raise CalibrationError("no calibration values were seen")
+    if stats.nonnegative:
+        grid = Grid(bits, "unsigned")
+        return setter.fit(stats, grid), grid
+    v, w = stats.points()
+    v, w = v.to(torch.float64), w.to(torch.float64)
+    best: tuple[float, torch.Tensor, Grid] | None = None
+    for z in range(1, 2**bits - 1):
+        grid = Grid(bits, "unsigned", z)
+        s = setter.fit(stats, grid)
+        sd = s.to(torch.float64)
+        err = float((((v - torch.clamp(torch.round(v / sd), -z, grid.qmax) * sd) ** 2) * w).sum())
+        if best is None or err < best[0]:
+            best = (err, s, grid)
+    assert best is not None
+    return best[1], best[2]
 
 
 METHODS = {"minmax": MinMax, "percentile": Percentile, "aciq": ACIQ, "mmse": MMSE}

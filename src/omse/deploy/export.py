@@ -238,7 +238,12 @@ class _Rewriter:
         s = np.float32(scale.item())
         elem, lo, hi = _container(grid, self.container)
         scale_n = self.const(f"{base}.scale", np.array(s, dtype=np.float32))
-        if self.target == "int8" and grid.signed:
+        if grid.zero_point:  # affine: stored codes u = q + z, dequantized as s * (u - z)
+            zp = self.fresh(f"{base}.zero_point")
+            self.inits.append(_int_tensor(zp, np.array(grid.zero_point), elem))
+            q_inputs, q_attrs = [x, scale_n, zp], {}
+            lo, hi = lo - grid.zero_point, hi - grid.zero_point
+        elif self.target == "int8" and grid.signed:
             # every activation UINT8: a signed grid is the same values at zero point 128
             # (onnxruntime's integer Conv wants input and output of one type)
             zp = self.fresh(f"{base}.zero_point")

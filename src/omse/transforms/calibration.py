@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.grids import Grid
-from ..core.ranges import make_range_setter
+from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
 from ..nn.layers import QuantizedLayer, share_input_quantizer
 from .graph import float_output, input_groups, layer_routes, shared_input_candidates, trace
@@ -159,33 +159,41 @@ def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, flo
         ql.set_act(s, ql.a_grid)
 
 
+def _fit(method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+    """Step and grid of one activation tensor: unsigned for non-negative values, else the
+    configured kind (``"affine"``: the zero point fitted with the step, :func:`fit_affine`)."""
+    setter = make_range_setter(method)
+    if kind == "affine":
+        return fit_affine(setter, st, bits)
+    grid = Grid(bits, "unsigned" if st.nonnegative else kind)  # type: ignore[arg-type]
+    return setter.fit(st, grid), grid
+
+
 def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:
     """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, on
     8-bit grids (:data:`OUTPUT_BITS`: what an int8 kernel's requantized output holds, whatever
-    the input grids are); unsigned grids for non-negative outputs."""
+    the input grids are); unsigned grids for non-negative outputs, affine ones (a fitted zero
+    point) for the others with ``act_grid="affine"``."""
     for name, st in stats.items():
         layer = layers[name]
         cfg = layer.cfg
         if st.n == 0:
             continue
-        grid = Grid(OUTPUT_BITS, "unsigned" if st.nonnegative else cfg.act_grid)  # type: ignore[arg-type]
-        layer.set_output(make_range_setter(cfg.act_method).fit(st, grid), grid)
+        layer.set_output(*_fit(cfg.act_method, cfg.act_grid, st, OUTPUT_BITS))
 
 
 def set_activation_scales(
     layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]
 ) -> None:
-    """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs."""
+    """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs,
+    affine grids (a fitted zero point) for the others with ``act_grid="affine"``."""
     for name, layer in layers.items():
         cfg = layer.cfg
         st = stats.get(name)
         if cfg.act_bits is None or st is None or st.n == 0:
             layer.set_act(None, None)
             continue
-        kind = "unsigned" if st.nonnegative else cfg.act_grid
-        grid = Grid(cfg.act_bits, kind)  # type: ignore[arg-type]
-        scale = make_range_setter(cfg.act_method).fit(st, grid)
-        layer.set_act(scale, grid)
+        layer.set_act(*_fit(cfg.act_method, cfg.act_grid, st, cfg.act_bits))
 
 
 def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, Share]) -> None:
