@@ -37,6 +37,9 @@ RECORDINGS = {
     # the same code (caa1cf3, which matched the EPYC recording there) on an Intel Xeon with AMX:
     # Lite0's later layers take other codes from last-bit differences of oneDNN's convolutions
     "intel-xeon": json.loads((DATA / "recorded_quantizations_xeon.json").read_text()),
+    # the same code (caa1cf3) on an AMD EPYC Zen 3 with AVX2 only (no AVX-512): Lite0 moves from
+    # block 1 on, from last-bit differences of the AVX2 convolution kernels
+    "amd-epyc-avx2": json.loads((DATA / "recorded_quantizations_epyc_avx2.json").read_text()),
 }
 
 
