@@ -294,6 +294,7 @@ def test_bad_input_is_one_line_and_exit_code_2(cli, work, argv, match):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["--threads", "0", "models"], "--threads must be >= 1"),
         (["export", "x", "--format", "tflite", "--out", "o"], "invalid choice: 'tflite'"),
+        (["export", "x", "--int8-weights", "u8", "--out", "o"], "invalid choice: 'u8'"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_code_2(capsys, argv, match):
@@ -410,6 +411,23 @@ def test_export_writes_a_graph_onnxruntime_runs(cli, work, extra):
     onnx = pytest.importorskip("onnx")
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert ("Mul" in ops) == ("--integer" in extra)
+
+
+@pytest.mark.parametrize("mode", ["auto", "s8"])
+def test_export_int8_weights_from_the_command_line(cli, work, mode):
+    onnx = pytest.importorskip("onnx")
+    from omse.deploy.export import uint8_weight_layers
+
+    out = work / f"m_{mode}.onnx"
+    argv = ["--target", "int8", "-w", "8", "-a", "8", "--int8-weights", mode, "--force"]
+    rc, stdout, err = cli("export", *USER, "--out", out, *argv)
+    assert rc == 0, err
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert meta["omse.int8_weights"] == mode
+    u8 = uint8_weight_layers(out)
+    # 8-bit per-channel weights reach +-127: "auto" writes them as UINT8 and says which
+    assert bool(u8) == (mode == "auto")
+    assert ("UINT8 weights" in stdout) == (mode == "auto")
 
 
 @pytest.fixture(scope="module")

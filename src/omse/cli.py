@@ -182,6 +182,15 @@ def _add_onnx_io_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--input-names", metavar="A,B", help="the graph's input names")
     p.add_argument("--output-names", metavar="Y[,Z]", help="the graph's output names")
+    p.add_argument(
+        "--int8-weights",
+        default="auto",
+        choices=["auto", "s8"],
+        help="8-bit weight storage: auto writes layers whose codes exceed +-64 as UINT8 at zero "
+        "point 128 (onnxruntime's u8u8 kernels, exact on x86 CPUs without VNNI, where its u8s8 "
+        "kernels can saturate), the others INT8; s8 writes INT8 everywhere (fastest on CPUs "
+        "with VNNI and on ARM)",
+    )
 
 
 def _parse_dynamic_axes(items: list[str]) -> dict[str, dict[int, str]] | None:
@@ -210,10 +219,10 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _export(qmodel, batches: list, args, **kw):
-    from .deploy.export import export_onnx
+    from .deploy.export import export_onnx, uint8_weight_layers
     from .transforms.statistics import first_row
 
-    return export_onnx(
+    path = export_onnx(
         qmodel,
         first_row(batches[0]),
         args.out,
@@ -222,8 +231,16 @@ def _export(qmodel, batches: list, args, **kw):
         input_names=_names(args.input_names),
         output_names=_names(args.output_names),
         dynamic_axes=_parse_dynamic_axes(args.dynamic_axes),
+        int8_weights=args.int8_weights,
         **kw,
     )
+    u8 = uint8_weight_layers(path)
+    if u8:
+        print(
+            f"UINT8 weights (codes beyond +-64, onnxruntime u8u8 kernels): {len(u8)} layers: "
+            + ", ".join(u8)
+        )
+    return path
 
 
 class _Parser(argparse.ArgumentParser):

@@ -64,6 +64,7 @@ ungrouped ones as u8 ``Deconvolution`` kernels (grouped ones in f32), with the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -94,12 +95,29 @@ from ..transforms.graph import (
 )
 from .nbits import apply_matmul_nbits
 
-__all__ = ["export_onnx", "to_onnx_model", "weight_only", "MIN_OPSET", "MAX_OPSET"]
+__all__ = [
+    "export_onnx",
+    "to_onnx_model",
+    "weight_only",
+    "uint8_weight_layers",
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "INT8_WEIGHTS",
+    "S8_SAFE_CODE",
+]
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no semantic change to 21)
 
 Container = Literal["int4", "int8"]
+Int8Weights = Literal["auto", "s8"]
+INT8_WEIGHTS = ("auto", "s8")
+# onnxruntime's x86 u8s8 kernels on CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply uint8
+# activations by int8 weights with vpmaddubsw, which adds each pair of products in saturating
+# int16: |x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640 cannot saturate for int8 codes in [-64, 64]
+S8_SAFE_CODE = 64
+UINT8_LAYERS_KEY = "omse.uint8_weight_layers"
+INT8_WEIGHTS_KEY = "omse.int8_weights"
 Target = Literal["int4", "int8"]
 ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
@@ -149,6 +167,16 @@ def _check_layer(ql: QuantizedLayer) -> None:
             raise UnsupportedLayerError(
                 f"layer {ql.name!r} term {t} has codes outside its grid {ql.w_grid}"
             )
+
+
+def uint8_weight_layers(model: onnx.ModelProto | str | Path) -> list[str] | None:
+    """The layers an omse export wrote with UINT8 weights (``int8_weights="auto"``, codes
+    beyond +-:data:`S8_SAFE_CODE`), from its metadata; None for a graph without 8-bit weight
+    containers (or not written by omse)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return None if UINT8_LAYERS_KEY not in meta else list(json.loads(meta[UINT8_LAYERS_KEY]))
 
 
 # -- rewriting ----------------------------------------------------------------------------------
@@ -205,12 +233,16 @@ class _Rewriter:
         container: Container,
         integer: bool = False,
         target: Target = "int4",
+        int8_weights: Int8Weights = "auto",
     ):
         self.model = model
         self.layers = layers
         self.container = container
         self.integer = integer
         self.target = target
+        self.int8_weights = int8_weights
+        self.int8_layers: list[str] = []  # layers with 8-bit weight containers, in graph order
+        self.uint8_layers: list[str] = []  # those written as UINT8 at zero point 128 ("auto")
         self.terms = [_export_terms(ql, target) for ql in layers]
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = {i.name for i in model.graph.initializer}
@@ -330,16 +362,27 @@ class _Rewriter:
         else:
             elem, _, _ = _container(ql.w_grid, "int4" if nbits else self.container)
         base = f"{ql.name}.w{term}"
+        values, zero = q.to(torch.int64).numpy(), 0
+        if elem == TensorProto.INT8:
+            if ql.name not in self.int8_layers:
+                self.int8_layers.append(ql.name)
+            if self.int8_weights == "auto" and int(np.abs(values).max(initial=0)) > S8_SAFE_CODE:
+                # the same values as UINT8 at zero point 128: onnxruntime then runs its u8u8
+                # kernels (16-bit products, exact on every x86 CPU) instead of u8s8
+                elem, values, zero = TensorProto.UINT8, values + 128, 128
+                if ql.name not in self.uint8_layers:
+                    self.uint8_layers.append(ql.name)
         codes = self.fresh(f"{base}.w_codes")
-        self.inits.append(_int_tensor(codes, q.to(torch.int64).numpy(), elem))
+        self.inits.append(_int_tensor(codes, values, elem))
         scale = self.const(f"{base}.scale", s.astype(np.float32))
         attrs = {"axis": 0} if s.ndim == 1 else {}
         if s.ndim == 2:
             attrs = {"axis": 1, "block_size": ql.cfg.granularity.size}
         inputs = [codes, scale]
-        if self.target == "int8" and not nbits:  # explicit zero points: QGemm fusion wants them
+        if (self.target == "int8" and not nbits) or zero:
+            # explicit zero points: QGemm fusion wants them, and UINT8 codes need 128
             inputs.append(self.fresh(f"{base}.zero_point"))
-            self.inits.append(_int_tensor(inputs[-1], np.zeros(s.shape, np.int64), elem))
+            self.inits.append(_int_tensor(inputs[-1], np.full(s.shape, zero, np.int64), elem))
         if not is_transposed(ql.layer):
             return [
                 helper.make_node("DequantizeLinear", inputs, [y], name=f"{base}.dequant", **attrs)
@@ -519,6 +562,14 @@ class _Rewriter:
         self.model.ir_version = 10 if opset >= 21 else 8
         if self.target == "int8" and any(weight_only(ql) for ql in self.layers):
             apply_matmul_nbits(self.model)  # weight-only Linear -> onnxruntime's 4-bit kernel
+        if self.int8_layers:
+            # which layers hold UINT8 weights, in the graph (see export_onnx's int8_weights)
+            meta = {
+                INT8_WEIGHTS_KEY: self.int8_weights,
+                UINT8_LAYERS_KEY: json.dumps(self.uint8_layers),
+            }
+            for k, v in meta.items():
+                self.model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
         return self.model
 
     def _separate_biases(self, nodes, w_out):
@@ -704,10 +755,13 @@ def to_onnx_model(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: DynamicAxes | None = None,
+    int8_weights: Int8Weights = "auto",
 ) -> onnx.ModelProto:
     """The QDQ :class:`onnx.ModelProto` of ``qmodel`` (see :func:`export_onnx`), not written."""
     if not isinstance(integer, bool):
         raise ConfigError(f"integer={integer!r}: use True or False")
+    if int8_weights not in INT8_WEIGHTS:
+        raise ConfigError(f"int8_weights={int8_weights!r}: use one of {list(INT8_WEIGHTS)}")
     if container not in ("int4", "int8"):
         raise ConfigError(f"container={container!r}: use 'int4' or 'int8'")
     if target is not None and target not in TARGETS:
@@ -770,7 +824,7 @@ def to_onnx_model(
                 f"ops {sorted(changed)} changed meaning in opset {opset}; export with opset=20 "
                 "and container='int8'"
             )
-    proto = _Rewriter(proto, traced, container, integer, target).run(opset)
+    proto = _Rewriter(proto, traced, container, integer, target, int8_weights).run(opset)
     proto.producer_name = "omse"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -792,6 +846,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: DynamicAxes | None = None,
+    int8_weights: Int8Weights = "auto",
 ) -> Path:
     """Write ``qmodel`` (from :func:`omse.quantize`) as a QDQ ONNX graph at ``path``.
 
@@ -841,6 +896,25 @@ def export_onnx(
             ``output_names``, ``dynamic_axes``, as an ONNX importer sets it), each is the
             default of its argument; its ``dynamic_axes`` are then the complete list (no batch
             axis is added).
+        int8_weights: how 8-bit weight codes are stored (``target="int8"``, and
+            ``container="int8"``), for onnxruntime's x86 kernels: without VNNI (AVX2, AVX-512
+            without VNNI) its uint8 x int8 (u8s8) kernels add pairs of products in saturating
+            int16 (``vpmaddubsw``), which codes beyond +-64 against input codes near 255
+            overflow; uint8 x uint8 (u8u8) kernels widen to 16 bits first and are exact.
+
+            - ``"auto"`` (default): a layer whose codes all lie in ``[-64, 64]`` keeps
+              ``INT8`` weights (u8s8, exact and fastest on every CPU); any other is written as
+              ``UINT8`` codes + 128 at zero point 128 (the same values), which onnxruntime runs
+              as u8u8 ``QLinearConv`` / ``QGemm`` / ``MatMulIntegerToFloat`` /
+              ``QLinearMatMul``: exact on every x86 CPU, slower than u8s8 on VNNI CPUs. The
+              graph depends on the weights only, not on the exporting CPU.
+            - ``"s8"``: every layer ``INT8``: the fastest graph on CPUs with VNNI (AVX512-VNNI
+              or AVX-VNNI) and on ARM, where u8s8 is exact; on x86 CPUs without VNNI its
+              layers with codes beyond +-64 can saturate.
+
+            The graph's ``metadata_props`` name the mode (``omse.int8_weights``) and the
+            layers written as UINT8 (``omse.uint8_weight_layers``, a JSON list; read it with
+            :func:`uint8_weight_layers`).
 
     Raises:
         UnsupportedLayerError: a layer the target cannot express (named in the message).
@@ -872,6 +946,7 @@ def export_onnx(
         input_names=input_names,
         output_names=output_names,
         dynamic_axes=dynamic_axes,
+        int8_weights=int8_weights,
     )
     data = proto.SerializeToString()
     with atomic_path(p, force) as tmp:
