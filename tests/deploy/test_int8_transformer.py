@@ -11,10 +11,11 @@ stream stays float); the projections reading one LayerNorm output share one inpu
 target's (float between layers) and onnxruntime runs the exported graph with one integer
 kernel per Linear, agreeing with the simulation.
 
-The parity checks use 7-bit weights: onnxruntime's x86 u8s8 kernels on CPUs without VNNI (AVX2)
-add pairs of u8 x s8 products in saturating int16 (``vpmaddubsw``), which 8-bit weights against
-inputs near 255 overflow (onnxruntime's ``reduce_range`` exists for that); with |codes| <= 63 the
-pair sums stay below 2^15 on every x86 CPU, so the test is exact arithmetic everywhere.
+The parity checks use 8-bit weights: the export writes them as UINT8 at zero point 128
+(``int8_weights="auto"``), which onnxruntime runs with its u8u8 kernels, exact on every x86 CPU;
+its u8s8 kernels on CPUs without VNNI (AVX2) add pairs of u8 x s8 products in saturating int16
+(``vpmaddubsw``), which 8-bit codes against inputs near 255 overflow
+(``tests/deploy/test_int8_weights.py``).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _session(proto, opt=None):
 
 
 def test_onnxruntime_runs_integer_matmuls_with_float_outputs(tmp_path):
-    q = _quantize("int8", weight_bits=7)
+    q = _quantize("int8")
     proto = to_onnx_model(q, _batches(1, 1)[0], dynamic_axes={"input": {1: "seq"}})
     opt = tmp_path / "opt.onnx"
     sess = _session(proto, opt)

@@ -155,3 +155,18 @@ def test_auto_is_exact_where_s8_saturates(quantized, tmp_path):
 def test_bad_int8_weights_is_named(quantized):
     with pytest.raises(ConfigError, match="int8_weights='u8'"):
         to_onnx_model(quantized, torch.rand(1, 4, 6, 6), int8_weights="u8")
+
+
+def test_with_int8_weights_turns_auto_into_s8(quantized, tmp_path):
+    from omse.deploy.export import with_int8_weights
+
+    x = torch.rand(1, 4, 6, 6)
+    auto = to_onnx_model(quantized, x)
+    s8 = to_onnx_model(quantized, x, int8_weights="s8")
+    assert with_int8_weights(auto) == 2  # conv, fc
+    assert uint8_weight_layers(auto) == []
+    a = {i.name: onnx.numpy_helper.to_array(i) for i in auto.graph.initializer}
+    b = {i.name: onnx.numpy_helper.to_array(i) for i in s8.graph.initializer}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k

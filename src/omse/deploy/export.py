@@ -31,7 +31,10 @@ activation grids) and, for layers whose input is quantized, the bias as ``INT32`
 ``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
 feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
 each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
-arithmetic.
+arithmetic. 8-bit weight codes beyond +-64 go out as ``UINT8`` at zero point 128 (the same
+values) by default, so that onnxruntime's x86 kernels are exact on CPUs without VNNI too (its
+u8s8 kernels add product pairs in saturating int16 there; see ``int8_weights`` of
+:func:`export_onnx`).
 
 Parity: onnxruntime and torch sum in different orders, so a pre-activation within float rounding
 of a rounding boundary can be quantized one step apart; in a deep 4-bit network those flips
@@ -100,6 +103,7 @@ __all__ = [
     "to_onnx_model",
     "weight_only",
     "uint8_weight_layers",
+    "with_int8_weights",
     "MIN_OPSET",
     "MAX_OPSET",
     "INT8_WEIGHTS",
@@ -177,6 +181,38 @@ def uint8_weight_layers(model: onnx.ModelProto | str | Path) -> list[str] | None
         model = onnx.load(str(model), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     return None if UINT8_LAYERS_KEY not in meta else list(json.loads(meta[UINT8_LAYERS_KEY]))
+
+
+def with_int8_weights(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, the UINT8 weights (zero point 128) of an ``int8_weights="auto"``
+    export as INT8 (zero point 0): the ``"s8"`` graph, for runtimes that want int8 weights
+    (OpenVINO's CPU plugin runs convolutions with UINT8 weights in float). Returns how many
+    weight tensors changed."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    changed = 0
+    for node in g.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        w, zp = inits.get(node.input[0]), inits.get(node.input[2])
+        if w is None or zp is None or not w.name.endswith(".w_codes"):
+            continue
+        if w.data_type != TensorProto.UINT8 or zp.data_type != TensorProto.UINT8:
+            continue
+        z = numpy_helper.to_array(zp).astype(np.int64)
+        if not (z == 128).all():
+            continue
+        codes = numpy_helper.to_array(w).astype(np.int64) - 128
+        w.CopyFrom(numpy_helper.from_array(codes.astype(np.int8), w.name))
+        zp.CopyFrom(numpy_helper.from_array(np.zeros(z.shape, np.int8), zp.name))
+        changed += 1
+    if changed:
+        meta = {p.key: p.value for p in model.metadata_props}
+        meta.update({INT8_WEIGHTS_KEY: "s8", UINT8_LAYERS_KEY: "[]"})
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return changed
 
 
 # -- rewriting ----------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ and EfficientNet-Lite0, W4A8)
       transformations then run a layer in integer arithmetic (``u8``/``i8`` activations x ``i8``
       weights, int32 accumulation, ``*_I8``/``*_i8`` kernels) only when its weights are 8-bit:
     - ``container="int8"``: every quantized convolution and the classifier run in ``u8``/``i8``.
+    - ``UINT8`` weights (zero point 128, what ``int8_weights="auto"`` writes for codes beyond
+      +-64 so that onnxruntime's kernels are exact on x86 CPUs without VNNI): the plugin runs
+      such a convolution in ``f32``. :func:`compile_onnx` therefore compiles an export listing
+      UINT8 layers (metadata ``omse.uint8_weight_layers``) from a copy with those weights as
+      INT8 (:func:`omse.deploy.export.with_int8_weights`, the ``"s8"`` graph); reading the
+      file with ``openvino`` directly, export with ``int8_weights="s8"``.
     - ``container="int4"`` (default): no convolution runs in integer arithmetic; the 4-bit
       weights are decompressed to floats and the convolutions run in ``f32`` (or ``bf16``, see
       below). A ``FullyConnected`` keeps ``i4`` weights (weight-only compression: float
@@ -121,6 +127,32 @@ def _ov_message(e: BaseException, limit: int = 300) -> str:
     return (" ".join(keep) or type(e).__name__)[:limit]
 
 
+def _with_int8_weights(p: Path) -> Path:
+    """``p``, or, for an export with UINT8 weights (``int8_weights="auto"``), a temporary copy
+    with them as INT8: the CPU plugin runs a convolution with UINT8 weights in ``f32``."""
+    import tempfile
+
+    import onnx
+
+    from .export import uint8_weight_layers, with_int8_weights
+
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not ONNX, or unreadable: read_model reports it
+        return p
+    if (
+        not uint8_weight_layers(model)
+        or model.graph.initializer
+        and any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    ):
+        return p
+    with_int8_weights(model)
+    fd, name = tempfile.mkstemp(prefix=f"{p.stem}.s8.", suffix=".onnx")
+    with open(fd, "wb") as f:
+        f.write(model.SerializeToString())
+    return Path(name)
+
+
 def compile_onnx(
     path: str | Path,
     threads: int = 2,
@@ -181,19 +213,24 @@ def compile_onnx(
     if dynamic_quantization is False:
         config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
     core = ov.Core()
+    src = _with_int8_weights(p)
     try:
-        model = core.read_model(str(p))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise OmseError(
-            f"OpenVINO cannot read the ONNX model {p} (corrupt, truncated or not ONNX?): "
-            f"{_ov_message(e)}"
-        ) from e
-    try:
-        return core.compile_model(model, "CPU", config)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise OmseError(
-            f"OpenVINO's CPU plugin cannot compile the ONNX model {p}: {_ov_message(e)}"
-        ) from e
+        try:
+            model = core.read_model(str(src))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise OmseError(
+                f"OpenVINO cannot read the ONNX model {p} (corrupt, truncated or not ONNX?): "
+                f"{_ov_message(e)}"
+            ) from e
+        try:
+            return core.compile_model(model, "CPU", config)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise OmseError(
+                f"OpenVINO's CPU plugin cannot compile the ONNX model {p}: {_ov_message(e)}"
+            ) from e
+    finally:
+        if src != p:
+            src.unlink(missing_ok=True)
 
 
 def run(compiled: CompiledModel, x: np.ndarray) -> np.ndarray:
