@@ -384,12 +384,17 @@ def test_minilm_dict_export_with_dynamic_batch_and_sequence(cfg, tmp_path):
         # embedding by ~1e-3)
         # W8A8 int8: onnxruntime's integer kernels sum in their own order, and a flipped 8-bit
         # input code moves a unit embedding by up to ~0.05 (measured)
+        # Integer form: how many codes flip depends on the CPU's float kernels (AVX-512: none
+        # beyond ~1e-3; an AVX2 Zen 3 EPYC: 5 of 9 sentences, up to 0.0124, cosine 0.9964, with
+        # and without onnxruntime's fusions; measured)
         w8a8 = cfg.get("act_bits") == 8 and cfg["target"] == "int8"
-        tol = 0.1 if w8a8 else 1e-5 if cfg["target"] == "int8" else 5e-3
+        tol = 0.1 if w8a8 else 1e-5 if cfg["target"] == "int8" else 0.03
         assert float(np.abs(out - sim).max()) <= tol
         cos = (out * sim).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(sim, axis=1)
         if w8a8:  # most sentences exact; one flip cascades through the layers (measured 0.978)
             assert np.median(cos) >= 0.999 and cos.min() >= 0.95
+        elif integer:
+            assert cos.min() >= 0.99
         else:
             assert cos.min() >= 0.9999
     assert len(shapes) == 2
