@@ -4,6 +4,7 @@ Agreement with FP32 (top-1) over a deterministic bank of views of the 20 foolbox
 calibrated on photographs that are never evaluation images (omse.zoo.data.calibration_images).
 
     python benchmarks/accuracy.py [--views 200] [--calib 32] [--settings W4A32,W4A8,W4A4]
+        [--budgets 0,0.05,0.1,0.25,1] [--ablation "name;name"]
 
 Prints markdown tables, writes results/accuracy.json and results/accuracy_budget.png.
 """
@@ -39,6 +40,18 @@ ABLATION = {
     },
     "+ residuals 10% (output criterion)": {"extra_mac_budget": 0.10},
     "residuals 10% + bias correction": {"extra_mac_budget": 0.10, "bias_correction": True},
+    # residual kernels ranked by each layer's measured effect on the model's output (one pass
+    # over the calibration images per layer) instead of each layer's own relative output error
+    "residuals 10% (network criterion) + bias correction": {
+        "extra_mac_budget": 0.10,
+        "bias_correction": True,
+        "residual_criterion": "network",
+    },
+    "residuals 25% (network criterion) + bias correction": {
+        "extra_mac_budget": 0.25,
+        "bias_correction": True,
+        "residual_criterion": "network",
+    },
     "all: residuals 10% + bias corr. + equalization + GPTQ": {
         "extra_mac_budget": 0.10,
         "bias_correction": True,
@@ -78,8 +91,15 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=200)
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--settings", default="W4A8,W4A4,W4A32")
+    ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS), help="'' = none")
+    ap.add_argument("--ablation", default=";".join(ABLATION), help="rows, ';'-separated")
     ap.add_argument("--out", default="results/accuracy.json")
     args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    unknown = [n for n in args.ablation.split(";") if n and n not in ABLATION]
+    if unknown:
+        ap.error(f"--ablation: unknown rows {unknown}; known: {list(ABLATION)}")
+    ablation = {n: ABLATION[n] for n in args.ablation.split(";") if n}
     tune_allocator()
     settings = args.settings.split(",")
     task = get_task("efficientnet-lite0")
@@ -95,7 +115,7 @@ def main(argv=None) -> int:
     }
     rows = {"budget": [], "ablation": []}
     for s in settings:
-        for b in BUDGETS:
+        for b in budgets:
             r = run(s, {"extra_mac_budget": b, "bias_correction": True}, ctx)
             r["budget"] = b
             rows["budget"].append(r)
@@ -103,10 +123,10 @@ def main(argv=None) -> int:
                 f"{s} budget {b:.0%}: agreement {r['agreement']:.1%} (extra {r['extra_macs_fraction']:.1%})",
                 flush=True,
             )
-        for name, extra in ABLATION.items():
-            if extra == {"extra_mac_budget": 0.10, "bias_correction": True}:
-                prev = next(r for r in rows["budget"] if r["setting"] == s and r["budget"] == 0.10)
-                r = dict(prev, config=extra)
+        for name, extra in ablation.items():
+            prev = [r for r in rows["budget"] if r["setting"] == s and r["budget"] == 0.10]
+            if extra == {"extra_mac_budget": 0.10, "bias_correction": True} and prev:
+                r = dict(prev[0], config=extra)
             else:
                 r = run(s, extra, ctx)
             r["name"] = name
@@ -124,12 +144,13 @@ def main(argv=None) -> int:
         )  # per setting
     print()
     print(tables(result))
-    plot(result, Path(args.out).with_name("accuracy_budget.png"))
+    if rows["budget"]:
+        plot(result, Path(args.out).with_name(Path(args.out).stem + "_budget.png"))
     return 0
 
 
 def tables(result: dict) -> str:
-    settings = list(dict.fromkeys(r["setting"] for r in result["ablation"]))
+    settings = list(dict.fromkeys(r["setting"] for r in result["ablation"] + result["budget"]))
     lines = ["| correction | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     names = list(dict.fromkeys(r["name"] for r in result["ablation"]))
     for n in names:
@@ -145,7 +166,7 @@ def tables(result: dict) -> str:
         "| extra-MAC budget (with bias correction) | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
     ]
-    for b in BUDGETS:
+    for b in dict.fromkeys(r["budget"] for r in result["budget"]):
         cells = []
         for s in settings:
             r = next((x for x in result["budget"] if x["budget"] == b and x["setting"] == s), None)

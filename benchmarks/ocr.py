@@ -93,6 +93,22 @@ ROWS = {
     "W8A8 recipe + affine act.": {"weight_bits": 8, "act_bits": 8, **RECIPE, "act_grid": "affine"},
     "W4A8 recipe + affine act.": {"weight_bits": 4, "act_bits": 8, **RECIPE, "act_grid": "affine"},
     "W4A4 recipe + affine act.": {"weight_bits": 4, "act_bits": 4, **RECIPE, "act_grid": "affine"},
+    # residual tensors ranked by each layer's measured effect on the model's output (one pass
+    # over the calibration lines per layer) instead of each layer's own relative output error
+    "W4A8 recipe + network criterion": {
+        "weight_bits": 4,
+        "act_bits": 8,
+        **RECIPE,
+        "residual_criterion": "network",
+    },
+    "W4A8 recipe at 25%": {"weight_bits": 4, "act_bits": 8, **RECIPE, "extra_mac_budget": 0.25},
+    "W4A8 recipe at 25% + network criterion": {
+        "weight_bits": 4,
+        "act_bits": 8,
+        **RECIPE,
+        "extra_mac_budget": 0.25,
+        "residual_criterion": "network",
+    },
     # learned rounding (AdaRound-style, layer by layer) on top of the recipe; not in the default
     # --rows (minutes per model): `--rows "W4A8 recipe + learned rounding"`
     "W4A8 recipe + learned rounding": {

@@ -495,6 +495,7 @@ def _config(*argv: str):
             QuantConfig.preset("fast", bias_correction=True),
         ),
         (["--no-bias-correction", "--budget", "0"], QuantConfig.preset("fast")),
+        (["--residual-criterion", "network"], QuantConfig(residual_criterion="network")),
         (["--recipe", "best", "--rounding", "nearest"], QuantConfig()),
         (
             [

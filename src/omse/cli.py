@@ -120,6 +120,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="extra MACs for residual tensors, a fraction (recipe: 0.1; fast: 0)",
     )
     r.add_argument(
+        "--residual-criterion",
+        choices=["output", "weight", "network"],
+        help="how kernels are ranked for the budget: layer-output error (recipe), weight MSE, or "
+        "layer-output error weighed by the layer's measured effect on the model's output (one "
+        "calibration pass per layer)",
+    )
+    r.add_argument(
         "--target",
         choices=["int4", "int8"],
         help="hardware the model is for: int8 (onnxruntime CPU, OpenVINO, TensorRT: one 8-bit "
@@ -358,6 +365,7 @@ def _config_from_args(args) -> Any:
         "act_method": args.method,
         "granularity": args.granularity,
         "extra_mac_budget": args.budget,
+        "residual_criterion": args.residual_criterion,
         "bias_correction": args.bias_correction,
         "equalize": args.equalize,
         "rounding": args.rounding,

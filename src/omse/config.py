@@ -162,7 +162,9 @@ class QuantConfig:
             term). With ``target="int8"`` the terms merge into one 8-bit kernel: no extra MACs
             at run time.
         residual_criterion: how kernels are ranked for the budget: ``output`` (layer-output error
-            on calibration data, default) or ``weight`` (weight MSE).
+            on calibration data, default), ``weight`` (weight MSE) or ``network`` (layer-output
+            error weighed by the layer's measured effect on the model's output: one extra pass
+            over the calibration batches per layer, :mod:`omse.transforms.sensitivity`).
         max_terms: the most tensors one kernel may get (1 + residual terms).
         bias_correction / equalize: post-training corrections (see README); bias correction
             is on by default, equalization off.
@@ -318,9 +320,9 @@ class QuantConfig:
             raise ConfigError(
                 f"extra_mac_budget={b!r} is outside [0, 2] (a fraction of the model's MACs)"
             )
-        if self.residual_criterion not in ("output", "weight"):
+        if self.residual_criterion not in ("output", "weight", "network"):
             raise ConfigError(
-                f"residual_criterion={self.residual_criterion!r}: use 'output' or 'weight'"
+                f"residual_criterion={self.residual_criterion!r}: use 'output', 'weight' or 'network'"
             )
         if (
             isinstance(self.max_terms, bool)

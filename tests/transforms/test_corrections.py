@@ -28,7 +28,7 @@ def _budgeted(budget, criterion="output", max_terms=2, bits=3):
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.05, 0.1, 0.25, 1.0, 2.0])
-@pytest.mark.parametrize("criterion", ["output", "weight"])
+@pytest.mark.parametrize("criterion", ["output", "weight", "network"])
 def test_budget_never_exceeded(budget, criterion):
     q = _budgeted(budget, criterion, max_terms=3)
     layers = quantized_layers(q)

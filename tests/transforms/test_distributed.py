@@ -57,6 +57,8 @@ CONFIGS = {
     "plain": _config(),
     # bias correction + residual tensors, int8 target (output quantizers: the plan step)
     "bc+residuals": _config(extra_mac_budget=0.1, bias_correction=True, target="int8"),
+    # the network criterion: per-layer model-output errors summed over both ranks' batches
+    "network": _config(extra_mac_budget=0.2, residual_criterion="network"),
     "learned": _config(rounding="learned", rounding_iters=20, bias_correction=True),
     "reconstructed": _config(
         rounding="learned", rounding_scope="block", rounding_iters=10, bias_correction=True
@@ -151,6 +153,7 @@ def test_residuals_and_bias_correction_were_exercised(results):
     single, _ = results
     st = single["bc+residuals"]
     assert any(k.endswith(".codes1") for k in st)  # a residual term somewhere
+    assert any(k.endswith(".codes1") for k in single["network"])
     assert any(k.endswith(".out_scale") and v.numel() for k, v in st.items())
 
 

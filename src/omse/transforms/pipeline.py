@@ -72,6 +72,7 @@ from .onnx_import import load_onnx, matmul_constants
 from .reconstruct import find_blocks, reconstruct
 from .residuals import select_residuals
 from .rounding import gptq_terms
+from .sensitivity import network_errors
 from .statistics import Needs, collect
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
@@ -285,8 +286,12 @@ def _residuals(r: _Run) -> None:
         r.qmodel, r.layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
     )
     c = r.config
+    sens = None
+    if c.residual_criterion == "network":
+        sens = network_errors(r.qmodel, r.layers, r.batches, r.progress)
+        r.cal.corrections["network_errors"] = sens
     r.cal.corrections["residual_kernels"] = select_residuals(
-        r.layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms
+        r.layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms, sens
     )
 
 

@@ -45,11 +45,17 @@ def select_residuals(
     budget: float,
     criterion: str = "output",
     max_terms: int = 2,
+    sensitivity: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """Give residual tensors to the kernels that buy the most error reduction per extra MAC.
 
-    Extra MACs stay within ``budget * sum(layer MACs)``. Returns the extra kernels per layer.
+    Extra MACs stay within ``budget * sum(layer MACs)``. ``sensitivity`` (needed by, and only
+    read with, ``criterion="network"``): each layer's model-output error with its weights alone
+    quantized. Returns the extra kernels per layer.
     """
+    if criterion == "network" and sensitivity is None:
+        raise ValueError("criterion='network' needs each layer's sensitivity (network_errors)")
+    layer_criterion = "output" if criterion == "network" else criterion
     total_macs = sum(q.macs for q in layers.values())
     allowance = budget * total_macs
     cands = []  # (gain per MAC, layer name, term index, kernel, cost)
@@ -60,7 +66,10 @@ def select_residuals(
         cfg = q.cfg
         w = q.float_weight
         approx = q.dequantized_weight()
-        err_prev = _kernel_errors(q, stats.get(name), approx, criterion)
+        err_prev = _kernel_errors(q, stats.get(name), approx, layer_criterion)
+        weight = 1.0
+        if criterion == "network":  # layer-relative error -> model-output error
+            weight = sensitivity.get(name, 0.0) / max(float(err_prev.sum()), 1e-300)
         out = w.shape[0]
         cost = q.macs / out
         if cfg.target == "int8":  # s2 = s1 / k: the two terms merge into one 8-bit kernel
@@ -81,10 +90,10 @@ def select_residuals(
         acc = approx
         for t, (c, sc) in enumerate(extra_terms, start=1):
             acc = acc + dequantize(c, sc)
-            err_t = _kernel_errors(q, stats.get(name), acc, criterion)
+            err_t = _kernel_errors(q, stats.get(name), acc, layer_criterion)
             gain = (err_prev - err_t).clamp_min(0)
             for k in torch.nonzero(gain > 0).squeeze(1).tolist():
-                cands.append((float(gain[k]) / cost, name, t, k, cost))
+                cands.append((weight * float(gain[k]) / cost, name, t, k, cost))
             err_prev = err_t
     cands.sort(key=lambda c: -c[0])
     chosen: dict[str, list[torch.Tensor]] = {
