@@ -186,18 +186,9 @@ def _rec_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
     )
 
 
-def _turned(lines) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every other line turned 180 degrees; labels 0 ('0') and 1 ('180')."""
-    imgs = [
-        x.bgr() if i % 2 == 0 else np.ascontiguousarray(x.bgr()[::-1, ::-1])
-        for i, x in enumerate(lines)
-    ]
-    return imgs, np.arange(len(lines)) % 2
-
-
 def _cls_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
-    cal, _ = _turned(calib_lines)
-    ev, labels = _turned(eval_lines)
+    cal, _ = ocr.turned(calib_lines)
+    ev, labels = ocr.turned(eval_lines)
 
     def summarize(outs):
         return np.concatenate(outs).argmax(1)

@@ -733,3 +733,45 @@ def test_export_bad_dynamic_axes_is_one_line(cli, work, spec):
     rc, _, err = cli("export", *USER, "--out", out, "--force", "--dynamic-axes", spec)
     assert rc == 2 and "--dynamic-axes" in _one_error_line(err) and "NAME:AXIS=DIM" in err
     assert not out.exists()
+
+
+def test_ocr_recognizer_onnx_in_onnx_out_from_the_command_line(cli, work):
+    """The PP-OCRv4 recognizer that rapidocr ships, quantized from its file with the calibration
+    loader omse.zoo.ocr provides and written back as ONNX: the graph keeps the file's input and
+    output names, runs at two batch sizes and two line widths, and reads the held-out lines as
+    FP32 does (the printed agreement is per CTC step, over the classes)."""
+    import importlib.util
+
+    ort = pytest.importorskip("onnxruntime")
+    from omse.zoo import ocr
+
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed (make install installs it)")
+    try:
+        src = ocr.rapidocr_models()["rec"]
+    except OmseError as e:
+        pytest.skip(str(e))
+    out = work / "rec.q.onnx"
+    argv = ["--calib-loader", "omse.zoo.ocr:rec_calibration", "--recipe", "fast", "-w", "8"]
+    rc, stdout, err = cli(
+        "--threads", "1", "quantize", src, *argv, "--target", "int8", "--out", out,
+        "--json", work / "rec.json", "--force",
+    )  # fmt: skip
+    assert rc == 0, err
+    res = json.loads((work / "rec.json").read_text())
+    assert res["output_sqnr_db"] > 5 and res["agreement"] > 0.9  # per step, 16 calib. lines
+    charset = ocr.rapidocr_charset(src)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [i.name for i in ref.get_inputs()]
+    assert [o.name for o in sess.get_outputs()] == [o.name for o in ref.get_outputs()]
+    name = ref.get_inputs()[0].name
+    lines = [x.bgr() for x in ocr.text_lines(8, "eval", 1, max_wh_ratio=320 / 48)]
+    for n, width in [(1, 320), (3, 480), (8, 320), (8, 480)]:
+        x = ocr.rec_preprocess(lines[:n], max_wh_ratio=width / 48)
+        y = sess.run(None, {name: x})[0]
+        y0 = ref.run(None, {name: x})[0]
+        assert y.shape == y0.shape == (n, width // 8, len(charset))
+        texts, fp32 = ocr.ctc_greedy_decode(y, charset), ocr.ctc_greedy_decode(y0, charset)
+        cer = np.mean([ocr.char_error_rate(a, b) for a, b in zip(texts, fp32)])
+        assert cer <= 0.2, (n, width, texts, fp32)  # measured 0.0-0.1 (W8A8, int8 kernels)

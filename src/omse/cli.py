@@ -680,15 +680,18 @@ def _logits(model: torch.nn.Module, inputs, pre, desc: str, progress: bool = Tru
 def _compare(ref: torch.Tensor, out: torch.Tensor, labels) -> dict[str, Any]:
     """The quantized outputs against FP32's. ``[N, classes]`` logits: top-1 agreement, KL and
     top-1 accuracy (with labels). ``[N, C, ...]`` maps (detection, segmentation): the agreement
-    of the per-position argmax over ``C`` (``None`` for one channel), output SQNR in dB."""
+    of the per-position argmax over ``C`` (``None`` for one channel), output SQNR in dB.
+    ``[N, T, classes]`` sequences (CTC recognizers, token logits): the per-step argmax over the
+    last axis instead."""
     from .analysis.metrics import compare_logits, sqnr_db
 
     if ref.dim() == 2:
         a = compare_logits(ref, out, labels)
         fp = compare_logits(ref, ref, labels).top1
         return {"agreement": a.agreement, "kl": a.kl, "top1": a.top1, "fp32_top1": fp, "n": a.n}
-    c = ref.shape[1]
-    agree = None if c == 1 else float((ref.argmax(1) == out.argmax(1)).float().mean())
+    axis = -1 if ref.dim() == 3 else 1
+    c = ref.shape[axis]
+    agree = None if c == 1 else float((ref.argmax(axis) == out.argmax(axis)).float().mean())
     return {
         "agreement": agree,
         "kl": None,

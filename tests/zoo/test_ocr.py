@@ -145,3 +145,19 @@ def test_fp32_recognizer_reads_a_rendered_line_in_onnxruntime():
     assert probs.shape == (3, 60, 6625)
     read = [t.strip() for t in ocr.ctc_greedy_decode(probs, charset)]
     assert sum(r == x.text for r, x in zip(read, lines)) >= 2
+
+
+def test_calibration_loaders_give_preprocessed_batches_of_the_calib_split():
+    rec = ocr.rec_calibration(6, batch=4)
+    assert [tuple(b.shape) for b in rec] == [(4, 3, 48, 480), (2, 3, 48, 480)]
+    lines = ocr.text_lines(6, "calib", 0, 10.0)
+    want = ocr.rec_preprocess([x.bgr() for x in lines[4:]], max_wh_ratio=10.0)
+    assert np.array_equal(rec[1].numpy(), want)
+    imgs, labels = ocr.turned(lines[:4])
+    assert labels.tolist() == [0, 1, 0, 1]
+    assert np.array_equal(imgs[1], lines[1].bgr()[::-1, ::-1]) and imgs[1].flags.c_contiguous
+    cls = ocr.cls_calibration(4, batch=4)
+    assert len(cls) == 1 and np.array_equal(cls[0].numpy(), ocr.cls_preprocess(imgs))
+    det = ocr.det_calibration(2, batch=2, side=256)
+    assert [tuple(b.shape) for b in det] == [(2, 3, 256, 256)]
+    assert float(det[0].min()) >= -1 and float(det[0].max()) <= 1

@@ -31,6 +31,11 @@ Data
     random stream, so calibration and evaluation text never share a token
     (:func:`assert_disjoint` checks two sets of images).
 
+Calibration loaders
+    :func:`rec_calibration`, :func:`cls_calibration` and :func:`det_calibration` return
+    preprocessed calibration batches of the ``"calib"`` split, as ``omse quantize <model>.onnx
+    --calib-loader omse.zoo.ocr:rec_calibration`` takes them.
+
 Metrics
     :func:`ctc_greedy_decode` (argmax, merge repeats, drop blanks: rapidocr's decode),
     :func:`edit_distance`, :func:`char_error_rate`, :func:`mask_iou`.
@@ -64,18 +69,22 @@ __all__ = [
     "TextLine",
     "assert_disjoint",
     "char_error_rate",
+    "cls_calibration",
     "cls_preprocess",
     "ctc_greedy_decode",
+    "det_calibration",
     "det_preprocess",
     "edit_distance",
     "mask_iou",
     "rapidocr_charset",
     "rapidocr_models",
+    "rec_calibration",
     "rec_preprocess",
     "resize_bilinear",
     "text_lines",
     "text_pages",
     "token_split",
+    "turned",
     "vocabulary",
 ]
 
@@ -475,3 +484,50 @@ def assert_disjoint(
     digests = {hashlib.sha256(it.image.tobytes()).hexdigest() for it in calib}
     if any(hashlib.sha256(it.image.tobytes()).hexdigest() in digests for it in evaluation):
         raise OmseError("an evaluation image is identical to a calibration image")
+
+
+# -- calibration loaders (``omse quantize <model>.onnx --calib-loader omse.zoo.ocr:...``) --------
+
+
+def rec_calibration(
+    n: int = 16, batch: int = 8, seed: int = 0, max_wh_ratio: float = 10.0
+) -> list[torch.Tensor]:
+    """``n`` calibration lines (split ``"calib"``) for the recognizer, rapidocr-preprocessed in
+    batches of ``batch``: float32 ``[batch, 3, 48, 48 * max_wh_ratio]`` each (one width, as the
+    benchmark pads every batch)."""
+    lines = [x.bgr() for x in text_lines(n, "calib", seed, max_wh_ratio)]
+    return [
+        torch.from_numpy(rec_preprocess(lines[i : i + batch], max_wh_ratio=max_wh_ratio))
+        for i in range(0, n, batch)
+    ]
+
+
+def turned(lines: Sequence[TextLine]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The lines' BGR images with every other one turned by 180 degrees, and the direction
+    classifier's labels: ``0`` (``'0'``) and ``1`` (``'180'``), ``[n]`` int64."""
+    imgs = [
+        x.bgr() if i % 2 == 0 else np.ascontiguousarray(x.bgr()[::-1, ::-1])
+        for i, x in enumerate(lines)
+    ]
+    return imgs, np.arange(len(lines)) % 2
+
+
+def cls_calibration(n: int = 16, batch: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` calibration lines for the direction classifier, every other one turned
+    (:func:`turned`), rapidocr-preprocessed: float32 ``[batch, 3, 48, 192]`` each."""
+    imgs, _ = turned(text_lines(n, "calib", seed))
+    return [torch.from_numpy(cls_preprocess(imgs[i : i + batch])) for i in range(0, n, batch)]
+
+
+def det_calibration(
+    n: int = 4, batch: int = 2, seed: int = 0, side: int = 480
+) -> list[torch.Tensor]:
+    """``n`` calibration pages of ``side`` x ``side`` pixels for the detector, rapidocr-
+    preprocessed (``limit_side_len=side``): float32 ``[batch, 3, side, side]`` each."""
+    pages = [p.bgr() for p in text_pages(n, "calib", seed, side, side)]
+    return [
+        torch.from_numpy(
+            np.concatenate([det_preprocess(p, limit_side_len=side) for p in pages[i : i + batch]])
+        )
+        for i in range(0, n, batch)
+    ]
