@@ -118,6 +118,10 @@ ROWS = {
         "rounding": "learned",
     },
 }
+ROWS["W4A8 recipe + learned rounding + network criterion"] = {
+    **ROWS["W4A8 recipe + learned rounding"],
+    "residual_criterion": "network",
+}
 DEFAULT_ROWS = ("W8A8 recipe", "W4A8 recipe", "W4A4 recipe", "W4A8 MMSE")
 TARGETS = ("int4", "int8")
 
