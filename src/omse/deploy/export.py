@@ -173,6 +173,14 @@ def _check_layer(ql: QuantizedLayer) -> None:
             )
 
 
+def _update_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set ``entries`` in ``model.metadata_props``, replacing entries of the same keys."""
+    meta = {p.key: p.value for p in model.metadata_props} | entries
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
 def uint8_weight_layers(model: onnx.ModelProto | str | Path) -> list[str] | None:
     """The layers an omse export wrote with UINT8 weights (``int8_weights="auto"``, codes
     beyond +-:data:`S8_SAFE_CODE`), from its metadata; None for a graph without 8-bit weight
@@ -207,11 +215,7 @@ def with_int8_weights(model: onnx.ModelProto) -> int:
         zp.CopyFrom(numpy_helper.from_array(np.zeros(z.shape, np.int8), zp.name))
         changed += 1
     if changed:
-        meta = {p.key: p.value for p in model.metadata_props}
-        meta.update({INT8_WEIGHTS_KEY: "s8", UINT8_LAYERS_KEY: "[]"})
-        del model.metadata_props[:]
-        for k, v in meta.items():
-            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+        _update_metadata(model, {INT8_WEIGHTS_KEY: "s8", UINT8_LAYERS_KEY: "[]"})
     return changed
 
 
@@ -277,8 +281,8 @@ class _Rewriter:
         self.integer = integer
         self.target = target
         self.int8_weights = int8_weights
-        self.int8_layers: list[str] = []  # layers with 8-bit weight containers, in graph order
-        self.uint8_layers: list[str] = []  # those written as UINT8 at zero point 128 ("auto")
+        self.has_int8 = False  # a layer has 8-bit weight containers
+        self.uint8_layers: list[str] = []  # layers written as UINT8 at zero point 128 ("auto")
         self.terms = [_export_terms(ql, target) for ql in layers]
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = {i.name for i in model.graph.initializer}
@@ -400,8 +404,7 @@ class _Rewriter:
         base = f"{ql.name}.w{term}"
         values, zero = q.to(torch.int64).numpy(), 0
         if elem == TensorProto.INT8:
-            if ql.name not in self.int8_layers:
-                self.int8_layers.append(ql.name)
+            self.has_int8 = True
             if self.int8_weights == "auto" and int(np.abs(values).max(initial=0)) > S8_SAFE_CODE:
                 # the same values as UINT8 at zero point 128: onnxruntime then runs its u8u8
                 # kernels (16-bit products, exact on every x86 CPU) instead of u8s8
@@ -598,14 +601,14 @@ class _Rewriter:
         self.model.ir_version = 10 if opset >= 21 else 8
         if self.target == "int8" and any(weight_only(ql) for ql in self.layers):
             apply_matmul_nbits(self.model)  # weight-only Linear -> onnxruntime's 4-bit kernel
-        if self.int8_layers:
-            # which layers hold UINT8 weights, in the graph (see export_onnx's int8_weights)
-            meta = {
-                INT8_WEIGHTS_KEY: self.int8_weights,
-                UINT8_LAYERS_KEY: json.dumps(self.uint8_layers),
-            }
-            for k, v in meta.items():
-                self.model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+        if self.has_int8:  # which layers hold UINT8 weights (see export_onnx's int8_weights)
+            _update_metadata(
+                self.model,
+                {
+                    INT8_WEIGHTS_KEY: self.int8_weights,
+                    UINT8_LAYERS_KEY: json.dumps(self.uint8_layers),
+                },
+            )
         return self.model
 
     def _separate_biases(self, nodes, w_out):

@@ -54,7 +54,7 @@ from ..distributed import gather, unshard, world
 from ..errors import ConfigError
 from ..nn.layers import QuantizedLayer
 from .learned import GAMMA, ZETA, rectified_sigmoid, rounding_regulariser
-from .statistics import run_model
+from .statistics import float_outputs, run_model
 
 __all__ = ["Block", "find_blocks", "reconstruct", "TERMS"]
 
@@ -212,10 +212,6 @@ class _Rows:
         return tree_unflatten(vals, self.spec)
 
 
-def _outputs(y) -> list[torch.Tensor]:
-    return [v for v in tree_flatten(y)[0] if torch.is_tensor(v) and v.is_floating_point()]
-
-
 class _ActQuant(torch.autograd.Function):
     """``s * clamp(round(x / s), qmin, qmax)`` with straight-through rounding (the gradient
     passes to ``x`` inside the grid's range and, LSQ's, to ``s``), each element where ``keep``
@@ -370,7 +366,7 @@ class _Learner:
 
 
 def _loss(block: nn.Module, args, kwargs, target: list[torch.Tensor], energy: float):
-    out = _outputs(block(*args, **kwargs))
+    out = float_outputs(block(*args, **kwargs))
     return sum(((o - t) ** 2).sum() for o, t in zip(out, target)) / energy
 
 
@@ -390,7 +386,7 @@ def _target(block: nn.Module, qs, rows: _Rows, chunk: int) -> list[torch.Tensor]
         parts = []
         for i in range(0, rows.n, chunk):
             a, k = rows.take(slice(i, i + chunk))
-            parts.append(_outputs(block(*a, **k)))
+            parts.append(float_outputs(block(*a, **k)))
     finally:
         _set_enabled(qs, True)
     outs = [torch.cat(col) for col in zip(*parts)]

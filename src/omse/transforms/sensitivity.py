@@ -20,36 +20,19 @@ are added in global batch order, so every rank gets the errors one process gets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import gather, world
 from ..nn.layers import QuantizedLayer
-from .statistics import run_model
+from .statistics import float_outputs, run_model
 
 __all__ = ["network_errors"]
 
 
-def _tensors(out) -> Iterator[torch.Tensor]:
-    """The floating-point tensors of a model output (tensor, tuple/list, dict), in order."""
-    if isinstance(out, torch.Tensor):
-        if out.is_floating_point():
-            yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, tuple | list):
-        for v in out:
-            yield from _tensors(v)
-    elif hasattr(out, "to_tuple"):  # transformers' ModelOutput
-        yield from _tensors(out.to_tuple())
-
-
 def _outputs(model: nn.Module, batch) -> list[torch.Tensor]:
-    return [t.detach().to(torch.float64) for t in _tensors(run_model(model, batch))]
+    return [t.detach() for t in float_outputs(run_model(model, batch))]
 
 
 def _sum_in_batch_order(local: list[float], size: int) -> float:
@@ -81,7 +64,9 @@ def network_errors(
         ref = [_outputs(model, b) for b in batches]
         if any(not r for r in ref):
             raise ValueError("the model returned no floating-point tensor on a calibration batch")
-        energy = _sum_in_batch_order([sum(float((t * t).sum()) for t in r) for r in ref], size)
+        energy = _sum_in_batch_order(
+            [sum(float((t.double() ** 2).sum()) for t in r) for r in ref], size
+        )
         energy = max(energy, 1e-300)
         errors = {}
         items = list(layers.items())
@@ -90,7 +75,12 @@ def network_errors(
             local = []
             for b, r in zip(batches, ref, strict=True):
                 out = _outputs(model, b)
-                local.append(sum(float(((o - t) ** 2).sum()) for o, t in zip(out, r, strict=True)))
+                local.append(
+                    sum(
+                        float(((o.double() - t.double()) ** 2).sum())
+                        for o, t in zip(out, r, strict=True)
+                    )
+                )
             q.set_quant_enabled(False)
             errors[name] = _sum_in_batch_order(local, size) / energy
     finally:

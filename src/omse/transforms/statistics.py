@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from ..core.stats import HistogramStats
@@ -52,6 +53,7 @@ __all__ = [
     "ConvCall",
     "collect",
     "first_row",
+    "float_outputs",
     "patches",
     "run_model",
     "PASSES",
@@ -74,6 +76,12 @@ def first_row(batch):
 def run_model(model: nn.Module, batch) -> torch.Tensor:
     """``model(batch)``, or ``model(**batch)`` for a dict of keyword tensors."""
     return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def float_outputs(y) -> list[torch.Tensor]:
+    """The floating-point tensors of a (nested) model output (tensor, tuple, list, dict), in
+    pytree order."""
+    return [v for v in tree_leaves(y) if torch.is_tensor(v) and v.is_floating_point()]
 
 
 @dataclass(frozen=True)
