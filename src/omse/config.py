@@ -7,12 +7,15 @@ taken as they are. :meth:`QuantConfig.to_dict` / :meth:`QuantConfig.from_dict` w
 versioned plain dict (JSON, checkpoint headers).
 
 The dataclass defaults are the default recipe, the best measured at a cost users accept by
-default: W4A8, kernel-wise MMSE, residual tensors within 10% extra MACs (merged into one 8-bit
-kernel at no run-time cost with ``target="int8"``) and bias correction.
+default: kernel-wise MMSE weights at 4 or 8 bits per layer, chosen by measured effect on the
+model's output within 60% of the 8-bit weight bytes (:class:`Budget`, with a guard that grows the
+budget when the plan is far worse than 8 bits), 8-bit activations, residual tensors within 10%
+extra MACs for the 4-bit layers (merged into one 8-bit kernel at no run-time cost with
+``target="int8"``) and bias correction.
 :meth:`QuantConfig.preset` names the recipes: ``"fast"`` (plain MMSE, one calibration pass: the
 defaults before config version 3), ``"default"`` (``QuantConfig()``) and ``"best"`` (the default
-+ learned rounding). A saved dict of version 1 or 2 keeps its old meaning: a field it lacks takes
-that version's default.
++ learned rounding). A saved dict of version 1, 2 or 3 keeps its old meaning: a field it lacks
+takes that version's default.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .errors import ConfigError
 __all__ = [
     "QuantConfig",
     "LayerConfig",
+    "Budget",
+    "parse_budget",
     "TARGETS",
     "CONFIG_VERSION",
     "PRESETS",
@@ -45,18 +50,21 @@ TARGETS = ("int4", "int8")
 ROUNDINGS = ("nearest", "gptq", "learned")
 SCOPES = ("block", "layer")
 ROUNDING_TERMS = ("first", "all")
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 """Version of :meth:`QuantConfig.to_dict`'s layout (1: methods as names only, a ``seed``; 2: the
-plain-MMSE defaults, no residual tensors and no bias correction; 3: the default recipe)."""
+plain-MMSE defaults, no residual tensors and no bias correction; 3: the default recipe at one
+weight width; 4: per-layer weight widths under a byte ``budget``)."""
 _RETIRED = {"residual_terms", "seed"}  # fields of version 1 that nothing read
 _OLD_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {"extra_mac_budget": 0.0, "bias_correction": False}
 )
 """The defaults of versions 1 and 2 that version 3 changed: what a field missing from such a dict
 means."""
+_V3_DEFAULTS: Mapping[str, Any] = MappingProxyType({"budget": None})
+"""The defaults of versions 1-3 that version 4 changed (every layer at ``weight_bits``)."""
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        "fast": _OLD_DEFAULTS,
+        "fast": MappingProxyType({**_OLD_DEFAULTS, **_V3_DEFAULTS}),
         "default": MappingProxyType({}),
         "best": MappingProxyType({"rounding": "learned"}),
     }
@@ -95,6 +103,89 @@ def _check_bits(name: str, value: int | None, allow_none: bool) -> None:
 def _check_target(target: str) -> None:
     if target not in TARGETS:
         raise ConfigError(f"target={target!r}: use one of {list(TARGETS)}")
+
+
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many bytes the quantized weights may take: per-layer precision selection.
+
+    Each layer's weights are written at ``QuantConfig.weight_bits`` or at 8 bits, whichever the
+    selection (:mod:`omse.transforms.precision`) finds buys the least model-output error per
+    byte, with every layer's weight bytes as the target writes them (codes, scales, bias) summed
+    within the budget.
+
+    Args:
+        weight_bytes: a float in (0, 1]: a fraction of the weight bytes of the same model with
+            every layer at 8 bits (``0.6`` = 60%); or an int > 1: bytes.
+        guard_db: the guard: when the chosen plan's output SQNR on the calibration data (weights
+            as chosen, activations quantized) is more than ``guard_db`` dB below that of its
+            8-bit-weight version, the budget grows (up to every layer at 8 bits) until it is
+            not, and a warning says so. ``None``: no guard.
+    """
+
+    weight_bytes: float | int = 0.6
+    guard_db: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        b = self.weight_bytes
+        ok = not isinstance(b, bool) and (
+            (isinstance(b, float) and 0.0 < b <= 1.0) or (isinstance(b, int) and b > 1)
+        )
+        if not ok:
+            raise ConfigError(
+                f"budget weight_bytes={b!r}: use a fraction of the 8-bit weight bytes in (0, 1] "
+                "(e.g. 0.6) or a number of bytes (an int > 1)"
+            )
+        g = self.guard_db
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int | float) or g < 0):
+            raise ConfigError(f"budget guard_db={g!r}: use a number of dB >= 0, or None")
+
+    def bytes_for(self, bytes_8bit: int) -> int:
+        """The budget in bytes for a model whose weights take ``bytes_8bit`` at 8 bits."""
+        if isinstance(self.weight_bytes, float):
+            return int(self.weight_bytes * bytes_8bit)
+        return int(self.weight_bytes)
+
+    def __str__(self) -> str:
+        b = self.weight_bytes
+        return f"{b:g}x" if isinstance(b, float) else f"{b} bytes"
+
+
+def parse_budget(value: Any) -> Budget | None:
+    """A :class:`Budget` from what users write: ``None``/``"none"`` (every layer at
+    ``weight_bits``), a fraction (``0.6``, ``"0.6"``, ``"0.6x"``, ``"60%"``), bytes (``120000``,
+    ``"1.5MB"``, ``"800KiB"``), a dict of :class:`Budget` fields, or a :class:`Budget`."""
+    if value is None or isinstance(value, Budget):
+        return value
+    if isinstance(value, Mapping):
+        return Budget(**value)
+    if isinstance(value, bool):
+        raise ConfigError(f"budget={value!r}: use a fraction such as 0.6, bytes, or None")
+    if isinstance(value, int | float):
+        return Budget(float(value) if isinstance(value, float) or value in (0, 1) else value)
+    if isinstance(value, str):
+        t = value.strip().lower().replace(",", "").replace("_", "")
+        if t in ("none", "off", ""):
+            return None
+        try:
+            if t.endswith("%"):
+                return Budget(float(t[:-1]) / 100)
+            if t.endswith("x"):
+                return Budget(float(t[:-1]))
+            for unit in sorted(_UNITS, key=len, reverse=True):
+                if t.endswith(unit) and t[: -len(unit)].strip():
+                    return Budget(int(float(t[: -len(unit)]) * _UNITS[unit]))
+            v = float(t)
+            return Budget(v if v <= 1 else int(v))
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"budget={value!r}: use a fraction of the 8-bit weight bytes (0.6, '0.6x', '60%'), "
+        "bytes (120000, '1.5MB', '800KiB') or None"
+    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +248,13 @@ class QuantConfig:
         overrides: per-layer changes by module name (``fnmatch`` patterns allowed), e.g.
             ``{"_conv_stem": {"weight_bits": 8, "act_bits": 8}}``; the first matching pattern wins.
         skip: module names (patterns allowed) left entirely in float.
+        budget: per-layer weight precision (a :class:`Budget`, or what :func:`parse_budget`
+            reads): each layer at ``weight_bits`` or at 8 bits, chosen by its estimated effect
+            on the model's output, the weights within the budget, with a guard against a plan
+            far worse than 8 bits (default ``Budget(0.6)``: 60% of the 8-bit weight bytes, 3 dB).
+            ``None``: every layer at ``weight_bits``. Layers whose ``weight_bits`` an override
+            sets keep it. With ``target="int8"`` every width is written in 8 bits, so the
+            cheapest error is every layer at 8 bits.
         extra_mac_budget: extra integer MACs allowed for residual tensors, as a fraction of the
             quantized model's MACs (default 0.10; 0 = none; 1.0 = every kernel gets one extra
             term). With ``target="int8"`` the terms merge into one 8-bit kernel: no extra MACs
@@ -215,6 +313,7 @@ class QuantConfig:
     act_grid: str = "full"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    budget: Budget | float | int | str | None = field(default_factory=Budget)
     extra_mac_budget: float = 0.10
     residual_criterion: str = "output"
     max_terms: int = 2
@@ -241,6 +340,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check_target(self.target)
+        object.__setattr__(self, "budget", parse_budget(self.budget))
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         for k in ("weight_method", "act_method"):
             object.__setattr__(self, k, _method(k, getattr(self, k)))
@@ -407,6 +507,14 @@ class QuantConfig:
                 return replace(base, **ov)
         return base
 
+    def sets_weight_bits(self, name: str) -> bool:
+        """Whether the first override matching ``name`` sets ``weight_bits`` (the layer then
+        keeps them: per-layer precision selection leaves it alone)."""
+        for pattern, ov in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return "weight_bits" in ov
+        return False
+
     def unmatched_patterns(self, names: list[str]) -> list[str]:
         """Override and skip patterns that match no module name (likely typos)."""
         pats = list(self.overrides) + list(self.skip)
@@ -416,6 +524,11 @@ class QuantConfig:
         """A plain, versioned dict (JSON-ready): range setters and granularities by name."""
         d = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         d["skip"] = list(self.skip)
+        if self.budget is not None:
+            d["budget"] = {
+                "weight_bytes": self.budget.weight_bytes,
+                "guard_db": self.budget.guard_db,
+            }
         d["rounding_blocks"] = list(self.rounding_blocks)
         d["overrides"] = {
             k: {kk: _plain(vv) for kk, vv in v.items()} for k, v in self.overrides.items()
@@ -428,14 +541,16 @@ class QuantConfig:
         lacks takes that version's default)."""
         d = dict(d)
         version = d.pop("version", 1)
-        if version not in (1, 2, CONFIG_VERSION):
+        if version not in (1, 2, 3, CONFIG_VERSION):
             raise ConfigError(
-                f"QuantConfig version {version!r} is not one omse reads (1, 2, {CONFIG_VERSION})"
+                f"QuantConfig version {version!r} is not one omse reads (1, 2, 3, {CONFIG_VERSION})"
             )
         for k in _RETIRED:
             d.pop(k, None)
         if version < 3:
             d = {**_OLD_DEFAULTS, **d}
+        if version < 4:
+            d = {**_V3_DEFAULTS, **d}
         known = {f.name for f in fields(cls)}
         bad = set(d) - known
         if bad:

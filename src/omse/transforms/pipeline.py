@@ -40,6 +40,7 @@ Every rank returns the same model as one process given all batches in global ord
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import warnings
@@ -55,7 +56,7 @@ from ..config import QuantConfig
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
-from ..nn.layers import WRAPPABLE, QuantizedLayer
+from ..nn.layers import WRAPPABLE, QuantizedLayer, layer_weight
 from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
@@ -69,11 +70,20 @@ from .equalize import equalize
 from .fold import _set_module, fold_batchnorm
 from .learned import learned_rounding
 from .onnx_import import load_onnx, matmul_constants
+from .precision import (
+    Choice,
+    PrecisionPlan,
+    candidate_weight,
+    choose,
+    output_errors,
+    relative_errors,
+    weight_bytes,
+)
 from .reconstruct import find_blocks, reconstruct
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .sensitivity import network_errors
-from .statistics import Needs, collect
+from .statistics import Needs, collect, run_model
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
 
@@ -105,6 +115,9 @@ class Calibration:
     it did not."""
     float_weights: list[functional.FloatWeight] = field(default_factory=list)
     """Every parameter left in float, with its share of the model's weight values and why."""
+    precision: PrecisionPlan | None = None
+    """Each layer's weight width, its candidates' bytes and estimated errors, the budget and
+    the guard's measurements (``QuantConfig.budget``; None without a budget)."""
 
     @property
     def float_share(self) -> float:
@@ -212,6 +225,8 @@ class _Run:
     caps: dict[str, float] = field(default_factory=dict)
     example: object = None  # global batch 0 (rank 0's first batch under torch.distributed)
     learned_act: dict[str, torch.Tensor] = field(default_factory=dict)
+    plan: PrecisionPlan | None = None  # the guard's next round: the widths to apply, estimates
+    w8: dict[str, torch.Tensor] = field(default_factory=dict)  # 8-bit weights of <8-bit layers
 
 
 def _fold(r: _Run) -> None:
@@ -265,6 +280,86 @@ def _wrap(r: _Run) -> None:
         ql = QuantizedLayer(m, name, config.for_layer(name))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
+
+
+PROBE_SAMPLES = 64
+"""Gaussian probes per calibration sample of the precision estimate: ``ceil(PROBE_SAMPLES /
+samples)`` probes per batch, at most 4 (one for 64 samples or more)."""
+
+
+def _samples(batches: list) -> int:
+    first = batches[0]
+    if isinstance(first, dict):
+        t = next((v for v in first.values() if torch.is_tensor(v)), None)
+        rows = 1 if t is None or t.dim() == 0 else t.shape[0]
+    else:
+        rows = first.shape[0] if first.dim() else 1
+    return max(1, rows * len(batches))
+
+
+def _rewrap(r: _Run, name: str, bits: int) -> None:
+    """Give layer ``name`` weights of ``bits`` bits (a new :class:`QuantizedLayer` from the
+    float layer)."""
+    from dataclasses import replace
+
+    q = r.layers[name]
+    q.set_quant_enabled(False)  # the float weight back in the wrapped layer
+    ql = QuantizedLayer(q.layer, name, replace(q.cfg, weight_bits=bits))
+    _set_module(r.qmodel, name, ql)
+    r.layers[name] = ql
+
+
+def _precision(r: _Run) -> None:
+    """Per-layer weight widths within the byte budget (:mod:`omse.transforms.precision`): each
+    choosable layer (no override sets its ``weight_bits``; below 8 bits) at its ``weight_bits``
+    or at 8 bits, by the estimated model-output error of each (one forward and backward pass),
+    the plan the exact knapsack finds. In the guard's later rounds the plan is given."""
+    c, target = r.config, r.config.target
+    plan = r.plan
+    if plan is None:
+        plan = PrecisionPlan()
+        free = {
+            n: q for n, q in r.layers.items() if not c.sets_weight_bits(n) and q.cfg.weight_bits < 8
+        }
+        plan.fixed = [n for n in r.layers if n not in free]
+        plan.bytes_8bit = sum(weight_bytes(q, 8, target) for q in r.layers.values())
+        plan.budget_bytes = c.budget.bytes_for(plan.bytes_8bit)
+        cands = {n: {q.cfg.weight_bits: q.dequantized_weight(), 8: candidate_weight(q, 8)}
+                 for n, q in free.items()}  # fmt: skip
+        probes = min(4, -(-PROBE_SAMPLES // _samples(r.batches)))
+        errs, _ = output_errors(r.qmodel, r.layers, cands, r.batches, probes)
+        plan.choices = {
+            n: [Choice(b, weight_bytes(free[n], b, target), errs[n][b]) for b in sorted(cands[n])]
+            for n in free
+        }
+        fixed_bytes = sum(
+            weight_bytes(r.layers[n], r.layers[n].cfg.weight_bits, target) for n in plan.fixed
+        )
+        chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes)
+        if chosen is None:  # below the smallest plan: the least error at the fewest bytes
+            least = fixed_bytes + sum(min(ch.bytes for ch in cs) for cs in plan.choices.values())
+            chosen = {  # each layer at its fewest bytes, the least error among those
+                n: min(cs, key=lambda ch: (ch.bytes, ch.error)).bits
+                for n, cs in plan.choices.items()
+            }
+            if target != "int8":  # int8 holds every width in 8 bits: no bytes to save
+                warnings.warn(
+                    f"weight budget {c.budget} ({plan.budget_bytes:,} bytes) is below the "
+                    f"smallest plan ({least:,} bytes = {least / max(plan.bytes_8bit, 1):.2f}x "
+                    "the 8-bit weights): the plan takes that",
+                    stacklevel=4,
+                )
+            plan.budget_bytes = least
+        plan.bits = {
+            n: (chosen[n] if n in chosen else q.cfg.weight_bits) for n, q in r.layers.items()
+        }
+        r.plan = plan
+    for n, bits in plan.bits.items():
+        if bits != r.layers[n].cfg.weight_bits:
+            _rewrap(r, n, bits)
+    plan.bytes = sum(weight_bytes(r.layers[n], b, target) for n, b in plan.bits.items())
+    r.w8 = {n: candidate_weight(q, 8) for n, q in r.layers.items() if q.cfg.weight_bits < 8}
+    r.cal.precision = plan
 
 
 def _learned(r: _Run) -> None:
@@ -384,6 +479,8 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     if config.equalize and not keyword_inputs:
         steps.append(_equalize)
     steps.append(_wrap)
+    if config.budget is not None:
+        steps.append(_precision)
     if config.rounding != "nearest" or config.extra_mac_budget > 0:
         steps.append(_weights)
     if config.target == "int8":
@@ -392,6 +489,105 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     if config.bias_correction:
         steps.append(_bias)
     return steps
+
+
+GUARD_ROUNDS = 3
+"""At most this many calibrations of one :func:`quantize` call: the budget's plan, and up to two
+larger budgets when the guard finds the plan too far below its 8-bit-weight version."""
+
+
+def _fresh_copy(model: nn.Module, batches: list, cal: Calibration) -> nn.Module:
+    """An eval copy of ``model`` without gradients, matmul/linear rewritten (see ``functional``),
+    the ONNX import's attributes kept."""
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    qmodel, cal.rewritten = functional.apply(qmodel, batches[0])
+    for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
+        if hasattr(model, attr):
+            setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
+    return qmodel
+
+
+def _guard(r: _Run) -> PrecisionPlan | None:
+    """The budget's guard: the calibrated model's relative output error ``e`` and that of its
+    8-bit-weight version ``e8`` (every layer below 8 bits given its 8-bit MMSE weight, all else
+    as calibrated), one pass. When ``10 log10(e / e8) > guard_db``, returns the plan of the next
+    round: the smallest budget (in steps of 5% of the 8-bit weight bytes) whose estimated excess
+    error, scaled by the measured/estimated ratio of this round, fits the tolerance with a 20%
+    margin, or every layer at 8 bits in the last round. Otherwise ``None``."""
+    plan, budget = r.plan, r.config.budget
+    low = {n: q for n, q in r.layers.items() if q.cfg.weight_bits < 8}
+    if plan is None or budget is None or budget.guard_db is None or not low:
+        return None
+    layers = r.layers
+    flags = {n: q.quant_enabled for n, q in layers.items()}
+
+    def float_run(batch):
+        for q in layers.values():
+            q.set_quant_enabled(False)
+        try:
+            return run_model(r.qmodel, batch)
+        finally:
+            for n, q in layers.items():
+                q.set_quant_enabled(flags[n])
+
+    def eight_bit_run(batch):
+        try:
+            for n, q in low.items():
+                q.layer.weight.data = layer_weight(q.layer, r.w8[n]).to(q.layer.weight.dtype)
+            return run_model(r.qmodel, batch)
+        finally:
+            for q in low.values():
+                q.refresh_weight()
+
+    e, e8 = relative_errors(r.batches, float_run, lambda b: run_model(r.qmodel, b), eight_bit_run)
+    gap = 10 * math.log10(max(e, 1e-300) / max(e8, 1e-300))
+    tol = budget.guard_db
+    record = {"budget_bytes": plan.budget_bytes, "bytes": plan.bytes, "error": e,
+              "error_8bit": e8, "gap_db": gap, "passed": gap <= tol}  # fmt: skip
+    plan.guard.append(record)
+    if gap <= tol or len(plan.guard) >= GUARD_ROUNDS:
+        if gap > tol:
+            warnings.warn(
+                f"per-layer precision: the plan's output SQNR stays {gap:.1f} dB below its "
+                f"8-bit-weight version's (guard {tol:g} dB) after {len(plan.guard)} rounds",
+                stacklevel=3,
+            )
+        return None
+    eight = {n: max(ch.bits for ch in cs) for n, cs in plan.choices.items()}
+    est8 = plan.estimated_error(eight)
+    ratio = (e - e8) / max(plan.estimated_error() - est8, 1e-300)
+    allowed = 0.8 * e8 * (10 ** (tol / 10) - 1)
+    fixed = sum(weight_bytes(layers[n], layers[n].cfg.weight_bits, r.config.target)
+                for n in plan.fixed)  # fmt: skip
+    bits = eight
+    last = len(plan.guard) >= GUARD_ROUNDS - 1
+    step = max(1, plan.bytes_8bit // 20)
+    b = plan.budget_bytes + step
+    while not last and b < plan.bytes_8bit:
+        chosen = choose(plan.choices, b - fixed)
+        if chosen is not None and ratio * (plan.estimated_error(chosen) - est8) <= allowed:
+            bits = chosen
+            break
+        b += step
+    grown = PrecisionPlan(
+        bits={n: bits.get(n, q.cfg.weight_bits) for n, q in layers.items()},
+        choices=plan.choices,
+        fixed=plan.fixed,
+        budget_bytes=min(b, plan.bytes_8bit) if bits is not eight else plan.bytes_8bit,
+        bytes_8bit=plan.bytes_8bit,
+        guard=plan.guard,
+    )
+    n8 = sum(1 for v in grown.bits.values() if v >= 8)
+    warnings.warn(
+        f"per-layer precision: the {plan.budget_bytes / plan.bytes_8bit:.2f}x plan's output SQNR "
+        f"is {gap:.1f} dB below its 8-bit-weight version's (guard {tol:g} dB); the budget grows "
+        f"to {grown.budget_bytes / plan.bytes_8bit:.2f}x of the 8-bit weight bytes ({n8} of "
+        f"{len(layers)} layers at 8 bits) and calibration runs again",
+        stacklevel=3,
+    )
+    return grown
 
 
 def _is_onnx(model) -> bool:
@@ -474,17 +670,19 @@ def quantize(
             "model is in training mode; omse quantizes an eval() copy (BatchNorm uses running stats)",
             stacklevel=2,
         )
-    qmodel = copy.deepcopy(model).eval()
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
-    qmodel, cal.rewritten = functional.apply(qmodel, batches[0])
-    for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
-        if hasattr(model, attr):
-            setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
     progress = progress and is_main()
-    run = _Run(qmodel, batches, config, cal, progress, example=broadcast(batches[0]))
-    for step in _steps(config, fold_bn, isinstance(run.example, dict)):
-        step(run)
+    example = broadcast(batches[0])
+    plan = None
+    for _ in range(GUARD_ROUNDS):  # one round unless the budget's guard asks for another
+        fresh = Calibration()
+        qmodel = _fresh_copy(model, batches, fresh)
+        run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
+        for step in _steps(config, fold_bn, isinstance(run.example, dict)):
+            step(run)
+        plan = _guard(run)
+        if plan is None:
+            break
+    cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
     cal.batches = sum(gather(len(batches)))

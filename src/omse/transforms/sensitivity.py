@@ -28,14 +28,14 @@ from ..distributed import gather, world
 from ..nn.layers import QuantizedLayer
 from .statistics import float_outputs, run_model
 
-__all__ = ["network_errors"]
+__all__ = ["network_errors", "sum_in_batch_order"]
 
 
 def _outputs(model: nn.Module, batch) -> list[torch.Tensor]:
     return [t.detach() for t in float_outputs(run_model(model, batch))]
 
 
-def _sum_in_batch_order(local: list[float], size: int) -> float:
+def sum_in_batch_order(local: list[float], size: int) -> float:
     """Sum of per-batch values over all ranks in global batch order (rank ``r``'s ``i``-th batch
     is global batch ``i * size + r``): the same float as one process summing them in order."""
     if size == 1:
@@ -64,7 +64,7 @@ def network_errors(
         ref = [_outputs(model, b) for b in batches]
         if any(not r for r in ref):
             raise ValueError("the model returned no floating-point tensor on a calibration batch")
-        energy = _sum_in_batch_order(
+        energy = sum_in_batch_order(
             [sum(float((t.double() ** 2).sum()) for t in r) for r in ref], size
         )
         energy = max(energy, 1e-300)
@@ -82,7 +82,7 @@ def network_errors(
                     )
                 )
             q.set_quant_enabled(False)
-            errors[name] = _sum_in_batch_order(local, size) / energy
+            errors[name] = sum_in_batch_order(local, size) / energy
     finally:
         for n, q in layers.items():
             q.set_quant_enabled(before[n])

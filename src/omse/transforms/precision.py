@@ -1,0 +1,298 @@
+"""Per-layer weight precision under a byte budget, chosen by each choice's effect on the output.
+
+Three jobs, one function each:
+
+1. :func:`output_errors` estimates, for every layer ``l`` and candidate weight ``W_c`` (the
+   layer's weights quantized at ``c`` bits), the model's relative output error with that layer
+   alone quantized, without a pass per layer and candidate. It linearises the network after the
+   layer: with ``dy = F(x, W_c - W)`` the change of the layer's output and ``J`` the Jacobian of
+   the model's outputs ``f`` by it,
+
+       E[l, c] = sum_samples ||J dy||^2 / sum_samples ||f||^2
+
+   and ``||J dy||^2 = E_v[(v^T J dy)^2]`` for ``v ~ N(0, I)`` over the outputs, so one backward
+   pass of ``v . f`` per probe gives ``g = J^T v`` at every layer at once, and each sample adds
+   ``<g, dy>^2``. Cost per batch: one forward, one convolution per candidate and layer (``dy``),
+   one backward per probe. The estimate is unbiased when dim 0 of every layer's output is the
+   batch (samples independent); ``tests/transforms/test_precision.py`` checks it against the
+   measured error (:func:`omse.transforms.sensitivity.network_errors`) and its ranking.
+2. :func:`choose` picks one candidate per layer minimising the summed errors with the summed
+   bytes within the budget: an exact multiple-choice knapsack by dynamic programming over bytes
+   (costs in units of ``ceil(budget / resolution)`` bytes, rounded up, so the plan never exceeds
+   the budget; exact when the unit is one byte).
+3. :func:`relative_errors` measures a model's output error against reference outputs (the guard
+   of :func:`omse.quantize` compares the chosen plan with its 8-bit-weight version).
+
+Weight bytes are counted as the target writes them (:func:`weight_bytes`): codes of ``bits``
+bits packed (``target="int4"``: INT4 for <= 4 bits, INT8 above), or one byte each
+(``target="int8"``: onnxruntime and OpenVINO hold 4-bit codes in INT8), plus one scale per kernel
+in ``scale_dtype`` and the int32 bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.grids import Grid
+from ..core.primitives import SCALE_DTYPES, dequantize
+from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
+from ..distributed import world
+from .sensitivity import sum_in_batch_order
+from .statistics import float_outputs, run_model
+
+__all__ = [
+    "Choice",
+    "PrecisionPlan",
+    "candidate_weight",
+    "weight_bytes",
+    "output_errors",
+    "choose",
+    "relative_errors",
+]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate of one layer: its weight bits, bytes as written and estimated error."""
+
+    bits: int
+    bytes: int
+    error: float
+
+
+@dataclass
+class PrecisionPlan:
+    """What the precision step chose (kept in ``Calibration.precision``).
+
+    ``bits``: the weight bits of every layer; ``choices``: every layer's candidates; ``fixed``:
+    layers whose bits an override set (not chosen); ``budget_bytes`` / ``bytes`` /
+    ``bytes_8bit``: the budget, the plan's weight bytes and those of every layer at 8 bits;
+    ``guard``: the guard's measurements (see :func:`omse.quantize`), one dict per round.
+    """
+
+    bits: dict[str, int] = field(default_factory=dict)
+    choices: dict[str, list[Choice]] = field(default_factory=dict)
+    fixed: list[str] = field(default_factory=list)
+    budget_bytes: int = 0
+    bytes: int = 0
+    bytes_8bit: int = 0
+    guard: list[dict] = field(default_factory=list)
+
+    def estimated_error(self, bits: dict[str, int] | None = None) -> float:
+        """Sum of the chosen candidates' estimated errors (``bits`` or the plan's)."""
+        bits = self.bits if bits is None else bits
+        return float(
+            sum(c.error for n, cs in self.choices.items() for c in cs if c.bits == bits.get(n))
+        )
+
+    def summary(self) -> str:
+        """One line: how many layers at each width and the bytes against the 8-bit model."""
+        counts: dict[int, int] = {}
+        for b in self.bits.values():
+            counts[b] = counts.get(b, 0) + 1
+        parts = ", ".join(f"{counts[b]} at {b}-bit" for b in sorted(counts))
+        share = self.bytes / max(self.bytes_8bit, 1)
+        return (
+            f"weights: {parts}; {self.bytes:,} bytes = {share:.2f}x the 8-bit model "
+            f"(budget {self.budget_bytes / max(self.bytes_8bit, 1):.2f}x)"
+        )
+
+
+def candidate_weight(q: QuantizedLayer, bits: int) -> torch.Tensor:
+    """The layer's weight quantized at ``bits`` with its own grid kind, granularity, range
+    setting and scale format (one term), dequantized: ``[out, ...]`` canonical layout."""
+    cfg = q.cfg
+    ((codes, scale),) = quantize_weight_terms(
+        q.float_weight, Grid(bits, cfg.weight_grid), cfg.granularity, cfg.weight_method, 1,
+        cfg.scale_dtype,
+    )  # fmt: skip
+    return dequantize(codes, scale)
+
+
+def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
+    """Bytes of the layer's weights as the target writes them: codes (``bits`` bits packed two
+    to a byte for <= 4 bits with ``target="int4"``, else one byte each), one scale per kernel
+    in the layer's ``scale_dtype`` (per-group scales counted per group) and an int32 bias."""
+    n = q.float_weight.numel()
+    code_bits = 4 if (bits <= 4 and target == "int4") else 8
+    codes = math.ceil(n * code_bits / 8)
+    n_scales = q.cfg.granularity.to_slices(q.float_weight).shape[0]
+    scale_bytes = n_scales * SCALE_DTYPES[q.cfg.scale_dtype].itemsize
+    bias = getattr(q.layer, "bias", None)
+    return codes + scale_bytes + (0 if bias is None else 4 * bias.numel())
+
+
+def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """``F(x, dw)``: the layer's output change for a weight change ``dw`` (canonical layout),
+    the bias left out (the map is linear in the weight)."""
+    params = {"weight": layer_weight(q.layer, dw).to(x.dtype)}
+    if getattr(q.layer, "bias", None) is not None:
+        params["bias"] = torch.zeros_like(q.layer.bias)
+    return torch.func.functional_call(q.layer, params, (x,))
+
+
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ...] -> [B]`` sums over every dim but the first (a 0-d or 1-d tensor: one sample)."""
+    return t.reshape(t.shape[0], -1).sum(1) if t.dim() > 1 else t.reshape(1, -1).sum(1)
+
+
+def output_errors(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    candidates: dict[str, dict[int, torch.Tensor]],
+    batches: Iterable,
+    probes: int = 1,
+    seed: int = 0,
+) -> tuple[dict[str, dict[int, float]], float]:
+    """Estimated relative output error of every layer's candidates (see the module docstring).
+
+    ``candidates``: ``{layer: {bits: dequantized weight [out, ...]}}``. The layers run in float
+    (weights and activations; their flags are restored). Returns ``({layer: {bits: E}}, energy)``
+    with ``energy = sum ||f||^2`` over the batches. ``probes`` Gaussian probes per batch, drawn
+    from ``seed`` and the global batch index (the result is deterministic, and under
+    ``torch.distributed`` every rank gets what one process given all batches gets).
+    """
+    rank, size = world()
+    sums: dict[str, dict[int, list[float]]] = {
+        n: {b: [] for b in cs} for n, cs in candidates.items()
+    }
+    energies: list[float] = []
+    before = {n: q.quant_enabled for n, q in layers.items()}
+    grads: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod: QuantizedLayer, args, out):
+            if not torch.is_tensor(out) or not out.is_floating_point():
+                return None
+            inputs[name] = args[0].detach()
+            if not out.requires_grad:  # the first layers: the graph starts here
+                out = out.detach().requires_grad_(True)
+            out.register_hook(lambda g: grads.setdefault(name, []).append(g.detach()))
+            return out
+
+        return fn
+
+    try:
+        for n, q in layers.items():
+            q.set_quant_enabled(False)
+            if n in candidates:
+                handles.append(q.register_forward_hook(hook(n)))
+        for i, batch in enumerate(batches):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i * size + rank)
+            grads.clear()
+            inputs.clear()
+            with torch.enable_grad():
+                outs = float_outputs(run_model(model, batch))
+                if not outs:
+                    raise ValueError(
+                        "the model returned no floating-point tensor on a calibration batch"
+                    )
+                energies.append(sum(float((o.detach().double() ** 2).sum()) for o in outs))
+                live = [o for o in outs if o.requires_grad]
+                for p in range(probes if live else 0):
+                    vs = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in live]
+                    torch.autograd.backward(live, vs, retain_graph=p < probes - 1)
+            with torch.no_grad():
+                for n, cs in candidates.items():
+                    gs = grads.get(n, [])
+                    for b, w in cs.items():
+                        acc = 0.0
+                        if gs:
+                            dy = _delta_output(layers[n], inputs[n], w - layers[n].float_weight)
+                            for g in gs:
+                                t = _per_sample(g.double() * dy.double())
+                                acc += float((t * t).sum()) / probes
+                        sums[n][b].append(acc)
+            del outs, live
+    finally:
+        for h in handles:
+            h.remove()
+        for n, q in layers.items():
+            q.set_quant_enabled(before[n])
+    energy = max(sum_in_batch_order(energies, size), 1e-300)
+    errors = {
+        n: {b: sum_in_batch_order(v, size) / energy for b, v in cs.items()}
+        for n, cs in sums.items()
+    }
+    return errors, energy
+
+
+def choose(
+    choices: dict[str, list[Choice]], budget: int, resolution: int = 32768
+) -> dict[str, int] | None:
+    """One candidate per layer: the least summed error with the summed bytes ``<= budget``.
+
+    Exact multiple-choice knapsack over bytes in units of ``max(1, ceil(budget / resolution))``
+    (each cost rounded up to the unit, so the plan returned never exceeds ``budget``; with a
+    one-byte unit the optimum is exact). Ties go to the fewer bytes. ``None`` when even the
+    cheapest candidates exceed the budget. Returns ``{layer: bits}``.
+    """
+    names = list(choices)
+    if not names:
+        return {}
+    unit = max(1, math.ceil(budget / resolution))
+    cap = budget // unit
+    inf = float("inf")
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    picks = np.zeros((len(names), cap + 1), dtype=np.int16)
+    for i, n in enumerate(names):
+        new = np.full(cap + 1, inf)
+        pick = np.zeros(cap + 1, dtype=np.int16)
+        for j, c in enumerate(choices[n]):
+            w = math.ceil(c.bytes / unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[: cap + 1 - w] + c.error
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = j
+        best, picks[i] = new, pick
+    if not np.isfinite(best).any():
+        return None
+    # least error; among equal errors the fewest units
+    end = int(np.flatnonzero(best == best[np.isfinite(best)].min())[0])
+    out = {}
+    for i in range(len(names) - 1, -1, -1):
+        c = choices[names[i]][int(picks[i, end])]
+        out[names[i]] = c.bits
+        end -= math.ceil(c.bytes / unit)
+    return out
+
+
+def _squared(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> float:
+    """``sum ||a - b||^2`` over paired tensors (``sum ||a||^2`` without ``b``), in float64."""
+    if b is None:
+        return float(sum(float((t.double() ** 2).sum()) for t in a))
+    return float(
+        sum(float(((t.double() - u.double()) ** 2).sum()) for t, u in zip(a, b, strict=True))
+    )
+
+
+@torch.no_grad()
+def relative_errors(
+    batches: Iterable, reference: Callable[[object], object], *models: Callable[[object], object]
+) -> list[float]:
+    """``sum ||f_m - f_ref||^2 / sum ||f_ref||^2`` over the batches for each of ``models``,
+    every floating-point output counted, one batch at a time (nothing stored). ``reference`` and
+    ``models`` are callables ``batch -> output`` (they may switch one model between states).
+    Sums in global batch order under ``torch.distributed``."""
+    _, size = world()
+    den: list[float] = []
+    nums: list[list[float]] = [[] for _ in models]
+    for batch in batches:
+        ref = [t.detach() for t in float_outputs(reference(batch))]
+        den.append(_squared(ref))
+        for k, m in enumerate(models):
+            nums[k].append(_squared(float_outputs(m(batch)), ref))
+    total = max(sum_in_batch_order(den, size), 1e-300)
+    return [sum_in_batch_order(v, size) / total for v in nums]
