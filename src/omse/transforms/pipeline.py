@@ -350,9 +350,7 @@ def _precision(r: _Run) -> None:
                     stacklevel=4,
                 )
             plan.budget_bytes = least
-        plan.bits = {
-            n: (chosen[n] if n in chosen else q.cfg.weight_bits) for n, q in r.layers.items()
-        }
+        plan.bits = {n: chosen.get(n, q.cfg.weight_bits) for n, q in r.layers.items()}
         r.plan = plan
     for n, bits in plan.bits.items():
         if bits != r.layers[n].cfg.weight_bits:

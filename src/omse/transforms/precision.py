@@ -41,8 +41,8 @@ from torch import nn
 
 from ..core.grids import Grid
 from ..core.primitives import SCALE_DTYPES, dequantize
-from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
 from ..distributed import world
+from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
 from .sensitivity import sum_in_batch_order
 from .statistics import float_outputs, run_model
 
