@@ -25,6 +25,7 @@ from omse.transforms.onnx_import import (
     import_onnx2torch,
     load_onnx,
     matmul_constants,
+    metadata_input_size,
     onnx_outputs,
 )
 
@@ -434,3 +435,22 @@ def test_quantize_reads_a_generator_of_batches_once_for_an_onnx_path(models):
     x = batches[0]
     with torch.no_grad():
         assert torch.equal(got(x), want(x))
+
+
+@pytest.mark.parametrize(
+    "props, expected",
+    [
+        ({"imgsz": "[320, 320]"}, ("imgsz", "[320, 320]", (320, 320))),  # Ultralytics
+        ({"IMG_SIZE": "(256, 320)"}, ("IMG_SIZE", "(256, 320)", (256, 320))),
+        ({"image_size": "224"}, ("image_size", "224", (224, 224))),
+        ({"input_shape": "[-1, 3, 288, 320]"}, ("input_shape", "[-1, 3, 288, 320]", (288, 320))),
+        ({"input_size": "1,288,320,3"}, ("input_size", "1,288,320,3", (288, 320))),  # NHWC
+        ({"input_size": "[3, 3, 3]"}, ("input_size", "[3, 3, 3]", None)),  # ambiguous layout
+        ({"imgsz": "big"}, ("imgsz", "big", None)),
+        ({"names": "{0: 'a'}"}, None),
+    ],
+)
+def test_metadata_input_size(props, expected):
+    m = helper.make_model(helper.make_graph([], "g", [], []))
+    helper.set_model_props(m, props)
+    assert metadata_input_size(m) == expected

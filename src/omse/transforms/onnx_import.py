@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ __all__ = [
     "read_onnx",
     "constants_to_initializers",
     "onnx_io",
+    "metadata",
+    "metadata_input_size",
+    "INPUT_SIZE_KEYS",
     "matmul_constants",
     "onnx_outputs",
 ]
@@ -243,6 +247,46 @@ def onnx_io(model: onnx.ModelProto) -> dict[str, Any]:
         if dyn:
             io["dynamic_axes"][v.name] = dyn
     return io
+
+
+INPUT_SIZE_KEYS = ("imgsz", "img_size", "image_size", "input_size", "input_shape")
+"""``metadata_props`` keys that name a model's image size, in the order they are read
+(Ultralytics writes ``imgsz`` as ``"[320, 320]"``; the others are common in other exporters)."""
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict (in file order)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _size_from_ints(v: list[int]) -> tuple[int, int] | None:
+    """``(H, W)`` from a metadata value's integers: ``[S]`` (square), ``[H, W]``, ``[C, H, W]``
+    / ``[H, W, C]`` and ``[N, C, H, W]`` / ``[N, H, W, C]`` (``C`` of 1 or 3 tells the layout; a
+    ``-1``/``0`` batch is allowed); None when they name no positive size unambiguously."""
+    if len(v) == 4:
+        v = v[1:]
+    if len(v) == 3:
+        channels_first, channels_last = v[0] in (1, 3), v[2] in (1, 3)
+        if channels_first == channels_last:
+            return None
+        v = v[1:] if channels_first else v[:2]
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or min(v) < 1:
+        return None
+    return v[0], v[1]
+
+
+def metadata_input_size(model: onnx.ModelProto) -> tuple[str, str, tuple[int, int] | None] | None:
+    """The image size the model's ``metadata_props`` name: ``(key, value, (H, W))`` for the first
+    key of :data:`INPUT_SIZE_KEYS` present (compared without case), with ``(H, W)`` None when the
+    value is no size (see :func:`_size_from_ints`); None when no such key is there."""
+    found = {k.lower(): (k, v) for k, v in metadata(model).items()}
+    for key in INPUT_SIZE_KEYS:
+        if key in found:
+            k, v = found[key]
+            return k, v, _size_from_ints([int(t) for t in re.findall(r"-?\d+", v)])
+    return None
 
 
 def _unranked(model: onnx.ModelProto) -> set[str]:
