@@ -121,6 +121,8 @@ def test_converted_module_matches_onnxruntime_and_carries_io(models):
         "input_names": ["image"],
         "output_names": ["logits"],
         "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}},
+        "metadata": {},
+        "output_shapes": [["N", 10]],
     }
     assert 0 <= m.omse_onnx.max_abs_diff <= m.omse_onnx.tolerance < 1e-3
     types = [type(q) for q in m.modules()]
@@ -275,6 +277,46 @@ def test_export_keeps_the_onnx_input_output_names_and_dynamic_axes(models):
     y = torch.randn(3, 3, 8, 24)
     with torch.no_grad():
         np.testing.assert_allclose(_ort(out, y), q(y).numpy(), atol=np.abs(q(y)).max() / 64)
+
+
+class Head(nn.Module):
+    """A detector-like head: conv -> ``[N, 6, H/2 * W/2]`` (boxes + scores per anchor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.reshape(y.shape[0], 6, -1).sigmoid()
+
+
+@pytest.mark.parametrize("dynamic_hw", [False, True])
+def test_export_keeps_the_metadata_and_static_output_dims(tmp_path, dynamic_hw):
+    """The quantized file keeps the float file's metadata_props (class names, strides, imgsz;
+    omse's own keys beside them) and every static output dimension it declared."""
+    dyn = {0: "N", 2: "H", 3: "W"} if dynamic_hw else {0: "N"}
+    src = _export(Head(), tmp_path / "head.onnx", torch.rand(1, 3, 16, 16), {"image": dyn}, "out0")
+    meta = {"names": "{0: 'person', 1: 'bicycle'}", "stride": "[8, 16, 32]", "imgsz": "[16, 16]"}
+    m = onnx.load(src)
+    helper.set_model_props(m, meta)
+    if dynamic_hw:  # as Ultralytics declares it: 6 per anchor, the anchors dynamic
+        shape = helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 6, "anchors"]).tensor_type
+        m.graph.output[0].type.tensor_type.shape.CopyFrom(shape.shape)
+    onnx.save(m, src)
+    calib = [torch.rand(2, 3, 16, 16) for _ in range(2)]
+    q = omse.quantize(src, calib, QuantConfig(target="int8", **CFG))
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0][:1], out)
+    got = onnx.load(out)
+    props = {p.key: p.value for p in got.metadata_props}
+    assert {k: props[k] for k in meta} == meta and props["omse.int8_weights"] == "auto"
+    dims = got.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["N", 6, "anchors" if dynamic_hw else 64]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n, hw in [(1, 16), (3, 24 if dynamic_hw else 16)]:
+        y = sess.run(None, {"image": np.random.rand(n, 3, hw, hw).astype(np.float32)})[0]
+        assert y.shape == (n, 6, (hw // 2) ** 2)
 
 
 def _computed_reshapes() -> onnx.ModelProto:

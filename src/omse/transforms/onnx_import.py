@@ -6,8 +6,10 @@ modules (so the whole pipeline applies unchanged), with
 
 - ``module.omse_io = {"input_names": [...], "output_names": [...], "dynamic_axes": {name:
   {axis: dim_name}}}`` read from the graph's inputs and outputs (a symbolic, unknown or ``-1``
-  dimension is dynamic; an unnamed one is called ``<tensor>_dim<axis>``): what
-  :func:`omse.export_onnx` needs to write the quantized model back with the same interface;
+  dimension is dynamic; an unnamed one is called ``<tensor>_dim<axis>``), ``"metadata"`` (the
+  file's ``metadata_props``: class names, strides, image size) and ``"output_shapes"`` (one list
+  per output, an int per static axis): what :func:`omse.export_onnx` needs to write the
+  quantized model back with the same interface and metadata;
 - ``module.omse_onnx``: an :class:`OnnxImport` (source, parity measured against onnxruntime,
   the weights that reach the graph through ``MatMul`` rather than a Conv/Gemm).
 
@@ -665,6 +667,8 @@ def load_onnx(
             module, proto, src, feeds, io["input_names"], rtol, atol
         )
     module.omse_io = {k: io[k] for k in ("input_names", "output_names", "dynamic_axes")}
+    module.omse_io["metadata"] = metadata(proto)
+    module.omse_io["output_shapes"] = [io["shapes"][n] for n in io["output_names"]]
     module.omse_onnx = info
     return module
 
