@@ -880,3 +880,42 @@ def test_eval_images_are_fitted_as_the_calibration_images(cli, work, resize):
     phrase = {"crop": "centre-cropped", "letterbox": "letterboxed (padded bottom-right, pad 114)",
               "stretch": "stretched"}[resize]  # fmt: skip
     assert f"input size 32x40 from --input-size; images {phrase}" in out
+
+
+PRELU_NET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4), nn.PReLU(8), nn.Conv2d(8, 8, 1), nn.PReLU(),
+        nn.LayerNorm([5, 6]), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+"""
+
+
+def test_parameters_left_float_are_one_line(cli, work):
+    """PReLU slopes (and other parameters omse leaves float) are counted in one line with their
+    share of the weight values, each listed with its reason in the --json file."""
+    (work / "omse_prelu.py").write_text(PRELU_NET)
+    argv = ["quantize", "omse_prelu:build", "--calib", "imgs", "--input-size", "20x24"]
+    rc, out, err = cli(*argv, "--recipe", "fast")
+    assert rc == 0, err
+    lines = [s for s in out.splitlines() if "left float" in s]
+    weights = 3 * 8 * 9 + 8 + 8 * 8 + 8 + 8 * 3 + 3  # convs and linear, with biases
+    floats = 8 + 1 + 2 * 30  # the slopes, then LayerNorm's weight and bias
+    pct = f"{floats / (weights + floats):.2%}"
+    assert lines == [
+        f"4 parameters left float ({pct} of weight values: LayerNorm (2), PReLU slopes (2)); "
+        "--json lists each and why"
+    ], out
+    res, out = _run_json(cli, work, "prelu.json", *argv[1:], "--recipe", "fast")
+    assert f"listed with reasons in {work / 'prelu.json'}" in out
+    rows = {r["name"]: r for r in res["float_weights"]}
+    assert sorted(rows) == ["1.weight", "3.weight", "4.bias", "4.weight"]
+    assert rows["1.weight"]["kind"] == "PReLU" and rows["1.weight"]["values"] == 8
+    assert res["float_share"] == pytest.approx(floats / (weights + floats))
+    rc, out, _ = cli("quantize", *USER, "--recipe", "fast")  # all quantized: no line
+    assert rc == 0 and "left float" not in out

@@ -879,6 +879,8 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "calib_batches": cal.batches,
         "calib_seconds": round(cal.seconds, 3),
         "left_float": cal.left_float,
+        "float_weights": [vars(f) for f in cal.float_weights],
+        "float_share": cal.float_share,
     }
     return (model, qmodel, pre, batches, ev_x), res
 
@@ -904,6 +906,39 @@ def _print_result(res: dict) -> None:
             f"top-1 {pc(res['top1'])} (FP32 {pc(res['fp32_top1'])})"
         )
     print(f"{res['model']}: {what}, on {res['eval_on']}, calibration {res['calib_seconds']:.1f} s")
+
+
+_FLOAT_KINDS = {"PReLU": "PReLU slopes"}
+"""Plain words for the parameters of a module type left float, where they are clearer."""
+
+
+def _float_weights_line(res: dict, json_path: str | None) -> str | None:
+    """One line for the parameters left float (``res["float_weights"]``): their count, share of
+    the model's weight values and kinds (most values first), and where each is listed with its
+    reason; None when there are none. Kinds are module types, each with its count of parameters
+    when there are several kinds."""
+    rows = res.get("float_weights") or []
+    if not rows:
+        return None
+    kinds: dict[str, list[int]] = {}
+    for r in rows:
+        kinds.setdefault(_FLOAT_KINDS.get(r["kind"], r["kind"]), []).append(r["values"])
+    order = sorted(kinds, key=lambda k: -sum(kinds[k]))
+    what = ", ".join(f"{k} ({len(kinds[k])})" if len(kinds) > 1 else k for k in order)
+    share = res["float_share"]
+    pct = f"{share:.2%}" if share >= 1e-4 or share == 0 else "<0.01%"
+    where = f"listed with reasons in {json_path}" if json_path else "--json lists each and why"
+    n = len(rows)
+    return (
+        f"{n} parameter{'s' if n > 1 else ''} left float ({pct} of weight values: {what}); {where}"
+    )
+
+
+def _print_float_weights(res: dict, args) -> None:
+    """Print :func:`_float_weights_line` when there is one."""
+    line = _float_weights_line(res, getattr(args, "json", None))
+    if line:
+        print(line)
 
 
 def _registry_name(model: str) -> str | None:
@@ -1012,6 +1047,7 @@ def cmd_quantize(args) -> int:
     _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if args.out and is_main() and _is_onnx_path(args.out):
         _export(qmodel, batches, args)
         print(f"wrote {args.out} (target {res['config']['target']})")
@@ -1094,6 +1130,7 @@ def cmd_report(args) -> int:
     _check_outputs(args, args.json)
     (model, qmodel, pre, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     paths = report(qmodel, batches, args.out_dir, force=args.force)
     for p in paths:
         print(f"wrote {p}")
@@ -1106,6 +1143,7 @@ def cmd_export(args) -> int:
     _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if not is_main():
         return 0
     _export(qmodel, batches, args, container=args.container, integer=args.integer)
@@ -1120,6 +1158,7 @@ def cmd_save(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if not is_main():
         return 0
     save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
