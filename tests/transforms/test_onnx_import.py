@@ -21,6 +21,7 @@ from omse import QuantConfig
 from omse.errors import CalibrationError, ConfigError, UnsupportedLayerError
 from omse.transforms.onnx_import import (
     TORCHVISION_MESSAGE,
+    SizedResize,
     StaticSlice,
     import_onnx2torch,
     load_onnx,
@@ -317,6 +318,56 @@ def test_export_keeps_the_metadata_and_static_output_dims(tmp_path, dynamic_hw):
     for n, hw in [(1, 16), (3, 24 if dynamic_hw else 16)]:
         y = sess.run(None, {"image": np.random.rand(n, 3, hw, hw).astype(np.float32)})[0]
         assert y.shape == (n, 6, (hw // 2) ** 2)
+
+
+class Neck(nn.Module):
+    """An FPN / U-Net neck: a stride-2 branch upsampled to the skip connection's size,
+    ``F.interpolate(u, size=a.shape[-2:])`` (any H, W: odd sizes round up in the branch and
+    back to the skip's size), then concatenated with it. ``[N, 3, H, W] -> [N, 4, H, W]``."""
+
+    def __init__(self, mode: str = "nearest"):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        u = torch.relu(self.b(a))
+        corners = None if self.mode == "nearest" else False
+        u = nn.functional.interpolate(u, size=a.shape[-2:], mode=self.mode, align_corners=corners)
+        return self.c(torch.cat([a, u], 1))
+
+
+@pytest.mark.parametrize(
+    "net, target",
+    [("neck", "int4"), ("neck", "int8"), ("bilinear", "int8"), ("fullyconv", "int8")],
+)
+def test_sizes_computed_from_the_input_stay_computed_after_the_round_trip(tmp_path, net, target):
+    """A float ONNX with dynamic N, H, W whose upsampling takes its size from another tensor
+    comes back from ONNX -> torch -> ONNX with that size still computed (it was baked at the
+    calibration size: onnxruntime then failed at any other, "Concat ... Non concat axis
+    dimensions must match"); the quantized graph runs at two sizes and two batch sizes, like
+    the simulation and near the float file."""
+    torch.manual_seed(0)
+    model = {"neck": Neck, "bilinear": lambda: Neck("bilinear"), "fullyconv": FullyConv}[net]()
+    dyn = {0: "N", 2: "H", 3: "W"}
+    src = _export(model, tmp_path / "f.onnx", torch.rand(1, 3, 32, 32), {"image": dyn}, "out")
+    calib = [torch.rand(4, 3, 32, 32) for _ in range(2)]
+    q = omse.quantize(src, calib, QuantConfig.preset("fast", target=target))
+    assert sum(isinstance(m, SizedResize) for m in q.modules()) == (net != "fullyconv")
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0][:1], out)
+    for n, h, w in [(1, 32, 32), (3, 32, 32), (2, 48, 40), (1, 25, 37)]:
+        x = torch.rand(n, 3, h, w)
+        with torch.no_grad():
+            sim = q(x).numpy()
+        got, fp = _ort(out, x), _ort(src, x)
+        assert got.shape == sim.shape == fp.shape == (n, {"fullyconv": 2}.get(net, 4), h, w)
+        step = np.abs(sim).max() / 2**7
+        assert np.abs(got - sim).max() <= 2 * step  # summation order flips a code at most
+        assert np.abs(got - fp).mean() <= 0.05 * np.abs(fp).mean()  # W4A8
 
 
 def _computed_reshapes() -> onnx.ModelProto:

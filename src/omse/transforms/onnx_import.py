@@ -60,6 +60,7 @@ from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, first
 
 __all__ = [
     "OnnxImport",
+    "SizedResize",
     "TORCHVISION_MESSAGE",
     "import_onnx2torch",
     "load_onnx",
@@ -523,6 +524,81 @@ def _dynamic_softmax(module: nn.Module) -> int:
     return n
 
 
+class SizedResize(nn.Module):
+    """ONNX ``Resize`` (opset 11+) to ``sizes`` computed in the graph (``Resize(x, roi, scales,
+    Concat(Slice(Shape(x)), Shape(skip)[2:]))``: FPN and U-Net necks upsampling to a skip
+    connection's size, ``F.interpolate(u, size=a.shape[-2:])``), with the same math as
+    onnx2torch's ``OnnxResize``, which it wraps.
+
+    Why: ``OnnxResize`` reads ``sizes.tolist()``; the TorchScript exporter records those Python
+    ints as constants, so the exported graph resizes to the traced size whatever the input
+    (onnxruntime then fails at any other size: "Concat ... Non concat axis dimensions must
+    match"). Under ``torch.onnx.export`` this module emits one ``Resize`` node that takes the
+    ``sizes`` tensor itself (the shape arithmetic before it stays in the graph), with the
+    attributes the exporter writes for the ``F.interpolate`` that ``OnnxResize`` runs (nearest:
+    ``asymmetric``/``floor``; linear and cubic: ``pytorch_half_pixel``, or ``align_corners``), so
+    the exported graph computes what the module does. Constant ``scales`` and eager calls go to
+    ``OnnxResize`` unchanged. ``[N, C, *S] -> [N, C, *sizes[2:]]``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def _onnx_attrs(self) -> dict[str, Any]:
+        mode = self.inner.onnx_mode
+        if mode == "nearest":
+            return {"mode_s": "nearest", "coordinate_transformation_mode_s": "asymmetric",
+                    "nearest_mode_s": "floor"}  # fmt: skip
+        ctm = "align_corners" if self.inner.align_corners else "pytorch_half_pixel"
+        return {"mode_s": mode, "coordinate_transformation_mode_s": ctm, "cubic_coeff_a_f": -0.75}
+
+    def forward(
+        self,
+        input_tensor: torch.Tensor,
+        roi: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            return self.inner(input_tensor, roi, scales, sizes)
+
+        if sizes is None or sizes.nelement() == 0 or not torch.onnx.is_in_onnx_export():
+            return run()
+        from onnx2torch.utils.custom_export_to_onnx import DefaultExportToOnnx
+
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the values only: the node below is the graph's
+        try:
+            with torch.no_grad():
+                y = run()
+        finally:
+            torch._C._set_tracing_state(state)
+
+        empty = torch.zeros(0, dtype=torch.float32)
+        return DefaultExportToOnnx.export(
+            lambda: y.detach(),
+            "Resize",
+            input_tensor,
+            empty,
+            empty,
+            sizes.long(),
+            self._onnx_attrs(),
+        )
+
+
+def _sized_resizes(module: nn.Module) -> int:
+    """Wrap each onnx2torch ``OnnxResize`` of ``module`` in :class:`SizedResize` (in place);
+    returns how many."""
+    n = 0
+    for name, sub in list(module.named_modules()):
+        owner, _, attr = name.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        if type(sub).__name__ == "OnnxResize" and name and not isinstance(parent, SizedResize):
+            setattr(parent, attr, SizedResize(sub))
+            n += 1
+    return n
+
+
 def _ints(item: Any) -> Any:
     """One index item with Python ints in place of onnx2torch's 0-d tensors / numpy ints."""
     if not isinstance(item, slice):
@@ -652,6 +728,7 @@ def load_onnx(
     module = _convert(onnx2torch, proto, src).eval()
     _dynamic_softmax(module)
     _static_slices(module)
+    _sized_resizes(module)
     mm, total = _weight_elements(proto)
     info = OnnxImport(
         source=src,
