@@ -775,3 +775,147 @@ def test_ocr_recognizer_onnx_in_onnx_out_from_the_command_line(cli, work):
         texts, fp32 = ocr.ctc_greedy_decode(y, charset), ocr.ctc_greedy_decode(y0, charset)
         cer = np.mean([ocr.char_error_rate(a, b) for a, b in zip(texts, fp32)])
         assert cer <= 0.2, (n, width, texts, fp32)  # measured 0.0-0.1 (W8A8, int8 kernels)
+
+
+def _image_onnx(path, dynamic, meta=None):
+    """tests/nets.py's TinyNet (any H x W: it ends in a global mean) as a float ONNX file at
+    32x40, with the given ``{axis: name}`` input axes dynamic and ``meta`` as metadata_props."""
+    import importlib.util
+    import warnings
+
+    import onnx
+
+    if importlib.util.find_spec("onnx2torch") is None:  # imported only with omse's stand-in
+        pytest.skip("onnx2torch is not installed (make install installs it)")
+    from nets import tiny_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tiny_net(), torch.randn(1, 3, 32, 40), str(path), dynamo=False, opset_version=17,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": dynamic, "logits": {0: "N"}},
+        )  # fmt: skip
+    if meta:
+        m = onnx.load(path)
+        onnx.helper.set_model_props(m, meta)
+        onnx.save(m, path)
+    return path
+
+
+NHW = {0: "N", 2: "H", 3: "W"}
+
+
+@pytest.mark.parametrize(
+    "dynamic, meta, line",
+    [
+        ({0: "N"}, None, "input size 32x40 from the model's static input shape; images centre-"),
+        (NHW, {"imgsz": "[24, 36]"}, "input size 24x36 from the model's metadata (imgsz); images c"),
+        (NHW, {"input_shape": "[1, 3, 28, 30]"}, "input size 28x30 from the model's metadata (inp"),
+        (NHW, {"img_size": "44"}, "input size 44x44 from the model's metadata (img_size)"),
+        (NHW, None, "input size 224x224 from the default for a dynamic side (the input's shape "
+         "is ['N', 3, 'H', 'W'] and its metadata names no size: imgsz, img_size"),
+        (NHW, {"author": "Ultralytics", "imgsz": "[24, 36]", "stride": "32"},
+         "input size 24x36 from the model's metadata (imgsz); images letterboxed (centred, pad "
+         "114): the model's metadata is Ultralytics'"),
+    ],
+)  # fmt: skip
+def test_onnx_input_size_from_the_model_in_one_line(cli, work, dynamic, meta, line):
+    """No --input-size: the size comes from the input's static H, W, else the metadata, else
+    the default, and one line says which (and how the images were fitted to it)."""
+    src = _image_onnx(work / f"size{len(dynamic)}{len(meta or {})}.onnx", dynamic, meta)
+    rc, out, err = cli("quantize", src, "--calib", "imgs", "--recipe", "fast")
+    assert rc == 0, err
+    said = [s for s in out.splitlines() if s.startswith("input size")]
+    assert len(said) == 1 and said[0].startswith(line), out
+
+
+def test_onnx_metadata_size_errors_name_what_to_do(cli, work):
+    bad = _image_onnx(work / "badmeta.onnx", NHW, {"imgsz": "large"})
+    rc, _, err = cli("quantize", bad, "--calib", "imgs")
+    assert rc == 2 and "metadata imgsz='large' names no image size" in _one_error_line(err)
+    assert "give --input-size HxW" in err
+    clash = _image_onnx(work / "clash.onnx", {0: "N", 3: "W"}, {"imgsz": "[24, 36]"})
+    rc, _, err = cli("quantize", clash, "--calib", "imgs")
+    assert rc == 2 and "contradicts the input's static shape" in _one_error_line(err)
+    rc, out, err = cli(
+        "quantize", bad, "--calib", "imgs", "--input-size", "32x40", "--recipe", "fast"
+    )
+    assert rc == 0 and "input size 32x40 from --input-size" in out, err
+
+
+def test_user_model_default_size_is_said(cli, work):
+    rc, out, err = cli("quantize", *USER, "--recipe", "fast")
+    assert rc == 0, err
+    assert "input size 224x224 from the default (give --input-size HxW for another)" in out
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--resize", "pad"], "--resize must be crop, letterbox, stretch or a shorter side N"),
+        (["--pad-value", "0"], "--pad-value goes with --resize letterbox, not crop"),
+        (["--resize", "stretch", "--letterbox-pad", "center"], "--letterbox-pad goes with --res"),
+        (["--resize", "letterbox", "--pad-value", "256"], "--pad-value must be a grey level"),
+    ],
+)
+def test_resize_errors_are_one_line(cli, work, argv, match):
+    rc, _, err = cli("quantize", *USER, *argv)
+    assert rc == 2 and match in _one_error_line(err)
+
+
+@pytest.mark.parametrize("resize", ["crop", "letterbox", "stretch"])
+def test_eval_images_are_fitted_as_the_calibration_images(cli, work, resize):
+    """--eval of the calibration folder itself gives the figures of no --eval (which measures
+    on the calibration inputs): the same preprocessing, image for image."""
+    src = _image_onnx(work / "fit.onnx", NHW)
+    argv = [src, "--calib", "imgs", "--input-size", "32x40", "--recipe", "fast"]
+    argv += ["--resize", resize] + (
+        ["--letterbox-pad", "bottom-right"] if resize == "letterbox" else []
+    )
+    same, out = _run_json(cli, work, "fit.json", *argv)
+    held, _ = _run_json(cli, work, "fit_eval.json", *argv, "--eval", "imgs")
+    assert held["eval_held_out"] and not same["eval_held_out"]
+    assert (held["agreement"], held["kl"]) == (same["agreement"], same["kl"])
+    phrase = {"crop": "centre-cropped", "letterbox": "letterboxed (padded bottom-right, pad 114)",
+              "stretch": "stretched"}[resize]  # fmt: skip
+    assert f"input size 32x40 from --input-size; images {phrase}" in out
+
+
+PRELU_NET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4), nn.PReLU(8), nn.Conv2d(8, 8, 1), nn.PReLU(),
+        nn.LayerNorm([5, 6]), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+"""
+
+
+def test_parameters_left_float_are_one_line(cli, work):
+    """PReLU slopes (and other parameters omse leaves float) are counted in one line with their
+    share of the weight values, each listed with its reason in the --json file."""
+    (work / "omse_prelu.py").write_text(PRELU_NET)
+    argv = ["quantize", "omse_prelu:build", "--calib", "imgs", "--input-size", "20x24"]
+    rc, out, err = cli(*argv, "--recipe", "fast")
+    assert rc == 0, err
+    lines = [s for s in out.splitlines() if "left float" in s]
+    weights = 3 * 8 * 9 + 8 + 8 * 8 + 8 + 8 * 3 + 3  # convs and linear, with biases
+    floats = 8 + 1 + 2 * 30  # the slopes, then LayerNorm's weight and bias
+    pct = f"{floats / (weights + floats):.2%}"
+    assert lines == [
+        f"4 parameters left float ({pct} of weight values: LayerNorm (2), PReLU slopes (2)); "
+        "--json lists each and why"
+    ], out
+    res, out = _run_json(cli, work, "prelu.json", *argv[1:], "--recipe", "fast")
+    assert f"listed with reasons in {work / 'prelu.json'}" in out
+    rows = {r["name"]: r for r in res["float_weights"]}
+    assert sorted(rows) == ["1.weight", "3.weight", "4.bias", "4.weight"]
+    assert rows["1.weight"]["kind"] == "PReLU" and rows["1.weight"]["values"] == 8
+    assert res["float_share"] == pytest.approx(floats / (weights + floats))
+    rc, out, _ = cli("quantize", *USER, "--recipe", "fast")  # all quantized: no line
+    assert rc == 0 and "left float" not in out

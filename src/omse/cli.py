@@ -50,10 +50,25 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--resize",
+        metavar="crop|letterbox|stretch|N",
+        help="how images reach the input size: crop (shorter side to 8/7 of the input size, "
+        "then the centre: classifiers; N: shorter side to N pixels), letterbox (aspect ratio "
+        "kept, padded: detectors) or stretch. Default: crop, or letterbox for an ONNX file "
+        "whose metadata is Ultralytics' (said in one line). --eval images get the same",
+    )
+    g.add_argument(
+        "--pad-value",
         type=int,
-        metavar="N",
-        help="resize each image's shorter side to N pixels, then centre-crop the input size "
-        "(default 8/7 of the input size: 256 for 224)",
+        metavar="V",
+        help="with --resize letterbox: the padding's grey level, 0..255 (default 114, as "
+        "Ultralytics and YOLOX train)",
+    )
+    g.add_argument(
+        "--letterbox-pad",
+        choices=["center", "bottom-right"],
+        help="with --resize letterbox: the image centred, padding on all sides (default: "
+        "Ultralytics' LetterBox, the exports whose metadata omse reads), or at the top left, "
+        "padding bottom and right (YOLOX)",
     )
     g.add_argument(
         "--mean", type=float, nargs=3, metavar="M", help="per-channel mean (RGB, images in [0, 1])"
@@ -403,7 +418,15 @@ def _resolve_first_last(model: torch.nn.Module, overrides: dict) -> dict:
     return {names[0]: overrides["__first__"], names[-1]: overrides["__last__"]}
 
 
-_USER_DATA_ARGS = ("input_size", "resize", "mean", "std", "transform")
+_USER_DATA_ARGS = (
+    "input_size",
+    "resize",
+    "pad_value",
+    "letterbox_pad",
+    "mean",
+    "std",
+    "transform",
+)
 
 
 def _reject_user_data_args(args, name: str) -> None:
@@ -430,6 +453,50 @@ def _input_size(text: str | None) -> tuple[int, int]:
             f"--input-size must be H or HxW in pixels (e.g. 224, 256x320), got {text!r}"
         )
     return (hw[0], hw[-1])
+
+
+def _fit(args, default: str = "crop") -> dict[str, Any]:
+    """``--resize``/``--pad-value``/``--letterbox-pad`` -> :func:`omse.zoo.data.fit_image`'s
+    ``mode``, ``resize``, ``pad_value``, ``pad`` (``default``: the mode when ``--resize`` is not
+    given). Refuses an unknown mode and letterbox options without letterbox."""
+    from .zoo.data import RESIZE_MODES
+
+    text = getattr(args, "resize", None)
+    mode, short = default, None
+    if text is not None:
+        t = str(text).strip().lower()
+        if t in RESIZE_MODES:
+            mode = t
+        elif t.isdigit() and int(t) > 0:
+            mode, short = "crop", int(t)
+        else:
+            raise OmseError(
+                f"--resize must be crop, letterbox, stretch or a shorter side N in pixels "
+                f"(crop), got {text!r}"
+            )
+    pad_value, pad = getattr(args, "pad_value", None), getattr(args, "letterbox_pad", None)
+    for flag, v in (("--pad-value", pad_value), ("--letterbox-pad", pad)):
+        if v is not None and mode != "letterbox":
+            raise OmseError(f"{flag} goes with --resize letterbox, not {mode}")
+    if pad_value is not None and not 0 <= pad_value <= 255:
+        raise OmseError(f"--pad-value must be a grey level 0..255, got {pad_value}")
+    return {
+        "mode": mode,
+        "resize": short,
+        "pad_value": 114 if pad_value is None else pad_value,
+        "pad": pad or "center",
+    }
+
+
+def _describe_fit(fit: dict[str, Any]) -> str:
+    """One phrase for :func:`_fit`'s settings, e.g. ``letterboxed (centred, pad 114)``."""
+    if fit["mode"] == "letterbox":
+        where = "centred" if fit["pad"] == "center" else "padded bottom-right"
+        return f"letterboxed ({where}, pad {fit['pad_value']})"
+    if fit["mode"] == "stretch":
+        return "stretched to it"
+    short = "8/7 of the input size" if fit["resize"] is None else f"{fit['resize']} pixels"
+    return f"centre-cropped (shorter side resized to {short})"
 
 
 class _Transform:
@@ -514,21 +581,47 @@ def _loader_batches(target: str, limit: int | None) -> list:
     return batches
 
 
-def _eval_folder(args, size: tuple[int, int] | int) -> torch.Tensor:
+def _eval_folder(args, size: tuple[int, int] | int, fit: dict | None = None) -> torch.Tensor:
+    """The ``--eval`` images at ``size``, fitted as the calibration images are (``fit``:
+    :func:`_fit`'s settings; default: from the flags)."""
     from .zoo.data import load_image_folder
 
     if args.eval_size is not None and args.eval_size < 1:
         raise OmseError(f"--eval-size must be >= 1, got {args.eval_size}")
-    return load_image_folder(args.eval, size, args.eval_size, args.resize, role="evaluation")
+    fit = _fit(args) if fit is None else fit
+    return load_image_folder(args.eval, size, args.eval_size, role="evaluation", **fit)
 
 
-def _user_data(args):
+_DEFAULT_SIZE = "the default (give --input-size HxW for another)"
+
+
+def _user_data(
+    args,
+    size: tuple[int, int] | None = None,
+    size_from: str = _DEFAULT_SIZE,
+    fit: dict | None = None,
+    fit_from: str = "",
+):
     """A user model's (preprocess, calib batches, eval inputs, eval labels): images from
     ``--calib`` (or batches from ``--calib-loader``); evaluation on ``--eval`` images, else on
-    the calibration data (labelled optimistic by :func:`_eval_label`)."""
+    the calibration data (labelled optimistic by :func:`_eval_label`).
+
+    ``size``: the input ``(H, W)`` (default: ``--input-size``, else 224 x 224) and ``size_from``
+    where it came from; ``fit``: :func:`_fit`'s settings (default: from the flags) and
+    ``fit_from`` why, when not from the flags. Image folders are announced in one line: the size,
+    where it came from, and how images were fitted to it."""
     from .zoo.data import load_image_folder
 
-    size, pre = _input_size(args.input_size), _user_preprocess(args)
+    if size is None and args.input_size is not None:
+        size, size_from = _input_size(args.input_size), "--input-size"
+    size = _input_size(None) if size is None else size
+    pre = _user_preprocess(args)
+    fit = _fit(args) if fit is None else fit
+    if args.calib and not args.calib_loader:
+        print(
+            f"input size {size[0]}x{size[1]} from {size_from}; images {_describe_fit(fit)}"
+            + (f": {fit_from}" if fit_from else "")
+        )
     if args.calib_loader:
         batches = _loader_batches(args.calib_loader, args.calib_size)
         ev_x = batches  # model inputs already: no preprocessing
@@ -537,11 +630,11 @@ def _user_data(args):
             "a user model needs --calib FOLDER (calibration images) or --calib-loader MODULE:FN"
         )
     else:
-        calib = load_image_folder(args.calib, size, args.calib_size or 32, args.resize)
+        calib = load_image_folder(args.calib, size, args.calib_size or 32, **fit)
         batches = [pre(b) if pre else b for b in calib.split(8)]
         ev_x = calib
     if args.eval:
-        ev_x = _eval_folder(args, size)
+        ev_x = _eval_folder(args, size, fit)
     return pre, batches, ev_x, None
 
 
@@ -598,37 +691,92 @@ def _is_onnx_path(model: str) -> bool:
     return model.lower().endswith(".onnx")
 
 
+def _onnx_input_size(args, proto, dims: list) -> tuple[tuple[int, int], str]:
+    """The calibration images' ``(H, W)`` for an ONNX image model whose input has ``dims``
+    ``[N, C, H, W]``, and where it came from: ``--input-size``, else the input's static ``H``
+    and ``W``, else the size its ``metadata_props`` name (:data:`INPUT_SIZE_KEYS`), else 224 for
+    each dynamic side. A metadata value that is no size, or one that contradicts a static side,
+    is an error."""
+    from .transforms.onnx_import import INPUT_SIZE_KEYS, metadata_input_size
+
+    if args.input_size is not None:
+        return _input_size(args.input_size), "--input-size"
+    h, w = (d if isinstance(d, int) else None for d in dims[2:])
+    if h and w:
+        return (h, w), "the model's static input shape"
+    meta = metadata_input_size(proto)
+    if meta is not None:
+        key, value, hw = meta
+        if hw is None:
+            raise OmseError(
+                f"{args.model}: its metadata {key}={value!r} names no image size omse reads "
+                "(S, [H, W] or [N, C, H, W]): give --input-size HxW"
+            )
+        if (h and h != hw[0]) or (w and w != hw[1]):
+            raise OmseError(
+                f"{args.model}: its metadata {key}={value!r} contradicts the input's static shape "
+                f"{dims}: give --input-size HxW"
+            )
+        return hw, f"the model's metadata ({key})"
+    keys = ", ".join(INPUT_SIZE_KEYS)
+    return (h or 224, w or 224), (
+        f"the default for a dynamic side (the input's shape is {dims} and its metadata names no "
+        f"size: {keys}; give --input-size HxW if it was trained at another)"
+    )
+
+
+def _onnx_fit(args, proto) -> tuple[dict[str, Any], str]:
+    """:func:`_fit`'s settings for an ONNX image model and why when not from the flags: without
+    ``--resize``, letterbox for an Ultralytics export (its metadata's ``author`` says so, or it
+    has Ultralytics' ``imgsz`` and ``stride``), which trains and predicts on letterboxed
+    images; crop otherwise."""
+    from .transforms.onnx_import import metadata
+
+    meta = {k.lower(): v for k, v in metadata(proto).items()}
+    ultralytics = "ultralytics" in meta.get("author", "").lower() or {"imgsz", "stride"} <= set(
+        meta
+    )
+    if args.resize is not None or not ultralytics:
+        return _fit(args), ""
+    return _fit(args, "letterbox"), (
+        "the model's metadata is Ultralytics' (its models see letterboxed images; --resize crop "
+        "or stretch for another)"
+    )
+
+
 def _load_onnx_task(args):
     """``_load_task`` for a float ONNX image model: the user-model data options
-    (:func:`_user_data`), with the input size taken from the graph's static ``(H, W)`` when
-    ``--input-size`` is not given (224 for a dynamic one); the model converted and checked
-    against onnxruntime on the first calibration batch."""
+    (:func:`_user_data`), with the input size from :func:`_onnx_input_size` and the resize mode
+    from :func:`_onnx_fit`; the model converted and checked against onnxruntime on the first
+    calibration batch."""
     from .transforms.onnx_import import load_onnx, onnx_io, read_onnx
 
     if args.weights:
         raise OmseError("--weights is for package.module:factory models; an ONNX file has its own")
-    io = onnx_io(read_onnx(args.model)[0])
+    proto = read_onnx(args.model)[0]
+    io = onnx_io(proto)
     if len(io["input_names"]) != 1 and not args.calib_loader:
         raise OmseError(
             f"{args.model} has {len(io['input_names'])} inputs ({io['input_names']}); calibration "
             "images feed one: give --calib-loader MODULE:FN (dict batches) or use omse.quantize"
         )
     dims = io["shapes"][io["input_names"][0]]
+    size, size_from, fit, fit_from = None, _DEFAULT_SIZE, None, ""
     if not args.calib_loader:
         if len(dims) != 4:
             raise OmseError(
                 f"{args.model}: input of shape {dims} is not an (N, C, H, W) image batch; give "
                 "--calib-loader MODULE:FN"
             )
-        c, h, w = (d if isinstance(d, int) else None for d in dims[1:])
+        c = dims[1] if isinstance(dims[1], int) else None
         if c not in (None, 3) and not args.transform:
             raise OmseError(
                 f"{args.model}: an input of {c} channels is not an RGB image; give --transform "
                 "MODULE:FN (RGB [N, 3, H, W] -> the model's input) or --calib-loader MODULE:FN"
             )
-        if args.input_size is None:
-            args.input_size = f"{h or 224}x{w or 224}"
-    pre, batches, ev_x, ev_y = _user_data(args)
+        size, size_from = _onnx_input_size(args, proto, dims)
+        fit, fit_from = _onnx_fit(args, proto)
+    pre, batches, ev_x, ev_y = _user_data(args, size, size_from, fit, fit_from)
     return load_onnx(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
 
 
@@ -731,6 +879,8 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "calib_batches": cal.batches,
         "calib_seconds": round(cal.seconds, 3),
         "left_float": cal.left_float,
+        "float_weights": [vars(f) for f in cal.float_weights],
+        "float_share": cal.float_share,
     }
     return (model, qmodel, pre, batches, ev_x), res
 
@@ -756,6 +906,39 @@ def _print_result(res: dict) -> None:
             f"top-1 {pc(res['top1'])} (FP32 {pc(res['fp32_top1'])})"
         )
     print(f"{res['model']}: {what}, on {res['eval_on']}, calibration {res['calib_seconds']:.1f} s")
+
+
+_FLOAT_KINDS = {"PReLU": "PReLU slopes"}
+"""Plain words for the parameters of a module type left float, where they are clearer."""
+
+
+def _float_weights_line(res: dict, json_path: str | None) -> str | None:
+    """One line for the parameters left float (``res["float_weights"]``): their count, share of
+    the model's weight values and kinds (most values first), and where each is listed with its
+    reason; None when there are none. Kinds are module types, each with its count of parameters
+    when there are several kinds."""
+    rows = res.get("float_weights") or []
+    if not rows:
+        return None
+    kinds: dict[str, list[int]] = {}
+    for r in rows:
+        kinds.setdefault(_FLOAT_KINDS.get(r["kind"], r["kind"]), []).append(r["values"])
+    order = sorted(kinds, key=lambda k: -sum(kinds[k]))
+    what = ", ".join(f"{k} ({len(kinds[k])})" if len(kinds) > 1 else k for k in order)
+    share = res["float_share"]
+    pct = f"{share:.2%}" if share >= 1e-4 or share == 0 else "<0.01%"
+    where = f"listed with reasons in {json_path}" if json_path else "--json lists each and why"
+    n = len(rows)
+    return (
+        f"{n} parameter{'s' if n > 1 else ''} left float ({pct} of weight values: {what}); {where}"
+    )
+
+
+def _print_float_weights(res: dict, args) -> None:
+    """Print :func:`_float_weights_line` when there is one."""
+    line = _float_weights_line(res, getattr(args, "json", None))
+    if line:
+        print(line)
 
 
 def _registry_name(model: str) -> str | None:
@@ -864,6 +1047,7 @@ def cmd_quantize(args) -> int:
     _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if args.out and is_main() and _is_onnx_path(args.out):
         _export(qmodel, batches, args)
         print(f"wrote {args.out} (target {res['config']['target']})")
@@ -946,6 +1130,7 @@ def cmd_report(args) -> int:
     _check_outputs(args, args.json)
     (model, qmodel, pre, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     paths = report(qmodel, batches, args.out_dir, force=args.force)
     for p in paths:
         print(f"wrote {p}")
@@ -958,6 +1143,7 @@ def cmd_export(args) -> int:
     _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if not is_main():
         return 0
     _export(qmodel, batches, args, container=args.container, integer=args.integer)
@@ -972,6 +1158,7 @@ def cmd_save(args) -> int:
     _check_outputs(args, args.out, args.json)
     (_, qmodel, *_), res = _quantize_and_eval(args)
     _print_result(res)
+    _print_float_weights(res, args)
     if not is_main():
         return 0
     save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))

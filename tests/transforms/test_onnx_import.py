@@ -21,10 +21,12 @@ from omse import QuantConfig
 from omse.errors import CalibrationError, ConfigError, UnsupportedLayerError
 from omse.transforms.onnx_import import (
     TORCHVISION_MESSAGE,
+    SizedResize,
     StaticSlice,
     import_onnx2torch,
     load_onnx,
     matmul_constants,
+    metadata_input_size,
     onnx_outputs,
 )
 
@@ -120,6 +122,8 @@ def test_converted_module_matches_onnxruntime_and_carries_io(models):
         "input_names": ["image"],
         "output_names": ["logits"],
         "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}},
+        "metadata": {},
+        "output_shapes": [["N", 10]],
     }
     assert 0 <= m.omse_onnx.max_abs_diff <= m.omse_onnx.tolerance < 1e-3
     types = [type(q) for q in m.modules()]
@@ -274,6 +278,96 @@ def test_export_keeps_the_onnx_input_output_names_and_dynamic_axes(models):
     y = torch.randn(3, 3, 8, 24)
     with torch.no_grad():
         np.testing.assert_allclose(_ort(out, y), q(y).numpy(), atol=np.abs(q(y)).max() / 64)
+
+
+class Head(nn.Module):
+    """A detector-like head: conv -> ``[N, 6, H/2 * W/2]`` (boxes + scores per anchor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.reshape(y.shape[0], 6, -1).sigmoid()
+
+
+@pytest.mark.parametrize("dynamic_hw", [False, True])
+def test_export_keeps_the_metadata_and_static_output_dims(tmp_path, dynamic_hw):
+    """The quantized file keeps the float file's metadata_props (class names, strides, imgsz;
+    omse's own keys beside them) and every static output dimension it declared."""
+    dyn = {0: "N", 2: "H", 3: "W"} if dynamic_hw else {0: "N"}
+    src = _export(Head(), tmp_path / "head.onnx", torch.rand(1, 3, 16, 16), {"image": dyn}, "out0")
+    meta = {"names": "{0: 'person', 1: 'bicycle'}", "stride": "[8, 16, 32]", "imgsz": "[16, 16]"}
+    m = onnx.load(src)
+    helper.set_model_props(m, meta)
+    if dynamic_hw:  # as Ultralytics declares it: 6 per anchor, the anchors dynamic
+        shape = helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 6, "anchors"]).tensor_type
+        m.graph.output[0].type.tensor_type.shape.CopyFrom(shape.shape)
+    onnx.save(m, src)
+    calib = [torch.rand(2, 3, 16, 16) for _ in range(2)]
+    q = omse.quantize(src, calib, QuantConfig(target="int8", **CFG))
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0][:1], out)
+    got = onnx.load(out)
+    props = {p.key: p.value for p in got.metadata_props}
+    assert {k: props[k] for k in meta} == meta and props["omse.int8_weights"] == "auto"
+    dims = got.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["N", 6, "anchors" if dynamic_hw else 64]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n, hw in [(1, 16), (3, 24 if dynamic_hw else 16)]:
+        y = sess.run(None, {"image": np.random.rand(n, 3, hw, hw).astype(np.float32)})[0]
+        assert y.shape == (n, 6, (hw // 2) ** 2)
+
+
+class Neck(nn.Module):
+    """An FPN / U-Net neck: a stride-2 branch upsampled to the skip connection's size,
+    ``F.interpolate(u, size=a.shape[-2:])`` (any H, W: odd sizes round up in the branch and
+    back to the skip's size), then concatenated with it. ``[N, 3, H, W] -> [N, 4, H, W]``."""
+
+    def __init__(self, mode: str = "nearest"):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        u = torch.relu(self.b(a))
+        corners = None if self.mode == "nearest" else False
+        u = nn.functional.interpolate(u, size=a.shape[-2:], mode=self.mode, align_corners=corners)
+        return self.c(torch.cat([a, u], 1))
+
+
+@pytest.mark.parametrize(
+    "net, target",
+    [("neck", "int4"), ("neck", "int8"), ("bilinear", "int8"), ("fullyconv", "int8")],
+)
+def test_sizes_computed_from_the_input_stay_computed_after_the_round_trip(tmp_path, net, target):
+    """A float ONNX with dynamic N, H, W whose upsampling takes its size from another tensor
+    comes back from ONNX -> torch -> ONNX with that size still computed (it was baked at the
+    calibration size: onnxruntime then failed at any other, "Concat ... Non concat axis
+    dimensions must match"); the quantized graph runs at two sizes and two batch sizes, like
+    the simulation and near the float file."""
+    torch.manual_seed(0)
+    model = {"neck": Neck, "bilinear": lambda: Neck("bilinear"), "fullyconv": FullyConv}[net]()
+    dyn = {0: "N", 2: "H", 3: "W"}
+    src = _export(model, tmp_path / "f.onnx", torch.rand(1, 3, 32, 32), {"image": dyn}, "out")
+    calib = [torch.rand(4, 3, 32, 32) for _ in range(2)]
+    q = omse.quantize(src, calib, QuantConfig.preset("fast", target=target))
+    assert sum(isinstance(m, SizedResize) for m in q.modules()) == (net != "fullyconv")
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0][:1], out)
+    for n, h, w in [(1, 32, 32), (3, 32, 32), (2, 48, 40), (1, 25, 37)]:
+        x = torch.rand(n, 3, h, w)
+        with torch.no_grad():
+            sim = q(x).numpy()
+        got, fp = _ort(out, x), _ort(src, x)
+        assert got.shape == sim.shape == fp.shape == (n, {"fullyconv": 2}.get(net, 4), h, w)
+        step = np.abs(sim).max() / 2**7
+        assert np.abs(got - sim).max() <= 2 * step  # summation order flips a code at most
+        assert np.abs(got - fp).mean() <= 0.05 * np.abs(fp).mean()  # W4A8
 
 
 def _computed_reshapes() -> onnx.ModelProto:
@@ -434,3 +528,22 @@ def test_quantize_reads_a_generator_of_batches_once_for_an_onnx_path(models):
     x = batches[0]
     with torch.no_grad():
         assert torch.equal(got(x), want(x))
+
+
+@pytest.mark.parametrize(
+    "props, expected",
+    [
+        ({"imgsz": "[320, 320]"}, ("imgsz", "[320, 320]", (320, 320))),  # Ultralytics
+        ({"IMG_SIZE": "(256, 320)"}, ("IMG_SIZE", "(256, 320)", (256, 320))),
+        ({"image_size": "224"}, ("image_size", "224", (224, 224))),
+        ({"input_shape": "[-1, 3, 288, 320]"}, ("input_shape", "[-1, 3, 288, 320]", (288, 320))),
+        ({"input_size": "1,288,320,3"}, ("input_size", "1,288,320,3", (288, 320))),  # NHWC
+        ({"input_size": "[3, 3, 3]"}, ("input_size", "[3, 3, 3]", None)),  # ambiguous layout
+        ({"imgsz": "big"}, ("imgsz", "big", None)),
+        ({"names": "{0: 'a'}"}, None),
+    ],
+)
+def test_metadata_input_size(props, expected):
+    m = helper.make_model(helper.make_graph([], "g", [], []))
+    helper.set_model_props(m, props)
+    assert metadata_input_size(m) == expected

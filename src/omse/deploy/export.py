@@ -181,6 +181,40 @@ def _update_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
 
 
+def _carry_source_io(model: onnx.ModelProto, io: Mapping | None) -> None:
+    """Give the exported ``model`` what an imported ONNX file declared (``io``: the module's
+    ``omse_io``, see :func:`omse.transforms.onnx_import.load_onnx`), in place: its
+    ``metadata_props`` (omse's own entries win a clash of keys) and, output by output in order,
+    each static output dimension (the exporter leaves a dimension computed from the input's
+    dynamic sides unnamed or symbolic). Raises :class:`ConfigError` where the exported graph's
+    static dimension contradicts the source's."""
+    if not io:
+        return
+    source_meta = dict(io.get("metadata") or {})
+    if source_meta:
+        ours = {p.key: p.value for p in model.metadata_props}
+        del model.metadata_props[:]
+        _update_metadata(model, source_meta | ours)
+    shapes = io.get("output_shapes") or []
+    outs = list(model.graph.output)
+    if len(shapes) != len(outs):
+        return  # a model whose outputs changed since the import: nothing to match by position
+    for out, dims in zip(outs, shapes):
+        tshape = out.type.tensor_type.shape
+        if len(tshape.dim) != len(dims):
+            continue
+        for a, (d, src) in enumerate(zip(tshape.dim, dims)):
+            if not isinstance(src, int):
+                continue
+            if d.HasField("dim_value") and d.dim_value != src:
+                raise ConfigError(
+                    f"output {out.name!r} axis {a}: the source ONNX file declares {src}, the "
+                    f"quantized model computes {d.dim_value}"
+                )
+            d.Clear()
+            d.dim_value = src
+
+
 def uint8_weight_layers(model: onnx.ModelProto | str | Path) -> list[str] | None:
     """The layers an omse export wrote with UINT8 weights (``int8_weights="auto"``, codes
     beyond +-:data:`S8_SAFE_CODE`), from its metadata; None for a graph without 8-bit weight
@@ -864,6 +898,7 @@ def to_onnx_model(
                 "and container='int8'"
             )
     proto = _Rewriter(proto, traced, container, integer, target, int8_weights).run(opset)
+    _carry_source_io(proto, getattr(qmodel, "omse_io", None))
     proto.producer_name = "omse"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -934,7 +969,9 @@ def export_onnx(
             When ``qmodel`` has an attribute ``omse_io`` (a dict with ``input_names``,
             ``output_names``, ``dynamic_axes``, as an ONNX importer sets it), each is the
             default of its argument; its ``dynamic_axes`` are then the complete list (no batch
-            axis is added).
+            axis is added). The file then also keeps the imported file's ``metadata_props``
+            (``omse_io["metadata"]``: class names, strides, image size; omse's own keys win a
+            clash) and its static output dimensions (``omse_io["output_shapes"]``).
         int8_weights: how 8-bit weight codes are stored (``target="int8"``, and
             ``container="int8"``), for onnxruntime's x86 kernels: without VNNI (AVX2, AVX-512
             without VNNI) its uint8 x int8 (u8s8) kernels add pairs of products in saturating

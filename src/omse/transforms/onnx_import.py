@@ -6,8 +6,10 @@ modules (so the whole pipeline applies unchanged), with
 
 - ``module.omse_io = {"input_names": [...], "output_names": [...], "dynamic_axes": {name:
   {axis: dim_name}}}`` read from the graph's inputs and outputs (a symbolic, unknown or ``-1``
-  dimension is dynamic; an unnamed one is called ``<tensor>_dim<axis>``): what
-  :func:`omse.export_onnx` needs to write the quantized model back with the same interface;
+  dimension is dynamic; an unnamed one is called ``<tensor>_dim<axis>``), ``"metadata"`` (the
+  file's ``metadata_props``: class names, strides, image size) and ``"output_shapes"`` (one list
+  per output, an int per static axis): what :func:`omse.export_onnx` needs to write the
+  quantized model back with the same interface and metadata;
 - ``module.omse_onnx``: an :class:`OnnxImport` (source, parity measured against onnxruntime,
   the weights that reach the graph through ``MatMul`` rather than a Conv/Gemm).
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -57,12 +60,16 @@ from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, first
 
 __all__ = [
     "OnnxImport",
+    "SizedResize",
     "TORCHVISION_MESSAGE",
     "import_onnx2torch",
     "load_onnx",
     "read_onnx",
     "constants_to_initializers",
     "onnx_io",
+    "metadata",
+    "metadata_input_size",
+    "INPUT_SIZE_KEYS",
     "matmul_constants",
     "onnx_outputs",
 ]
@@ -243,6 +250,46 @@ def onnx_io(model: onnx.ModelProto) -> dict[str, Any]:
         if dyn:
             io["dynamic_axes"][v.name] = dyn
     return io
+
+
+INPUT_SIZE_KEYS = ("imgsz", "img_size", "image_size", "input_size", "input_shape")
+"""``metadata_props`` keys that name a model's image size, in the order they are read
+(Ultralytics writes ``imgsz`` as ``"[320, 320]"``; the others are common in other exporters)."""
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict (in file order)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _size_from_ints(v: list[int]) -> tuple[int, int] | None:
+    """``(H, W)`` from a metadata value's integers: ``[S]`` (square), ``[H, W]``, ``[C, H, W]``
+    / ``[H, W, C]`` and ``[N, C, H, W]`` / ``[N, H, W, C]`` (``C`` of 1 or 3 tells the layout; a
+    ``-1``/``0`` batch is allowed); None when they name no positive size unambiguously."""
+    if len(v) == 4:
+        v = v[1:]
+    if len(v) == 3:
+        channels_first, channels_last = v[0] in (1, 3), v[2] in (1, 3)
+        if channels_first == channels_last:
+            return None
+        v = v[1:] if channels_first else v[:2]
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or min(v) < 1:
+        return None
+    return v[0], v[1]
+
+
+def metadata_input_size(model: onnx.ModelProto) -> tuple[str, str, tuple[int, int] | None] | None:
+    """The image size the model's ``metadata_props`` name: ``(key, value, (H, W))`` for the first
+    key of :data:`INPUT_SIZE_KEYS` present (compared without case), with ``(H, W)`` None when the
+    value is no size (see :func:`_size_from_ints`); None when no such key is there."""
+    found = {k.lower(): (k, v) for k, v in metadata(model).items()}
+    for key in INPUT_SIZE_KEYS:
+        if key in found:
+            k, v = found[key]
+            return k, v, _size_from_ints([int(t) for t in re.findall(r"-?\d+", v)])
+    return None
 
 
 def _unranked(model: onnx.ModelProto) -> set[str]:
@@ -477,6 +524,81 @@ def _dynamic_softmax(module: nn.Module) -> int:
     return n
 
 
+class SizedResize(nn.Module):
+    """ONNX ``Resize`` (opset 11+) to ``sizes`` computed in the graph (``Resize(x, roi, scales,
+    Concat(Slice(Shape(x)), Shape(skip)[2:]))``: FPN and U-Net necks upsampling to a skip
+    connection's size, ``F.interpolate(u, size=a.shape[-2:])``), with the same math as
+    onnx2torch's ``OnnxResize``, which it wraps.
+
+    Why: ``OnnxResize`` reads ``sizes.tolist()``; the TorchScript exporter records those Python
+    ints as constants, so the exported graph resizes to the traced size whatever the input
+    (onnxruntime then fails at any other size: "Concat ... Non concat axis dimensions must
+    match"). Under ``torch.onnx.export`` this module emits one ``Resize`` node that takes the
+    ``sizes`` tensor itself (the shape arithmetic before it stays in the graph), with the
+    attributes the exporter writes for the ``F.interpolate`` that ``OnnxResize`` runs (nearest:
+    ``asymmetric``/``floor``; linear and cubic: ``pytorch_half_pixel``, or ``align_corners``), so
+    the exported graph computes what the module does. Constant ``scales`` and eager calls go to
+    ``OnnxResize`` unchanged. ``[N, C, *S] -> [N, C, *sizes[2:]]``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def _onnx_attrs(self) -> dict[str, Any]:
+        mode = self.inner.onnx_mode
+        if mode == "nearest":
+            return {"mode_s": "nearest", "coordinate_transformation_mode_s": "asymmetric",
+                    "nearest_mode_s": "floor"}  # fmt: skip
+        ctm = "align_corners" if self.inner.align_corners else "pytorch_half_pixel"
+        return {"mode_s": mode, "coordinate_transformation_mode_s": ctm, "cubic_coeff_a_f": -0.75}
+
+    def forward(
+        self,
+        input_tensor: torch.Tensor,
+        roi: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            return self.inner(input_tensor, roi, scales, sizes)
+
+        if sizes is None or sizes.nelement() == 0 or not torch.onnx.is_in_onnx_export():
+            return run()
+        from onnx2torch.utils.custom_export_to_onnx import DefaultExportToOnnx
+
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the values only: the node below is the graph's
+        try:
+            with torch.no_grad():
+                y = run()
+        finally:
+            torch._C._set_tracing_state(state)
+
+        empty = torch.zeros(0, dtype=torch.float32)
+        return DefaultExportToOnnx.export(
+            lambda: y.detach(),
+            "Resize",
+            input_tensor,
+            empty,
+            empty,
+            sizes.long(),
+            self._onnx_attrs(),
+        )
+
+
+def _sized_resizes(module: nn.Module) -> int:
+    """Wrap each onnx2torch ``OnnxResize`` of ``module`` in :class:`SizedResize` (in place);
+    returns how many."""
+    n = 0
+    for name, sub in list(module.named_modules()):
+        owner, _, attr = name.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        if type(sub).__name__ == "OnnxResize" and name and not isinstance(parent, SizedResize):
+            setattr(parent, attr, SizedResize(sub))
+            n += 1
+    return n
+
+
 def _ints(item: Any) -> Any:
     """One index item with Python ints in place of onnx2torch's 0-d tensors / numpy ints."""
     if not isinstance(item, slice):
@@ -606,6 +728,7 @@ def load_onnx(
     module = _convert(onnx2torch, proto, src).eval()
     _dynamic_softmax(module)
     _static_slices(module)
+    _sized_resizes(module)
     mm, total = _weight_elements(proto)
     info = OnnxImport(
         source=src,
@@ -621,6 +744,8 @@ def load_onnx(
             module, proto, src, feeds, io["input_names"], rtol, atol
         )
     module.omse_io = {k: io[k] for k in ("input_names", "output_names", "dynamic_axes")}
+    module.omse_io["metadata"] = metadata(proto)
+    module.omse_io["output_shapes"] = [io["shapes"][n] for n in io["output_names"]]
     module.omse_onnx = info
     return module
 

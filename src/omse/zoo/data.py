@@ -5,8 +5,10 @@
 - Calibration (never evaluation images): the natural photographs bundled with ``scikit-image``
   (``skimage/data``: astronaut, chelsea, coffee, rocket, ...) and matplotlib's ``grace_hopper.jpg``,
   each as a centre crop, its mirror and corner crops.
-- Any folder of images (``load_image_folder``) for a user's own calibration or evaluation set:
-  shorter side resized to ``resize``, then centre-cropped to ``size`` (square or ``(H, W)``).
+- Any folder of images (``load_image_folder``) for a user's own calibration or evaluation set,
+  fitted to ``size`` (square or ``(H, W)``) by :func:`fit_image`: ``"crop"`` (shorter side
+  resized, centre crop: classifiers), ``"letterbox"`` (aspect ratio kept, padded: detectors) or
+  ``"stretch"`` (both sides resized).
 
 Images are float32 ``[N, 3, H, W]`` in ``[0, 1]``; models apply their own normalisation.
 """
@@ -29,10 +31,18 @@ __all__ = [
     "calibration_sources",
     "load_image_folder",
     "load_image",
+    "fit_image",
     "IMAGE_SUFFIXES",
+    "RESIZE_MODES",
+    "LETTERBOX_PADS",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+RESIZE_MODES = ("crop", "letterbox", "stretch")
+"""How :func:`fit_image` brings an image to the input size."""
+LETTERBOX_PADS = ("center", "bottom-right")
+"""Where a letterboxed image sits: centred (Ultralytics) or at the top left, padded bottom and
+right (YOLOX)."""
 # Natural photographs in scikit-image's bundled data (textures and binary images left out).
 _SKIMAGE_PHOTOS = (
     "astronaut.png",
@@ -61,18 +71,101 @@ def _package_dir(pkg: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_image(path: str | Path, size: int = 256) -> torch.Tensor:
-    """One image as float32 ``[3, H, W]`` in [0, 1], shorter side resized to ``size`` (bicubic)."""
+def _read_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image (decoded); an unreadable file is an
+    :class:`OmseError` naming it."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            r = size / min(w, h)
-            im = im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32) / 255.0
+            return im.convert("RGB")
     except (OSError, ValueError) as e:
         raise OmseError(f"cannot read image {path}: {e}") from None
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image ``(W, H)`` -> float32 ``[3, H, W]`` in [0, 1]."""
+    a = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def _shorter_side(im: Image.Image, size: int) -> Image.Image:
+    """``im`` with its shorter side resized to ``size`` pixels (bicubic, aspect ratio kept)."""
+    w, h = im.size
+    r = size / min(w, h)
+    return im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BICUBIC)
+
+
+def load_image(path: str | Path, size: int = 256) -> torch.Tensor:
+    """One image as float32 ``[3, H, W]`` in [0, 1], shorter side resized to ``size`` (bicubic)."""
+    return _to_tensor(_shorter_side(_read_rgb(path), size))
+
+
+def _letterbox(im: Image.Image, hw: tuple[int, int], pad_value: int, pad: str) -> Image.Image:
+    """``im`` resized (bilinear) by ``min(H / h, W / w)`` so that it fits ``hw = (H, W)`` with its
+    aspect ratio kept (the new sides rounded to the nearest pixel), on a canvas of ``pad_value``
+    placed centred (``pad="center"``: offsets ``(H - h') // 2``, ``(W - w') // 2``, as
+    Ultralytics' ``LetterBox``) or at the top left (``"bottom-right"`` padding, as YOLOX)."""
+    (h, w), (w0, h0) = hw, im.size
+    r = min(h / h0, w / w0)
+    nw, nh = min(w, max(1, round(w0 * r))), min(h, max(1, round(h0 * r)))
+    if (nw, nh) != (w0, h0):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    canvas = Image.new("RGB", (w, h), (pad_value,) * 3)
+    top, left = ((h - nh) // 2, (w - nw) // 2) if pad == "center" else (0, 0)
+    canvas.paste(im, (left, top))
+    return canvas
+
+
+def _check_fit(mode: str, resize: int | None, pad_value: int, pad: str) -> None:
+    """Refuse a bad :func:`fit_image` setting (an :class:`OmseError` naming it)."""
+    if mode not in RESIZE_MODES:
+        raise OmseError(f"resize mode {mode!r}: use one of {', '.join(RESIZE_MODES)}")
+    if resize is not None and mode != "crop":
+        raise OmseError(f"a shorter-side resize ({resize}) goes with mode 'crop', not {mode!r}")
+    if resize is not None and resize < 1:
+        raise OmseError(f"resize {resize} must be a positive number of pixels (the shorter side)")
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int) or not 0 <= pad_value <= 255:
+        raise OmseError(f"pad value {pad_value!r}: use an integer 0..255 (114: grey)")
+    if pad not in LETTERBOX_PADS:
+        raise OmseError(f"letterbox pad {pad!r}: use one of {', '.join(LETTERBOX_PADS)}")
+
+
+def fit_image(
+    im: Image.Image,
+    size: int | tuple[int, int],
+    mode: str = "crop",
+    resize: int | None = None,
+    pad_value: int = 114,
+    pad: str = "center",
+) -> torch.Tensor:
+    """An RGB image brought to ``size`` (an int for a square, or ``(H, W)``): float32
+    ``[3, H, W]`` in [0, 1].
+
+    - ``"crop"``: shorter side resized to ``resize`` pixels (bicubic; default ``8/7`` of the
+      larger side of ``size``, 256 for 224), then the centre ``size`` cropped (classifiers);
+    - ``"letterbox"``: resized (bilinear) to fit ``size`` with the aspect ratio kept, the rest
+      filled with ``pad_value`` (0..255, default 114: Ultralytics' and YOLOX's grey), the image
+      centred (``pad="center"``) or at the top left (``"bottom-right"``); see
+      :data:`LETTERBOX_PADS` (detectors);
+    - ``"stretch"``: both sides resized to ``size`` (bilinear), the aspect ratio not kept.
+
+    Bilinear for letterbox and stretch: the detectors trained on letterboxed images resize with
+    OpenCV's linear interpolation. Raises :class:`OmseError` for a crop larger than the resized
+    image, a ``resize`` with another mode, or a bad mode, pad value or pad.
+    """
+    h, w = _hw(size)
+    _check_fit(mode, resize, pad_value, pad)
+    if mode == "stretch":
+        return _to_tensor(im.resize((w, h), Image.BILINEAR))
+    if mode == "letterbox":
+        return _to_tensor(_letterbox(im, (h, w), pad_value, pad))
+    resize = round(max(h, w) * 8 / 7) if resize is None else resize
+    img = _to_tensor(_shorter_side(im, resize))
+    if img.shape[1] < h or img.shape[2] < w:
+        raise OmseError(
+            f"an image resized to shorter side {resize} is {img.shape[1]}x{img.shape[2]}, "
+            f"smaller than the input size {h}x{w}: use a resize of at least {max(h, w)}"
+        )
+    return _center(img, (h, w))
 
 
 def _crop(img: torch.Tensor, size: int, top: int, left: int) -> torch.Tensor:
@@ -188,20 +281,24 @@ def load_image_folder(
     limit: int | None = None,
     resize: int | None = None,
     role: str = "calibration",
+    *,
+    mode: str = "crop",
+    pad_value: int = 114,
+    pad: str = "center",
 ) -> torch.Tensor:
     """Every image in ``folder`` (sorted by name) as ``[N, 3, H, W]`` in [0, 1].
 
-    Each image's shorter side is resized to ``resize`` pixels (bicubic; default ``8/7`` of the
-    larger side of ``size``, 256 for 224), then the centre ``size`` (an int for a square, or
-    ``(H, W)``) is cropped. ``limit``: the first ``limit`` images by name. ``role`` names the
-    folder in error messages (``"calibration"``, ``"evaluation"``).
+    Each image is brought to ``size`` (an int for a square, or ``(H, W)``) by :func:`fit_image`
+    with ``mode``, ``resize``, ``pad_value`` and ``pad``; by default (``mode="crop"``) its
+    shorter side is resized to ``resize`` pixels (default ``8/7`` of the larger side of
+    ``size``, 256 for 224) and the centre ``size`` cropped. ``limit``: the first ``limit``
+    images by name. ``role`` names the folder in error messages (``"calibration"``,
+    ``"evaluation"``).
     """
     h, w = _hw(size)
     if h < 1 or w < 1:
         raise OmseError(f"input size {h}x{w} must be positive")
-    resize = round(max(h, w) * 8 / 7) if resize is None else resize
-    if resize < 1:
-        raise OmseError(f"resize {resize} must be a positive number of pixels (the shorter side)")
+    _check_fit(mode, resize, pad_value, pad)
     p = Path(folder)
     if not p.is_dir():
         raise OmseError(f"{role} folder {p} does not exist or is not a directory")
@@ -212,11 +309,8 @@ def load_image_folder(
         raise OmseError(f"{role} folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out = []
     for f in files:
-        img = load_image(f, resize)
-        if img.shape[1] < h or img.shape[2] < w:
-            raise OmseError(
-                f"image {f} resized to shorter side {resize} is {img.shape[1]}x{img.shape[2]}, "
-                f"smaller than the input size {h}x{w}: use a resize of at least {max(h, w)}"
-            )
-        out.append(_center(img, (h, w)))
+        try:
+            out.append(fit_image(_read_rgb(f), (h, w), mode, resize, pad_value, pad))
+        except OmseError as e:
+            raise OmseError(f"image {f}: {e}") from None
     return torch.stack(out)
