@@ -266,7 +266,6 @@ def test_scale_boxes_to_the_image():
         ([(4, 7, 84)], (64, 64), None, "yolov8"),
         ([(1, 8400, 84)], (640, 640), None, "yolov8-t"),
         ([(1, 3549, 85)], (416, 416), None, "yolox"),
-        ([(1, 3549, 85)], None, None, "yolox"),
         ([(1, 8400, 90)], (640, 640), 85, "yolox"),
         ([(1, 8400, 90)], (640, 640), 86, "yolov8-t"),
         ([(1, 3000, 4), (1, 3000, 21)], None, None, "ssd"),
@@ -291,6 +290,7 @@ def test_recognise(shapes, hw, k, name):
         ([(8, 40, 6625)], (48, 320), "not a YOLO-style head"),  # CTC sequence logits
         ([(1, 84, 8400)], (416, 416), "3549 anchors"),  # wrong input size
         ([(1, 8400, 90)], (640, 640), "name the decoder"),  # YOLOv8 or YOLOX: ambiguous
+        ([(1, 3549, 85)], None, "needs the input size"),
     ],
 )
 def test_recognise_refuses_with_a_reason(shapes, hw, match):

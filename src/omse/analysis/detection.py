@@ -299,8 +299,8 @@ def recognise(
     """The decoder (:data:`DECODERS`) for outputs of these ``shapes``, or :class:`NotADetector`
     saying why none fits.
 
-    One ``[N, X, Y]`` output whose anchor axis has :func:`anchor_count` rows for ``input_hw``
-    (strides 8/16/32; without ``input_hw`` the longer axis is taken as the anchors):
+    One ``[N, X, Y]`` output (``input_hw`` needed) whose anchor axis has :func:`anchor_count`
+    rows for ``input_hw`` (strides 8/16/32):
     ``yolov8`` when X = 4+C < Y; when Y < X, ``yolov8-t`` if Y = 4+C and ``yolox`` if Y = 5+C
     (with ``num_classes`` unknown only Y = 84 / 85, COCO's 80 classes, are told apart). Two
     outputs ``[N, A, 4]`` and ``[N, A, C]``: ``ssd``. Six 2-D/3-D outputs that pair up as
@@ -322,8 +322,13 @@ def recognise(
             "[N, 4+C, A] / [N, A, 4+C] / [N, A, 5+C] output, SSD's boxes + scores, NanoDet's "
             "six maps)"
         )
+    if input_hw is None:
+        raise NotADetector(
+            f"output {list(shapes[0])}: telling a one-output detector head from sequence or map "
+            "outputs needs the input size (H, W)"
+        )
     _, x, y = shapes[0]
-    anchors = anchor_count(input_hw) if input_hw is not None else max(x, y)
+    anchors = anchor_count(input_hw)
     if x == anchors and y < x:
         width = y
         if num_classes is not None:
