@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
@@ -147,8 +148,11 @@ def ort_static(src: Path, dst: Path, calib: list[np.ndarray], method: str) -> No
             x = next(self.it, None)
             return None if x is None else {name: x}
 
+    # per-channel QDQ needs DequantizeLinear's axis (opset 13); both models are opset 11/12
+    up = dst.with_suffix(".op13.onnx")
+    onnx.save(onnx.version_converter.convert_version(onnx.load(str(src)), 13), str(up))
     pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quant_pre_process(str(up), str(pre), skip_symbolic_shape=True)
     quantize_static(
         str(pre),
         str(dst),
