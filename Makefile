@@ -70,6 +70,9 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/ocr.py --threads $(THREADS)
+	if [ -d ../shared/data/detection ]; then OMP_NUM_THREADS=$(THREADS) $(BIN)/python \
+	  benchmarks/detection.py --data ../shared/data --threads $(THREADS); \
+	  else echo "benchmarks/detection.py skipped: no ../shared/data/detection"; fi
 	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)

@@ -919,3 +919,67 @@ def test_parameters_left_float_are_one_line(cli, work):
     assert res["float_share"] == pytest.approx(floats / (weights + floats))
     rc, out, _ = cli("quantize", *USER, "--recipe", "fast")  # all quantized: no line
     assert rc == 0 and "left float" not in out
+
+
+DETECTOR = '''
+import torch
+from torch import nn
+
+
+class TinyDetector(nn.Module):
+    """[N, 3, 64, 64] -> [N, 4 + 3, 84]: a YOLOv8-style head over strides 8/16/32 (cx, cy, w, h
+    in input pixels, 3 sigmoided class scores, no objectness)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=8, padding=1)
+        self.down4 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.down5 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(8, 7, 1)
+
+    def forward(self, x):
+        f3 = torch.relu(self.stem(x))
+        f4 = torch.relu(self.down4(f3))
+        f5 = torch.relu(self.down5(f4))
+        outs = []
+        for f, s in ((f3, 8), (f4, 16), (f5, 32)):
+            y = self.head(f)
+            gy, gx = torch.meshgrid(
+                torch.arange(y.shape[2]), torch.arange(y.shape[3]), indexing="ij"
+            )
+            cx = (gx + 0.5 + torch.tanh(y[:, 0])) * s
+            cy = (gy + 0.5 + torch.tanh(y[:, 1])) * s
+            wh = 2 * s * torch.exp(y[:, 2:4].clamp(-2, 2))
+            cls = torch.sigmoid(4 * y[:, 4:])
+            outs.append(torch.cat([cx[:, None], cy[:, None], wh, cls], 1).flatten(2))
+        return torch.cat(outs, 2)
+
+
+def detector():
+    torch.manual_seed(0)
+    return TinyDetector()
+'''
+
+
+def test_detector_is_judged_by_its_detections(cli, work):
+    """A YOLOv8-style [N, 4+C, A] output: recall/precision of FP32's detections, never the
+    per-position argmax; --task forces or refuses a comparison."""
+    (work / "omse_clidet.py").write_text(DETECTOR)
+    argv = ["omse_clidet:detector", "--calib", "imgs", "--input-size", "64", "--eval", "held_out"]
+    res, out = _run_json(cli, work, "det.json", *argv)
+    assert res["task"] == "detect" and res["decoder"] == "yolov8"
+    assert res["fp32_detections"] > 0 and 0 <= res["det_recall"] <= 1
+    assert res["agreement"] is None and "argmax" not in out
+    line = f"recall {res['det_recall']:.2f}, precision {res['det_precision']:.2f} (IoU 0.5, score 0.25)"
+    assert f"detections kept vs FP32: {line} on 4 images" in out
+    forced, _ = _run_json(cli, work, "det2.json", *argv, "--task", "detect")
+    assert forced["det_recall"] == res["det_recall"]
+    dense, out = _run_json(cli, work, "det3.json", *argv, "--task", "dense")
+    assert dense["task"] == "dense" and "per-position argmax agreement" in out
+    rc, _, err = cli("quantize", *argv, "--task", "classify")
+    assert rc == 2 and "--task classify compares [N, classes] outputs" in _one_error_line(err)
+    # a classifier is not a detector: forced detection is refused, auto keeps its top-1
+    rc, _, err = cli("quantize", *USER, "--task", "detect")
+    assert rc == 2 and "--task detect: outputs [[3, 3]] are not a detector" in _one_error_line(err)
+    cls, _ = _run_json(cli, work, "cls.json", *USER)
+    assert cls["task"] == "classify" and cls["agreement"] is not None

@@ -37,6 +37,7 @@ __all__ = ["main", "build_parser"]
 
 
 RECIPES = ("fast", "default", "best")
+TASKS = ("auto", "classify", "detect", "dense", "sequence")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +87,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         "images)",
     )
     g.add_argument("--eval-size", type=int, metavar="N", help="use the first N --eval images")
+    g.add_argument(
+        "--task",
+        choices=TASKS,
+        default="auto",
+        help="how outputs are compared with FP32: classify (top-1 of [N, classes]), detect "
+        "(decoded boxes: recall/precision of FP32's detections), dense (per-position argmax over "
+        "axis 1), sequence (argmax over the last axis); auto: detect for a recognised YOLO-style "
+        "head, else by the output's rank",
+    )
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -825,19 +835,21 @@ def _logits(model: torch.nn.Module, inputs, pre, desc: str, progress: bool = Tru
     return out
 
 
-def _compare(ref: torch.Tensor, out: torch.Tensor, labels) -> dict[str, Any]:
+def _compare(
+    ref: torch.Tensor, out: torch.Tensor, labels, axis: int | None = None
+) -> dict[str, Any]:
     """The quantized outputs against FP32's. ``[N, classes]`` logits: top-1 agreement, KL and
     top-1 accuracy (with labels). ``[N, C, ...]`` maps (detection, segmentation): the agreement
     of the per-position argmax over ``C`` (``None`` for one channel), output SQNR in dB.
     ``[N, T, classes]`` sequences (CTC recognizers, token logits): the per-step argmax over the
-    last axis instead."""
+    last axis instead. ``axis``: the class axis of maps and sequences, instead of by rank."""
     from .analysis.metrics import compare_logits, sqnr_db
 
-    if ref.dim() == 2:
+    if ref.dim() == 2 and axis is None:
         a = compare_logits(ref, out, labels)
         fp = compare_logits(ref, ref, labels).top1
         return {"agreement": a.agreement, "kl": a.kl, "top1": a.top1, "fp32_top1": fp, "n": a.n}
-    axis = -1 if ref.dim() == 3 else 1
+    axis = (-1 if ref.dim() == 3 else 1) if axis is None else axis
     c = ref.shape[axis]
     agree = None if c == 1 else float((ref.argmax(axis) == out.argmax(axis)).float().mean())
     return {
@@ -847,6 +859,69 @@ def _compare(ref: torch.Tensor, out: torch.Tensor, labels) -> dict[str, Any]:
         "fp32_top1": None,
         "n": ref.shape[0],
         "output_sqnr_db": sqnr_db(ref, out),
+    }
+
+
+def _input_hw(inputs) -> tuple[int, int] | None:
+    """``(H, W)`` of an image batch ``[N, C, H, W]`` (or of the first of a list of batches, or
+    of a batch's first element), else None."""
+    x = inputs[0] if isinstance(inputs, list) and inputs else inputs
+    x = x[0] if isinstance(x, tuple | list) and x else x
+    return tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
+
+def _compare_detections(name: str, ref, out, input_hw) -> dict[str, Any]:
+    """Raw detector outputs (decoder ``name``) of FP32 and the quantized model -> the recall and
+    precision of the quantized detections against FP32's (:mod:`omse.analysis.detection`'s
+    defaults: score 0.25, NMS IoU 0.45, match IoU 0.5), and the raw output SQNR."""
+    from .analysis import detection as det
+    from .analysis.metrics import sqnr_db
+
+    a = det.agreement(det.detect(name, [ref], input_hw), det.detect(name, [out], input_hw))
+    return {
+        "task": "detect",
+        "decoder": name,
+        "agreement": None,
+        "kl": None,
+        "top1": None,
+        "fp32_top1": None,
+        "n": ref.shape[0],
+        "output_sqnr_db": sqnr_db(ref, out),
+        "det_recall": a.recall,
+        "det_precision": a.precision,
+        "detections": a.n_out,
+        "fp32_detections": a.n_ref,
+        "det_settings": {
+            "score": det.SCORE_THRESHOLD,
+            "nms_iou": det.NMS_IOU,
+            "iou": det.MATCH_IOU,
+        },
+    }
+
+
+def _compare_task(task: str, ref, out, labels, input_hw) -> dict[str, Any]:
+    """``--task``: the comparison of FP32's outputs ``ref`` with ``out`` (see its help); an
+    output that does not fit the task is one error line."""
+    from .analysis.detection import NotADetector, recognise
+
+    shape = list(ref.shape)
+    if task in ("auto", "detect"):
+        try:
+            return _compare_detections(recognise([ref.shape], input_hw), ref, out, input_hw)
+        except NotADetector as e:
+            if task == "detect":
+                raise OmseError(f"--task detect: {e}") from e
+        return {
+            "task": "classify" if ref.dim() == 2 else "sequence" if ref.dim() == 3 else "dense",
+            **_compare(ref, out, labels),
+        }
+    need = {"classify": ref.dim() == 2, "sequence": ref.dim() == 3, "dense": ref.dim() >= 3}
+    if not need[task]:
+        want = {"classify": "[N, classes]", "sequence": "[N, T, classes]", "dense": "[N, C, ...]"}
+        raise OmseError(f"--task {task} compares {want[task]} outputs; the model's are {shape}")
+    return {
+        "task": task,
+        **_compare(ref, out, labels, {"classify": None, "sequence": -1, "dense": 1}[task]),
     }
 
 
@@ -866,7 +941,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
     mine, bar = ev_x[rank::size], is_main()  # evaluation rows too, gathered back in order
     ref = gather_rows(_logits(model, mine, pre, "FP32", progress=bar))
     out = gather_rows(_logits(qmodel, mine, pre, "quantized", progress=bar))
-    m = _compare(ref, out, ev_y)
+    m = _compare_task(args.task, ref, out, ev_y, _input_hw(ev_x))
     eval_on, held_out = _eval_label(args, m["n"])
     res = {
         "model": args.model,
@@ -896,7 +971,9 @@ def _print_result(res: dict) -> None:
     def pc(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
 
-    if res.get("output_sqnr_db") is not None:  # maps, not logits
+    if res.get("task") == "detect":
+        what = _detection_line(res)
+    elif res.get("output_sqnr_db") is not None:  # maps, not logits
         what = f"output SQNR vs FP32 {res['output_sqnr_db']:.1f} dB"
         if res["agreement"] is not None:
             what += f", per-position argmax agreement {res['agreement']:.1%}"
@@ -939,6 +1016,28 @@ def _print_float_weights(res: dict, args) -> None:
     line = _float_weights_line(res, getattr(args, "json", None))
     if line:
         print(line)
+
+
+def _detection_line(res: dict) -> str:
+    """A detector's result: FP32's detections the quantized model kept (a warning on stderr
+    when it lost more than half of them)."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    s = res["det_settings"]
+    if res["det_recall"] is not None and res["det_recall"] < 0.5:
+        print(
+            f"omse: warning: the quantized model lost {1 - res['det_recall']:.0%} of FP32's "
+            f"{res['fp32_detections']} detections",
+            file=sys.stderr,
+        )
+    return (
+        f"detections kept vs FP32: recall {f(res['det_recall'])}, precision "
+        f"{f(res['det_precision'])} (IoU {s['iou']}, score {s['score']}) on {res['eval_inputs']} "
+        f"images ({res['fp32_detections']} FP32 detections, decoder {res['decoder']}), output "
+        f"SQNR vs FP32 {res['output_sqnr_db']:.1f} dB"
+    )
 
 
 def _registry_name(model: str) -> str | None:
@@ -1113,7 +1212,7 @@ def cmd_eval(args) -> int:
     ref_model, qmodel, name, xs, pre, ys = _eval_models(args)
     ref = _logits(ref_model, xs, pre, "FP32")
     out = _logits(qmodel, xs, pre, "quantized") if qmodel else ref
-    m = _compare(ref, out, ys)
+    m = _compare_task(args.task, ref, out, ys, _input_hw(xs))
     res = {
         "model": name,
         **m,
