@@ -33,7 +33,9 @@ def test_presets():
     assert QuantConfig.preset("default") == QuantConfig()
     assert QuantConfig.preset("best") == QuantConfig(rounding="learned")
     # every other field is the dataclass default
-    assert QuantConfig.preset("fast") == QuantConfig(extra_mac_budget=0.0, bias_correction=False)
+    assert QuantConfig.preset("fast") == QuantConfig(
+        extra_mac_budget=0.0, bias_correction=False, budget=None
+    )
     # overrides win over the preset, and are validated like any field
     c = QuantConfig.preset("fast", act_bits=4, bias_correction=True)
     assert (c.act_bits, c.bias_correction, c.extra_mac_budget) == (4, True, 0.0)
@@ -189,7 +191,7 @@ def test_range_methods_are_objects_parsed_at_the_edge():
     assert c.weight_method == Percentile(99.9) and c.act_method == ACIQ()
     assert c.base_layer().weight_method == Percentile(99.9)
     d = c.to_dict()
-    assert d["version"] == 3
+    assert d["version"] == 4
     assert d["weight_method"] == {"name": "percentile", "percentile": 99.9}
     assert d["act_method"] == "aciq"
     assert QuantConfig.from_dict(d) == c
@@ -219,11 +221,13 @@ def test_version_2_dicts_keep_their_old_meaning():
     )
     full = {**QuantConfig(extra_mac_budget=0.25).to_dict(), "version": 2}
     assert QuantConfig.from_dict(full) == QuantConfig(extra_mac_budget=0.25)
-    # version 3: a missing field is this version's default
-    assert QuantConfig.from_dict({"version": 3}) == QuantConfig()
+    # version 3: a missing field is that version's default (one weight width, no budget)
+    assert QuantConfig.from_dict({"version": 3}) == QuantConfig(budget=None)
     assert QuantConfig.from_dict({"version": 3, "rounding": "learned"}) == QuantConfig.preset(
-        "best"
+        "best", budget=None
     )
+    # version 4: the default recipe with per-layer precision
+    assert QuantConfig.from_dict({"version": 4}) == QuantConfig()
 
 
 def test_affine_act_grid_is_accepted_and_round_trips():

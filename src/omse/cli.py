@@ -145,6 +145,20 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="extra MACs for residual tensors, a fraction (recipe: 0.1; fast: 0)",
     )
     r.add_argument(
+        "--max-weight-bytes",
+        metavar="B",
+        help="per-layer weight precision: each layer at --weight-bits or 8 bits, by measured "
+        "effect on the output, the weights within B: a fraction of the 8-bit weight bytes "
+        "('0.6', '0.6x', '60%%'), bytes ('1.5MB', '800KiB') or 'none' (every layer at "
+        "--weight-bits) (recipe: 0.6x; fast: none)",
+    )
+    r.add_argument(
+        "--guard-db",
+        metavar="DB",
+        help="grow the weight budget while the plan's output SQNR on the calibration data is "
+        "more than DB below its 8-bit-weight version's; 'off' for none (recipe: 3)",
+    )
+    r.add_argument(
         "--residual-criterion",
         choices=["output", "weight", "network"],
         help="how kernels are ranked for the budget: layer-output error (recipe), weight MSE, or "
@@ -409,7 +423,40 @@ def _config_from_args(args) -> Any:
         kw["rounding_blocks"] = tuple(args.rounding_blocks)
     if args.rounding_learn_act:
         kw["rounding_learn_act"] = True
+    budget = _budget_from_args(args, QuantConfig.preset(args.recipe).budget)
+    if budget is not _RECIPE:
+        kw["budget"] = budget
     return QuantConfig.preset(args.recipe, skip=tuple(args.skip), overrides=overrides, **kw)
+
+
+_RECIPE = object()
+
+
+def _budget_from_args(args, recipe_budget):
+    """``--max-weight-bytes`` / ``--guard-db`` as a :class:`~omse.config.Budget` (or None), or
+    ``_RECIPE`` when neither is given."""
+    from dataclasses import replace
+
+    from .config import Budget, parse_budget
+
+    text, guard = getattr(args, "max_weight_bytes", None), getattr(args, "guard_db", None)
+    if text is None and guard is None:
+        return _RECIPE
+    try:
+        budget = parse_budget(text) if text is not None else (recipe_budget or Budget())
+    except OmseError as e:
+        raise OmseError(f"--max-weight-bytes {text!r}: {e}") from None
+    if guard is not None:
+        if budget is None:
+            raise OmseError("--guard-db goes with a weight budget, not --max-weight-bytes none")
+        if guard.strip().lower() in ("off", "none"):
+            budget = replace(budget, guard_db=None)
+        else:
+            try:
+                budget = replace(budget, guard_db=float(guard))
+            except ValueError:
+                raise OmseError(f"--guard-db {guard!r}: use a number of dB or 'off'") from None
+    return budget
 
 
 def _int(v: str, name: str) -> int:
@@ -956,8 +1003,28 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "left_float": cal.left_float,
         "float_weights": [vars(f) for f in cal.float_weights],
         "float_share": cal.float_share,
+        "precision": _precision_json(cal.precision),
     }
     return (model, qmodel, pre, batches, ev_x), res
+
+
+def _precision_json(plan) -> dict[str, Any] | None:
+    """The per-layer precision plan as JSON (None without a budget)."""
+    if plan is None:
+        return None
+    return {
+        "summary": plan.summary(),
+        "budget_bytes": plan.budget_bytes,
+        "bytes": plan.bytes,
+        "bytes_8bit": plan.bytes_8bit,
+        "bits": plan.bits,
+        "fixed": plan.fixed,
+        "guard": plan.guard,
+        "choices": {
+            n: [{"bits": c.bits, "bytes": c.bytes, "est_output_error": c.error} for c in cs]
+            for n, cs in plan.choices.items()
+        },
+    }
 
 
 def _write_json(path: str | None, obj: dict, force: bool) -> None:
@@ -1147,6 +1214,8 @@ def cmd_quantize(args) -> int:
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     _print_float_weights(res, args)
+    if res.get("precision"):
+        print(res["precision"]["summary"])
     if args.out and is_main() and _is_onnx_path(args.out):
         _export(qmodel, batches, args)
         print(f"wrote {args.out} (target {res['config']['target']})")
