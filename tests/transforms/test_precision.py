@@ -25,6 +25,7 @@ from omse.transforms.precision import (
     choose,
     output_errors,
     relative_errors,
+    scaled_error,
     weight_bytes,
 )
 from omse.transforms.sensitivity import network_errors
@@ -170,6 +171,10 @@ def test_linearised_error_ranks_layers_as_the_measured_one_with_relus():
     for n in names:  # 8 bits: about 256x less error than 4 bits
         assert est[n][8] < est[n][4] / 30
         assert est[n][4] == pytest.approx(measured[n], rel=0.3)
+        q = layers[n]  # the 8-bit error scaled from the 4-bit one by the weight errors' ratio
+        scaled = scaled_error(est[n][4], q.float_weight, cands[n][4], cands[n][8])
+        assert est[n][8] / 3 < scaled < 3 * est[n][8]  # the same order of magnitude
+        assert est[n][4] - scaled == pytest.approx(est[n][4] - est[n][8], rel=0.01)
 
 
 def test_output_errors_are_deterministic_and_batch_split_invariant_in_expectation():

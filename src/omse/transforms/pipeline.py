@@ -77,6 +77,7 @@ from .precision import (
     choose,
     output_errors,
     relative_errors,
+    scaled_error,
     weight_bytes,
 )
 from .reconstruct import find_blocks, reconstruct
@@ -282,9 +283,9 @@ def _wrap(r: _Run) -> None:
         r.layers[name] = ql
 
 
-PROBE_SAMPLES = 64
-"""Gaussian probes per calibration sample of the precision estimate: ``ceil(PROBE_SAMPLES /
-samples)`` probes per batch, at most 4 (one for 64 samples or more)."""
+PROBE_SAMPLES = 32
+"""Gaussian probes of the precision estimate: ``ceil(PROBE_SAMPLES / samples)`` per batch, at
+most 4 (one for 32 calibration samples or more)."""
 
 
 def _samples(batches: list) -> int:
@@ -324,14 +325,18 @@ def _precision(r: _Run) -> None:
         plan.fixed = [n for n in r.layers if n not in free]
         plan.bytes_8bit = sum(weight_bytes(q, 8, target) for q in r.layers.values())
         plan.budget_bytes = c.budget.bytes_for(plan.bytes_8bit)
-        cands = {n: {q.cfg.weight_bits: q.dequantized_weight(), 8: candidate_weight(q, 8)}
-                 for n, q in free.items()}  # fmt: skip
+        low = {n: {q.cfg.weight_bits: q.dequantized_weight()} for n, q in free.items()}
         probes = min(4, -(-PROBE_SAMPLES // _samples(r.batches)))
-        errs, _ = output_errors(r.qmodel, r.layers, cands, r.batches, probes)
-        plan.choices = {
-            n: [Choice(b, weight_bytes(free[n], b, target), errs[n][b]) for b in sorted(cands[n])]
-            for n in free
-        }
+        errs, _ = output_errors(r.qmodel, r.layers, low, r.batches, probes)
+        plan.choices = {}
+        for n, q in free.items():
+            (lb, lw), w8 = next(iter(low[n].items())), candidate_weight(q, 8)
+            r.w8[n] = w8
+            e8 = scaled_error(errs[n][lb], q.float_weight, lw, w8)
+            plan.choices[n] = [
+                Choice(lb, weight_bytes(q, lb, target), errs[n][lb]),
+                Choice(8, weight_bytes(q, 8, target), e8),
+            ]
         fixed_bytes = sum(
             weight_bytes(r.layers[n], r.layers[n].cfg.weight_bits, target) for n in plan.fixed
         )
@@ -356,7 +361,11 @@ def _precision(r: _Run) -> None:
         if bits != r.layers[n].cfg.weight_bits:
             _rewrap(r, n, bits)
     plan.bytes = sum(weight_bytes(r.layers[n], b, target) for n, b in plan.bits.items())
-    r.w8 = {n: candidate_weight(q, 8) for n, q in r.layers.items() if q.cfg.weight_bits < 8}
+    r.w8 = {  # the guard's 8-bit version of each layer below 8 bits
+        n: r.w8[n] if n in r.w8 else candidate_weight(q, 8)
+        for n, q in r.layers.items()
+        if q.cfg.weight_bits < 8
+    }
     r.cal.precision = plan
 
 
