@@ -13,6 +13,9 @@ model transform that works in place and records what it did in :class:`Calibrati
    :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise weights (layers left in float are
    listed; at the end :attr:`Calibration.float_weights` lists every float parameter with its share
    of the weights and the reason);
+3b. ``precision`` (``QuantConfig.budget``, the default): each layer's weights at ``weight_bits``
+   or 8 bits, the exact knapsack of the estimated model-output errors within the byte budget
+   (:mod:`omse.transforms.precision`: one forward and backward pass);
 4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``,
    ``extra_mac_budget``), from one pass of patch moments; learned rounding reconstructs the
    model's blocks one after the other (:mod:`omse.transforms.reconstruct`: two partial passes
@@ -22,6 +25,11 @@ model transform that works in place and records what it did in :class:`Calibrati
 5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
+
+The budget's guard (:func:`_guard`, after the last step): one pass measures the calibrated
+model's output error and that of its 8-bit-weight version; when the plan's output SQNR is more
+than ``Budget.guard_db`` below, the budget grows and the steps run again on a fresh copy (at
+most :data:`GUARD_ROUNDS` calibrations), with a warning that says so.
 
 Passes over the calibration data (:mod:`omse.transforms.statistics`): one per stage whose
 statistics must see the stage before: ``weights`` (the float activations of the wrapped model; a
