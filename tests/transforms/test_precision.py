@@ -313,3 +313,24 @@ def test_the_cli_level_api_reports_the_plan():
     omse.quantize(model, batches, QuantConfig(budget=Budget(0.8, None)), calibration=cal)
     line = cal.precision.summary()
     assert "bytes" in line and "the 8-bit model" in line and "budget 0.80x" in line
+
+
+def test_the_report_writes_the_precision_table_and_front(tmp_path):
+    model = _net(9)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    q = quantize(model, batches, QuantConfig(budget=Budget(0.75, None)))
+    paths = omse.report(q, batches, tmp_path)
+    names = [p.name for p in paths]
+    assert {"precision.md", "precision.csv", "precision.png"} <= set(names)
+    md = (tmp_path / "precision.md").read_text()
+    plan = q.omse_precision
+    for n, bits in plan.bits.items():
+        assert f"| {n} | {bits} |" in md
+    rows = (tmp_path / "precision.csv").read_text().splitlines()
+    assert len(rows) == 1 + sum(len(cs) for cs in plan.choices.values())
+    from omse.analysis.report import precision_front
+
+    front = precision_front(plan)
+    errs = [e for _, e in front]
+    assert all(a >= b - 1e-12 for a, b in zip(errs, errs[1:], strict=False))  # more bytes, less error
+    assert (tmp_path / "precision.png").stat().st_size > 1000

@@ -5,7 +5,12 @@ SQNR (the layer's input against its quantized version), output SQNR against the 
 network run on the same batch, and the residual tensors chosen (kernels, extra MACs). All columns
 are computed here from the model and the data. Below the table, every parameter the model still
 holds in float (outside a quantized layer) with its share of the model's weight values and the
-reason (:func:`omse.transforms.functional.float_weights`; also ``float_weights.csv``).
+reason (:func:`omse.transforms.functional.float_weights`; also ``float_weights.csv``). For a
+model calibrated under a weight budget (``qmodel.omse_precision``, a
+:class:`~omse.transforms.precision.PrecisionPlan`): each layer's choice with every candidate's
+bytes and estimated output error (``precision.csv``), and the estimated error-vs-bytes front of
+the plans the knapsack finds at budgets from uniform low bits to uniform 8 bits, with the
+uniform plans and the chosen one marked (``precision.png``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..distributed import gather, is_distributed, is_main, unshard
 from ..io import atomic_write_bytes, atomic_write_text
 from ..nn.layers import QuantizedLayer, quantized_layers
 from ..transforms.functional import FloatWeight, float_weights
+from ..transforms.precision import PrecisionPlan, choose
 from ..transforms.statistics import run_model
 from .metrics import sqnr_db
 
@@ -37,6 +43,9 @@ __all__ = [
     "float_mode",
     "float_markdown",
     "model_float_weights",
+    "precision_markdown",
+    "precision_front",
+    "write_precision",
 ]
 
 
@@ -286,6 +295,104 @@ def write_report(
     return paths
 
 
+def precision_markdown(plan: PrecisionPlan) -> str:
+    """The per-layer precision table: choice, bytes and estimated relative output error of every
+    candidate (layers an override fixed marked), then the guard's rounds."""
+    widths = sorted({c.bits for cs in plan.choices.values() for c in cs})
+    head = "| layer | weight bits | " + " | ".join(
+        f"{b}-bit bytes | {b}-bit est. output error" for b in widths
+    )
+    lines = [head + " |", "|" + "---|" * (2 + 2 * len(widths))]
+    for n, bits in plan.bits.items():
+        cs = {c.bits: c for c in plan.choices.get(n, [])}
+        cells = []
+        for b in widths:
+            c = cs.get(b)
+            cells += ["-", "-"] if c is None else [f"{c.bytes:,}", f"{c.error:.3g}"]
+        tag = f"{bits} (fixed)" if n in plan.fixed else str(bits)
+        lines.append(f"| {n} | {tag} | " + " | ".join(cells) + " |")
+    out = plan.summary() + "\n\n" + "\n".join(lines)
+    for i, g in enumerate(plan.guard):
+        out += (
+            f"\n\nGuard round {i + 1}: {g['bytes']:,} bytes, output error {g['error']:.3g} vs "
+            f"{g['error_8bit']:.3g} at 8 bits ({g['gap_db']:.1f} dB; "
+            f"{'passed' if g['passed'] else 'failed'})"
+        )
+    return out
+
+
+def precision_front(plan: PrecisionPlan, points: int = 21) -> list[tuple[int, float]]:
+    """``[(bytes, estimated error)]`` of the knapsack's plans at ``points`` budgets from the
+    cheapest plan to every layer at its widest candidate (choosable layers only)."""
+    lo = sum(min(c.bytes for c in cs) for cs in plan.choices.values())
+    hi = sum(max(c.bytes for c in cs) for cs in plan.choices.values())
+    front = []
+    for i in range(points):
+        b = lo + (hi - lo) * i // max(points - 1, 1)
+        chosen = choose(plan.choices, b) or {
+            n: min(cs, key=lambda c: c.bytes).bits for n, cs in plan.choices.items()
+        }
+        used = sum(c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == chosen[n])
+        front.append((used, plan.estimated_error(chosen)))
+    return front
+
+
+def _plot_precision(plan: PrecisionPlan, path: Path, title: str, force: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = plan.bytes - sum(
+        c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == plan.bits[n]
+    )
+    front = precision_front(plan)
+    scale = max(plan.bytes_8bit, 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot([(b + fixed) / scale for b, _ in front], [e for _, e in front], "-o", ms=3,
+            label="knapsack plans (estimated)")  # fmt: skip
+    for label, pick, marker in (("uniform low bits", min, "s"), ("uniform 8 bits", max, "^")):
+        bits = {n: pick(c.bits for c in cs) for n, cs in plan.choices.items()}
+        used = sum(c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == bits[n])
+        ax.plot([(used + fixed) / scale], [plan.estimated_error(bits)], marker, ms=8, label=label)
+    ax.plot([plan.bytes / scale], [plan.estimated_error()], "r*", ms=14, label="chosen plan")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("weight bytes / the 8-bit model's")
+    ax.set_ylabel("estimated relative output error (lower is better)")
+    ax.set_title(title + ": per-layer precision", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue(), force=force)
+
+
+def write_precision(
+    plan: PrecisionPlan, out_dir: str | Path, title: str, force: bool
+) -> list[Path]:
+    """``precision.md``, ``precision.csv`` (one row per layer and candidate) and
+    ``precision.png`` (the front) in ``out_dir``."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "chosen_bits", "fixed", "bits", "bytes", "est_output_error"])
+    for n, bits in plan.bits.items():
+        for c in plan.choices.get(n, []):
+            w.writerow([n, bits, n in plan.fixed, c.bits, c.bytes, c.error])
+    paths = [d / "precision.md", d / "precision.csv", d / "precision.png"]
+    atomic_write_text(
+        paths[0],
+        f"# {title}: per-layer precision\n\n" + precision_markdown(plan) + "\n",
+        force=force,
+    )
+    atomic_write_text(paths[1], buf.getvalue(), force=force)
+    _plot_precision(plan, paths[2], title, force)
+    return paths
+
+
 def report(
     qmodel: nn.Module,
     batches: list,
@@ -306,10 +413,14 @@ def report(
         ... ).eval()
         >>> calib = [torch.rand(4, 3, 9, 9) for _ in range(4)]  # 16 calibration inputs
         >>> qmodel = omse.quantize(model, calib)
-        >>> [p.name for p in omse.report(qmodel, calib, "report")]
+        >>> [p.name for p in omse.report(qmodel, calib, "report")][:4]
         ['report.md', 'report.csv', 'report.png', 'float_weights.csv']
     """
     rows = layer_reports(qmodel, batches)  # under torch.distributed: every rank's batches
     if not is_main():
         return []
-    return write_report(rows, out_dir, title, force, model_float_weights(qmodel))
+    paths = write_report(rows, out_dir, title, force, model_float_weights(qmodel))
+    plan = getattr(qmodel, "omse_precision", None)
+    if isinstance(plan, PrecisionPlan) and plan.choices:
+        paths += write_precision(plan, out_dir, title, force)
+    return paths

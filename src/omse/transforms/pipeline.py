@@ -703,4 +703,5 @@ def quantize(
     cal.batches = sum(gather(len(batches)))
     cal.seconds = time.perf_counter() - t0
     qmodel.omse_config = config  # type: ignore[attr-defined]
+    qmodel.omse_precision = cal.precision  # type: ignore[attr-defined]  # the report reads it
     return qmodel
