@@ -30,28 +30,22 @@ _BLOCK = 1 << 12  # values per partial sum of the moments
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _block_moments(v, lo, hi):
-    """``(sum v, sum v^2, sum |v|, sum v^4)`` of ``v[lo:hi]`` in float64 (SIMD lanes)."""
-    s1 = s2 = sa = s4 = 0.0
-    for i in range(lo, hi):
-        x = np.float64(v[i])
-        x2 = x * x
-        s1 += x
-        s2 += x2
-        sa += abs(x)
-        s4 += x2 * x2
-    return s1, s2, sa, s4
-
-
-@numba.njit(cache=True, nogil=True)
 def _moments(v, moments):
     """``sum v, sum v^2, sum |v|, sum v^4`` of ``v [n]`` added to ``moments [4]``: per block of
-    :data:`_BLOCK` values, then block by block in order (two-level, so the rounding error stays
-    about that of a pairwise sum)."""
+    :data:`_BLOCK` values (SIMD lanes), then block by block in order (two levels, so the
+    rounding error stays about that of a pairwise sum)."""
     n = v.shape[0]
     t1 = t2 = ta = t4 = 0.0
     for lo in range(0, n, _BLOCK):
-        s1, s2, sa, s4 = _block_moments(v, lo, min(lo + _BLOCK, n))
+        w = v[lo : lo + _BLOCK]  # a slice: the inner loop vectorises (an index range does not)
+        s1 = s2 = sa = s4 = 0.0
+        for i in range(w.shape[0]):
+            x = np.float64(w[i])
+            x2 = x * x
+            s1 += x
+            s2 += x2
+            sa += abs(x)
+            s4 += x2 * x2
         t1 += s1
         t2 += s2
         ta += sa
