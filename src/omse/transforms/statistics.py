@@ -298,6 +298,7 @@ class _Observer:
         self.stats = stats
         self.clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
         self.batch = 0
+        self._macs: dict[tuple[str, int, int], int] = {}  # (layer, in, out per sample) -> MACs
 
     def input(self, q: QuantizedLayer, x: torch.Tensor) -> None:
         """Checks ``x`` is finite (a NaN or Inf names the layer and batch), notes its size and
@@ -344,7 +345,10 @@ class _Observer:
         values)."""
         st = self.stats[q.name]
         per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
-        st.macs = q.macs_per_sample(st.extra.get("input_numel", 0), per_sample)
+        key = (q.name, st.extra.get("input_numel", 0), per_sample)
+        if key not in self._macs:  # a function of the layer and the sizes: once per pass
+            self._macs[key] = q.macs_per_sample(key[1], per_sample)
+        st.macs = self._macs[key]
         if q.name in self.clamp:
             lo, hi = self.clamp[q.name]
             if st.output is None:
