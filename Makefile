@@ -70,6 +70,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/parity.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/memory.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/ocr.py --threads $(THREADS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/calibration_speed.py --repeats 5
 	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)
