@@ -8,6 +8,12 @@ of doublings or merges equal those of a single pass over all the data. Each bin 
 and the sum of its values, so the centroid of each bin is known and the MMSE problem can be solved
 on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, independent of the number of batches.
 
+Speed: :meth:`HistogramStats.update` reads a CPU tensor in its own dtype: ``torch.aminmax`` for
+the range and finiteness, then the compiled kernel of :mod:`omse.core.binning` for the moments
+and the bins (about 2.5 ns per value on one core, against about 20 for the torch path it
+replaced, which other devices still take). Both paths give the same counts and per-bin sums bit
+for bit (``tests/core/test_stats.py`` keeps the old one as the reference).
+
 Sharded calibration (:mod:`omse.distributed`): :meth:`HistogramStats.absorb` adds one histogram
 to another in a fixed order of float operations, :func:`merge_in_order` folds a list that way and
 :func:`all_reduce_histogram` folds the histograms of every rank of a process group in rank order,
