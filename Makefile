@@ -73,6 +73,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	if [ -d ../shared/data/detection ]; then OMP_NUM_THREADS=$(THREADS) $(BIN)/python \
 	  benchmarks/detection.py --data ../shared/data --threads $(THREADS); \
 	  else echo "benchmarks/detection.py skipped: no ../shared/data/detection"; fi
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/calibration_speed.py --repeats 5
 	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)

@@ -9,6 +9,7 @@ __all__ = [
     "OmseError",
     "ConfigError",
     "CalibrationError",
+    "NonFiniteError",
     "CheckpointError",
     "UnsupportedLayerError",
     "model_forward_errors",
@@ -26,6 +27,10 @@ class ConfigError(OmseError, ValueError):
 
 class CalibrationError(OmseError, ValueError):
     """Calibration data is empty, malformed or non-finite."""
+
+
+class NonFiniteError(CalibrationError):
+    """Calibration values hold NaN or Inf."""
 
 
 class CheckpointError(OmseError, ValueError):

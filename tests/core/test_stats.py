@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from omse.core.stats import DEFAULT_BINS, HistogramStats, merge_in_order
 from omse.errors import CalibrationError
@@ -239,3 +241,172 @@ def test_all_reduce_across_two_processes_equals_merge_in_rank_order(tmp_path):
         )
     h = _rank_hist(0)
     assert all_reduce_histogram(h) is h  # no process group: itself
+
+
+# -- the compiled update against the torch implementation it replaced ---------------------------
+def _reference_update(h: HistogramStats, x: torch.Tensor) -> HistogramStats:
+    """``HistogramStats.update`` before the compiled kernel (commit cbf1438), verbatim: the
+    reference the kernel's counts and per-bin sums must equal bit for bit."""
+    v = x.detach().reshape(-1).to(torch.float64)
+    if v.numel() == 0:
+        return h
+    lo, hi = torch.aminmax(v)
+    vmin, vmax = float(lo), float(hi)
+    if not (math.isfinite(vmin) and math.isfinite(vmax)):
+        raise CalibrationError("calibration values contain NaN or Inf")
+    amax = max(abs(vmin), abs(vmax))
+    if amax >= h.radius:
+        h._grow_to(amax)
+    h.n += v.numel()
+    h.min, h.max = min(h.min, vmin), max(h.max, vmax)
+    h.sum += float(v.sum())
+    v2 = v * v
+    h.sum_sq += float(v2.sum())
+    h.sum_abs += float(v.abs().sum())
+    h.sum_4 += float((v2 * v2).sum())
+    if h.radius > 0:
+        half = h.bins // 2
+        idx = (v / h.radius).mul_(half).floor_().long().add_(half)
+        idx = idx.clamp_(0, h.bins - 1)
+        h.counts += torch.bincount(idx, minlength=h.bins).to(torch.float64)
+        h.sums.index_add_(0, idx, v)
+    else:
+        h.counts[h.bins // 2] += v.numel()
+    return h
+
+
+MOMENTS_RTOL = 1e-12  # the kernel's moments against torch's sums (float64 rounding only)
+
+
+def assert_same(new: HistogramStats, ref: HistogramStats) -> None:
+    """Counts, per-bin sums, range, n and extremes equal; moments to float64 rounding."""
+    assert torch.equal(new.counts, ref.counts)
+    assert torch.equal(new.sums, ref.sums)
+    assert (new.radius, new.n, new.min, new.max) == (ref.radius, ref.n, ref.min, ref.max)
+    for m in ("sum", "sum_sq", "sum_abs", "sum_4"):
+        a, b = getattr(new, m), getattr(ref, m)
+        scale = max(abs(b), ref.sum_abs if m == "sum" else 0.0)  # sum may cancel to ~0
+        assert abs(a - b) <= MOMENTS_RTOL * scale + 1e-300, (m, a, b)
+
+
+def both(chunks, bins=4096):
+    new, ref = HistogramStats(bins), HistogramStats(bins)
+    for c in chunks:
+        new.update(c)
+        _reference_update(ref, c)
+    return new, ref
+
+
+def test_compiled_path_is_used_on_cpu():
+    from omse.core.stats import _kernel
+
+    assert _kernel() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_equals_the_torch_reference(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 16, 33, 31, generator=g) * 3.0
+    chunks = [
+        x.to(dtype),
+        x.clamp(min=0).to(dtype),  # ReLU: half zeros
+        (x * 1e-3).to(dtype),  # inside the range: no doubling
+        (x * 40.0).to(dtype),  # doubling
+        torch.zeros(100, dtype=dtype),
+        x.clamp(0, 6).to(dtype),  # many values exactly at 6
+    ]
+    assert_same(*both(chunks))
+    assert_same(*both(chunks[::-1], bins=64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_of_a_large_tensor_equals_the_torch_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3_000_000, generator=g) * 2.0).to(dtype)
+    assert_same(*both([x, x.abs() * 5]))
+
+
+def test_update_of_non_contiguous_and_integer_inputs():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 12, 10, generator=g)
+    for v in (x.transpose(0, 2), x[:, ::3], x.expand(2, 8, 12, 10), -x, x[..., 1], x.conj()):
+        assert_same(*both([v]))
+    assert_same(*both([torch.arange(-50, 70), torch.tensor([True, False])]))
+    assert_same(*both([torch.zeros(10), torch.tensor([1e-320, -3e-321], dtype=torch.float64)], 16))
+
+
+def test_update_keeps_gradients_untouched():
+    x = torch.randn(100, requires_grad=True)
+    assert_same(*both([x * 2]))
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_non_finite_values_raise_and_leave_the_histogram_untouched(bad, dtype):
+    from omse.errors import NonFiniteError
+
+    h = single(torch.randn(50), 64)
+    before = (h.counts.clone(), h.sums.clone(), h.n, h.sum, h.radius)
+    x = torch.randn(1000).to(dtype)
+    x[500] = bad
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        h.update(x)
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        _reference_update(HistogramStats(64), x)
+    assert torch.equal(h.counts, before[0]) and torch.equal(h.sums, before[1])
+    assert (h.n, h.sum, h.radius) == before[2:]
+
+
+def test_torch_path_equals_the_compiled_path(monkeypatch):
+    """The fallback (no numba, or tensors on another device) bins as the kernel does."""
+    import omse.core.stats as stats
+
+    g = torch.Generator().manual_seed(7)
+    chunks = [torch.randn(5000, generator=g) * 10.0**k for k in (-2, 0, 3)] + [torch.zeros(9)]
+    compiled = HistogramStats(256)
+    for c in chunks:
+        compiled.update(c)
+    monkeypatch.setattr(stats, "_KERNEL", [None])
+    fallback, ref = both(chunks, 256)
+    assert_same(fallback, ref)
+    assert_same(compiled, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_take_the_torch_path():
+    g = torch.Generator().manual_seed(8)
+    chunks = [torch.randn(10_000, generator=g) * 10.0**k for k in (-1, 2)]
+    h = HistogramStats(256)
+    for c in chunks:
+        h.update(c.cuda())
+    assert_same(h, both(chunks, 256)[1])
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 7), min_size=1, max_size=4), min_size=1, max_size=4),
+    scales=st.lists(
+        st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 3.0, 1e4, 1e30]), min_size=4, max_size=4
+    ),
+    dtype=st.sampled_from(_DTYPES),
+    nonneg=st.booleans(),
+    bins=st.sampled_from([4, 64, 4096]),
+    seed=st.integers(0, 2**16),
+)
+def test_update_equals_the_torch_reference_property(shapes, scales, dtype, nonneg, bins, seed):
+    """Random shapes, dtypes, signs and magnitudes; ranges grow (and shrink) across updates."""
+    g = torch.Generator().manual_seed(seed)
+    new, ref = HistogramStats(bins), HistogramStats(bins)
+    for k, shape in enumerate(shapes):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * scales[k]
+        x = (x.abs() if nonneg else x).to(dtype)
+        if not torch.isfinite(x).all():
+            continue  # beyond float16's range: not a finite input
+        new.update(x)
+        _reference_update(ref, x)
+    assert_same(new, ref)

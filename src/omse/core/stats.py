@@ -8,6 +8,12 @@ of doublings or merges equal those of a single pass over all the data. Each bin 
 and the sum of its values, so the centroid of each bin is known and the MMSE problem can be solved
 on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, independent of the number of batches.
 
+Speed: :meth:`HistogramStats.update` reads a CPU tensor in its own dtype: ``torch.aminmax`` for
+the range and finiteness, then the compiled kernel of :mod:`omse.core.binning` for the moments
+and the bins (about 2.5 ns per value on one core, against about 20 for the torch path it
+replaced, which other devices still take). Both paths give the same counts and per-bin sums bit
+for bit (``tests/core/test_stats.py`` keeps the old one as the reference).
+
 Sharded calibration (:mod:`omse.distributed`): :meth:`HistogramStats.absorb` adds one histogram
 to another in a fixed order of float operations, :func:`merge_in_order` folds a list that way and
 :func:`all_reduce_histogram` folds the histograms of every rank of a process group in rank order,
@@ -19,9 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, NonFiniteError
 
 __all__ = ["HistogramStats", "DEFAULT_BINS", "merge_in_order", "all_reduce_histogram"]
 
@@ -90,19 +97,59 @@ class HistogramStats:
             self.counts, self.sums, self.radius = new_c, new_s, self.radius * 2.0
 
     def update(self, x: torch.Tensor) -> HistogramStats:
-        """Add every value of ``x`` (any shape). Returns ``self``."""
-        v = x.detach().reshape(-1).to(torch.float64)
+        """Add every value of ``x`` (any shape, dtype and device). Returns ``self``.
+
+        Raises :class:`~omse.errors.NonFiniteError` for NaN or Inf values (``self`` untouched).
+        A CPU tensor is binned by the compiled kernel of :mod:`omse.core.binning` (one read, no
+        float64 copy), others by torch; both give the same counts and per-bin sums bit for bit
+        and the same moments up to float64 rounding (see there)."""
+        v = x.detach().reshape(-1)
+        if not v.is_floating_point():
+            v = v.to(torch.float64)
         if v.numel() == 0:
             return self
-        lo, hi = torch.aminmax(v)  # NaN propagates to both
+        lo, hi = torch.aminmax(v)  # NaN propagates to both; exact in any float dtype
         vmin, vmax = float(lo), float(hi)
         if not (math.isfinite(vmin) and math.isfinite(vmax)):
-            raise CalibrationError("calibration values contain NaN or Inf")
+            raise NonFiniteError("calibration values contain NaN or Inf")
         amax = max(abs(vmin), abs(vmax))
         if amax >= self.radius:
             self._grow_to(amax)
         self.n += v.numel()
         self.min, self.max = min(self.min, vmin), max(self.max, vmax)
+        kernel = _kernel() if v.device.type == "cpu" else None
+        if kernel is not None and self._plain():
+            self._bin_compiled(kernel, v)
+        else:
+            self._bin_torch(v.to(torch.float64))
+        return self
+
+    def _plain(self) -> bool:
+        """True when ``counts`` and ``sums`` are contiguous float64 CPU tensors (the kernel's)."""
+        return all(
+            t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
+            for t in (self.counts, self.sums)
+        )
+
+    def _bin_compiled(self, kernel, v: torch.Tensor) -> None:
+        """Moments, counts and per-bin sums of the finite values ``v [n]`` (``|v| < radius``),
+        by the compiled kernel; float16 and bfloat16 are widened to float32 (exact)."""
+        if self.radius == 0.0:  # all zeros so far: they go to the middle bin, moments are 0
+            self.counts[self.bins // 2] += v.numel()
+            return
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.to(torch.float32)
+        a = v.resolve_conj().resolve_neg().contiguous().numpy()
+        m = np.zeros(4)
+        kernel(a, self.radius, self.counts.numpy(), self.sums.numpy(), m)
+        self.sum += float(m[0])
+        self.sum_sq += float(m[1])
+        self.sum_abs += float(m[2])
+        self.sum_4 += float(m[3])
+
+    def _bin_torch(self, v: torch.Tensor) -> None:
+        """Moments, counts and per-bin sums of the finite float64 values ``v [n]`` (``|v| <
+        radius``), by torch (any device)."""
         self.sum += float(v.sum())
         v2 = v * v
         self.sum_sq += float(v2.sum())
@@ -115,11 +162,10 @@ class HistogramStats:
             # bins agree across range doublings
             idx = (v / self.radius).mul_(half).floor_().long().add_(half)
             idx = idx.clamp_(0, self.bins - 1)  # defensive: |v| < R keeps idx in range
-            self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
-            self.sums.index_add_(0, idx, v)
+            self.counts += torch.bincount(idx, minlength=self.bins).to(self.counts)
+            self.sums.index_add_(0, idx.to(self.sums.device), v.to(self.sums.device))
         else:  # all zeros so far: keep them in the middle bin
             self.counts[self.bins // 2] += v.numel()
-        return self
 
     def absorb(self, other: HistogramStats) -> HistogramStats:
         """Add ``other``'s values to ``self`` in place (``other`` untouched); returns ``self``.
@@ -195,6 +241,21 @@ class HistogramStats:
     def nbytes(self) -> int:
         """Memory held by the statistics (bytes); constant in the number of batches."""
         return self.counts.element_size() * self.counts.numel() * 2 + 8 * 8
+
+
+_KERNEL: list = []  # [bin_values or None], filled on first use
+
+
+def _kernel():
+    """:func:`omse.core.binning.bin_values`, or None where numba cannot be imported (the torch
+    path then bins). Imported (and compiled, cached on disk) on first use, as the sweep is."""
+    if not _KERNEL:
+        try:
+            from .binning import bin_values
+        except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back
+            bin_values = None
+        _KERNEL.append(bin_values)
+    return _KERNEL[0]
 
 
 def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:

@@ -32,6 +32,7 @@ bit (the reasoning is in :mod:`omse.distributed`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..core.stats import HistogramStats
 from ..distributed import all_max, gather, world
-from ..errors import CalibrationError, model_forward_errors
+from ..errors import CalibrationError, NonFiniteError, model_forward_errors
 from ..nn.layers import QuantizedLayer
 
 __all__ = [
@@ -297,18 +298,25 @@ class _Observer:
         self.stats = stats
         self.clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
         self.batch = 0
+        self._macs: dict[tuple[str, int, int], int] = {}  # (layer, in, out per sample) -> MACs
 
     def input(self, q: QuantizedLayer, x: torch.Tensor) -> None:
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise CalibrationError(
-                f"layer {q.name!r} got NaN or Inf inputs on calibration batch {self.batch}"
-            )
+        """Checks ``x`` is finite (a NaN or Inf names the layer and batch), notes its size and
+        adds it to the layer's input histogram where one is asked for (whose own check of the
+        extremes is then the only read of ``x`` for finiteness)."""
         st = self.stats[q.name]
         st.extra["input_numel"] = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
-        if self.needs.input_histograms:
-            if st.input is None:
-                st.input = HistogramStats(self.needs.bins)
-            st.input.update(x)
+        try:
+            if self.needs.input_histograms:
+                if st.input is None:
+                    st.input = HistogramStats(self.needs.bins)
+                st.input.update(x)
+            elif x.is_floating_point() and not _finite(x):
+                raise NonFiniteError
+        except NonFiniteError:
+            raise CalibrationError(
+                f"layer {q.name!r} got NaN or Inf inputs on calibration batch {self.batch}"
+            ) from None
 
     @contextlib.contextmanager
     def capture(self, q: QuantizedLayer) -> Iterator[None]:
@@ -332,14 +340,29 @@ class _Observer:
         st.count += p.shape[1]
 
     def output(self, q: QuantizedLayer, y: torch.Tensor) -> None:
+        """Sets the layer's MACs and adds ``y`` clamped to the layer's output range to its
+        output histogram, for the layers that have one (no clamp for ``(-inf, inf)``: the same
+        values)."""
         st = self.stats[q.name]
         per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
-        st.macs = q.macs_per_sample(st.extra.get("input_numel", 0), per_sample)
+        key = (q.name, st.extra.get("input_numel", 0), per_sample)
+        if key not in self._macs:  # a function of the layer and the sizes: once per pass
+            self._macs[key] = q.macs_per_sample(key[1], per_sample)
+        st.macs = self._macs[key]
         if q.name in self.clamp:
             lo, hi = self.clamp[q.name]
             if st.output is None:
                 st.output = HistogramStats(self.needs.bins)
-            st.output.update(y.clamp(lo, hi))
+            unbounded = lo == -math.inf and hi == math.inf
+            st.output.update(y if unbounded else y.clamp(lo, hi))
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x`` (one reduction, no boolean copy: NaN propagates to the extremes)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 @torch.no_grad()
