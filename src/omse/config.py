@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _GRIDS = ("full", "narrow")
-ACT_GRIDS = ("full", "narrow", "affine")
+ACT_GRIDS = ("auto", "full", "narrow", "affine")
 TARGETS = ("int4", "int8")
 ROUNDINGS = ("nearest", "gptq", "learned")
 SCOPES = ("block", "layer")
@@ -204,7 +204,7 @@ class LayerConfig:
     act_method: str | RangeSetter = "mmse"
     granularity: str | Granularity = field(default_factory=lambda: PerChannel(0))
     weight_grid: str = "full"
-    act_grid: str = "full"
+    act_grid: str = "auto"
     scale_dtype: str = "float16"
     target: str = "int4"
 
@@ -218,7 +218,7 @@ class LayerConfig:
             raise ConfigError(f"weight_grid={self.weight_grid!r}: use 'full' or 'narrow'")
         if self.act_grid not in ACT_GRIDS:
             raise ConfigError(
-                f"act_grid={self.act_grid!r}: use 'full', 'narrow' or 'affine' (unsigned is "
+                f"act_grid={self.act_grid!r}: use 'auto', 'full', 'narrow' or 'affine' (unsigned is "
                 "chosen automatically for non-negative inputs)"
             )
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
@@ -241,8 +241,10 @@ class QuantConfig:
             ``per_group<N>`` (or a :class:`~omse.core.granularity.Granularity`).
         weight_grid: ``full`` (two's complement, default) or ``narrow`` (symmetric).
         act_grid: the grid of activations that take negative values (non-negative ones always
-            get the unsigned grid): ``full`` (signed, zero point 0, default), ``narrow`` or
-            ``affine`` (unsigned codes with a zero point, fitted with the step by least squared
+            get the unsigned grid): ``auto`` (default: ``full``, except a skewed tensor, whose
+            negative side is at most a quarter of its positive side, such as a SiLU's output
+            ``[-0.28, x]``, which gets ``affine``: :data:`omse.transforms.calibration.SKEW`),
+            ``full`` (signed, zero point 0), ``narrow`` or ``affine`` (unsigned codes with a zero point, fitted with the step by least squared
             error: :func:`omse.core.ranges.fit_affine`; for skewed inputs such as a hardswish's
             ``[-0.375, 6]``, where a signed grid spends half its codes on the small negative side).
         overrides: per-layer changes by module name (``fnmatch`` patterns allowed), e.g.
@@ -310,7 +312,7 @@ class QuantConfig:
     act_method: str | RangeSetter = "mmse"
     granularity: str | Granularity = "per_channel"
     weight_grid: str = "full"
-    act_grid: str = "full"
+    act_grid: str = "auto"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     budget: Budget | float | int | str | None = field(default_factory=Budget)

@@ -194,3 +194,61 @@ def test_affine_act_grid_fits_zero_points_on_skewed_inputs():
     assert layers["2"].a_grid.kind == "unsigned" and layers["2"].a_grid.zero_point > 0
     assert layers["4"].a_grid == Grid(8, "unsigned")  # after the ReLU
     assert errs["affine"] < 0.8 * errs["full"]
+
+
+def _silu_net() -> nn.Module:
+    """Conv -> SiLU -> Conv -> SiLU -> Conv, as YOLOX's stem: pre-activations reach -80 on
+    channels the SiLU sends to 0 (a large negative bias), up to ~+20 on the others."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(16, 16, 1),
+        nn.SiLU(),
+        nn.Conv2d(16, 8, 1),
+    ).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)
+        net[0].bias.copy_(torch.linspace(-60.0, 2.0, 16))
+    return net
+
+
+def test_silu_output_quantizers_skip_the_dead_tail_and_get_zero_points(monkeypatch):
+    """target="int8", YOLOX's failure in small: the output quantizer in front of a SiLU is
+    calibrated on the output clamped at SILU_FLOOR (the SiLU is flat below it), not on the -60
+    tail that set its step before; the SiLU's [-0.28, x] outputs get affine grids by default
+    (act_grid="auto": skewed). The model's output error drops well below the former result
+    (no floor, signed grids), and the floor alone already helps the signed grids."""
+    from omse.transforms import calibration
+    from omse.transforms.graph import SILU_FLOOR
+
+    net = _silu_net()
+    calib = [torch.randn(8, 3, 12, 12) * 2 for _ in range(4)]
+    x = torch.randn(16, 3, 12, 12) * 2
+    errs, layers = {}, {}
+
+    def run(label, grid):
+        cfg = QuantConfig.preset("fast", weight_bits=8, act_grid=grid, target="int8")
+        q = omse.quantize(net, calib, cfg)
+        layers[label] = quantized_layers(q)
+        with torch.no_grad():
+            errs[label] = float(((q(x) - net(x)) ** 2).mean())
+
+    run("auto", "auto")
+    run("full", "full")
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "SILU_FLOOR", -float("inf"))
+        run("before", "full")
+    with torch.no_grad():
+        y0 = net[0](torch.cat(calib))
+    lo, hi = float(y0.min()), float(y0.max())
+    assert lo < -40 and hi < -lo / 2  # the tail the SiLU discards sets a signed grid's step
+    assert float(layers["before"]["0"].out_scale) >= -lo / 128 * 0.9
+    for label in ("auto", "full"):  # floored: the step covers [-8, hi], not [lo, hi]
+        s = float(layers[label]["0"].out_scale)
+        assert s <= max(hi, -SILU_FLOOR) / 127 * 1.01 < -lo / 128 * 0.5
+    for name in ("2", "4"):  # SiLU outputs [-0.28, x]: zero points with "auto"
+        assert layers["auto"][name].a_grid.zero_point > 0
+        assert layers["full"][name].a_grid == Grid(8, "full")
+    assert errs["full"] < 0.5 * errs["before"]
+    assert errs["auto"] < 0.8 * errs["full"]

@@ -19,7 +19,14 @@ from ..core.grids import Grid
 from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
 from ..nn.layers import QuantizedLayer, share_input_quantizer
-from .graph import float_output, input_groups, layer_routes, shared_input_candidates, trace
+from .graph import (
+    SILU_FLOOR,
+    float_output,
+    input_groups,
+    layer_routes,
+    shared_input_candidates,
+    trace,
+)
 from .statistics import first_row, run_model
 
 __all__ = [
@@ -101,7 +108,10 @@ def plan_output_quantizers(
             continue
         if float_output(ql, r):
             continue  # an integer kernel with a float output: nothing to requantize
-        plan[ql.name] = r.clamp  # graph outputs too: QGemm then DQ
+        lo, hi = r.clamp
+        if r.silu:  # the SiLU sends the far negative tail to ~0: do not spend codes on it
+            lo = max(lo, SILU_FLOOR)
+        plan[ql.name] = (lo, hi)  # graph outputs too: QGemm then DQ
         for j in r.shared:
             if qls[j].cfg.act_bits == OUTPUT_BITS:
                 shares[qls[j].name] = (ql.name, "output")
@@ -159,12 +169,28 @@ def cap_activation_scales(layers: dict[str, QuantizedLayer], caps: dict[str, flo
         ql.set_act(s, ql.a_grid)
 
 
+SKEW = 4.0
+"""A signed activation tensor is *skewed* when ``SKEW * -min <= max`` (SiLU outputs ``[-0.28,
+x]``, hardswish ``[-0.375, 6]``, a pre-SiLU output clamped at :data:`~omse.transforms.graph.
+SILU_FLOOR`): a signed ``full`` grid then leaves at least 96 of its 128 negative codes unused, a
+step nearly twice the affine grid's. With ``act_grid="auto"`` (the default) such a tensor gets the
+affine grid of :func:`~omse.core.ranges.fit_affine` (a zero point fitted with the step; never worse
+than the signed grid in squared error, which is one of its candidates); a tensor that is not
+skewed keeps the signed grid of zero point 0."""
+
+
+def _skewed(st: HistogramStats) -> bool:
+    return st.min < 0.0 < st.max and SKEW * -st.min <= st.max
+
+
 def _fit(method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
-    """Step and grid of one activation tensor: unsigned for non-negative values, else the
-    configured kind (``"affine"``: the zero point fitted with the step, :func:`fit_affine`)."""
+    """Step and grid of one activation tensor: unsigned for non-negative values; affine (the
+    zero point fitted with the step, :func:`fit_affine`) for ``"affine"`` and, with ``"auto"``,
+    for a skewed tensor (:data:`SKEW`); else the configured signed kind (``"auto"``: ``"full"``)."""
     setter = make_range_setter(method)
-    if kind == "affine":
+    if kind == "affine" or (kind == "auto" and _skewed(st)):
         return fit_affine(setter, st, bits)
+    kind = "full" if kind == "auto" else kind
     grid = Grid(bits, "unsigned" if st.nonnegative else kind)  # type: ignore[arg-type]
     return setter.fit(st, grid), grid
 
@@ -173,7 +199,8 @@ def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, Histog
     """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, on
     8-bit grids (:data:`OUTPUT_BITS`: what an int8 kernel's requantized output holds, whatever
     the input grids are); unsigned grids for non-negative outputs, affine ones (a fitted zero
-    point) for the others with ``act_grid="affine"``."""
+    point) for the others with ``act_grid="affine"`` and for skewed ones with ``"auto"``
+    (:data:`SKEW`)."""
     for name, st in stats.items():
         layer = layers[name]
         cfg = layer.cfg
@@ -186,7 +213,8 @@ def set_activation_scales(
     layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]
 ) -> None:
     """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs,
-    affine grids (a fitted zero point) for the others with ``act_grid="affine"``."""
+    affine grids (a fitted zero point) for the others with ``act_grid="affine"`` and for skewed
+    ones with ``"auto"`` (:data:`SKEW`)."""
     for name, layer in layers.items():
         cfg = layer.cfg
         st = stats.get(name)

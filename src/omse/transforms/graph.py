@@ -84,6 +84,8 @@ __all__ = [
     "integer_reader",
     "input_groups",
     "float_output",
+    "is_silu",
+    "SILU_FLOOR",
     "INTEGER_OPS",
 ]
 
@@ -728,7 +730,9 @@ class Route:
     ``integer_reader`` (``"output"``): whether an op other than those input quantizers would run
     on the 8-bit tensor there (:func:`integer_reader`); where none would, an integer kernel
     with a float output (a Linear's ``MatMulIntegerToFloat`` / ``QGemm``) needs no output
-    quantizer.
+    quantizer. ``silu`` (``"output"``): the tensor is read only by a SiLU, ``x * Sigmoid(x)``
+    (:func:`is_silu`): what matters downstream is ``silu(Q(y))``, which the far negative tail
+    of ``y`` does not reach (see :data:`SILU_FLOOR`).
     """
 
     kind: str
@@ -739,6 +743,7 @@ class Route:
     shared: tuple[int, ...] = ()
     consumer_kind: str = "act"
     integer_reader: bool = True
+    silu: bool = False
 
 
 def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, float]:
@@ -752,6 +757,26 @@ def _clip_range(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[float, fl
         v = const_value(graph, node.input[2])
         hi = float(v) if v is not None else hi
     return lo, hi
+
+
+SILU_FLOOR = -8.0
+"""Where a SiLU's input stops mattering: ``silu(x)`` for every ``x <= -8`` lies within
+``|silu(-8)| = 2.7e-3`` of 0 (and of ``silu(-8)``), so clamping a pre-SiLU tensor at ``-8`` before
+it is quantized changes the SiLU's output by less than 2.7e-3 (it increases towards 0 below its
+minimum at -1.28). A pre-SiLU output quantizer is calibrated on the clamped values: a
+convolution's pre-activations reach -80 on channels the SiLU sends to 0, and a range that covers
+them coarsens the step of every value the SiLU passes on."""
+
+
+def is_silu(graph: onnx.GraphProto, t: str, users: list[onnx.NodeProto]) -> bool:
+    """Whether the only readers of ``t`` are a ``Sigmoid(t)`` and a ``Mul`` of ``t`` with that
+    sigmoid: a SiLU (swish) as torch exports ``x * sigmoid(x)`` (YOLOX, YOLOv5-8,
+    EfficientNet)."""
+    if len(users) != 2 or {u.op_type for u in users} != {"Sigmoid", "Mul"}:
+        return False
+    sig = next(u for u in users if u.op_type == "Sigmoid")
+    mul = next(u for u in users if u.op_type == "Mul")
+    return sig.domain == "" and mul.domain == "" and sorted(mul.input) == sorted([t, sig.output[0]])
 
 
 def float_output(ql: QuantizedLayer, route: Route) -> bool:
@@ -794,6 +819,7 @@ def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
                     reader=why,
                     shared=shared,
                     integer_reader=integer_reader(g, t, readers),
+                    silu=is_silu(g, t, users),
                 )
                 break
             u = users[0]
