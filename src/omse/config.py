@@ -259,7 +259,8 @@ class QuantConfig:
             cheapest error is every layer at 8 bits.
         extra_mac_budget: extra integer MACs allowed for residual tensors, as a fraction of the
             quantized model's MACs (default 0.10; 0 = none; 1.0 = every kernel gets one extra
-            term). With ``target="int8"`` the terms merge into one 8-bit kernel: no extra MACs
+            term); under a weight ``budget``, of the MACs of the layers below 8 bits, which alone
+            get residual tensors. With ``target="int8"`` the terms merge into one 8-bit kernel: no extra MACs
             at run time.
         residual_criterion: how kernels are ranked for the budget: ``output`` (layer-output error
             on calibration data, default), ``weight`` (weight MSE) or ``network`` (layer-output

@@ -392,16 +392,24 @@ def _learned(r: _Run) -> None:
 
 
 def _residuals(r: _Run) -> None:
+    """Residual kernels within the extra-MAC budget. Under a weight budget only the layers below
+    8 bits compete (and only their patch moments are gathered): the budget is then a fraction of
+    those layers' MACs; an 8-bit layer's residual would buy next to nothing."""
+    layers = r.layers
+    if r.cal.precision is not None:
+        layers = {n: q for n, q in r.layers.items() if q.cfg.weight_bits < 8}
+        if not layers:
+            return
     stats = collect(
-        r.qmodel, r.layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
+        r.qmodel, layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
     )
     c = r.config
     sens = None
     if c.residual_criterion == "network":
-        sens = network_errors(r.qmodel, r.layers, r.batches, r.progress)
+        sens = network_errors(r.qmodel, layers, r.batches, r.progress)
         r.cal.corrections["network_errors"] = sens
     r.cal.corrections["residual_kernels"] = select_residuals(
-        r.layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms, sens
+        layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms, sens
     )
 
 
