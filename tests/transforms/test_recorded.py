@@ -106,8 +106,14 @@ def _assert_same(got: dict, key: str) -> None:
 
 
 def _recipe(target: str) -> omse.QuantConfig:
+    """The recipe the values were recorded with: one weight width (no per-layer budget)."""
     return omse.QuantConfig(
-        weight_bits=4, act_bits=8, extra_mac_budget=0.1, bias_correction=True, target=target
+        weight_bits=4,
+        act_bits=8,
+        extra_mac_budget=0.1,
+        bias_correction=True,
+        target=target,
+        budget=None,
     )
 
 
