@@ -487,14 +487,27 @@ def _config(*argv: str):
     [
         ([], QuantConfig()),
         (["--recipe", "default"], QuantConfig(extra_mac_budget=0.10, bias_correction=True)),
-        (["--recipe", "fast"], QuantConfig(extra_mac_budget=0.0, bias_correction=False)),
+        (
+            ["--recipe", "fast"],
+            QuantConfig(extra_mac_budget=0.0, bias_correction=False, budget=None),
+        ),
         (["--recipe", "best"], QuantConfig(rounding="learned")),
         (["--recipe", "fast", "--budget", "0.2"], QuantConfig.preset("fast", extra_mac_budget=0.2)),
         (
             ["--recipe", "fast", "--bias-correction"],
             QuantConfig.preset("fast", bias_correction=True),
         ),
-        (["--no-bias-correction", "--budget", "0"], QuantConfig.preset("fast")),
+        (["--no-bias-correction", "--budget", "0"], QuantConfig.preset("fast", budget=0.6)),
+        (["--max-weight-bytes", "none"], QuantConfig(budget=None)),
+        (
+            ["--max-weight-bytes", "0.75x", "--guard-db", "off"],
+            QuantConfig(budget={"weight_bytes": 0.75, "guard_db": None}),
+        ),
+        (
+            ["--recipe", "fast", "--max-weight-bytes", "1.5MB"],
+            QuantConfig.preset("fast", budget=1_500_000),
+        ),
+        (["--guard-db", "6"], QuantConfig(budget={"weight_bytes": 0.6, "guard_db": 6.0})),
         (["--residual-criterion", "network"], QuantConfig(residual_criterion="network")),
         (["--recipe", "best", "--rounding", "nearest"], QuantConfig()),
         (
@@ -544,7 +557,7 @@ def _run_json(cli, work, name, *argv):
 
 def test_default_recipe_runs_and_is_recorded(cli, work):
     res, _ = _run_json(cli, work, "recipe.json", *USER)
-    assert res["config"]["version"] == 3 and res["recipe"] == "default"
+    assert res["config"]["version"] == 4 and res["recipe"] == "default"
     assert QuantConfig.from_dict(res["config"]) == QuantConfig()
     fast, _ = _run_json(cli, work, "fast.json", *USER, "--recipe", "fast")
     assert QuantConfig.from_dict(fast["config"]) == QuantConfig.preset("fast")

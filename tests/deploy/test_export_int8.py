@@ -81,8 +81,13 @@ def _session(path, opt=None):
 def _quantized(budget=0.1):
     torch.manual_seed(0)
     model = ResNetish().eval()
-    cfg = QuantConfig(
-        weight_bits=4, act_bits=8, target="int8", extra_mac_budget=budget, bias_correction=True
+    cfg = QuantConfig(  # one width: the 4-bit + residual terms merged into 8-bit kernels
+        weight_bits=4,
+        act_bits=8,
+        target="int8",
+        extra_mac_budget=budget,
+        bias_correction=True,
+        budget=None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -194,7 +199,12 @@ def zoo_int8(request, fmnist_data, tmp_path_factory):
         pytest.skip(f"{request.param} weights are not in this checkout")
     calib, x = fmnist_data
     cfg = QuantConfig(
-        weight_bits=4, act_bits=8, target="int8", extra_mac_budget=0.1, bias_correction=True
+        weight_bits=4,
+        act_bits=8,
+        target="int8",
+        extra_mac_budget=0.1,
+        bias_correction=True,
+        budget=None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

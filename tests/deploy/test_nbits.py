@@ -463,7 +463,7 @@ def test_weight_only_linear_with_residual_terms_is_refused_for_int8_with_the_fix
     calib = [torch.randn(8, 64) for _ in range(2)]
     cfg = omse.QuantConfig(
         weight_bits=4, act_bits=None, granularity="per_group32", target="int8",
-        extra_mac_budget=1.0, bias_correction=False,
+        extra_mac_budget=1.0, bias_correction=False, budget=None,
     )  # fmt: skip
     q = omse.quantize(model, calib, cfg)
     assert max(ql.n_terms for ql in omse.quantized_layers(q).values()) == 2

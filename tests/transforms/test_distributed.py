@@ -48,6 +48,7 @@ def _config(**kw) -> omse.QuantConfig:
         act_bins=4096,
         scale_dtype="float16",
         target="int4",
+        budget=None,
     )
     base.update(kw)
     return omse.QuantConfig(**base)
@@ -60,6 +61,9 @@ CONFIGS = {
     # the network criterion: per-layer model-output errors summed over both ranks' batches
     "network": _config(extra_mac_budget=0.2, residual_criterion="network"),
     "learned": _config(rounding="learned", rounding_iters=20, bias_correction=True),
+    # per-layer precision under a byte budget, its guard: probes and errors summed in global
+    # batch order
+    "precision": _config(budget=0.6, extra_mac_budget=0.1, bias_correction=True),
     "reconstructed": _config(
         rounding="learned", rounding_scope="block", rounding_iters=10, bias_correction=True
     ),

@@ -332,5 +332,7 @@ def test_the_report_writes_the_precision_table_and_front(tmp_path):
 
     front = precision_front(plan)
     errs = [e for _, e in front]
-    assert all(a >= b - 1e-12 for a, b in zip(errs, errs[1:], strict=False))  # more bytes, less error
+    assert all(
+        a >= b - 1e-12 for a, b in zip(errs, errs[1:], strict=False)
+    )  # more bytes, less error
     assert (tmp_path / "precision.png").stat().st_size > 1000

@@ -53,6 +53,7 @@ def _batches(seed: int = 1) -> list[torch.Tensor]:
 
 def _cfg(**kw) -> omse.QuantConfig:
     base = dict(
+        budget=None,
         weight_bits=4,
         act_bits=4,
         extra_mac_budget=0.0,

@@ -297,13 +297,16 @@ most 4 (one for 32 calibration samples or more)."""
 
 
 def _samples(batches: list) -> int:
+    """Calibration samples in ``batches`` (rows of the first batch times the batches)."""
+    if not batches:
+        return 0
     first = batches[0]
     if isinstance(first, dict):
         t = next((v for v in first.values() if torch.is_tensor(v)), None)
         rows = 1 if t is None or t.dim() == 0 else t.shape[0]
     else:
         rows = first.shape[0] if first.dim() else 1
-    return max(1, rows * len(batches))
+    return rows * len(batches)
 
 
 def _rewrap(r: _Run, name: str, bits: int) -> None:
@@ -334,7 +337,8 @@ def _precision(r: _Run) -> None:
         plan.bytes_8bit = sum(weight_bytes(q, 8, target) for q in r.layers.values())
         plan.budget_bytes = c.budget.bytes_for(plan.bytes_8bit)
         low = {n: {q.cfg.weight_bits: q.dequantized_weight()} for n, q in free.items()}
-        probes = min(4, -(-PROBE_SAMPLES // _samples(r.batches)))
+        samples = sum(gather(_samples(r.batches)))  # every rank's: the same probes on each
+        probes = min(4, -(-PROBE_SAMPLES // max(samples, 1)))
         errs, _ = output_errors(r.qmodel, r.layers, low, r.batches, probes)
         plan.choices = {}
         for n, q in free.items():

@@ -43,6 +43,7 @@ from torch import nn
 from ..core.grids import Grid
 from ..core.primitives import SCALE_DTYPES, dequantize
 from ..distributed import world
+from ..errors import model_forward_errors
 from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
 from .sensitivity import sum_in_batch_order
 from .statistics import float_outputs, run_model
@@ -154,7 +155,9 @@ def output_errors(
 ) -> tuple[dict[str, dict[int, float]], float]:
     """Estimated relative output error of every layer's candidates (see the module docstring).
 
-    ``candidates``: ``{layer: {bits: dequantized weight [out, ...]}}``. The layers run in float
+    ``candidates``: ``{layer: {bits: dequantized weight [out, ...]}}``. A layer that runs more
+    than once per forward adds every call's error (``||J dy||^2`` summed over calls, their cross
+    terms left out). The layers run in float
     (weights and activations; their flags are restored). Returns ``({layer: {bits: E}}, energy)``
     with ``energy = sum ||f||^2`` over the batches. ``probes`` Gaussian probes per batch, drawn
     from ``seed`` and the global batch index (the result is deterministic, and under
@@ -166,18 +169,22 @@ def output_errors(
     }
     energies: list[float] = []
     before = {n: q.quant_enabled for n, q in layers.items()}
-    grads: dict[str, list[torch.Tensor]] = {}
-    inputs: dict[str, torch.Tensor] = {}
+    # per layer and call (a module may run several times per forward, e.g. a shared head):
+    # the call's input, and its output's gradient for each probe
+    inputs: dict[str, list[torch.Tensor]] = {}
+    grads: dict[tuple[str, int], list[torch.Tensor]] = {}
     handles = []
 
     def hook(name: str):
         def fn(mod: QuantizedLayer, args, out):
             if not torch.is_tensor(out) or not out.is_floating_point():
                 return None
-            inputs[name] = args[0].detach()
+            calls = inputs.setdefault(name, [])
+            key = (name, len(calls))
+            calls.append(args[0].detach())
             if not out.requires_grad:  # the first layers: the graph starts here
                 out = out.detach().requires_grad_(True)
-            out.register_hook(lambda g: grads.setdefault(name, []).append(g.detach()))
+            out.register_hook(lambda g: grads.setdefault(key, []).append(g.detach()))
             return out
 
         return fn
@@ -191,7 +198,7 @@ def output_errors(
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i * size + rank)
             grads.clear()
             inputs.clear()
-            with torch.enable_grad():
+            with torch.enable_grad(), model_forward_errors(i * size + rank, batch):
                 outs = float_outputs(run_model(model, batch))
                 if not outs:
                     raise ValueError(
@@ -204,11 +211,14 @@ def output_errors(
                     torch.autograd.backward(live, vs, retain_graph=p < probes - 1)
             with torch.no_grad():
                 for n, cs in candidates.items():
-                    gs = grads.get(n, [])
+                    calls = inputs.get(n, [])
                     for b, w in cs.items():
                         acc = 0.0
-                        if gs:
-                            dy = _delta_output(layers[n], inputs[n], w - layers[n].float_weight)
+                        for k, x in enumerate(calls):
+                            gs = grads.get((n, k), [])
+                            if not gs:
+                                continue
+                            dy = _delta_output(layers[n], x, w - layers[n].float_weight)
                             for g in gs:  # per-sample <g, dy> in float32, squares in float64
                                 t = _per_sample(g * dy).double()
                                 acc += float((t * t).sum()) / probes
@@ -310,10 +320,11 @@ def relative_errors(
     _, size = world()
     den: list[float] = []
     nums: list[list[float]] = [[] for _ in models]
-    for batch in batches:
-        ref = [t.detach() for t in float_outputs(reference(batch))]
-        den.append(_squared(ref))
-        for k, m in enumerate(models):
-            nums[k].append(_squared(float_outputs(m(batch)), ref))
+    for i, batch in enumerate(batches):
+        with model_forward_errors(i, batch):
+            ref = [t.detach() for t in float_outputs(reference(batch))]
+            den.append(_squared(ref))
+            for k, m in enumerate(models):
+                nums[k].append(_squared(float_outputs(m(batch)), ref))
     total = max(sum_in_batch_order(den, size), 1e-300)
     return [sum_in_batch_order(v, size) / total for v in nums]
