@@ -1,5 +1,6 @@
 """Activation quantizers from calibration statistics: input scales, the output quantizers and
-shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6.
+shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6; and the weight
+grid ``target="int8"`` gives 8-bit weights (:func:`int8_weight_grid`).
 
 - :func:`plan_output_quantizers` reads the traced dataflow (:func:`omse.transforms.graph.
   layer_routes`) and says which layers need an output quantizer (with the range the ops after
@@ -15,15 +16,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import LayerConfig
 from ..core.grids import Grid
 from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
-from ..nn.layers import QuantizedLayer, share_input_quantizer
+from ..nn.layers import S8_SAFE_CODE, QuantizedLayer, share_input_quantizer
 from .graph import float_output, input_groups, layer_routes, shared_input_candidates, trace
 from .statistics import first_row, run_model
 
 __all__ = [
     "OUTPUT_BITS",
+    "int8_weight_grid",
     "plan_output_quantizers",
     "set_activation_scales",
     "cap_activation_scales",
@@ -38,6 +41,22 @@ shares (:func:`plan_output_quantizers`, :func:`share_scales`)."""
 OUTPUT_BITS = 8
 """Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
 integer kernel); only input quantizers of this width are shared with them."""
+
+
+def int8_weight_grid(cfg: LayerConfig) -> Grid:
+    """The grid a layer's weights are quantized on: the config's, except 8-bit weights of
+    ``target="int8"``, which get 7 bits (codes in ``[-64, 63]``, within
+    :data:`~omse.nn.layers.S8_SAFE_CODE`): their INT8 export is then exact in onnxruntime's
+    uint8 x int8 kernels on every x86 CPU (without VNNI those add product pairs in saturating
+    int16) and runs as u8s8, not u8u8, on VNNI CPUs, and OpenVINO runs it as int8. onnxruntime's
+    own ``reduce_range`` makes the same choice; measured on the zoo and EfficientNet-Lite0 at
+    W8A8 it costs no top-1 agreement (``benchmarks/int8_weights.py``). Merged residual kernels
+    of 4-bit terms (``k*Q1 + Q2``, up to +-128) keep their codes: the export writes those layers
+    as UINT8 (``export_onnx(int8_weights="auto")``)."""
+    grid = Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
+    if cfg.target != "int8" or max(-grid.qmin, grid.qmax) <= S8_SAFE_CODE:
+        return grid
+    return Grid(S8_SAFE_CODE.bit_length(), cfg.weight_grid)  # type: ignore[arg-type]
 
 
 def plan_output_quantizers(

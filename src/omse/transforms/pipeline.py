@@ -60,6 +60,7 @@ from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
+    int8_weight_grid,
     plan_output_quantizers,
     set_activation_scales,
     set_output_scales,
@@ -262,7 +263,8 @@ def _wrap(r: _Run) -> None:
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
     for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
-        ql = QuantizedLayer(m, name, config.for_layer(name))
+        cfg = config.for_layer(name)
+        ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
 
