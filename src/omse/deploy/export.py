@@ -93,6 +93,7 @@ from ..nn.layers import (
     layer_weight,
     quantized_layers,
 )
+from ..nn.ops import OpQuantizers, op_quantizers
 from ..transforms.graph import (
     DOMAIN,
     TRACE_OPSET,
@@ -303,8 +304,10 @@ class _Rewriter:
         integer: bool = False,
         target: Target = "int4",
         int8_weights: Int8Weights = "auto",
+        ops: OpQuantizers | None = None,
     ):
         self.model = model
+        self.ops = ops
         self.layers = layers
         self.container = container
         self.integer = integer
@@ -550,8 +553,19 @@ class _Rewriter:
                     "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
                     "the model with QuantConfig(target='int8')"
                 )
-        # an input marker right after a shared (module-output) quantizer with its own scale
+        # an input marker right after a shared (module-output) quantizer with its own scale, or
+        # right after a site (omse.nn.ops) whose quantizer it shares
         producers = {o: n for n in self.model.graph.node for o in n.output}
+        for node in self.model.graph.node:
+            if self.ops is None or node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+                continue
+            src = producers.get(node.input[0])
+            if src is None or src.domain != DOMAIN or marker_attrs(src)[0] != "op":
+                continue
+            site, qj = marker_attrs(src)[1], self.layers[marker_attrs(node)[1]]
+            sc = self.ops.scales.get(site)
+            if sc is not None and qj.a_grid == self.ops.grids[site] and bool(qj.act_scale == sc):
+                dropped.add(("act", marker_attrs(node)[1]))
         for node in self.model.graph.node:
             if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
                 continue
@@ -580,6 +594,15 @@ class _Rewriter:
                 continue
             kind, idx, term = marker_attrs(node)
             x, y = node.input[0], node.output[0]
+            if kind == "op":  # a site between layers (omse.nn.ops), as the plan has it
+                site = self.ops.kinds.get(idx, "none") if self.ops is not None else "none"
+                op = self.ops.ops.get(idx, "op") if self.ops is not None else "op"
+                if site != "none" and idx in self.ops.scales:
+                    grid, sc = self.ops.grids[idx], self.ops.scales[idx]
+                    new_nodes += self.qdq_nodes(f"{op}_{idx}.out", grid, sc, x, y)
+                else:
+                    new_nodes.append(helper.make_node("Identity", [x], [y], name=f"{op}_{idx}"))
+                continue
             ql = self.layers[idx]
             if kind in ("act", "tq"):
                 if ql.act_scale is None or ql.a_grid is None or (kind, idx) in dropped:
@@ -627,6 +650,7 @@ class _Rewriter:
         g.initializer.extend(self.inits)
         if self.target == "int8":
             _drop_redundant_clips(self.model)
+            _shape_before_dequantize(self.model)
         _remove_identities(self.model)
         _prune(self.model)
         del self.model.opset_import[:]
@@ -770,6 +794,19 @@ def _drop_redundant_clips(model: onnx.ModelProto) -> int:
     return changed
 
 
+def _shape_before_dequantize(model: onnx.ModelProto) -> None:
+    """``DequantizeLinear -> Shape`` reads the integer tensor instead (the same shape): the
+    runtime then does not dequantize a tensor only for its shape."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    for node in g.node:
+        if node.op_type != "Shape" or node.domain != "":
+            continue
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "DequantizeLinear" and src.domain == "":
+            node.input[0] = src.input[0]
+
+
 def _remove_identities(model: onnx.ModelProto) -> None:
     """Bypass ``Identity`` nodes (readers take the Identity's input) unless they produce a graph
     output."""
@@ -897,7 +934,8 @@ def to_onnx_model(
                 f"ops {sorted(changed)} changed meaning in opset {opset}; export with opset=20 "
                 "and container='int8'"
             )
-    proto = _Rewriter(proto, traced, container, integer, target, int8_weights).run(opset)
+    ops = op_quantizers(qmodel) if target == "int8" else None
+    proto = _Rewriter(proto, traced, container, integer, target, int8_weights, ops).run(opset)
     proto.producer_name = "omse"
     try:
         onnx.checker.check_model(proto, full_check=True)

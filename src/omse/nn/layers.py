@@ -18,6 +18,7 @@ every type. ``float_weight``, ``w_codes{t}`` and ``w_scale{t}`` are canonical; o
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import torch
@@ -55,6 +56,8 @@ __all__ = [
     "share_input_quantizer",
     "quantized_layers",
     "set_integer",
+    "layer_depth",
+    "inside_layer",
 ]
 
 DOMAIN = "omse"
@@ -69,6 +72,25 @@ exactly on every CPU: without VNNI (AVX2, AVX-512 without VNNI) they add each pa
 saturating int16 (``vpmaddubsw``), and ``|x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640`` cannot
 saturate. 8-bit weights of ``target="int8"`` are planned on a 7-bit grid (codes in ``[-64, 63]``,
 :func:`omse.transforms.calibration.int8_weight_grid`) so that they stay within it."""
+
+
+_DEPTH = threading.local()
+
+
+def layer_depth() -> int:
+    """How many quantized layers (or their tracing twins) are running on this thread: the ops
+    inside them are no sites of :class:`omse.nn.ops.OpQuantizers`."""
+    return getattr(_DEPTH, "n", 0)
+
+
+@contextlib.contextmanager
+def inside_layer():
+    """Count one running quantized layer (see :func:`layer_depth`)."""
+    _DEPTH.n = layer_depth() + 1
+    try:
+        yield
+    finally:
+        _DEPTH.n -= 1
 
 
 WRAPPABLE = (
@@ -504,6 +526,10 @@ class QuantizedLayer(nn.Module):
         return int(qx * max(int(v) for v in per_kernel))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with inside_layer():
+            return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         obs = self.observer
         if obs is not None:
             obs.input(self, x)

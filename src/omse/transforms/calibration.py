@@ -13,6 +13,9 @@ grid ``target="int8"`` gives 8-bit weights (:func:`int8_weight_grid`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -21,13 +24,28 @@ from ..core.grids import Grid
 from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
 from ..nn.layers import S8_SAFE_CODE, QuantizedLayer, share_input_quantizer
-from .graph import float_output, input_groups, layer_routes, shared_input_candidates, trace
+from ..nn.ops import OpQuantizers, detach_op_quantizers, op_quantizers
+from .graph import (
+    DOMAIN,
+    consumers,
+    float_output,
+    input_groups,
+    layer_routes,
+    marker_attrs,
+    shared_input_candidates,
+    trace,
+)
 from .statistics import first_row, run_model
 
 __all__ = [
     "OUTPUT_BITS",
     "int8_weight_grid",
     "plan_output_quantizers",
+    "plan_op_quantizers",
+    "set_op_scales",
+    "observe_sites",
+    "INTEGER_SITE_OPS",
+    "PASSTHROUGH_SITE_OPS",
     "set_activation_scales",
     "cap_activation_scales",
     "set_output_scales",
@@ -41,6 +59,199 @@ shares (:func:`plan_output_quantizers`, :func:`share_scales`)."""
 OUTPUT_BITS = 8
 """Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
 integer kernel); only input quantizers of this width are shared with them."""
+
+
+INTEGER_SITE_OPS = (
+    "Sigmoid",
+    "Mul",
+    "Add",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "LeakyRelu",
+)
+"""Ops onnxruntime's CPU provider runs on 8-bit tensors when every input comes from a
+``DequantizeLinear`` and the output goes to a ``QuantizeLinear`` (its QDQ selectors: unary
+``QLinearSigmoid`` / ``QLinearAveragePool`` / ``QLinearGlobalAveragePool`` /
+``QLinearLeakyRelu``, binary ``QLinearAdd`` / ``QLinearMul``, variadic ``QLinearConcat``).
+``Softmax`` has a selector too (``QLinearSoftmax``) but is left float: omse's simulation does
+not model its integer kernel."""
+PASSTHROUGH_SITE_OPS = ("MaxPool", "Resize", "Slice", "Split")
+"""Ops whose output codes are input codes: onnxruntime drops ``DequantizeLinear -> op ->
+QuantizeLinear`` with equal parameters and runs them on the 8-bit tensor (``Tensor.chunk`` /
+``split`` trace to ``Slice`` or ``Split``)."""
+_REFORMS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Transpose"}
+
+
+def plan_op_quantizers(
+    qmodel: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    example,
+    out_plan: dict[str, tuple[float, float]],
+) -> OpQuantizers | None:
+    """For ``target="int8"``: attach :class:`~omse.nn.ops.OpQuantizers` to ``qmodel`` and plan
+    each site (see :mod:`omse.nn.ops`) on the traced graph, in graph order. A tensor is
+    *quantized* when a Q/DQ produces it in the export: a layer output with an output quantizer
+    (``out_plan``) or a requantization for its reader, a quantized input, a planned site. A
+    site of :data:`INTEGER_SITE_OPS` whose inputs are all quantized gets ``"none"`` when its
+    output goes straight to a quantized layer's input (that quantizer is its output quantizer),
+    ``"fused"`` when it reaches one through reshapes only, ``"none"`` when a ``Relu`` site
+    follows (which then gets ``"own"`` on an unsigned grid: onnxruntime folds the Relu into the
+    quantizer), else ``"own"``; a site of :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets
+    ``"same"`` (or ``"none"`` before a quantized input). Returns None (nothing attached) for a
+    model without sites or without activation quantizers."""
+    if all(ql.cfg.act_bits is None for ql in layers.values()):
+        return None
+    example = first_row(example)
+    ops = op_quantizers(qmodel, create=True)
+    proto, qls = trace(qmodel, example)
+    g = proto.graph
+    routes = layer_routes(proto)
+    readers = consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    quant: dict[str, tuple[str, str | int]] = {}  # quantized tensor -> whose quantizer it has
+    deferred: set[int] = set()  # Relu sites that quantize for the integer op before them
+
+    def reads(t: str) -> list:
+        return [u for u in readers.get(t, []) if u.op_type not in ("Shape", "Size")]
+
+    def is_marker(n, kinds) -> bool:
+        return n.domain == DOMAIN and marker_attrs(n)[0] in kinds
+
+    def quantized_input(n) -> bool:
+        return is_marker(n, ("act", "tq")) and qls[marker_attrs(n)[1]].cfg.act_bits is not None
+
+    def reached_layer(t: str) -> str | None:
+        """The layer whose quantized input ``t`` reaches through reshapes only, if any."""
+        while True:
+            users = reads(t)
+            if len(users) != 1:
+                return None
+            u = users[0]
+            if quantized_input(u):
+                return qls[marker_attrs(u)[1]].name
+            if not (u.domain == "" and u.op_type in _REFORMS) and not is_marker(u, ("op",)):
+                return None
+            t = u.output[0]
+
+    for node in g.node:
+        if node.domain != DOMAIN:
+            continue
+        kind, idx, _ = marker_attrs(node)
+        out = node.output[0]
+        if kind == "out":
+            ql, r = qls[idx], routes.get(idx)
+            fused = r is not None and r.kind == "fused"
+            if ql.name in out_plan:
+                quant[out] = ("out", ql.name)
+            elif fused and qls[r.consumer].cfg.act_bits is not None:
+                quant[out] = ("act", qls[r.consumer].name)
+            continue
+        if kind in ("act", "tq"):
+            if qls[idx].cfg.act_bits is None:
+                continue
+            src = quant.get(node.input[0])
+            if kind == "act" and src is not None and src[0] == "site":
+                # a layer reading a site's tensor beside other readers: one quantizer per tensor
+                ops.shared[qls[idx].name] = int(src[1])
+                quant[out] = src
+            else:
+                quant[out] = ("act", qls[idx].name)
+            continue
+        if kind != "op":
+            continue
+        p = producers.get(node.input[0])
+        op = p.op_type if p is not None and p.domain == "" else "?"
+        ops.ops[idx] = op
+        users = reads(out)
+        direct = len(users) == 1 and quantized_input(users[0])
+        site = "none"
+        if op in PASSTHROUGH_SITE_OPS and p.input[0] in quant:
+            site = "none" if direct else "same"
+        elif op in INTEGER_SITE_OPS and all(i in quant for i in p.input if i):
+            target = None if direct else reached_layer(out)
+            relu = len(users) == 1 and users[0].op_type == "Relu" and users[0].domain == ""
+            after = reads(users[0].output[0]) if relu else []
+            if relu and len(after) == 1 and is_marker(after[0], ("op",)):
+                deferred.add(marker_attrs(after[0])[1])
+            elif target is not None:
+                site = "fused"
+                ops.fused[idx] = target
+            elif not direct:
+                site = "own"
+        elif op == "Relu" and idx in deferred:
+            site = "none" if direct else "own"
+        ops.kinds[idx] = site
+        if site == "same":
+            src = quant[p.input[0]]
+            ops.sources[idx] = src
+            quant[out] = src
+        elif site != "none":
+            quant[out] = ("site", idx)
+    if all(k == "none" for k in ops.kinds.values()):
+        detach_op_quantizers(qmodel)  # every op is float or feeds a quantizer directly
+        return None
+    return ops
+
+
+@contextlib.contextmanager
+def observe_sites(ops: OpQuantizers | None, bins: int) -> Iterator[dict[int, HistogramStats]]:
+    """While the block runs, the output histograms of ``ops``' ``"own"`` sites (filled in
+    place; empty for ``ops=None``)."""
+    stats: dict[int, HistogramStats] = {}
+    if ops is None:
+        yield stats
+        return
+
+    def see(site: int, y: torch.Tensor) -> None:
+        if ops.kinds.get(site) == "own":
+            if site not in stats:
+                stats[site] = HistogramStats(bins)
+            stats[site].update(y.detach())
+
+    ops.observer = see
+    try:
+        yield stats
+    finally:
+        ops.observer = None
+
+
+def set_op_scales(
+    ops: OpQuantizers,
+    layers: dict[str, QuantizedLayer],
+    stats: dict[int, HistogramStats],
+    cfg: LayerConfig,
+) -> None:
+    """Each ``"own"`` site's step and grid from its output histogram (MMSE, or ``cfg``'s
+    ``act_method``, on :data:`OUTPUT_BITS`; unsigned for non-negative outputs, ``cfg``'s
+    ``act_grid`` otherwise); a layer that reads a site's tensor beside other readers takes that
+    quantizer as its input quantizer (one per tensor); each ``"fused"`` site takes its layer's
+    input quantizer, each ``"same"`` site its input's (for the export: the simulation leaves
+    those values as they are)."""
+    for site, kind in ops.kinds.items():
+        if kind == "own" and site in stats and stats[site].n > 0:
+            ops.set_quantizer(site, *_fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
+        elif kind == "own":
+            ops.set_quantizer(site, None, None)
+    for name, site in ops.shared.items():
+        if site in ops.scales and layers[name].cfg.act_bits == OUTPUT_BITS:
+            layers[name].set_act(ops.scales[site], ops.grids[site])
+
+    def source(src: tuple) -> tuple:
+        kind, who = src
+        if kind == "site":
+            return ops.scales.get(who), ops.grids.get(who)
+        ql = layers[who]
+        return (ql.out_scale, ql.out_grid) if kind == "out" else (ql.act_scale, ql.a_grid)
+
+    for site, kind in ops.kinds.items():
+        if kind == "fused":
+            ql = layers[ops.fused[site]]
+            ops.set_quantizer(site, ql.act_scale, ql.a_grid)
+        elif kind == "same":
+            ops.set_quantizer(site, *source(ops.sources[site]))
+        elif kind == "none":
+            ops.set_quantizer(site, None, None)
 
 
 def int8_weight_grid(cfg: LayerConfig) -> Grid:

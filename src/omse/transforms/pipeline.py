@@ -56,13 +56,17 @@ from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer
+from ..nn.ops import op_quantizers
 from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
     int8_weight_grid,
+    observe_sites,
+    plan_op_quantizers,
     plan_output_quantizers,
     set_activation_scales,
+    set_op_scales,
     set_output_scales,
     share_scales,
 )
@@ -354,6 +358,7 @@ def _weights(r: _Run) -> None:
 def _plan(r: _Run) -> None:
     r.out_clamp, r.shares, r.caps = plan_output_quantizers(r.qmodel, r.layers, r.example)
     r.cal.output_quantized = sorted(r.out_clamp)
+    plan_op_quantizers(r.qmodel, r.layers, r.example, r.out_clamp)  # between the layers
 
 
 def _activations(r: _Run) -> None:
@@ -362,7 +367,9 @@ def _activations(r: _Run) -> None:
         output_clamp=tuple((n, lo, hi) for n, (lo, hi) in r.out_clamp.items()),
         bins=r.config.act_bins,
     )
-    stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+    ops = op_quantizers(r.qmodel)
+    with observe_sites(ops, r.config.act_bins) as site_stats:
+        stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
     set_activation_scales(r.layers, r.cal.stats)
@@ -371,6 +378,8 @@ def _activations(r: _Run) -> None:
     cap_activation_scales(r.layers, r.caps)
     set_output_scales(r.layers, r.cal.output_stats)
     share_scales(r.layers, r.shares)
+    if ops is not None:
+        set_op_scales(ops, r.layers, site_stats, r.config.base_layer())
 
 
 def _bias(r: _Run) -> None:
