@@ -1,21 +1,26 @@
-"""``export_onnx(int8_weights="auto" | "s8")`` on onnxruntime: fidelity to omse's simulation and
-latency of the two int8 graphs, measured in one interleaved run.
+"""8-bit weight storage of ``target="int8"`` exports in onnxruntime: accuracy and latency of the
+7-bit weight plan (``omse.transforms.calibration.int8_weight_grid``: 8-bit weights quantized on
+codes within +-64, except depthwise convolutions, and written as INT8) against the 8-bit grid
+before it (written as UINT8 at zero point 128 by ``int8_weights="auto"``) and against
+onnxruntime's own ``quantize_static`` W8A8 graph, measured in one interleaved run.
 
 ``"s8"`` writes every 8-bit weight tensor as INT8 (onnxruntime's u8s8 kernels); ``"auto"`` writes
-the layers whose codes exceed +-64 as UINT8 at zero point 128 (u8u8 kernels: exact on x86 CPUs
-without VNNI, where u8s8 adds product pairs in saturating int16). Models:
+the layers whose codes exceed +-64 (and are not depthwise) as UINT8 at zero point 128 (u8u8
+kernels: exact on x86 CPUs without VNNI, where u8s8 adds product pairs in saturating int16).
+Models:
 
-- zoo nets (``fmnist-*``, ``efficientnet-lite0``): ``QuantConfig(target="int8")`` with the
-  W4A8 default recipe (residual budget 0.1, bias correction; the merged 8-bit kernels reach
-  +-127) and plain W8A8, calibrated on 256 (lite0: 32) images, 1000 (lite0: 200) evaluated;
+- zoo nets (``fmnist-*``, ``efficientnet-lite0``), ``QuantConfig(target="int8")``: W8A8 with
+  the 7-bit plan (the default) and with the 8-bit grid (the plan before it), both exported
+  "auto"; the W4A8 recipe (residual budget 0.1, bias correction; merged kernels reach +-127)
+  exported "auto" and "s8"; ``quantize_static`` W8A8 (MinMax, QDQ, per-channel) of the FP32
+  graph; calibrated on 256 (lite0: 32) images, 1000 (lite0: 200) evaluated;
 - ``minilm``: all-MiniLM-L6-v2 W8A8 (``QuantConfig.preset("fast", weight_bits=8, act_bits=8,
   target="int8")``, 64 calibration sentences, 200 others evaluated), dynamic batch/sequence.
 
-Per graph: UINT8 layers, onnxruntime's fused kernels (optimized graph), agreement with the
-simulation (top-1 and largest logit difference in output steps; MiniLM: cosine of the
-embeddings to the simulation's and to FP32's). Latency: onnxruntime CPU, ``--threads``
-intra-op threads, no spinning, ``auto`` / ``s8`` / ORT FP32 interleaved (latency.py's
-``_interleaved``), batch 1 and 32 (MiniLM: 1 and 8).
+Per graph: INT8 / UINT8 layers, onnxruntime's fused kernels (optimized graph), top-1 agreement
+and output SQNR against FP32 (simulation and onnxruntime), agreement with the simulation.
+Latency: onnxruntime CPU, ``--threads`` intra-op threads, no spinning, every graph and ORT FP32
+interleaved (latency.py's ``_interleaved``), batch 1 and 32 (MiniLM: 1 and 8).
 
     python benchmarks/int8_weights.py                      # writes results/int8_weights.json
     python benchmarks/int8_weights.py --models fmnist-mobilenetv2 minilm

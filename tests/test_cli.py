@@ -425,9 +425,10 @@ def test_export_int8_weights_from_the_command_line(cli, work, mode):
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["omse.int8_weights"] == mode
     types = weight_types(out)
-    # 8-bit weights of target int8 are 7-bit codes (within +-64): INT8 unless "u8" asks for UINT8
+    # 8-bit weights of target int8 are 7-bit codes (within +-64), INT8, but for the first layer
+    # (8 bits: UINT8 in "auto"); "s8" / "u8" write every layer INT8 / UINT8
     n = len(types["INT8"]) + len(types["UINT8"])
-    assert n > 0 and len(types["UINT8"]) == (n if mode == "u8" else 0)
+    assert n > 1 and len(types["UINT8"]) == {"auto": 1, "s8": 0, "u8": n}[mode]
     line = [ln for ln in stdout.splitlines() if ln.startswith("int8 weights: ")]
     s8 = len(types["INT8"])
     assert line == [

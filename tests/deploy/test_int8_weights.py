@@ -4,9 +4,10 @@ pair of uint8 x int8 products in saturating int16); ``"auto"`` writes such layer
 UINT8 at zero point 128 (the same values, u8u8 kernels: exact on every CPU) and keeps INT8 for
 layers whose codes fit in [-64, 64]; ``"s8"`` writes INT8 everywhere (VNNI deployments).
 
-``target="int8"`` quantizes 8-bit weights on 7 bits (codes in [-64, 63]), so the default export
-of a W8A8 model is INT8 everywhere and exact on every x86 CPU; full-range codes (merged residual
-kernels, or the 8-bit grid set explicitly as below, as checkpoints of older versions hold) are
+``target="int8"`` quantizes 8-bit weights on 7 bits (codes in [-64, 63]) but in depthwise
+convolutions and the first layer, so the default export of a W8A8 model is INT8 but for its
+first layer and exact on every x86 CPU; full-range codes (merged residual kernels, the first
+layer, or the 8-bit grid set explicitly as below, as checkpoints of older versions hold) are
 what ``"auto"`` writes as UINT8."""
 
 from __future__ import annotations
@@ -123,11 +124,20 @@ def quantized():
 
 def test_8bit_weights_of_target_int8_are_7bit_codes_written_as_int8(default_w8, tmp_path):
     layers = quantized_layers(default_w8)
-    assert {ql.w_grid for ql in layers.values()} == {Grid(7, "full")}
-    assert all(ql.weight_code_peak() <= S8_SAFE_CODE for ql in layers.values())
+    # the first layer (reading the model's input) keeps 8 bits, the others get 7
+    assert {n: ql.w_grid for n, ql in layers.items()} == {
+        "small": Grid(8, "full"),
+        "conv": Grid(7, "full"),
+        "fc": Grid(7, "full"),
+    }
+    assert all(layers[n].weight_code_peak() <= S8_SAFE_CODE for n in ("conv", "fc"))
     path = export_onnx(default_w8, torch.rand(1, 4, 6, 6), tmp_path / "q.onnx")
-    assert weight_types(path) == {"INT8": ["small", "conv", "fc"], "UINT8": []}
-    assert set(_weight_types(onnx.load(str(path))).values()) == {TensorProto.INT8}
+    assert weight_types(path) == {"INT8": ["conv", "fc"], "UINT8": ["small"]}
+    assert _weight_types(onnx.load(str(path))) == {
+        "small": TensorProto.UINT8,
+        "conv": TensorProto.INT8,
+        "fc": TensorProto.INT8,
+    }
     _, opt = _session(path, tmp_path / "opt.onnx")
     ops = collections.Counter(n.op_type for n in opt.graph.node)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1, ops

@@ -89,6 +89,7 @@ from ..nn.layers import (
     S8_SAFE_CODE,
     WRAPPABLE,
     QuantizedLayer,
+    is_depthwise,
     is_transposed,
     layer_weight,
     quantized_layers,
@@ -438,7 +439,10 @@ class _Rewriter:
         values, zero = q.to(torch.int64).numpy(), 0
         if elem == TensorProto.INT8:
             self.has_int8 = True
+            # beyond +-64 u8s8 GEMM kernels can saturate without VNNI; depthwise kernels
+            # multiply in 16 bits (exact for any codes)
             wide = int(np.abs(values).max(initial=0)) > S8_SAFE_CODE
+            wide = wide and not is_depthwise(ql.layer)
             if self.int8_weights == "u8" or (self.int8_weights == "auto" and wide):
                 # the same values as UINT8 at zero point 128: onnxruntime then runs its u8u8
                 # kernels (16-bit products, exact on every x86 CPU) instead of u8s8
@@ -1015,8 +1019,10 @@ def export_onnx(
 
             - ``"auto"`` (default): a layer whose codes all lie in ``[-64, 64]`` keeps
               ``INT8`` weights (u8s8, exact and fastest on every CPU; every layer quantized
-              with 8-bit weights for ``target="int8"``, whose grid is 7 bits); any other (a
-              merged residual kernel, up to +-128) is written as ``UINT8`` codes + 128 at zero
+              with 8-bit weights for ``target="int8"``, whose grid is 7 bits), and so does a
+              depthwise convolution (onnxruntime's depthwise kernels multiply in 16 bits:
+              exact for any codes); any other (a merged residual kernel, up to +-128) is
+              written as ``UINT8`` codes + 128 at zero
               point 128 (the same values), which onnxruntime runs as u8u8 ``QLinearConv`` /
               ``QGemm`` / ``MatMulIntegerToFloat`` / ``QLinearMatMul``: exact on every x86
               CPU, slower than u8s8 on VNNI CPUs. The graph depends on the weights only, not on

@@ -42,6 +42,7 @@ __all__ = [
     "QuantizedLayer",
     "WRAPPABLE",
     "is_transposed",
+    "is_depthwise",
     "canonical_weight",
     "layer_weight",
     "quantize_weight_terms",
@@ -71,7 +72,9 @@ S8_SAFE_CODE = 64
 exactly on every CPU: without VNNI (AVX2, AVX-512 without VNNI) they add each pair of products in
 saturating int16 (``vpmaddubsw``), and ``|x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640`` cannot
 saturate. 8-bit weights of ``target="int8"`` are planned on a 7-bit grid (codes in ``[-64, 63]``,
-:func:`omse.transforms.calibration.int8_weight_grid`) so that they stay within it."""
+:func:`omse.transforms.calibration.int8_weight_grid`) so that they stay within it, except in
+depthwise convolutions (:func:`is_depthwise`): onnxruntime's depthwise kernels widen inputs and
+weights to 16 bits before multiplying (``qdwconv`` in MLAS), exact for any 8-bit codes."""
 
 
 _DEPTH = threading.local()
@@ -108,6 +111,14 @@ WRAPPABLE = (
 def is_transposed(layer: nn.Module) -> bool:
     """Whether ``layer`` is a transposed convolution (weight ``[in, out/groups, k...]``)."""
     return isinstance(layer, nn.modules.conv._ConvTransposeNd)
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution: one input and one output channel per group (``groups ==
+    in_channels == out_channels > 1``), which onnxruntime runs with its depthwise kernels."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or is_transposed(layer):
+        return False
+    return 1 < layer.groups == layer.in_channels == layer.out_channels
 
 
 def canonical_weight(layer: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:

@@ -137,8 +137,10 @@ class _SiteMode(TorchFunctionMode):
         return self.ops.at(self._next(), y)
 
 
-class OpQuantizers(nn.Module):
-    """The site quantizers of one quantized model (see the module docstring).
+class OpQuantizers:
+    """The site quantizers of one quantized model (see the module docstring): a plain attribute
+    of the model (:data:`OPS_ATTR`), not a submodule, so that containers such as
+    ``nn.Sequential`` do not call it and the module structure stays the model's own.
 
     ``kinds[k]`` is site ``k``'s plan entry, ``scales[k]`` / ``grids[k]`` its quantizer (for
     ``"own"`` and ``"fused"``); ``ops[k]`` the ONNX op it traced to. ``observer(k, y)`` (set for
@@ -146,7 +148,6 @@ class OpQuantizers(nn.Module):
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self.kinds: dict[int, str] = {}
         self.ops: dict[int, str] = {}
         self.scales: dict[int, torch.Tensor] = {}
@@ -180,9 +181,9 @@ class OpQuantizers(nn.Module):
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def extra_repr(self) -> str:
+    def __repr__(self) -> str:
         counts = {k: sum(v == k for v in self.kinds.values()) for k in SITE_KINDS}
-        return ", ".join(f"{k}={n}" for k, n in counts.items() if n)
+        return "OpQuantizers(" + ", ".join(f"{k}={n}" for k, n in counts.items() if n) + ")"
 
     def to_dict(self) -> dict:
         """The plan and quantizers as JSON-ready values (checkpoint headers)."""

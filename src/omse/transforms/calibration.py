@@ -23,7 +23,14 @@ from ..config import LayerConfig
 from ..core.grids import Grid
 from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
-from ..nn.layers import S8_SAFE_CODE, QuantizedLayer, share_input_quantizer
+from ..distributed import gather
+from ..nn.layers import (
+    S8_SAFE_CODE,
+    QuantizedLayer,
+    is_depthwise,
+    quantize_weight_terms,
+    share_input_quantizer,
+)
 from ..nn.ops import OpQuantizers, detach_op_quantizers, op_quantizers
 from .graph import (
     DOMAIN,
@@ -40,10 +47,12 @@ from .statistics import first_row, run_model
 __all__ = [
     "OUTPUT_BITS",
     "int8_weight_grid",
+    "keep_first_layer_8bit",
     "plan_output_quantizers",
     "plan_op_quantizers",
     "set_op_scales",
     "observe_sites",
+    "gather_site_stats",
     "INTEGER_SITE_OPS",
     "PASSTHROUGH_SITE_OPS",
     "set_activation_scales",
@@ -216,6 +225,19 @@ def observe_sites(ops: OpQuantizers | None, bins: int) -> Iterator[dict[int, His
         ops.observer = None
 
 
+def gather_site_stats(stats: dict[int, HistogramStats]) -> dict[int, HistogramStats]:
+    """Every rank's site histograms merged (in rank order; ``stats`` itself on one process), so
+    that all ranks fit the same site scales."""
+    parts = gather(stats)
+    if len(parts) == 1:
+        return stats
+    out: dict[int, HistogramStats] = {}
+    for part in parts:
+        for site, st in part.items():
+            out[site] = st if site not in out else out[site].absorb(st)
+    return out
+
+
 def set_op_scales(
     ops: OpQuantizers,
     layers: dict[str, QuantizedLayer],
@@ -254,20 +276,61 @@ def set_op_scales(
             ops.set_quantizer(site, None, None)
 
 
-def int8_weight_grid(cfg: LayerConfig) -> Grid:
+def int8_weight_grid(cfg: LayerConfig, layer: nn.Module | None = None) -> Grid:
     """The grid a layer's weights are quantized on: the config's, except 8-bit weights of
-    ``target="int8"``, which get 7 bits (codes in ``[-64, 63]``, within
-    :data:`~omse.nn.layers.S8_SAFE_CODE`): their INT8 export is then exact in onnxruntime's
-    uint8 x int8 kernels on every x86 CPU (without VNNI those add product pairs in saturating
-    int16) and runs as u8s8, not u8u8, on VNNI CPUs, and OpenVINO runs it as int8. onnxruntime's
-    own ``reduce_range`` makes the same choice; measured on the zoo and EfficientNet-Lite0 at
-    W8A8 it costs no top-1 agreement (``benchmarks/int8_weights.py``). Merged residual kernels
-    of 4-bit terms (``k*Q1 + Q2``, up to +-128) keep their codes: the export writes those layers
-    as UINT8 (``export_onnx(int8_weights="auto")``)."""
+    ``target="int8"`` outside depthwise convolutions (and the first layer, see
+    :func:`keep_first_layer_8bit`), which get 7 bits (codes in ``[-64, 63]``,
+    within :data:`~omse.nn.layers.S8_SAFE_CODE`): their INT8 export is then exact in
+    onnxruntime's uint8 x int8 GEMM kernels on every x86 CPU (without VNNI those add product
+    pairs in saturating int16) and runs as u8s8, not u8u8, on VNNI CPUs, and OpenVINO runs it as
+    int8; onnxruntime's own ``reduce_range`` makes the same choice. A depthwise convolution
+    (:func:`~omse.nn.layers.is_depthwise`) keeps 8 bits: onnxruntime's depthwise kernels
+    multiply in 16 bits, exact for any codes, and its 9-weight kernels lose the most to a
+    coarser grid (EfficientNet-Lite0 W8A8: ``benchmarks/int8_weights.py``). Merged residual
+    kernels of 4-bit terms (``k*Q1 + Q2``, up to +-128) keep their codes: the export writes
+    those layers as UINT8 unless depthwise (``export_onnx(int8_weights="auto")``)."""
     grid = Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
     if cfg.target != "int8" or max(-grid.qmin, grid.qmax) <= S8_SAFE_CODE:
         return grid
+    if layer is not None and is_depthwise(layer):
+        return grid
     return Grid(S8_SAFE_CODE.bit_length(), cfg.weight_grid)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def keep_first_layer_8bit(qmodel: nn.Module, layers: dict[str, QuantizedLayer], example) -> str:
+    """For ``target="int8"``: the first quantized layer the model runs (the one reading its
+    input: a detector's or classifier's stem) keeps the 8-bit grid its config names where
+    :func:`int8_weight_grid` narrowed it to 7 bits; its weights are quantized again. Returns its
+    name ("" if none changed). Measured on EfficientNet-Lite0 W8A8 (200 views, output SQNR
+    against FP32): 8 bits everywhere 22.1 dB; 7 bits everywhere 17.5 dB; 7 bits but depthwise
+    18.9 dB; and the stem at 8 bits too 20.9 dB (onnxruntime's ``quantize_static`` W8A8 18.4
+    dB). The export writes that layer as UINT8 (``int8_weights="auto"``; exact on every x86
+    CPU) unless its codes stay within +-64."""
+    order: list[QuantizedLayer] = []
+    handles = [
+        ql.register_forward_pre_hook(lambda m, _i: order.append(m) if not order else None)
+        for ql in layers.values()
+    ]
+    try:
+        run_model(qmodel, first_row(example))
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        return ""
+    ql = order[0]
+    grid = Grid(ql.cfg.weight_bits, ql.cfg.weight_grid)  # type: ignore[arg-type]
+    if ql.cfg.target != "int8" or ql.w_grid == grid:
+        return ""
+    ql.w_grid = grid
+    cfg = ql.cfg
+    ql.set_weight_terms(
+        quantize_weight_terms(
+            ql.float_weight, grid, cfg.granularity, cfg.weight_method, 1, cfg.scale_dtype
+        )
+    )
+    return ql.name
 
 
 def plan_output_quantizers(

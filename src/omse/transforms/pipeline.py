@@ -61,7 +61,9 @@ from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
+    gather_site_stats,
     int8_weight_grid,
+    keep_first_layer_8bit,
     observe_sites,
     plan_op_quantizers,
     plan_output_quantizers,
@@ -268,9 +270,11 @@ def _wrap(r: _Run) -> None:
         )
     for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
         cfg = config.for_layer(name)
-        ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg))
+        ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg, m))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
+    if config.target == "int8":
+        keep_first_layer_8bit(qmodel, r.layers, r.example)
 
 
 def _learned(r: _Run) -> None:
@@ -370,6 +374,7 @@ def _activations(r: _Run) -> None:
     ops = op_quantizers(r.qmodel)
     with observe_sites(ops, r.config.act_bins) as site_stats:
         stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+    site_stats = gather_site_stats(site_stats) if ops is not None else {}
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
     set_activation_scales(r.layers, r.cal.stats)
