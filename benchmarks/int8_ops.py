@@ -12,6 +12,8 @@ omse's own simulation and against FP32 on 32 other random images). Candidates, t
   activations, MinMax) of the FP32 graph after ``quant_pre_process``;
 - ``omse_int8``: ``QuantConfig.preset("fast", weight_bits=8, act_bits=8, target="int8")``
   exported by default: quantizers between the layers, integer kernels end to end;
+- ``omse_int8_s8``: the same graph with ``int8_weights="s8"`` (the first layer's 8-bit weights
+  as INT8 too, not UINT8);
 - ``omse_int8_float_ops``: the same model with its op quantizers removed before export (the graph
   before ``omse.nn.ops``: every SiLU, add, concat in float between Q/DQ).
 
@@ -172,6 +174,9 @@ def main() -> None:
         sim = torch.cat([q(b) for b in ev.split(8)]).numpy()
         ref = torch.cat([model(b) for b in ev.split(8)]).numpy()
     graphs["omse_int8"] = export_onnx(q, ev[:1], work / "omse_int8.onnx")
+    graphs["omse_int8_s8"] = export_onnx(
+        q, ev[:1], work / "omse_int8_s8.onnx", int8_weights="s8"
+    )  # the first layer's 8-bit weights as INT8 too (u8s8; exact on VNNI CPUs)
     detach_op_quantizers(q)
     graphs["omse_int8_float_ops"] = export_onnx(q, ev[:1], work / "omse_int8_float_ops.onnx")
     res: dict = {"plan": plan, "graphs": {}}

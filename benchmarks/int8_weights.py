@@ -95,7 +95,7 @@ def _sqnr_db(out: np.ndarray, ref: np.ndarray) -> float:
     return round(10 * np.log10(float((ref**2).sum()) / max(err, 1e-30)), 2)
 
 
-def _full_range_grid(cfg):
+def _full_range_grid(cfg, layer=None):  # noqa: ARG001
     """The weight grid before the 7-bit plan: every layer on its config's grid."""
     from omse.core.grids import Grid
 

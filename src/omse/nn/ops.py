@@ -105,9 +105,7 @@ def _site_op(func, args, kwargs) -> str | None:
         size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
         sizes = size if isinstance(size, list | tuple) else (size,)
         return op if all(s == 1 for s in sizes) and _activation(args[0]) else None
-    if kwargs.get("inplace") or (len(args) > 2 and op == "LeakyRelu" and args[2] is True):
-        return None  # in-place: the result is the input tensor itself
-    return op if _activation(args[0]) else None
+    return op if _activation(args[0]) else None  # in place too: the site returns a new tensor
 
 
 class _SiteMode(TorchFunctionMode):

@@ -143,8 +143,26 @@ def plan_op_quantizers(
                 return None
             t = u.output[0]
 
+    def to_quantizer(t: str) -> bool:
+        """``t`` goes to one quantized input, through ``Relu`` / ``Clip`` at most (which
+        onnxruntime folds into that quantizer, or runs on its 8-bit input)."""
+        while True:
+            users = reads(t)
+            if len(users) != 1:
+                return False
+            if quantized_input(users[0]):
+                return True
+            if users[0].domain != "" or users[0].op_type not in ("Relu", "Clip"):
+                return False
+            t = users[0].output[0]
+
     for node in g.node:
         if node.domain != DOMAIN:
+            src = quant.get(node.input[0]) if node.input else None
+            if node.op_type in ("Relu", "Clip") and src is not None and src[0] == "out":
+                # a layer's output quantizer is calibrated on the clamped values: the clamp
+                # keeps the tensor on that grid (the export drops it where it is redundant)
+                quant[node.output[0]] = src
             continue
         kind, idx, _ = marker_attrs(node)
         out = node.output[0]
@@ -173,7 +191,7 @@ def plan_op_quantizers(
         op = p.op_type if p is not None and p.domain == "" else "?"
         ops.ops[idx] = op
         users = reads(out)
-        direct = len(users) == 1 and quantized_input(users[0])
+        direct = to_quantizer(out)
         site = "none"
         if op in PASSTHROUGH_SITE_OPS and p.input[0] in quant:
             site = "none" if direct else "same"
@@ -191,7 +209,9 @@ def plan_op_quantizers(
         elif op == "Relu" and idx in deferred:
             site = "none" if direct else "own"
         ops.kinds[idx] = site
-        if site == "same":
+        if site == "none" and node.input[0] in quant:
+            quant[out] = quant[node.input[0]]  # nothing between: the same tensor
+        elif site == "same":
             src = quant[p.input[0]]
             ops.sources[idx] = src
             quant[out] = src
