@@ -376,9 +376,7 @@ def _graph_kernels(opt_path: Path) -> dict:
         op = n.op_type
         ins = [i for i in n.input if i]
         if op in ("Shape", "Size") or (
-            ins
-            and all(i in shape_t or i in consts for i in ins)
-            and any(i in shape_t for i in ins)
+            ins and all(i in shape_t or i in consts for i in ins) and any(i in shape_t for i in ins)
         ):
             shape_t.update(n.output)
             kind.append("layout")
