@@ -1,21 +1,26 @@
-"""``export_onnx(int8_weights="auto" | "s8")`` on onnxruntime: fidelity to omse's simulation and
-latency of the two int8 graphs, measured in one interleaved run.
+"""8-bit weight storage of ``target="int8"`` exports in onnxruntime: accuracy and latency of the
+7-bit weight plan (``omse.transforms.calibration.int8_weight_grid``: 8-bit weights quantized on
+codes within +-64, except depthwise convolutions, and written as INT8) against the 8-bit grid
+before it (written as UINT8 at zero point 128 by ``int8_weights="auto"``) and against
+onnxruntime's own ``quantize_static`` W8A8 graph, measured in one interleaved run.
 
 ``"s8"`` writes every 8-bit weight tensor as INT8 (onnxruntime's u8s8 kernels); ``"auto"`` writes
-the layers whose codes exceed +-64 as UINT8 at zero point 128 (u8u8 kernels: exact on x86 CPUs
-without VNNI, where u8s8 adds product pairs in saturating int16). Models:
+the layers whose codes exceed +-64 (and are not depthwise) as UINT8 at zero point 128 (u8u8
+kernels: exact on x86 CPUs without VNNI, where u8s8 adds product pairs in saturating int16).
+Models:
 
-- zoo nets (``fmnist-*``, ``efficientnet-lite0``): ``QuantConfig(target="int8")`` with the
-  W4A8 default recipe (residual budget 0.1, bias correction; the merged 8-bit kernels reach
-  +-127) and plain W8A8, calibrated on 256 (lite0: 32) images, 1000 (lite0: 200) evaluated;
+- zoo nets (``fmnist-*``, ``efficientnet-lite0``), ``QuantConfig(target="int8")``: W8A8 with
+  the 7-bit plan (the default) and with the 8-bit grid (the plan before it), both exported
+  "auto"; the W4A8 recipe (residual budget 0.1, bias correction; merged kernels reach +-127)
+  exported "auto" and "s8"; ``quantize_static`` W8A8 (MinMax, QDQ, per-channel) of the FP32
+  graph; calibrated on 256 (lite0: 32) images, 1000 (lite0: 200) evaluated;
 - ``minilm``: all-MiniLM-L6-v2 W8A8 (``QuantConfig.preset("fast", weight_bits=8, act_bits=8,
   target="int8")``, 64 calibration sentences, 200 others evaluated), dynamic batch/sequence.
 
-Per graph: UINT8 layers, onnxruntime's fused kernels (optimized graph), agreement with the
-simulation (top-1 and largest logit difference in output steps; MiniLM: cosine of the
-embeddings to the simulation's and to FP32's). Latency: onnxruntime CPU, ``--threads``
-intra-op threads, no spinning, ``auto`` / ``s8`` / ORT FP32 interleaved (latency.py's
-``_interleaved``), batch 1 and 32 (MiniLM: 1 and 8).
+Per graph: INT8 / UINT8 layers, onnxruntime's fused kernels (optimized graph), top-1 agreement
+and output SQNR against FP32 (simulation and onnxruntime), agreement with the simulation.
+Latency: onnxruntime CPU, ``--threads`` intra-op threads, no spinning, every graph and ORT FP32
+interleaved (latency.py's ``_interleaved``), batch 1 and 32 (MiniLM: 1 and 8).
 
     python benchmarks/int8_weights.py                      # writes results/int8_weights.json
     python benchmarks/int8_weights.py --models fmnist-mobilenetv2 minilm
@@ -51,7 +56,7 @@ from latency import _interleaved as interleaved  # noqa: E402
 from latency import _ort_session as ort_session  # noqa: E402
 
 from omse.config import QuantConfig  # noqa: E402
-from omse.deploy.export import INT8_WEIGHTS, export_onnx, uint8_weight_layers  # noqa: E402
+from omse.deploy.export import export_onnx, uint8_weight_layers, weight_types  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 from omse.nn.layers import quantized_layers  # noqa: E402
 from omse.transforms.pipeline import quantize  # noqa: E402
@@ -62,7 +67,18 @@ RECIPES = {
     "w4a8def": {"weight_bits": 4, "act_bits": 8, "extra_mac_budget": 0.1, "bias_correction": True},
     "w8a8": {"weight_bits": 8, "act_bits": 8},
 }
-KERNELS = ("QLinearConv", "QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearAdd")
+KERNELS = (
+    "QLinearConv",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearSigmoid",
+    "QLinearConcat",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+)
 FLOAT = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
@@ -73,51 +89,117 @@ def _ops(path: Path, threads: int) -> dict[str, int]:
     return {k: c.get(k, 0) for k in KERNELS + FLOAT if c.get(k, 0)}
 
 
+def _sqnr_db(out: np.ndarray, ref: np.ndarray) -> float:
+    """Output SQNR against ``ref`` in dB: ``10 log10(sum ref^2 / sum (out - ref)^2)``."""
+    err = float(((out - ref) ** 2).sum())
+    return round(10 * np.log10(float((ref**2).sum()) / max(err, 1e-30)), 2)
+
+
+def _full_range_grid(cfg, layer=None):  # noqa: ARG001
+    """The weight grid before the 7-bit plan: every layer on its config's grid."""
+    from omse.core.grids import Grid
+
+    return Grid(cfg.weight_bits, cfg.weight_grid)
+
+
+def bench_zoo(name: str, args, work: Path) -> dict:
+    """W8A8 with the 7-bit weight plan (the default) vs the 8-bit grid (before it), the W4A8
+    recipe (merged residual kernels: UINT8 in "auto") in "auto" and "s8", and onnxruntime's
+    quantize_static W8A8 (MinMax), against FP32, in one interleaved run."""
+    from latency import _ort_quantize
+
+    import omse.transforms.pipeline as pipeline
+
+    lite0 = name == "efficientnet-lite0"
+    calib, ev, desc = _data(name, 32 if lite0 else 256, 200 if lite0 else 1000)
+    model = get_model(name).build().eval()
+    graphs = {"fp32": work / f"{name}.fp32.onnx"}
+    _export_fp32(model, ev[:1], graphs["fp32"])
+    ref = np.concatenate(
+        [ort_session(graphs["fp32"], args.threads).run(None, {"input": b.numpy()})[0]
+         for b in ev.split(100)]
+    )  # fmt: skip
+    graphs["ortq_w8a8"], _ = _ort_quantize(graphs["fp32"], calib, work, name)
+    res: dict = {"data": desc, "graphs": {}}
+    plan = pipeline.int8_weight_grid
+    variants = {  # graph -> (recipe, weight grid plan, int8_weights)
+        "w8a8_7bit_auto": ("w8a8", plan, "auto"),
+        "w8a8_8bit_auto": ("w8a8", _full_range_grid, "auto"),
+        "w4a8def_auto": ("w4a8def", plan, "auto"),
+        "w4a8def_s8": ("w4a8def", plan, "s8"),
+    }
+    done: dict = {}
+    for key, (recipe, grid_plan, mode) in variants.items():
+        if (recipe, grid_plan) not in done:
+            pipeline.int8_weight_grid = grid_plan
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cfg = QuantConfig(target="int8", **RECIPES[recipe])
+                    q = quantize(model, list(calib.split(32)), cfg)
+            finally:
+                pipeline.int8_weight_grid = plan
+            with torch.no_grad():
+                sim = torch.cat([q(b) for b in ev.split(100)]).numpy()
+            done[(recipe, grid_plan)] = (q, sim)
+        q, sim = done[(recipe, grid_plan)]
+        p = export_onnx(q, ev[:1], work / f"{name}.{key}.onnx", int8_weights=mode)
+        graphs[key] = p
+        out = np.concatenate(
+            [ort_session(p, args.threads).run(None, {"input": b.numpy()})[0] for b in ev.split(100)]
+        )  # fmt: skip
+        step = float(list(quantized_layers(q).values())[-1].out_scale)
+        types = weight_types(p) or {"INT8": [], "UINT8": []}
+        res["graphs"][key] = {
+            "layers": len(quantized_layers(q)),
+            "int8_layers": len(types["INT8"]),
+            "uint8_layers": len(types["UINT8"]),
+            "uint8_layer_names": types["UINT8"],
+            "optimized_ops": _ops(p, args.threads),
+            "sim_top1_vs_fp32": float((sim.argmax(1) == ref.argmax(1)).mean()),
+            "ort_top1_vs_fp32": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "sim_sqnr_db_vs_fp32": _sqnr_db(sim, ref),
+            "ort_sqnr_db_vs_fp32": _sqnr_db(out, ref),
+            "ort_top1_vs_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
+            "ort_max_diff_steps_vs_sim": round(float(np.abs(out - sim).max() / step), 3),
+        }
+    qs = ort_session(graphs["ortq_w8a8"], args.threads)
+    out = np.concatenate([qs.run(None, {"input": b.numpy()})[0] for b in ev.split(100)])
+    res["graphs"]["ortq_w8a8"] = {
+        "optimized_ops": _ops(graphs["ortq_w8a8"], args.threads),
+        "ort_top1_vs_fp32": float((out.argmax(1) == ref.argmax(1)).mean()),
+        "ort_sqnr_db_vs_fp32": _sqnr_db(out, ref),
+    }
+    res["latency"] = {}
+    for bs in (1, 32):
+        t = _timing(graphs, {"input": ev[:bs].numpy()}, args, seed=bs)
+        res["latency"][str(bs)] = t
+    _print_zoo(name, res)
+    return res
+
+
+def _print_zoo(name: str, res: dict) -> None:
+    lat = res["latency"]
+    for key, g in res["graphs"].items():
+        ms = " / ".join(f"{lat[b][key]['median_ms']:.3g} ms" for b in lat)
+        x = " / ".join(f"{lat[b][key]['speedup_vs_ort_fp32']:.2f}x" for b in lat)
+        vs = " / ".join(
+            f"{lat[b]['ortq_w8a8']['median_ms'] / lat[b][key]['median_ms']:.2f}x" for b in lat
+        )
+        u8 = f"{g['uint8_layers']}/{g['layers']} UINT8, " if "layers" in g else ""
+        acc = f"top1 vs fp32 {g['ort_top1_vs_fp32']:.3f}, SQNR {g['ort_sqnr_db_vs_fp32']} dB"
+        print(f"| {name} | {key} | {u8}{acc} | {ms} | {x} FP32 | {vs} ortq |", flush=True)
+
+
 def _timing(graphs: dict[str, Path], feed: dict, args, seed: int) -> dict:
     sessions = {k: ort_session(p, args.threads) for k, p in graphs.items()}
     fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     t = interleaved(fns, args.rounds, 3, args.seconds, seed=seed)
     for k in t:
         t[k]["speedup_vs_ort_fp32"] = round(t["fp32"]["median_ms"] / t[k]["median_ms"], 3)
-    t["auto_over_s8"] = round(t["auto"]["median_ms"] / t["s8"]["median_ms"], 3)
+    if "auto" in t and "s8" in t:
+        t["auto_over_s8"] = round(t["auto"]["median_ms"] / t["s8"]["median_ms"], 3)
     return t
-
-
-def bench_zoo(name: str, args, work: Path) -> dict:
-    lite0 = name == "efficientnet-lite0"
-    calib, ev, desc = _data(name, 32 if lite0 else 256, 200 if lite0 else 1000)
-    model = get_model(name).build().eval()
-    graphs = {"fp32": work / f"{name}.fp32.onnx"}
-    _export_fp32(model, ev[:1], graphs["fp32"])
-    res: dict = {"data": desc, "recipes": {}}
-    for recipe, kw in RECIPES.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = quantize(model, list(calib.split(32)), QuantConfig(target="int8", **kw))
-        with torch.no_grad():
-            sim = torch.cat([q(b) for b in ev.split(100)]).numpy()
-        step = float(list(quantized_layers(q).values())[-1].out_scale)
-        row: dict = {"layers": len(quantized_layers(q))}
-        g = {"fp32": graphs["fp32"]}
-        for mode in INT8_WEIGHTS:
-            p = export_onnx(q, ev[:1], work / f"{name}.{recipe}.{mode}.onnx", int8_weights=mode)
-            g[mode] = p
-            sess = ort_session(p, args.threads)
-            out = np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in ev.split(100)])
-            diff = np.abs(out - sim).max(1) / step
-            row[mode] = {
-                "uint8_layers": len(uint8_weight_layers(p) or []),
-                "optimized_ops": _ops(p, args.threads),
-                "top1_agreement_with_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
-                "median_max_logit_diff_steps": round(float(np.median(diff)), 3),
-                "max_logit_diff_steps": round(float(diff.max()), 3),
-            }
-        row["latency"] = {
-            str(bs): _timing(g, {"input": ev[:bs].numpy()}, args, seed=bs) for bs in (1, 32)
-        }
-        res["recipes"][recipe] = row
-        _print_row(f"{name} {recipe}", row)
-    return res
 
 
 def bench_minilm(args, work: Path) -> dict:
@@ -154,7 +236,7 @@ def bench_minilm(args, work: Path) -> dict:
         "sim_cosine_to_fp32": float(cos(sim, ref).mean()),
     }
     g = {"fp32": fp32}
-    for mode in INT8_WEIGHTS:
+    for mode in ("auto", "s8"):
         p = export_onnx(
             q, example, work / f"minilm.{mode}.onnx", dynamic_axes=dyn, int8_weights=mode
         )
@@ -183,7 +265,7 @@ def bench_minilm(args, work: Path) -> dict:
 def _print_row(label: str, row: dict) -> None:
     lat = row["latency"]
     parts = []
-    for mode in INT8_WEIGHTS:
+    for mode in ("auto", "s8"):
         r = row[mode]
         fid = (
             f"top1 {r['top1_agreement_with_sim']:.3f}, max {r['max_logit_diff_steps']} steps"
@@ -198,7 +280,7 @@ def _print_row(label: str, row: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=[*ZOO[:3], "minilm"])
+    ap.add_argument("--models", nargs="+", default=[*ZOO, "minilm"])
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=40.0, help="time budget per batch size")

@@ -368,9 +368,19 @@ def _graph_kernels(opt_path: Path) -> dict:
     # walk in topological order (ONNX requires it): which tensors are integer and what each node
     # is: "int" (integer kernel), "intdata" (MaxPool etc. on integers), "qdq", "layout", "float"
     kind: list[str] = []
+    # shape arithmetic: Shape outputs and what is computed from them and integer constants only
+    # (a chunk's split points: Shape -> Gather -> Add/Div/Mul -> Slice), int64, not float compute
+    shape_t: set[str] = set()
+    consts = integer_t | {o for n in nodes if n.op_type == "Constant" for o in n.output}
     for n in nodes:
         op = n.op_type
-        if op in INTEGER_OPS:
+        ins = [i for i in n.input if i]
+        if op in ("Shape", "Size") or (
+            ins and all(i in shape_t or i in consts for i in ins) and any(i in shape_t for i in ins)
+        ):
+            shape_t.update(n.output)
+            kind.append("layout")
+        elif op in INTEGER_OPS:
             kind.append("int")
             if op not in INT_TO_FLOAT_OPS:
                 integer_t.update(n.output)

@@ -413,10 +413,10 @@ def test_export_writes_a_graph_onnxruntime_runs(cli, work, extra):
     assert ("Mul" in ops) == ("--integer" in extra)
 
 
-@pytest.mark.parametrize("mode", ["auto", "s8"])
+@pytest.mark.parametrize("mode", ["auto", "s8", "u8"])
 def test_export_int8_weights_from_the_command_line(cli, work, mode):
     onnx = pytest.importorskip("onnx")
-    from omse.deploy.export import uint8_weight_layers
+    from omse.deploy.export import weight_types
 
     out = work / f"m_{mode}.onnx"
     argv = ["--target", "int8", "-w", "8", "-a", "8", "--int8-weights", mode, "--force"]
@@ -424,10 +424,17 @@ def test_export_int8_weights_from_the_command_line(cli, work, mode):
     assert rc == 0, err
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["omse.int8_weights"] == mode
-    u8 = uint8_weight_layers(out)
-    # 8-bit per-channel weights reach +-127: "auto" writes them as UINT8 and says which
-    assert bool(u8) == (mode == "auto")
-    assert ("UINT8 weights" in stdout) == (mode == "auto")
+    types = weight_types(out)
+    # 8-bit weights of target int8 are 7-bit codes (within +-64), INT8, but for the first layer
+    # (8 bits: UINT8 in "auto"); "s8" / "u8" write every layer INT8 / UINT8
+    n = len(types["INT8"]) + len(types["UINT8"])
+    assert n > 1 and len(types["UINT8"]) == {"auto": 1, "s8": 0, "u8": n}[mode]
+    line = [ln for ln in stdout.splitlines() if ln.startswith("int8 weights: ")]
+    s8 = len(types["INT8"])
+    assert line == [
+        f"int8 weights: {s8} layers INT8 (codes within +-64, exact on any x86), {n - s8} UINT8 "
+        "(full range; slower on VNNI CPUs); --int8-weights s8|u8|auto"
+    ]
 
 
 @pytest.fixture(scope="module")

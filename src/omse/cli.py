@@ -231,11 +231,12 @@ def _add_onnx_io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8-weights",
         default="auto",
-        choices=["auto", "s8"],
-        help="8-bit weight storage: auto writes layers whose codes exceed +-64 as UINT8 at zero "
-        "point 128 (onnxruntime's u8u8 kernels, exact on x86 CPUs without VNNI, where its u8s8 "
-        "kernels can saturate), the others INT8; s8 writes INT8 everywhere (fastest on CPUs "
-        "with VNNI and on ARM)",
+        choices=["auto", "s8", "u8"],
+        help="8-bit weight storage: auto writes layers whose codes lie within +-64 (every 8-bit "
+        "layer of target int8: 7-bit codes) as INT8 (u8s8 kernels, exact on any x86 CPU) and "
+        "wider ones (merged residual kernels) as UINT8 at zero point 128 (u8u8: exact on x86 "
+        "CPUs without VNNI, where u8s8 can saturate, but slower on VNNI CPUs); s8 writes INT8 "
+        "everywhere (fastest on CPUs with VNNI and on ARM); u8 UINT8 everywhere",
     )
 
 
@@ -264,8 +265,18 @@ def _names(text: str | None) -> list[str] | None:
     return None if not text else [n.strip() for n in text.split(",")]
 
 
+def int8_weights_line(types: dict[str, list[str]]) -> str:
+    """One line on the 8-bit weight containers of an export (the layer lists are in its
+    metadata, :func:`omse.deploy.export.weight_types`)."""
+    s8, u8 = len(types["INT8"]), len(types["UINT8"])
+    return (
+        f"int8 weights: {s8} layers INT8 (codes within +-64, exact on any x86), {u8} UINT8 "
+        "(full range; slower on VNNI CPUs); --int8-weights s8|u8|auto"
+    )
+
+
 def _export(qmodel, batches: list, args, **kw):
-    from .deploy.export import export_onnx, uint8_weight_layers
+    from .deploy.export import export_onnx, weight_types
     from .transforms.statistics import first_row
 
     path = export_onnx(
@@ -280,12 +291,9 @@ def _export(qmodel, batches: list, args, **kw):
         int8_weights=args.int8_weights,
         **kw,
     )
-    u8 = uint8_weight_layers(path)
-    if u8:
-        print(
-            f"UINT8 weights (codes beyond +-64, onnxruntime u8u8 kernels): {len(u8)} layers: "
-            + ", ".join(u8)
-        )
+    types = weight_types(path)
+    if types:
+        print(int8_weights_line(types))
     return path
 
 

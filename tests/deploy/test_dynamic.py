@@ -329,8 +329,8 @@ has_minilm = (
     [
         dict(act_bits=None, granularity="per_group32", target="int8"),  # MatMulNBits
         dict(act_bits=8, target="int4"),  # QDQ, integer form (no summation-order flips)
-        # integer kernels, float Linear outputs; the 8-bit weights go out as UINT8 (the export's
-        # int8_weights="auto": u8u8 kernels, exact on x86 CPUs without VNNI too)
+        # integer kernels, float Linear outputs; the 8-bit weights are 7-bit codes, INT8 (u8s8
+        # kernels, exact on x86 CPUs without VNNI too)
         dict(weight_bits=8, act_bits=8, target="int8"),
     ],
     ids=["int8-weight-only", "int4-w4a8-integer", "int8-w8a8"],

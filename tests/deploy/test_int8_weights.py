@@ -2,7 +2,13 @@
 near 255 saturate onnxruntime's x86 u8s8 kernels on CPUs without VNNI (``vpmaddubsw`` adds each
 pair of uint8 x int8 products in saturating int16); ``"auto"`` writes such layers' weights as
 UINT8 at zero point 128 (the same values, u8u8 kernels: exact on every CPU) and keeps INT8 for
-layers whose codes fit in [-64, 64]; ``"s8"`` writes INT8 everywhere (VNNI deployments)."""
+layers whose codes fit in [-64, 64]; ``"s8"`` writes INT8 everywhere (VNNI deployments).
+
+``target="int8"`` quantizes 8-bit weights on 7 bits (codes in [-64, 63]) but in depthwise
+convolutions and the first layer, so the default export of a W8A8 model is INT8 but for its
+first layer and exact on every x86 CPU; full-range codes (merged residual kernels, the first
+layer, or the 8-bit grid set explicitly as below, as checkpoints of older versions hold) are
+what ``"auto"`` writes as UINT8."""
 
 from __future__ import annotations
 
@@ -19,9 +25,16 @@ from onnx import TensorProto
 from torch import nn
 
 from omse.config import QuantConfig
-from omse.deploy.export import S8_SAFE_CODE, export_onnx, to_onnx_model, uint8_weight_layers
+from omse.core.grids import Grid
+from omse.deploy.export import (
+    S8_SAFE_CODE,
+    export_onnx,
+    to_onnx_model,
+    uint8_weight_layers,
+    weight_types,
+)
 from omse.errors import ConfigError
-from omse.nn.layers import quantized_layers
+from omse.nn.layers import quantize_weight_terms, quantized_layers
 from omse.transforms.pipeline import quantize
 
 ort = pytest.importorskip("onnxruntime")
@@ -71,10 +84,24 @@ class Net(nn.Module):
         return self.fc(h.flatten(1))
 
 
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(16, 4, 6, 6, generator=g) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def default_w8():
+    """W8A8 for target int8 with the default plan: 7-bit weight codes."""
+    cfg = QuantConfig.preset("fast", weight_bits=8, act_bits=8, target="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize(Net().eval(), _calib(), cfg)
+
+
 @pytest.fixture(scope="module")
 def quantized():
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.rand(16, 4, 6, 6, generator=g) for _ in range(2)]
+    """conv and fc with full-range 8-bit codes (the grid set explicitly after quantization)."""
+    calib = _calib()
     cfg = QuantConfig.preset(
         "fast",
         weight_bits=8,
@@ -85,7 +112,49 @@ def quantized():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize(Net().eval(), calib, cfg)
+        q = quantize(Net().eval(), calib, cfg)
+    for name in ("conv", "fc"):
+        ql = quantized_layers(q)[name]
+        ql.w_grid = Grid(8, "full")
+        ql.set_weight_terms(
+            quantize_weight_terms(ql.float_weight, ql.w_grid, ql.cfg.granularity, "mmse")
+        )
+    return q
+
+
+def test_8bit_weights_of_target_int8_are_7bit_codes_written_as_int8(default_w8, tmp_path):
+    layers = quantized_layers(default_w8)
+    # the first layer (reading the model's input) keeps 8 bits, the others get 7
+    assert {n: ql.w_grid for n, ql in layers.items()} == {
+        "small": Grid(8, "full"),
+        "conv": Grid(7, "full"),
+        "fc": Grid(7, "full"),
+    }
+    assert all(layers[n].weight_code_peak() <= S8_SAFE_CODE for n in ("conv", "fc"))
+    path = export_onnx(default_w8, torch.rand(1, 4, 6, 6), tmp_path / "q.onnx")
+    assert weight_types(path) == {"INT8": ["conv", "fc"], "UINT8": ["small"]}
+    assert _weight_types(onnx.load(str(path))) == {
+        "small": TensorProto.UINT8,
+        "conv": TensorProto.INT8,
+        "fc": TensorProto.INT8,
+    }
+    _, opt = _session(path, tmp_path / "opt.onnx")
+    ops = collections.Counter(n.op_type for n in opt.graph.node)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1, ops
+
+
+def test_default_w8_export_is_exact_on_saturating_inputs(default_w8, tmp_path):
+    """INT8 weights within +-64: onnxruntime equals the simulation to one output step on inputs
+    whose codes are near 255, on any x86 CPU (VNNI or not)."""
+    path = export_onnx(default_w8, torch.rand(1, 4, 6, 6), tmp_path / "q.onnx")
+    g = torch.Generator().manual_seed(2)
+    x = 0.95 + 0.05 * torch.rand(32, 4, 6, 6, generator=g)
+    with torch.no_grad():
+        sim = default_w8(x).numpy()
+    step = float(quantized_layers(default_w8)["fc"].out_scale)
+    sess, _ = _session(path, tmp_path / "opt.onnx")
+    out = sess.run(None, {"input": x.numpy()})[0]
+    assert float(np.abs(out - sim).max()) / step <= 1.0 + 1e-3
 
 
 def _session(path, opt):
@@ -114,6 +183,9 @@ def test_codes_beyond_64_get_uint8_weights_that_onnxruntime_fuses(quantized, tmp
     s8 = export_onnx(quantized, x, tmp_path / "s8.onnx", int8_weights="s8")
     assert uint8_weight_layers(auto) == ["conv", "fc"]
     assert uint8_weight_layers(s8) == []
+    u8 = export_onnx(quantized, x, tmp_path / "u8.onnx", int8_weights="u8")
+    assert weight_types(u8) == {"INT8": [], "UINT8": ["small", "conv", "fc"]}
+    assert weight_types(auto) == {"INT8": ["small"], "UINT8": ["conv", "fc"]}
     meta = {p.key: p.value for p in onnx.load(str(auto)).metadata_props}
     assert meta["omse.int8_weights"] == "auto"
     assert _weight_types(onnx.load(str(auto))) == {
@@ -153,8 +225,8 @@ def test_auto_is_exact_where_s8_saturates(quantized, tmp_path):
 
 
 def test_bad_int8_weights_is_named(quantized):
-    with pytest.raises(ConfigError, match="int8_weights='u8'"):
-        to_onnx_model(quantized, torch.rand(1, 4, 6, 6), int8_weights="u8")
+    with pytest.raises(ConfigError, match="int8_weights='i8'"):
+        to_onnx_model(quantized, torch.rand(1, 4, 6, 6), int8_weights="i8")
 
 
 def test_with_int8_weights_turns_auto_into_s8(quantized, tmp_path):

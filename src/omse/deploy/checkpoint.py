@@ -48,6 +48,7 @@ from ..core.primitives import pack_int4, unpack_int4
 from ..errors import CheckpointError, OmseError
 from ..io import atomic_path, check_output_path
 from ..nn.layers import QuantizedLayer, canonical_weight, layer_weight, share_input_quantizer
+from ..nn.ops import op_quantizers
 from ..transforms.fold import _set_module
 
 __all__ = ["save", "load", "read_header", "FORMAT", "VERSION"]
@@ -183,6 +184,7 @@ def save(
         "model_class": type(qmodel).__name__,
         "modules": {n: type(m).__name__ for n, m in qmodel.named_modules() if n},
         "layers": layers,
+        "op_quantizers": None if op_quantizers(qmodel) is None else op_quantizers(qmodel).to_dict(),
         "bytes": {
             "packed_weights": packed_bytes,
             "fp32_weights": fp32_weight_bytes,
@@ -470,6 +472,8 @@ def _restore(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -
                 share_input_quantizer(model, wrapped[path_], info["input_from"])
             except (AttributeError, OmseError) as e:
                 raise _mismatch(f"cannot attach {path_!r}'s input quantizer: {e}", header) from None
+    if header.get("op_quantizers"):  # quantizers between the layers (omse.nn.ops)
+        op_quantizers(model, create=True).load_dict(header["op_quantizers"])
     # 3. the module structure must now be the saved one
     got = {n: type(m).__name__ for n, m in model.named_modules() if n}
     if got != modules_rec:

@@ -31,10 +31,12 @@ activation grids) and, for layers whose input is quantized, the bias as ``INT32`
 ``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
 feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
 each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
-arithmetic. 8-bit weight codes beyond +-64 go out as ``UINT8`` at zero point 128 (the same
-values) by default, so that onnxruntime's x86 kernels are exact on CPUs without VNNI too (its
-u8s8 kernels add product pairs in saturating int16 there; see ``int8_weights`` of
-:func:`export_onnx`).
+arithmetic. Weights whose codes lie within +-64 go out as ``INT8`` (u8s8 kernels, exact on every
+x86 CPU: 8-bit weights of ``target="int8"`` are quantized on 7 bits for that,
+:func:`omse.transforms.calibration.int8_weight_grid`); codes beyond (merged residual kernels)
+go out as ``UINT8`` at zero point 128 (the same values) by default, so that onnxruntime's x86
+kernels are exact on CPUs without VNNI too (its u8s8 kernels add product pairs in saturating
+int16 there; see ``int8_weights`` of :func:`export_onnx`).
 
 Parity: onnxruntime and torch sum in different orders, so a pre-activation within float rounding
 of a rounding boundary can be quantized one step apart; in a deep 4-bit network those flips
@@ -83,7 +85,16 @@ from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grids import Grid
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..io import atomic_path, check_output_path
-from ..nn.layers import WRAPPABLE, QuantizedLayer, is_transposed, layer_weight, quantized_layers
+from ..nn.layers import (
+    S8_SAFE_CODE,
+    WRAPPABLE,
+    QuantizedLayer,
+    is_depthwise,
+    is_transposed,
+    layer_weight,
+    quantized_layers,
+)
+from ..nn.ops import OpQuantizers, op_quantizers
 from ..transforms.graph import (
     DOMAIN,
     TRACE_OPSET,
@@ -103,6 +114,7 @@ __all__ = [
     "to_onnx_model",
     "weight_only",
     "uint8_weight_layers",
+    "weight_types",
     "with_int8_weights",
     "MIN_OPSET",
     "MAX_OPSET",
@@ -114,13 +126,14 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 MAX_OPSET = 21  # INT4/UINT4 Q/DQ need 21; the traced graph is opset 20 (no semantic change to 21)
 
 Container = Literal["int4", "int8"]
-Int8Weights = Literal["auto", "s8"]
-INT8_WEIGHTS = ("auto", "s8")
-# onnxruntime's x86 u8s8 kernels on CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply uint8
-# activations by int8 weights with vpmaddubsw, which adds each pair of products in saturating
-# int16: |x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640 cannot saturate for int8 codes in [-64, 64]
-S8_SAFE_CODE = 64
+Int8Weights = Literal["auto", "s8", "u8"]
+INT8_WEIGHTS = ("auto", "s8", "u8")
+# S8_SAFE_CODE (omse.nn.layers): onnxruntime's x86 u8s8 kernels on CPUs without VNNI (AVX2,
+# AVX-512 without VNNI) multiply uint8 activations by int8 weights with vpmaddubsw, which adds
+# each pair of products in saturating int16: |x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640 cannot
+# saturate for int8 codes in [-64, 64]
 UINT8_LAYERS_KEY = "omse.uint8_weight_layers"
+INT8_LAYERS_KEY = "omse.int8_weight_layers"
 INT8_WEIGHTS_KEY = "omse.int8_weights"
 Target = Literal["int4", "int8"]
 ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
@@ -225,6 +238,20 @@ def uint8_weight_layers(model: onnx.ModelProto | str | Path) -> list[str] | None
     return None if UINT8_LAYERS_KEY not in meta else list(json.loads(meta[UINT8_LAYERS_KEY]))
 
 
+def weight_types(model: onnx.ModelProto | str | Path) -> dict[str, list[str]] | None:
+    """``{"INT8": [layers], "UINT8": [layers]}``: the 8-bit weight containers an omse export
+    wrote, from its metadata; None for a graph without 8-bit weight containers."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if UINT8_LAYERS_KEY not in meta:
+        return None
+    return {
+        "INT8": list(json.loads(meta.get(INT8_LAYERS_KEY, "[]"))),
+        "UINT8": list(json.loads(meta[UINT8_LAYERS_KEY])),
+    }
+
+
 def with_int8_weights(model: onnx.ModelProto) -> int:
     """Rewrite, in place, the UINT8 weights (zero point 128) of an ``int8_weights="auto"``
     export as INT8 (zero point 0): the ``"s8"`` graph, for runtimes that want int8 weights
@@ -249,7 +276,11 @@ def with_int8_weights(model: onnx.ModelProto) -> int:
         zp.CopyFrom(numpy_helper.from_array(np.zeros(z.shape, np.int8), zp.name))
         changed += 1
     if changed:
-        _update_metadata(model, {INT8_WEIGHTS_KEY: "s8", UINT8_LAYERS_KEY: "[]"})
+        types = weight_types(model) or {"INT8": [], "UINT8": []}
+        s8 = json.dumps(types["INT8"] + types["UINT8"])
+        _update_metadata(
+            model, {INT8_WEIGHTS_KEY: "s8", UINT8_LAYERS_KEY: "[]", INT8_LAYERS_KEY: s8}
+        )
     return changed
 
 
@@ -308,15 +339,18 @@ class _Rewriter:
         integer: bool = False,
         target: Target = "int4",
         int8_weights: Int8Weights = "auto",
+        ops: OpQuantizers | None = None,
     ):
         self.model = model
+        self.ops = ops
         self.layers = layers
         self.container = container
         self.integer = integer
         self.target = target
         self.int8_weights = int8_weights
         self.has_int8 = False  # a layer has 8-bit weight containers
-        self.uint8_layers: list[str] = []  # layers written as UINT8 at zero point 128 ("auto")
+        self.uint8_layers: list[str] = []  # layers written as UINT8 at zero point 128
+        self.int8_layers: list[str] = []  # layers written as INT8 (8-bit containers)
         self.terms = [_export_terms(ql, target) for ql in layers]
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = {i.name for i in model.graph.initializer}
@@ -439,12 +473,18 @@ class _Rewriter:
         values, zero = q.to(torch.int64).numpy(), 0
         if elem == TensorProto.INT8:
             self.has_int8 = True
-            if self.int8_weights == "auto" and int(np.abs(values).max(initial=0)) > S8_SAFE_CODE:
+            # beyond +-64 u8s8 GEMM kernels can saturate without VNNI; depthwise kernels
+            # multiply in 16 bits (exact for any codes)
+            wide = int(np.abs(values).max(initial=0)) > S8_SAFE_CODE
+            wide = wide and not is_depthwise(ql.layer)
+            if self.int8_weights == "u8" or (self.int8_weights == "auto" and wide):
                 # the same values as UINT8 at zero point 128: onnxruntime then runs its u8u8
                 # kernels (16-bit products, exact on every x86 CPU) instead of u8s8
                 elem, values, zero = TensorProto.UINT8, values + 128, 128
                 if ql.name not in self.uint8_layers:
                     self.uint8_layers.append(ql.name)
+            elif ql.name not in self.int8_layers:
+                self.int8_layers.append(ql.name)
         codes = self.fresh(f"{base}.w_codes")
         self.inits.append(_int_tensor(codes, values, elem))
         scale = self.const(f"{base}.scale", s.astype(np.float32))
@@ -551,8 +591,19 @@ class _Rewriter:
                     "quantizer, so target='int8' cannot run it as an integer kernel; quantize "
                     "the model with QuantConfig(target='int8')"
                 )
-        # an input marker right after a shared (module-output) quantizer with its own scale
+        # an input marker right after a shared (module-output) quantizer with its own scale, or
+        # right after a site (omse.nn.ops) whose quantizer it shares
         producers = {o: n for n in self.model.graph.node for o in n.output}
+        for node in self.model.graph.node:
+            if self.ops is None or node.domain != DOMAIN or marker_attrs(node)[0] != "act":
+                continue
+            src = producers.get(node.input[0])
+            if src is None or src.domain != DOMAIN or marker_attrs(src)[0] != "op":
+                continue
+            site, qj = marker_attrs(src)[1], self.layers[marker_attrs(node)[1]]
+            sc = self.ops.scales.get(site)
+            if sc is not None and qj.a_grid == self.ops.grids[site] and bool(qj.act_scale == sc):
+                dropped.add(("act", marker_attrs(node)[1]))
         for node in self.model.graph.node:
             if node.domain != DOMAIN or marker_attrs(node)[0] != "act":
                 continue
@@ -581,6 +632,15 @@ class _Rewriter:
                 continue
             kind, idx, term = marker_attrs(node)
             x, y = node.input[0], node.output[0]
+            if kind == "op":  # a site between layers (omse.nn.ops), as the plan has it
+                site = self.ops.kinds.get(idx, "none") if self.ops is not None else "none"
+                op = self.ops.ops.get(idx, "op") if self.ops is not None else "op"
+                if site != "none" and idx in self.ops.scales:
+                    grid, sc = self.ops.grids[idx], self.ops.scales[idx]
+                    new_nodes += self.qdq_nodes(f"{op}_{idx}.out", grid, sc, x, y)
+                else:
+                    new_nodes.append(helper.make_node("Identity", [x], [y], name=f"{op}_{idx}"))
+                continue
             ql = self.layers[idx]
             if kind in ("act", "tq"):
                 if ql.act_scale is None or ql.a_grid is None or (kind, idx) in dropped:
@@ -628,6 +688,7 @@ class _Rewriter:
         g.initializer.extend(self.inits)
         if self.target == "int8":
             _drop_redundant_clips(self.model)
+            _shape_before_dequantize(self.model)
         _remove_identities(self.model)
         _prune(self.model)
         del self.model.opset_import[:]
@@ -641,6 +702,7 @@ class _Rewriter:
                 {
                     INT8_WEIGHTS_KEY: self.int8_weights,
                     UINT8_LAYERS_KEY: json.dumps(self.uint8_layers),
+                    INT8_LAYERS_KEY: json.dumps(self.int8_layers),
                 },
             )
         return self.model
@@ -770,6 +832,19 @@ def _drop_redundant_clips(model: onnx.ModelProto) -> int:
     return changed
 
 
+def _shape_before_dequantize(model: onnx.ModelProto) -> None:
+    """``DequantizeLinear -> Shape`` reads the integer tensor instead (the same shape): the
+    runtime then does not dequantize a tensor only for its shape."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    for node in g.node:
+        if node.op_type != "Shape" or node.domain != "":
+            continue
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "DequantizeLinear" and src.domain == "":
+            node.input[0] = src.input[0]
+
+
 def _remove_identities(model: onnx.ModelProto) -> None:
     """Bypass ``Identity`` nodes (readers take the Identity's input) unless they produce a graph
     output."""
@@ -897,7 +972,8 @@ def to_onnx_model(
                 f"ops {sorted(changed)} changed meaning in opset {opset}; export with opset=20 "
                 "and container='int8'"
             )
-    proto = _Rewriter(proto, traced, container, integer, target, int8_weights).run(opset)
+    ops = op_quantizers(qmodel) if target == "int8" else None
+    proto = _Rewriter(proto, traced, container, integer, target, int8_weights, ops).run(opset)
     _carry_source_io(proto, getattr(qmodel, "omse_io", None))
     proto.producer_name = "omse"
     try:
@@ -979,18 +1055,23 @@ def export_onnx(
             overflow; uint8 x uint8 (u8u8) kernels widen to 16 bits first and are exact.
 
             - ``"auto"`` (default): a layer whose codes all lie in ``[-64, 64]`` keeps
-              ``INT8`` weights (u8s8, exact and fastest on every CPU); any other is written as
-              ``UINT8`` codes + 128 at zero point 128 (the same values), which onnxruntime runs
-              as u8u8 ``QLinearConv`` / ``QGemm`` / ``MatMulIntegerToFloat`` /
-              ``QLinearMatMul``: exact on every x86 CPU, slower than u8s8 on VNNI CPUs. The
-              graph depends on the weights only, not on the exporting CPU.
+              ``INT8`` weights (u8s8, exact and fastest on every CPU; every layer quantized
+              with 8-bit weights for ``target="int8"``, whose grid is 7 bits), and so does a
+              depthwise convolution (onnxruntime's depthwise kernels multiply in 16 bits:
+              exact for any codes); any other (a merged residual kernel, up to +-128) is
+              written as ``UINT8`` codes + 128 at zero
+              point 128 (the same values), which onnxruntime runs as u8u8 ``QLinearConv`` /
+              ``QGemm`` / ``MatMulIntegerToFloat`` / ``QLinearMatMul``: exact on every x86
+              CPU, slower than u8s8 on VNNI CPUs. The graph depends on the weights only, not on
+              the exporting CPU.
             - ``"s8"``: every layer ``INT8``: the fastest graph on CPUs with VNNI (AVX512-VNNI
               or AVX-VNNI) and on ARM, where u8s8 is exact; on x86 CPUs without VNNI its
               layers with codes beyond +-64 can saturate.
+            - ``"u8"``: every layer ``UINT8`` (u8u8 everywhere; exact, slower).
 
             The graph's ``metadata_props`` name the mode (``omse.int8_weights``) and the
-            layers written as UINT8 (``omse.uint8_weight_layers``, a JSON list; read it with
-            :func:`uint8_weight_layers`).
+            layers written as UINT8 and INT8 (``omse.uint8_weight_layers``,
+            ``omse.int8_weight_layers``, JSON lists; read them with :func:`weight_types`).
 
     Raises:
         UnsupportedLayerError: a layer the target cannot express (named in the message).

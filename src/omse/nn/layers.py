@@ -18,6 +18,7 @@ every type. ``float_weight``, ``w_codes{t}`` and ``w_scale{t}`` are canonical; o
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "QuantizedLayer",
     "WRAPPABLE",
     "is_transposed",
+    "is_depthwise",
     "canonical_weight",
     "layer_weight",
     "quantize_weight_terms",
@@ -48,12 +50,15 @@ __all__ = [
     "max_code_ratio",
     "layer_macs_per_output",
     "INT8_RANGE",
+    "S8_SAFE_CODE",
     "DOMAIN",
     "Marker",
     "SharedInputQuantizer",
     "share_input_quantizer",
     "quantized_layers",
     "set_integer",
+    "layer_depth",
+    "inside_layer",
 ]
 
 DOMAIN = "omse"
@@ -61,6 +66,34 @@ DOMAIN = "omse"
 
 INT8_RANGE = (-128, 127)
 """The codes an 8-bit integer kernel holds: merged residual kernels must fit."""
+
+S8_SAFE_CODE = 64
+"""The largest weight code magnitude that onnxruntime's x86 uint8 x int8 (u8s8) kernels multiply
+exactly on every CPU: without VNNI (AVX2, AVX-512 without VNNI) they add each pair of products in
+saturating int16 (``vpmaddubsw``), and ``|x1*w1 + x2*w2| <= 255 * 64 * 2 = 32640`` cannot
+saturate. 8-bit weights of ``target="int8"`` are planned on a 7-bit grid (codes in ``[-64, 63]``,
+:func:`omse.transforms.calibration.int8_weight_grid`) so that they stay within it, except in
+depthwise convolutions (:func:`is_depthwise`): onnxruntime's depthwise kernels widen inputs and
+weights to 16 bits before multiplying (``qdwconv`` in MLAS), exact for any 8-bit codes."""
+
+
+_DEPTH = threading.local()
+
+
+def layer_depth() -> int:
+    """How many quantized layers (or their tracing twins) are running on this thread: the ops
+    inside them are no sites of :class:`omse.nn.ops.OpQuantizers`."""
+    return getattr(_DEPTH, "n", 0)
+
+
+@contextlib.contextmanager
+def inside_layer():
+    """Count one running quantized layer (see :func:`layer_depth`)."""
+    _DEPTH.n = layer_depth() + 1
+    try:
+        yield
+    finally:
+        _DEPTH.n -= 1
 
 
 WRAPPABLE = (
@@ -78,6 +111,14 @@ WRAPPABLE = (
 def is_transposed(layer: nn.Module) -> bool:
     """Whether ``layer`` is a transposed convolution (weight ``[in, out/groups, k...]``)."""
     return isinstance(layer, nn.modules.conv._ConvTransposeNd)
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution: one input and one output channel per group (``groups ==
+    in_channels == out_channels > 1``), which onnxruntime runs with its depthwise kernels."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or is_transposed(layer):
+        return False
+    return 1 < layer.groups == layer.in_channels == layer.out_channels
 
 
 def canonical_weight(layer: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,14 +262,16 @@ class QuantizedLayer(nn.Module):
     (:mod:`omse.transforms.statistics`, :mod:`omse.transforms.reconstruct`).
     """
 
-    def __init__(self, layer: nn.Module, name: str, cfg: LayerConfig):
+    def __init__(self, layer: nn.Module, name: str, cfg: LayerConfig, w_grid: Grid | None = None):
         super().__init__()
         if not isinstance(getattr(layer, "weight", None), torch.Tensor):
             raise ConfigError(f"layer {name!r} has no weight tensor to quantize")
         self.layer = layer
         self.name = name
         self.cfg = cfg
-        self.w_grid = Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
+        # the weight grid: the config's (``weight_bits``, ``weight_grid``) unless the caller's
+        # plan narrows it (8-bit weights of target="int8": 7-bit codes, see S8_SAFE_CODE)
+        self.w_grid = w_grid or Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
         self.a_grid: Grid | None = None
         self.register_buffer(
             "float_weight", canonical_weight(layer).detach().clone(), persistent=False
@@ -334,6 +377,12 @@ class QuantizedLayer(nn.Module):
                 "that fits one 8-bit kernel; quantize with QuantConfig(target='int8')"
             )
         return codes.to(torch.int16), self._bias_safe(codes, torch.where(mk, s2, s1))
+
+    def weight_code_peak(self) -> int:
+        """``max |code|`` of the kernel the int8 export holds (:meth:`merged_term`): within
+        :data:`S8_SAFE_CODE` its INT8 weights are exact in onnxruntime's u8s8 kernels on every
+        x86 CPU."""
+        return int(self.merged_term()[0].abs().max()) if self.n_terms else 0
 
     def _bias_safe(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``scale`` with the kernels whose codes are all zero raised, where needed, so that the
@@ -488,6 +537,10 @@ class QuantizedLayer(nn.Module):
         return int(qx * max(int(v) for v in per_kernel))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with inside_layer():
+            return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         obs = self.observer
         if obs is not None:
             obs.input(self, x)

@@ -1,5 +1,6 @@
 """Activation quantizers from calibration statistics: input scales, the output quantizers and
-shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6.
+shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6; and the weight
+grid ``target="int8"`` gives 8-bit weights (:func:`int8_weight_grid`).
 
 - :func:`plan_output_quantizers` reads the traced dataflow (:func:`omse.transforms.graph.
   layer_routes`) and says which layers need an output quantizer (with the range the ops after
@@ -12,18 +13,33 @@ shared quantizers ``target="int8"`` places, and the scale caps behind a ReLU6.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
+from ..config import LayerConfig
 from ..core.grids import Grid
 from ..core.ranges import fit_affine, make_range_setter
 from ..core.stats import HistogramStats
-from ..nn.layers import QuantizedLayer, share_input_quantizer
+from ..distributed import gather
+from ..nn.layers import (
+    S8_SAFE_CODE,
+    QuantizedLayer,
+    is_depthwise,
+    quantize_weight_terms,
+    share_input_quantizer,
+)
+from ..nn.ops import OpQuantizers, detach_op_quantizers, op_quantizers
 from .graph import (
+    DOMAIN,
     SILU_FLOOR,
+    consumers,
     float_output,
     input_groups,
     layer_routes,
+    marker_attrs,
     shared_input_candidates,
     trace,
 )
@@ -31,7 +47,15 @@ from .statistics import first_row, run_model
 
 __all__ = [
     "OUTPUT_BITS",
+    "int8_weight_grid",
+    "keep_first_layer_8bit",
     "plan_output_quantizers",
+    "plan_op_quantizers",
+    "set_op_scales",
+    "observe_sites",
+    "gather_site_stats",
+    "INTEGER_SITE_OPS",
+    "PASSTHROUGH_SITE_OPS",
     "set_activation_scales",
     "cap_activation_scales",
     "set_output_scales",
@@ -45,6 +69,289 @@ shares (:func:`plan_output_quantizers`, :func:`share_scales`)."""
 OUTPUT_BITS = 8
 """Bits of the output quantizers ``target="int8"`` places (the requantized output of an 8-bit
 integer kernel); only input quantizers of this width are shared with them."""
+
+
+INTEGER_SITE_OPS = (
+    "Sigmoid",
+    "Mul",
+    "Add",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "LeakyRelu",
+)
+"""Ops onnxruntime's CPU provider runs on 8-bit tensors when every input comes from a
+``DequantizeLinear`` and the output goes to a ``QuantizeLinear`` (its QDQ selectors: unary
+``QLinearSigmoid`` / ``QLinearAveragePool`` / ``QLinearGlobalAveragePool`` /
+``QLinearLeakyRelu``, binary ``QLinearAdd`` / ``QLinearMul``, variadic ``QLinearConcat``).
+``Softmax`` has a selector too (``QLinearSoftmax``) but is left float: omse's simulation does
+not model its integer kernel."""
+PASSTHROUGH_SITE_OPS = ("MaxPool", "Resize", "Slice", "Split")
+"""Ops whose output codes are input codes: onnxruntime drops ``DequantizeLinear -> op ->
+QuantizeLinear`` with equal parameters and runs them on the 8-bit tensor (``Tensor.chunk`` /
+``split`` trace to ``Slice`` or ``Split``)."""
+_REFORMS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Transpose"}
+
+
+def plan_op_quantizers(
+    qmodel: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    example,
+    out_plan: dict[str, tuple[float, float]],
+) -> OpQuantizers | None:
+    """For ``target="int8"``: attach :class:`~omse.nn.ops.OpQuantizers` to ``qmodel`` and plan
+    each site (see :mod:`omse.nn.ops`) on the traced graph, in graph order. A tensor is
+    *quantized* when a Q/DQ produces it in the export: a layer output with an output quantizer
+    (``out_plan``) or a requantization for its reader, a quantized input, a planned site. A
+    site of :data:`INTEGER_SITE_OPS` whose inputs are all quantized gets ``"none"`` when its
+    output goes straight to a quantized layer's input (that quantizer is its output quantizer),
+    ``"fused"`` when it reaches one through reshapes only, ``"none"`` when a ``Relu`` site
+    follows (which then gets ``"own"`` on an unsigned grid: onnxruntime folds the Relu into the
+    quantizer), else ``"own"``; a site of :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets
+    ``"same"`` (or ``"none"`` before a quantized input). Returns None (nothing attached) for a
+    model without sites or without activation quantizers."""
+    if all(ql.cfg.act_bits is None for ql in layers.values()):
+        return None
+    example = first_row(example)
+    ops = op_quantizers(qmodel, create=True)
+    proto, qls = trace(qmodel, example)
+    g = proto.graph
+    routes = layer_routes(proto)
+    readers = consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    quant: dict[str, tuple[str, str | int]] = {}  # quantized tensor -> whose quantizer it has
+    deferred: set[int] = set()  # Relu sites that quantize for the integer op before them
+
+    def reads(t: str) -> list:
+        return [u for u in readers.get(t, []) if u.op_type not in ("Shape", "Size")]
+
+    def is_marker(n, kinds) -> bool:
+        return n.domain == DOMAIN and marker_attrs(n)[0] in kinds
+
+    def quantized_input(n) -> bool:
+        return is_marker(n, ("act", "tq")) and qls[marker_attrs(n)[1]].cfg.act_bits is not None
+
+    def reached_layer(t: str) -> str | None:
+        """The layer whose quantized input ``t`` reaches through reshapes only, if any."""
+        while True:
+            users = reads(t)
+            if len(users) != 1:
+                return None
+            u = users[0]
+            if quantized_input(u):
+                return qls[marker_attrs(u)[1]].name
+            if not (u.domain == "" and u.op_type in _REFORMS) and not is_marker(u, ("op",)):
+                return None
+            t = u.output[0]
+
+    def to_quantizer(t: str) -> bool:
+        """``t`` goes to one quantized input, through ``Relu`` / ``Clip`` at most (which
+        onnxruntime folds into that quantizer, or runs on its 8-bit input)."""
+        while True:
+            users = reads(t)
+            if len(users) != 1:
+                return False
+            if quantized_input(users[0]):
+                return True
+            if users[0].domain != "" or users[0].op_type not in ("Relu", "Clip"):
+                return False
+            t = users[0].output[0]
+
+    for node in g.node:
+        if node.domain != DOMAIN:
+            src = quant.get(node.input[0]) if node.input else None
+            if node.op_type in ("Relu", "Clip") and src is not None and src[0] == "out":
+                # a layer's output quantizer is calibrated on the clamped values: the clamp
+                # keeps the tensor on that grid (the export drops it where it is redundant)
+                quant[node.output[0]] = src
+            continue
+        kind, idx, _ = marker_attrs(node)
+        out = node.output[0]
+        if kind == "out":
+            ql, r = qls[idx], routes.get(idx)
+            fused = r is not None and r.kind == "fused"
+            if ql.name in out_plan:
+                quant[out] = ("out", ql.name)
+            elif fused and qls[r.consumer].cfg.act_bits is not None:
+                quant[out] = ("act", qls[r.consumer].name)
+            continue
+        if kind in ("act", "tq"):
+            if qls[idx].cfg.act_bits is None:
+                continue
+            src = quant.get(node.input[0])
+            if kind == "act" and src is not None and src[0] == "site":
+                # a layer reading a site's tensor beside other readers: one quantizer per tensor
+                ops.shared[qls[idx].name] = int(src[1])
+                quant[out] = src
+            else:
+                quant[out] = ("act", qls[idx].name)
+            continue
+        if kind != "op":
+            continue
+        p = producers.get(node.input[0])
+        op = p.op_type if p is not None and p.domain == "" else "?"
+        ops.ops[idx] = op
+        users = reads(out)
+        direct = to_quantizer(out)
+        site = "none"
+        if op in PASSTHROUGH_SITE_OPS and p.input[0] in quant:
+            site = "none" if direct else "same"
+        elif op in INTEGER_SITE_OPS and all(i in quant for i in p.input if i):
+            target = None if direct else reached_layer(out)
+            relu = len(users) == 1 and users[0].op_type == "Relu" and users[0].domain == ""
+            after = reads(users[0].output[0]) if relu else []
+            if relu and len(after) == 1 and is_marker(after[0], ("op",)):
+                deferred.add(marker_attrs(after[0])[1])
+            elif target is not None:
+                site = "fused"
+                ops.fused[idx] = target
+            elif not direct:
+                site = "own"
+        elif op == "Relu" and idx in deferred:
+            site = "none" if direct else "own"
+        ops.kinds[idx] = site
+        if site == "none" and node.input[0] in quant:
+            quant[out] = quant[node.input[0]]  # nothing between: the same tensor
+        elif site == "same":
+            src = quant[p.input[0]]
+            ops.sources[idx] = src
+            quant[out] = src
+        elif site != "none":
+            quant[out] = ("site", idx)
+    if all(k == "none" for k in ops.kinds.values()):
+        detach_op_quantizers(qmodel)  # every op is float or feeds a quantizer directly
+        return None
+    return ops
+
+
+@contextlib.contextmanager
+def observe_sites(ops: OpQuantizers | None, bins: int) -> Iterator[dict[int, HistogramStats]]:
+    """While the block runs, the output histograms of ``ops``' ``"own"`` sites (filled in
+    place; empty for ``ops=None``)."""
+    stats: dict[int, HistogramStats] = {}
+    if ops is None:
+        yield stats
+        return
+
+    def see(site: int, y: torch.Tensor) -> None:
+        if ops.kinds.get(site) == "own":
+            if site not in stats:
+                stats[site] = HistogramStats(bins)
+            stats[site].update(y.detach())
+
+    ops.observer = see
+    try:
+        yield stats
+    finally:
+        ops.observer = None
+
+
+def gather_site_stats(stats: dict[int, HistogramStats]) -> dict[int, HistogramStats]:
+    """Every rank's site histograms merged (in rank order; ``stats`` itself on one process), so
+    that all ranks fit the same site scales."""
+    parts = gather(stats)
+    if len(parts) == 1:
+        return stats
+    out: dict[int, HistogramStats] = {}
+    for part in parts:
+        for site, st in part.items():
+            out[site] = st if site not in out else out[site].absorb(st)
+    return out
+
+
+def set_op_scales(
+    ops: OpQuantizers,
+    layers: dict[str, QuantizedLayer],
+    stats: dict[int, HistogramStats],
+    cfg: LayerConfig,
+) -> None:
+    """Each ``"own"`` site's step and grid from its output histogram (MMSE, or ``cfg``'s
+    ``act_method``, on :data:`OUTPUT_BITS`; unsigned for non-negative outputs, ``cfg``'s
+    ``act_grid`` otherwise); a layer that reads a site's tensor beside other readers takes that
+    quantizer as its input quantizer (one per tensor); each ``"fused"`` site takes its layer's
+    input quantizer, each ``"same"`` site its input's (for the export: the simulation leaves
+    those values as they are)."""
+    for site, kind in ops.kinds.items():
+        if kind == "own" and site in stats and stats[site].n > 0:
+            ops.set_quantizer(site, *_fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
+        elif kind == "own":
+            ops.set_quantizer(site, None, None)
+    for name, site in ops.shared.items():
+        if site in ops.scales and layers[name].cfg.act_bits == OUTPUT_BITS:
+            layers[name].set_act(ops.scales[site], ops.grids[site])
+
+    def source(src: tuple) -> tuple:
+        kind, who = src
+        if kind == "site":
+            return ops.scales.get(who), ops.grids.get(who)
+        ql = layers[who]
+        return (ql.out_scale, ql.out_grid) if kind == "out" else (ql.act_scale, ql.a_grid)
+
+    for site, kind in ops.kinds.items():
+        if kind == "fused":
+            ql = layers[ops.fused[site]]
+            ops.set_quantizer(site, ql.act_scale, ql.a_grid)
+        elif kind == "same":
+            ops.set_quantizer(site, *source(ops.sources[site]))
+        elif kind == "none":
+            ops.set_quantizer(site, None, None)
+
+
+def int8_weight_grid(cfg: LayerConfig, layer: nn.Module | None = None) -> Grid:
+    """The grid a layer's weights are quantized on: the config's, except 8-bit weights of
+    ``target="int8"`` outside depthwise convolutions (and the first layer, see
+    :func:`keep_first_layer_8bit`), which get 7 bits (codes in ``[-64, 63]``,
+    within :data:`~omse.nn.layers.S8_SAFE_CODE`): their INT8 export is then exact in
+    onnxruntime's uint8 x int8 GEMM kernels on every x86 CPU (without VNNI those add product
+    pairs in saturating int16) and runs as u8s8, not u8u8, on VNNI CPUs, and OpenVINO runs it as
+    int8; onnxruntime's own ``reduce_range`` makes the same choice. A depthwise convolution
+    (:func:`~omse.nn.layers.is_depthwise`) keeps 8 bits: onnxruntime's depthwise kernels
+    multiply in 16 bits, exact for any codes, and its 9-weight kernels lose the most to a
+    coarser grid (EfficientNet-Lite0 W8A8: ``benchmarks/int8_weights.py``). Merged residual
+    kernels of 4-bit terms (``k*Q1 + Q2``, up to +-128) keep their codes: the export writes
+    those layers as UINT8 unless depthwise (``export_onnx(int8_weights="auto")``)."""
+    grid = Grid(cfg.weight_bits, cfg.weight_grid)  # type: ignore[arg-type]
+    if cfg.target != "int8" or max(-grid.qmin, grid.qmax) <= S8_SAFE_CODE:
+        return grid
+    if layer is not None and is_depthwise(layer):
+        return grid
+    return Grid(S8_SAFE_CODE.bit_length(), cfg.weight_grid)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def keep_first_layer_8bit(qmodel: nn.Module, layers: dict[str, QuantizedLayer], example) -> str:
+    """For ``target="int8"``: the first quantized layer the model runs (the one reading its
+    input: a detector's or classifier's stem) keeps the 8-bit grid its config names where
+    :func:`int8_weight_grid` narrowed it to 7 bits; its weights are quantized again. Returns its
+    name ("" if none changed). Measured on EfficientNet-Lite0 W8A8 (200 views, output SQNR
+    against FP32): 8 bits everywhere 22.1 dB; 7 bits everywhere 17.5 dB; 7 bits but depthwise
+    18.9 dB; and the stem at 8 bits too 20.9 dB (onnxruntime's ``quantize_static`` W8A8 18.4
+    dB). The export writes that layer as UINT8 (``int8_weights="auto"``; exact on every x86
+    CPU) unless its codes stay within +-64."""
+    order: list[QuantizedLayer] = []
+    handles = [
+        ql.register_forward_pre_hook(lambda m, _i: order.append(m) if not order else None)
+        for ql in layers.values()
+    ]
+    try:
+        run_model(qmodel, first_row(example))
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        return ""
+    ql = order[0]
+    grid = Grid(ql.cfg.weight_bits, ql.cfg.weight_grid)  # type: ignore[arg-type]
+    if ql.cfg.target != "int8" or ql.w_grid == grid:
+        return ""
+    ql.w_grid = grid
+    cfg = ql.cfg
+    ql.set_weight_terms(
+        quantize_weight_terms(
+            ql.float_weight, grid, cfg.granularity, cfg.weight_method, 1, cfg.scale_dtype
+        )
+    )
+    return ql.name
 
 
 def plan_output_quantizers(

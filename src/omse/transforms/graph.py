@@ -63,7 +63,8 @@ from torch import nn
 
 from ..core.primitives import fake_quantize
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
-from ..nn.layers import DOMAIN, Marker, QuantizedLayer, quantized_layers
+from ..nn.layers import DOMAIN, Marker, QuantizedLayer, inside_layer, quantized_layers
+from ..nn.ops import op_quantizers
 
 __all__ = [
     "DOMAIN",
@@ -162,6 +163,10 @@ class TracedLayer(nn.Module):
             self.layer.bias = self.bias
 
     def forward(self, x, *args, **kwargs):
+        with inside_layer():
+            return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x, *args, **kwargs):
         ql = self.ql
         if self.integer:
             xin = ql.input_codes(x)
@@ -406,6 +411,9 @@ def trace(
     :class:`ConfigError` for bad names or axes.
     """
     model = copy.deepcopy(qmodel).eval()
+    ops = op_quantizers(model)
+    if ops is not None:  # every site marks its output (kind "op")
+        ops.tracing = True
     args, keywords = example_args(model, example_input)
     qls = list(quantized_layers(model).values())  # module order: the marker indices
     names = {m: n for n, m in model.named_modules()}
@@ -823,6 +831,9 @@ def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
                 )
                 break
             u = users[0]
+            if u.domain == DOMAIN and marker_attrs(u)[0] == "op":
+                t = u.output[0]  # a site marker (omse.nn.ops): the same tensor
+                continue
             if u.domain == DOMAIN and marker_attrs(u)[0] in ("act", "tq"):
                 kind, j, _ = marker_attrs(u)
                 routes[idx] = Route("fused", j, tuple(chain), (lo, hi), consumer_kind=kind)

@@ -65,12 +65,19 @@ from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer, layer_weight
+from ..nn.ops import op_quantizers
 from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     cap_activation_scales,
+    gather_site_stats,
+    int8_weight_grid,
+    keep_first_layer_8bit,
+    observe_sites,
+    plan_op_quantizers,
     plan_output_quantizers,
     set_activation_scales,
+    set_op_scales,
     set_output_scales,
     share_scales,
 )
@@ -286,9 +293,12 @@ def _wrap(r: _Run) -> None:
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
     for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
-        ql = QuantizedLayer(m, name, config.for_layer(name))
+        cfg = config.for_layer(name)
+        ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg, m))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
+    if config.target == "int8":
+        keep_first_layer_8bit(qmodel, r.layers, r.example)
 
 
 PROBE_SAMPLES = 32
@@ -316,7 +326,8 @@ def _rewrap(r: _Run, name: str, bits: int) -> None:
 
     q = r.layers[name]
     q.set_quant_enabled(False)  # the float weight back in the wrapped layer
-    ql = QuantizedLayer(q.layer, name, replace(q.cfg, weight_bits=bits))
+    cfg = replace(q.cfg, weight_bits=bits)
+    ql = QuantizedLayer(q.layer, name, cfg, int8_weight_grid(cfg, q.layer))
     _set_module(r.qmodel, name, ql)
     r.layers[name] = ql
 
@@ -369,9 +380,11 @@ def _precision(r: _Run) -> None:
             plan.budget_bytes = least
         plan.bits = {n: chosen.get(n, q.cfg.weight_bits) for n, q in r.layers.items()}
         r.plan = plan
-    for n, bits in plan.bits.items():
-        if bits != r.layers[n].cfg.weight_bits:
-            _rewrap(r, n, bits)
+    changed = [n for n, bits in plan.bits.items() if bits != r.layers[n].cfg.weight_bits]
+    for n in changed:
+        _rewrap(r, n, plan.bits[n])
+    if changed and c.target == "int8":
+        keep_first_layer_8bit(r.qmodel, r.layers, r.example)
     plan.bytes = sum(weight_bytes(r.layers[n], b, target) for n, b in plan.bits.items())
     r.w8 = {  # the guard's 8-bit version of each layer below 8 bits
         n: r.w8[n] if n in r.w8 else candidate_weight(q, 8)
@@ -474,6 +487,7 @@ def _weights(r: _Run) -> None:
 def _plan(r: _Run) -> None:
     r.out_clamp, r.shares, r.caps = plan_output_quantizers(r.qmodel, r.layers, r.example)
     r.cal.output_quantized = sorted(r.out_clamp)
+    plan_op_quantizers(r.qmodel, r.layers, r.example, r.out_clamp)  # between the layers
 
 
 def _activations(r: _Run) -> None:
@@ -482,7 +496,10 @@ def _activations(r: _Run) -> None:
         output_clamp=tuple((n, lo, hi) for n, (lo, hi) in r.out_clamp.items()),
         bins=r.config.act_bins,
     )
-    stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+    ops = op_quantizers(r.qmodel)
+    with observe_sites(ops, r.config.act_bins) as site_stats:
+        stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+    site_stats = gather_site_stats(site_stats) if ops is not None else {}
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
     set_activation_scales(r.layers, r.cal.stats)
@@ -491,6 +508,8 @@ def _activations(r: _Run) -> None:
     cap_activation_scales(r.layers, r.caps)
     set_output_scales(r.layers, r.cal.output_stats)
     share_scales(r.layers, r.shares)
+    if ops is not None:
+        set_op_scales(ops, r.layers, site_stats, r.config.base_layer())
 
 
 def _bias(r: _Run) -> None:
