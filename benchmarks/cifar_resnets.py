@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import (  # noqa: E402
     DEFAULT_DATA,
     ROOT,
+    accuracy,
     evaluate,
     machine,
     merge_rows,
@@ -72,6 +73,40 @@ def recipe(preset: str, setting: str, ends: str) -> dict:
     return kw
 
 
+def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
+    """benchmarks/peers.py's recipes of ``tools`` (their own defaults: every layer at the
+    setting's bits) on the same calibration and evaluation images."""
+    import peers
+
+    wl = peers.Workload(f"cifar10-resnet{depth}", model, calib, cifar_normalize(xe), ye, 500)
+    cache: dict = {}
+    out = []
+    for m in peers.methods(tools, 0, None):
+        for s in settings:
+            if m.settings is not None and s not in m.settings:
+                continue
+            wb, ab = SETTINGS[s]
+            if why := peers.unavailable(m):
+                print(f"ResNet-{depth} {m.label} {s}: unavailable ({why})", flush=True)
+                continue
+            row = peers.evaluate(wl, m.tool, None, m.config, m.runner, wb, ab, cache)
+            name = f"{s}/4bit/{m.tool} {m.config}"
+            rec = {"depth": depth, "recipe": name, "setting": s, "ends": "4bit"}
+            rec |= {"preset": f"{m.label} ({peers.method_version(m)})", "kwargs": row.kwargs}
+            rec |= {"calib_seconds": row.calib_seconds, "extra_macs_fraction": 0.0}
+            if row.top1 is None:
+                rec |= {"refused": row.refused}
+            else:
+                pred_ok = round(row.top1 * row.n_eval)
+                rec |= accuracy(
+                    torch.tensor([1] * pred_ok + [0] * (row.n_eval - pred_ok)),
+                    torch.ones(row.n_eval, dtype=torch.int64),
+                )
+                rec |= {"agreement": row.agreement, "eval_seconds": row.eval_seconds}
+            out.append(rec)
+    return out
+
+
 def tables(result: dict) -> str:
     rows = result["rows"]
     out = []
@@ -95,6 +130,12 @@ def tables(result: dict) -> str:
         for r in rs:
             if r["recipe"] == "fp32":
                 continue
+            if "top1" not in r:
+                out.append(
+                    f"| {r['setting']} | 4-bit | {r['preset']} | refused: "
+                    f"{r.get('refused', '')[:80]} | - | - | - |"
+                )
+                continue
             out.append(
                 f"| {r['setting']} | {'8-bit' if r['ends'] == '8bit' else '4-bit'} | "
                 f"{r['preset']} | {pct(r)} | {100 * r['agreement']:.1f}% | "
@@ -111,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="W4A8")
     ap.add_argument("--ends", default="8bit,4bit")
     ap.add_argument("--presets", default="fast,default")
+    ap.add_argument(
+        "--peers", default="", help="brevitas,nncf: benchmarks/peers.py's recipes, all layers 4-bit"
+    )
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=500)
@@ -156,8 +200,9 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for depth in [int(d) for d in args.depths.split(",") if d]:
         model, stated = cifar_resnet(depth, cifar / "resnets")
-        r_all, _ = evaluate(model, x, y, cifar_normalize, args.batch, f"resnet{depth} fp32 10k")
-        r, ref = evaluate(model, xe, ye, cifar_normalize, args.batch, f"resnet{depth} fp32")
+        r_all, pred_all = evaluate(model, x, y, cifar_normalize, args.batch, f"resnet{depth} fp32")
+        ref = pred_all[eval_idx]  # FP32 on the evaluated images: the same pass, not another
+        r = accuracy(ref, ye) | {"eval_seconds": r_all["eval_seconds"]}
         rows.append(
             {"depth": depth, "recipe": "fp32", "stated": stated, "top1_all10k": r_all["top1"], **r}
         )
@@ -184,6 +229,8 @@ def main(argv=None) -> int:
                         flush=True,
                     )
                     merge_rows(args.out, head, rows, key)
+        if args.peers:
+            rows += peer_rows(args.peers.split(","), depth, model, calib, xe, ye, settings)
         merge_rows(args.out, head, rows, key)
     result = merge_rows(args.out, head, rows, key)
     print()
