@@ -42,6 +42,7 @@ from heldout import (  # noqa: E402
     DEFAULT_DATA,
     ROOT,
     accuracy,
+    counts,
     evaluate,
     machine,
     merge_rows,
@@ -78,7 +79,9 @@ def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
     setting's bits) on the same calibration and evaluation images."""
     import peers
 
-    wl = peers.Workload(f"cifar10-resnet{depth}", model, calib, cifar_normalize(xe), ye, 500)
+    wl = peers.Workload(
+        f"cifar10-resnet{depth}", model, calib, cifar_normalize(xe), ye, eval_batch=500
+    )
     cache: dict = {}
     out = []
     for m in peers.methods(tools, 0, None):
@@ -97,11 +100,7 @@ def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
             if row.top1 is None:
                 rec |= {"refused": row.refused}
             else:
-                pred_ok = round(row.top1 * row.n_eval)
-                rec |= accuracy(
-                    torch.tensor([1] * pred_ok + [0] * (row.n_eval - pred_ok)),
-                    torch.ones(row.n_eval, dtype=torch.int64),
-                )
+                rec |= counts(round(row.top1 * row.n_eval), row.n_eval)
                 rec |= {"agreement": row.agreement, "eval_seconds": row.eval_seconds}
             out.append(rec)
     return out
@@ -123,7 +122,7 @@ def tables(result: dict) -> str:
         out += [
             head,
             "",
-            "| setting | first/last layer | omse preset | top-1 % [95% CI] | agreement with FP32 "
+            "| setting | first/last layer | recipe | top-1 % [95% CI] | agreement with FP32 "
             "| extra MACs | calib s |",
             "|---|---|---|---|---|---|---|",
         ]

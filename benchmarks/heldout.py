@@ -97,8 +97,11 @@ def make_config(kwargs: dict[str, Any]) -> QuantConfig:
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Top-1 with its 95% Wilson interval."""
-    correct = int((pred == labels).sum())
-    n = int(labels.numel())
+    return counts(int((pred == labels).sum()), int(labels.numel()))
+
+
+def counts(correct: int, n: int) -> dict[str, Any]:
+    """Top-1 ``correct / n`` with its 95% Wilson interval."""
     lo, hi = wilson_interval(correct, n)
     return {"n": n, "correct": correct, "top1": correct / n, "ci95": [lo, hi]}
 
