@@ -127,12 +127,14 @@ def main(argv=None) -> int:
         xc, _ = load_imagenet_val(root, size, calib_idx)
         calib = list(pre(xc).split(8))
         r, ref = evaluate(model, xe, ye, pre, args.batch, f"{name} fp32")
-        rows.append({"model": name, "recipe": "fp32", **r})
+        rows.append({"model": name, "recipe": "fp32", "torch_threads": args.threads, **r})
         print(f"{name} fp32: top-1 {pct(r)}", flush=True)
         for rname, kw in recipes.items():
             q, info = quantize_recipe(model, calib, kw)
             r, _ = evaluate(q, xe, ye, pre, args.batch, f"{name} {rname}", ref)
-            rows.append({"model": name, "recipe": rname, **info, **r})
+            rows.append(
+                {"model": name, "recipe": rname, "torch_threads": args.threads, **info, **r}
+            )
             print(
                 f"{name} {rname}: top-1 {pct(r)}, agreement {100 * r['agreement']:.1f}%, "
                 f"calib {info['calib_seconds']:.0f} s, eval {r['eval_seconds']:.0f} s",
