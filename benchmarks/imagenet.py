@@ -66,7 +66,7 @@ def table(result: dict) -> str:
         "| model | recipe | top-1 % [95% CI] | agreement with FP32 | extra MACs | calib s | eval s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (r["model"], r["recipe"] != "fp32")):
         agree = "-" if r["recipe"] == "fp32" else f"{100 * r['agreement']:.1f}%"
         extra = "-" if r["recipe"] == "fp32" else f"{100 * r['extra_macs_fraction']:.1f}%"
         calib = "-" if r["recipe"] == "fp32" else f"{r['calib_seconds']:.0f}"
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         "benchmark": "imagenet",
         "protocol": protocol,
         "calibration_files": [files[i].name for i in calib_idx],
-        "machine": machine(),
+        "machine": machine() + " (each row: torch_threads)",
         "stated_fp32_top1_full_val": {f"efficientnet-lite{v}": STATED[v] for v in STATED},
     }
     rows = []
