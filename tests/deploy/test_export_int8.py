@@ -311,7 +311,12 @@ def test_lite0_recipe_runs_as_integer_kernels(tmp_path):
     spec = get_model("efficientnet-lite0")
     model = spec.build()
     cfg = QuantConfig(
-        weight_bits=4, act_bits=8, target="int8", extra_mac_budget=0.1, bias_correction=True
+        weight_bits=4,
+        act_bits=8,
+        target="int8",
+        extra_mac_budget=0.1,
+        bias_correction=True,
+        budget=None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

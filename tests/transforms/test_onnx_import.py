@@ -35,7 +35,13 @@ ort = pytest.importorskip("onnxruntime")
 if importlib.util.find_spec("onnx2torch") is None:
     pytest.skip("onnx2torch is not installed (make install installs it)", allow_module_level=True)
 
-CFG = {"bias_correction": False, "extra_mac_budget": 0.0, "rounding": "nearest", "equalize": False}
+CFG = {
+    "bias_correction": False,
+    "extra_mac_budget": 0.0,
+    "rounding": "nearest",
+    "equalize": False,
+    "budget": None,
+}
 
 
 class MatMulNet(nn.Module):
