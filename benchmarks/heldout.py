@@ -135,11 +135,15 @@ def quantize_recipe(
     layers = quantized_layers(q)
     total = sum(ql.macs for ql in layers.values())
     extra = sum(ql.extra_macs() for ql in layers.values())
+    plan = getattr(q, "omse_precision", None)  # per-layer widths under a weight budget
     return q.eval(), {
         "kwargs": kwargs,
         "config": cfg.to_dict(),
         "calib_seconds": round(secs, 1),
         "extra_macs_fraction": extra / max(total, 1),
+        "precision": None
+        if plan is None
+        else {"summary": plan.summary(), "bits": plan.bits, "guard": plan.guard},
     }
 
 
