@@ -515,6 +515,28 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
         assert (got2.argmax(-1) == sim2.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.skipif(_ocr_models() is None, reason="rapidocr-onnxruntime is not installed")
+def test_default_int8_export_of_an_onnx_model_equals_the_integer_simulation(tmp_path):
+    """The default recipe for int8 (per-layer precision: 8-bit weights, 7-bit codes outside
+    depthwise and the stem) on the OCR direction classifier: onnxruntime computes what omse's
+    integer mode computes (float-mode simulation differs by summation-order code flips, which
+    8-bit weights' larger accumulators make more frequent: measured 0.005 of the softmax)."""
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.rand(2, 3, 48, 192, generator=g) for _ in range(2)]
+    cfg = QuantConfig(target="int8", bias_correction=False, extra_mac_budget=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = omse.quantize(_ocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", calib, cfg)
+    assert {ql.cfg.weight_bits for ql in omse.quantized_layers(q).values()} == {8}
+    out = tmp_path / "q.onnx"
+    omse.export_onnx(q, calib[0], out, target="int8")
+    x = torch.rand(3, 3, 48, 192, generator=g)
+    omse.set_integer(q, True)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    assert np.abs(_ort(out, x) - sim).max() <= 1e-6
+
+
 def test_numpy_helper_roundtrip_of_constants_is_exact():
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     m = _graph("Relu")
