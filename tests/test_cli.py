@@ -294,7 +294,7 @@ def test_bad_input_is_one_line_and_exit_code_2(cli, work, argv, match):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["--threads", "0", "models"], "--threads must be >= 1"),
         (["export", "x", "--format", "tflite", "--out", "o"], "invalid choice: 'tflite'"),
-        (["export", "x", "--int8-weights", "u8", "--out", "o"], "invalid choice: 'u8'"),
+        (["export", "x", "--int8-weights", "u4", "--out", "o"], "invalid choice: 'u4'"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_code_2(capsys, argv, match):

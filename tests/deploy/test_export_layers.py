@@ -71,7 +71,7 @@ def _data(net, n, seed):
 def _quantized(net_cls, **cfg):
     torch.manual_seed(0)
     net = net_cls().eval()
-    base = dict(weight_bits=4, act_bits=8, extra_mac_budget=0.2, bias_correction=True)
+    base = dict(weight_bits=4, act_bits=8, extra_mac_budget=0.2, bias_correction=True, budget=None)
     base.update(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
