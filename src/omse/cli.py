@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -1365,6 +1366,12 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    """``omse: warning: <message>`` (the CLI's form of a Python warning; ``--debug`` keeps
+    Python's, with the file and line)."""
+    return f"omse: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -1375,6 +1382,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_allocator
 
     tune_allocator()
+    if not args.debug:  # one line per warning, without the source line that raised it
+        warnings.formatwarning = _one_line_warning
     created = False
     try:
         created = init_from_env()  # torchrun: WORLD_SIZE / RANK in the environment
