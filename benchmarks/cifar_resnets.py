@@ -174,6 +174,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ends", default="8bit,4bit")
     ap.add_argument("--presets", default="fast,default")
     ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="the weight budget of the presets' per-layer precision (a fraction of the 8-bit "
+        "bytes), with --guard-db (a number, or off); rows named PRESET@BUDGETx[-noguard]",
+    )
+    ap.add_argument("--guard-db", default="3")
+    ap.add_argument(
         "--peers", default="", help="brevitas,nncf: benchmarks/peers.py's recipes, all layers 4-bit"
     )
     ap.add_argument("--calib", type=int, default=256)
@@ -236,8 +244,12 @@ def main(argv=None) -> int:
             for e in ends:
                 for p in presets:
                     kw = recipe(p, s, e)
-                    q, info = quantize_recipe(model, calib, kw)
                     name = f"{s}/{e}/{p}"
+                    if args.budget is not None:
+                        guard = None if args.guard_db == "off" else float(args.guard_db)
+                        kw["budget"] = {"weight_bytes": args.budget, "guard_db": guard}
+                        name += f"@{args.budget:g}x" + ("-noguard" if guard is None else "")
+                    q, info = quantize_recipe(model, calib, kw)
                     r, _ = evaluate(q, xe, ye, cifar_normalize, args.batch, name, ref)
                     rows.append(
                         {"depth": depth, "recipe": name, "setting": s, "ends": e, "preset": p}
