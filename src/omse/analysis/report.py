@@ -30,7 +30,7 @@ from ..distributed import gather, is_distributed, is_main, unshard
 from ..io import atomic_write_bytes, atomic_write_text
 from ..nn.layers import QuantizedLayer, quantized_layers
 from ..transforms.functional import FloatWeight, float_weights
-from ..transforms.precision import PrecisionPlan, choose
+from ..transforms.precision import PrecisionPlan, cheapest, choose
 from ..transforms.statistics import run_model
 from .metrics import sqnr_db
 
@@ -253,6 +253,13 @@ def _plot(rows: list[LayerReport], path: Path, title: str, force: bool) -> None:
     ax.set_title(title + "  (+: layer has residual tensors)")
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
+    _save_png(fig, path, force)
+
+
+def _save_png(fig, path: Path, force: bool) -> None:
+    """Write a matplotlib figure as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -329,11 +336,8 @@ def precision_front(plan: PrecisionPlan, points: int = 21) -> list[tuple[int, fl
     front = []
     for i in range(points):
         b = lo + (hi - lo) * i // max(points - 1, 1)
-        chosen = choose(plan.choices, b) or {
-            n: min(cs, key=lambda c: c.bytes).bits for n, cs in plan.choices.items()
-        }
-        used = sum(c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == chosen[n])
-        front.append((used, plan.estimated_error(chosen)))
+        chosen = choose(plan.choices, b) or cheapest(plan.choices)
+        front.append((plan.chosen_bytes(chosen), plan.estimated_error(chosen)))
     return front
 
 
@@ -343,9 +347,7 @@ def _plot_precision(plan: PrecisionPlan, path: Path, title: str, force: bool) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = plan.bytes - sum(
-        c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == plan.bits[n]
-    )
+    fixed = plan.bytes - plan.chosen_bytes()  # layers an override fixed
     front = precision_front(plan)
     scale = max(plan.bytes_8bit, 1)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -353,7 +355,7 @@ def _plot_precision(plan: PrecisionPlan, path: Path, title: str, force: bool) ->
             label="knapsack plans (estimated)")  # fmt: skip
     for label, pick, marker in (("uniform low bits", min, "s"), ("uniform 8 bits", max, "^")):
         bits = {n: pick(c.bits for c in cs) for n, cs in plan.choices.items()}
-        used = sum(c.bytes for n, cs in plan.choices.items() for c in cs if c.bits == bits[n])
+        used = plan.chosen_bytes(bits)
         ax.plot([(used + fixed) / scale], [plan.estimated_error(bits)], marker, ms=8, label=label)
     ax.plot([plan.bytes / scale], [plan.estimated_error()], "r*", ms=14, label="chosen plan")
     ax.set_yscale("symlog", linthresh=1e-6)
@@ -362,11 +364,7 @@ def _plot_precision(plan: PrecisionPlan, path: Path, title: str, force: bool) ->
     ax.set_title(title + ": per-layer precision", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue(), force=force)
+    _save_png(fig, path, force)
 
 
 def write_precision(

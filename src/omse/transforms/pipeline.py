@@ -53,7 +53,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -89,6 +89,7 @@ from .precision import (
     Choice,
     PrecisionPlan,
     candidate_weight,
+    cheapest,
     choose,
     output_errors,
     relative_errors,
@@ -322,8 +323,6 @@ def _samples(batches: list) -> int:
 def _rewrap(r: _Run, name: str, bits: int) -> None:
     """Give layer ``name`` weights of ``bits`` bits (a new :class:`QuantizedLayer` from the
     float layer)."""
-    from dataclasses import replace
-
     q = r.layers[name]
     q.set_quant_enabled(False)  # the float weight back in the wrapped layer
     cfg = replace(q.cfg, weight_bits=bits)
@@ -365,11 +364,8 @@ def _precision(r: _Run) -> None:
         )
         chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes)
         if chosen is None:  # below the smallest plan: the least error at the fewest bytes
-            least = fixed_bytes + sum(min(ch.bytes for ch in cs) for cs in plan.choices.values())
-            chosen = {  # each layer at its fewest bytes, the least error among those
-                n: min(cs, key=lambda ch: (ch.bytes, ch.error)).bits
-                for n, cs in plan.choices.items()
-            }
+            chosen = cheapest(plan.choices)
+            least = fixed_bytes + plan.chosen_bytes(chosen)
             if target != "int8":  # int8 holds every width in 8 bits: no bytes to save
                 warnings.warn(
                     f"weight budget {c.budget} ({plan.budget_bytes:,} bytes) is below the "
@@ -605,8 +601,7 @@ def _guard(r: _Run) -> PrecisionPlan | None:
     est8 = plan.estimated_error(eight)
     ratio = (e - e8) / max(plan.estimated_error() - est8, 1e-300)
     allowed = 0.8 * e8 * (10 ** (tol / 10) - 1)
-    fixed = sum(weight_bytes(layers[n], layers[n].cfg.weight_bits, r.config.target)
-                for n in plan.fixed)  # fmt: skip
+    fixed = plan.bytes - plan.chosen_bytes()  # the layers an override fixed
     bits = eight
     last = len(plan.guard) >= GUARD_ROUNDS - 1
     step = max(1, plan.bytes_8bit // 20)

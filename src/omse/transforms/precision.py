@@ -56,6 +56,7 @@ __all__ = [
     "output_errors",
     "scaled_error",
     "choose",
+    "cheapest",
     "relative_errors",
 ]
 
@@ -93,6 +94,11 @@ class PrecisionPlan:
         return float(
             sum(c.error for n, cs in self.choices.items() for c in cs if c.bits == bits.get(n))
         )
+
+    def chosen_bytes(self, bits: dict[str, int] | None = None) -> int:
+        """Sum of the chosen candidates' bytes (``bits`` or the plan's; choosable layers)."""
+        bits = self.bits if bits is None else bits
+        return sum(c.bytes for n, cs in self.choices.items() for c in cs if c.bits == bits.get(n))
 
     def summary(self) -> str:
         """One line: how many layers at each width and the bytes against the 8-bit model."""
@@ -307,6 +313,12 @@ def _squared(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> floa
     return float(
         sum(float(((t.double() - u.double()) ** 2).sum()) for t, u in zip(a, b, strict=True))
     )
+
+
+def cheapest(choices: dict[str, list[Choice]]) -> dict[str, int]:
+    """Each layer at its fewest bytes, the least error among equal bytes: the optimum of
+    :func:`choose` at the smallest budget any plan fits. Returns ``{layer: bits}``."""
+    return {n: min(cs, key=lambda c: (c.bytes, c.error)).bits for n, cs in choices.items()}
 
 
 @torch.no_grad()
