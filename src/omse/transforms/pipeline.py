@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import QuantConfig
+from ..config import INTEGER_TARGETS, QuantConfig
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
@@ -293,11 +293,22 @@ def _wrap(r: _Run) -> None:
         raise ConfigError(
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
+    wide: list[str] = []
     for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
         cfg = config.for_layer(name)
+        if cfg.target == "tflite" and isinstance(m, nn.Linear) and cfg.weight_bits <= 4:
+            cfg = replace(cfg, weight_bits=8)  # TFLM runs no INT4 FULLY_CONNECTED filter
+            wide.append(name)
         ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg, m))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
+    if wide:
+        warnings.warn(
+            f"{len(wide)} Linear layer(s) keep 8-bit weights ({', '.join(wide[:3])}"
+            f"{', ...' if len(wide) > 3 else ''}): TensorFlow Lite Micro runs FULLY_CONNECTED with "
+            "INT8 filters only",
+            stacklevel=4,
+        )
     if config.target == "int8":
         keep_first_layer_8bit(qmodel, r.layers, r.example)
 
@@ -525,7 +536,7 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
         steps.append(_precision)
     if config.rounding != "nearest" or config.extra_mac_budget > 0:
         steps.append(_weights)
-    if config.target == "int8":
+    if config.target in INTEGER_TARGETS:
         steps.append(_plan)
     steps.append(_activations)
     if config.bias_correction:
