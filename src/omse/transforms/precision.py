@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.grids import Grid
 from ..config import PACKED_INT4_TARGETS
+from ..core.grids import Grid
 from ..core.primitives import SCALE_DTYPES, dequantize
 from ..distributed import world
 from ..errors import model_forward_errors
