@@ -396,7 +396,11 @@ class _Converter:
         return np.frombuffer(raw.tobytes(), dtype, count=count).reshape(shape).copy()
 
     def weights(self, i: int) -> np.ndarray | None:
-        """Constant ``i`` as float32: float16 and int8 (with scales) weights dequantized."""
+        """Constant ``i`` as float32: float16 and int8 (with scales) weights dequantized (a
+        ``DEQUANTIZE``'s output: the array it folded)."""
+        if i in self.values:
+            v = self.values[i]
+            return None if v.const is None else v.const.astype(np.float32)
         arr = self.const_array(i)
         if arr is None or arr.dtype == np.float32:
             return arr
