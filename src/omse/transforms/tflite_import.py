@@ -682,6 +682,8 @@ class _Converter:
         elif t == bo and le == r:
             y = self.call(F.avg_pool2d, node, k, s, (t, le), count_include_pad=False)
         else:  # asymmetric SAME: zero-padded sums, times k / (the unpadded elements counted)
+            if not 0 < x.shape[1] * x.shape[2] <= 1 << 24:
+                raise self.fail(f"has an implausible input shape {x.shape}")
             node = self.call(F.pad, node, (le, r, t, bo))
             ones = torch.ones(1, 1, x.shape[1], x.shape[2])
             counts = F.avg_pool2d(F.pad(ones, (le, r, t, bo)), k, s) * (k[0] * k[1])
