@@ -432,6 +432,11 @@ def _int8_model() -> bytes:
     return t._pack([x], o.outputs)
 
 
+def test_nchw_batches_for_an_nhwc_model_are_a_clear_error():
+    with pytest.raises(OmseError, match=r"NHWC \[N, H, W, C\]"):
+        omse.quantize(_built("convs"), [torch.randn(2, 3, 8, 8)])
+
+
 def test_int8_model_refused_clearly():
     with pytest.raises(
         ConfigError, match=r"a float \.tflite is needed; this one is int8-quantized"

@@ -132,38 +132,39 @@ def is_tflite(model: Any) -> bool:
     return isinstance(model, str | os.PathLike) and str(model).lower().endswith(".tflite")
 
 
-def _check_buffers(model: Any, data: bytes, src: str) -> None:
-    """Every buffer an index names exists and every out-of-line buffer lies inside the file."""
-    n = len(model.buffers or [])
+def _ids(v: Any) -> list[int]:
+    """A flatbuffers int vector (numpy array or None) as a list of ints."""
+    return [] if v is None else [int(i) for i in v]
+
+
+def _check_structure(model: Any, data: bytes, src: str) -> None:
+    """The first subgraph exists with inputs and outputs; every tensor, buffer and opcode index
+    is in range; every out-of-line buffer lies inside the file. :class:`ConfigError` if not."""
+    bad = f"{src} is not a readable TFLite model (truncated or corrupt)"
     for b in model.buffers or []:
         if b.offset > 1 and (b.size < 0 or b.offset + b.size > len(data)):
             raise ConfigError(
-                f"{src} is not a readable TFLite model: a buffer at bytes {b.offset}.."
-                f"{b.offset + b.size} lies outside the file ({len(data)} bytes; truncated?)"
+                f"{bad}: a buffer at bytes {b.offset}..{b.offset + b.size} lies outside the file "
+                f"({len(data)} bytes)"
             )
     if not model.subgraphs:
         raise ConfigError(f"{src} is not a usable TFLite model: it has no subgraph")
     g = model.subgraphs[0]
-    tensors = g.tensors or []
-    for t in tensors:
-        if not 0 <= t.buffer < max(n, 1):
-            raise ConfigError(f"{src} is not a readable TFLite model: tensor buffer {t.buffer}")
-    codes = len(model.operatorCodes or [])
-    ids = [
-        *(g.inputs if g.inputs is not None else []),
-        *(g.outputs if g.outputs is not None else []),
-    ]
+    if not _ids(g.inputs) or not _ids(g.outputs):
+        raise ConfigError(f"{src} is not a usable TFLite model: its graph has no input or output")
+    tensors, n_buffers = g.tensors or [], len(model.buffers or [])
+    if any(not 0 <= t.buffer < max(n_buffers, 1) for t in tensors):
+        raise ConfigError(f"{bad}: a tensor names a buffer that does not exist")
+    ids = _ids(g.inputs) + _ids(g.outputs)
     for k, op in enumerate(g.operators or []):
-        if not 0 <= op.opcodeIndex < codes:
-            raise ConfigError(f"{src} is not a readable TFLite model: operator {k}'s opcode index")
-        ids += [i for i in [*(op.inputs if op.inputs is not None else []),
-                            *(op.outputs if op.outputs is not None else [])] if i != -1]  # fmt: skip
-    bad = [int(i) for i in ids if not 0 <= int(i) < len(tensors)]
-    if bad:
-        raise ConfigError(
-            f"{src} is not a readable TFLite model: tensor index {bad[0]} out of range "
-            f"({len(tensors)} tensors)"
-        )
+        if not 0 <= op.opcodeIndex < len(model.operatorCodes or []):
+            raise ConfigError(f"{bad}: operator {k} names an opcode that does not exist")
+        if not _ids(op.outputs):
+            raise ConfigError(f"{bad}: operator {k} has no output")
+        ids += [i for i in _ids(op.inputs) + _ids(op.outputs) if i != -1]  # -1: optional
+    out = [i for i in ids if not 0 <= i < len(tensors)]
+    if out:
+        raise ConfigError(f"{bad}: tensor index {out[0]} of {len(tensors)} tensors")
 
 
 def read_tflite(model: str | os.PathLike | bytes) -> tuple[Any, bytes, str]:
@@ -193,7 +194,7 @@ def read_tflite(model: str | os.PathLike | bytes) -> tuple[Any, bytes, str]:
         )
     try:
         m = schema.ModelT.InitFromPackedBuf(data, 0)
-        _check_buffers(m, data, src)
+        _check_structure(m, data, src)
     except ConfigError:
         raise
     except Exception as e:  # struct.error, IndexError, ValueError, UnicodeDecodeError, ...
@@ -482,7 +483,7 @@ class _Converter:
         raise self.fail(f"has the fused activation {names.get(code, code)}")
 
     def inputs(self, op: Any) -> list[int]:
-        return [int(i) for i in (op.inputs if op.inputs is not None else [])]
+        return _ids(op.inputs)
 
     def x4(self, op: Any) -> _Val:
         v = self.value(self.inputs(op)[0])
@@ -765,9 +766,7 @@ class _Converter:
         p = np.asarray(p).reshape(-1, 2).astype(int).tolist()
         if v.layout == "nchw":
             p = [p[a] for a in _TO_NCHW]
-            node = v.node
-        else:
-            node = v.node
+        node = v.node
         flat = tuple(int(x) for pair in reversed(p) for x in pair)
         if p and any(p[0]):
             self.info.fixed_batch = True
@@ -869,8 +868,8 @@ def _parity(module: nn.Module, data: bytes, src: str, inputs: list[torch.Tensor]
         ref = litert_outputs(float_reference(data), inputs, limit)
     except Exception as e:
         raise CalibrationError(
-            f"{src} does not run in LiteRT on the sample "
-            f"({[tuple(x.shape) for x in inputs]}): {first_line(e)}"
+            f"{src} does not run in LiteRT on the sample {[tuple(x.shape) for x in inputs]} "
+            f"(a TFLite image model takes NHWC [N, H, W, C] batches): {first_line(e)}"
         ) from e
     n = ref[0].shape[0]
     try:
