@@ -14,9 +14,10 @@
   node (``F.relu``, ``F.relu6``, ``torch.clamp``, ``a + b``, ``F.avg_pool2d``, ``F.max_pool2d``,
   ``torch.softmax``, ...) and constants are buffers (``const0``, ...);
 - **NCHW inside**: a 4-D input is permuted to NCHW once and 4-D tensors stay NCHW; a tensor goes
-  back to NHWC only where TFLite's meaning needs its memory order (``RESHAPE``/``SQUEEZE`` and
-  ``FULLY_CONNECTED`` flatten in NHWC order, and a 4-D output), and only when the permute moves
-  more than one non-unit axis (a ``[N, C, 1, 1]`` pooled map flattens as it is);
+  back to NHWC only where TFLite's meaning needs its layout: ``RESHAPE`` and ``FULLY_CONNECTED``
+  flatten in NHWC order (permuted first unless at most one of C, H, W exceeds 1: a
+  ``[N, C, 1, 1]`` pooled map flattens as it is), ``SQUEEZE``, a ``MEAN`` whose kept axes would
+  come out in another order, and a 4-D output;
 - **any batch size** where the graph keeps axis 0 as the batch (every op but a ``RESHAPE`` that
   changes axis 0, which is kept at the file's size);
 - TFLite's ``SAME`` padding: ``(out - 1) * stride + (k - 1) * dilation + 1 - in`` split with
@@ -37,14 +38,22 @@ file), a check that it is a float model (:func:`check_float`: a quantized one is
 :class:`ConfigError` saying so), conversion (an op outside :data:`SUPPORTED_OPS` is an
 :class:`UnsupportedLayerError` naming the op and its operator index), and, given a ``sample``
 (:func:`omse.quantize` passes the first calibration batch), a parity check against the file in
-LiteRT (``ai_edge_litert``'s interpreter, one sample at a time): a :class:`ConfigError` when an
-output differs by more than ``atol + rtol * (max - min)`` of LiteRT's output.
+LiteRT (``ai_edge_litert``'s interpreter, one sample at a time, the first 4): a
+:class:`ConfigError` when an output differs by more than ``atol + rtol * (max - min)`` of
+LiteRT's output.
+
+Quantized weights in a float model: ``DEQUANTIZE`` of a constant (float16 weights, or int8 with
+scales) is folded into a float32 constant, and int8 weights that a ``CONV_2D``/
+``DEPTHWISE_CONV_2D``/``FULLY_CONNECTED`` reads directly (TFLite's "dynamic-range" quantization,
+activations float: MLPerf Tiny's ``kws_ref_model_float32.tflite``) are dequantized
+(``(q - zero_point) * scale``, per tensor or per channel). LiteRT runs the latter with hybrid
+kernels that quantize the activations on the fly, which the float module does not do, so parity
+is measured against the file with those weights stored as float32 (:func:`float_reference`).
+A model with quantized *activations* is refused (:func:`check_float`).
 
 Why a converter of our own: the ``.tflite`` schema is small and its float ops map one to one onto
 torch functions; the graph is read with the flatbuffers object API of the schema module that
 ``ai-edge-litert`` ships (``pip install ai-edge-litert``, the ``tflite`` extra), imported lazily.
-``DEQUANTIZE`` of a constant (float16 weights, or int8 weights with their scales) is folded into
-a float32 constant at load time.
 """
 
 from __future__ import annotations
@@ -109,7 +118,7 @@ def _names(enum: type) -> dict[int, str]:
 class TfliteImport:
     """What :func:`load_tflite` did. ``layers``: ``{module name: (operator index, op)}`` for each
     ``nn.Conv2d``/``nn.Linear``; ``ops``: how many operators of each op the file has;
-    ``dequantized``: constants a ``DEQUANTIZE`` produced (folded to float32);
+    ``dequantized``: float16 or int8 weights made float32 (by a ``DEQUANTIZE`` or directly);
     ``max_abs_diff``/``tolerance``: the parity check against LiteRT (``None`` without a
     sample); ``fixed_batch``: a ``RESHAPE`` that changes axis 0 fixes the batch to the file's."""
 
@@ -416,9 +425,13 @@ class _Converter:
         return out
 
     def value(self, i: int) -> _Val:
+        """Tensor ``i``: what an op wrote, or its constant (quantized or float16 ones as
+        float32)."""
         if i in self.values:
             return self.values[i]
         arr = self.const_array(i)
+        if arr is not None and arr.dtype in (np.float16, np.int8, np.uint8):
+            arr = self.weights(i)
         if arr is None:
             raise self.fail(f"reads tensor {i} {_str(self.tensor(i).name)!r}, which no op wrote")
         v = _Val(None, arr, "plain", list(arr.shape))
