@@ -103,7 +103,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         help="built-in model name (see `omse models`), package.module:factory, or a float "
-        "ONNX file (model.onnx; calibration images sized from its input's static dims)",
+        "ONNX file (model.onnx; calibration images sized from its input's static dims) or "
+        "TFLite file (model.tflite: NHWC input, images sized from it)",
     )
     p.add_argument(
         "--weights", help="weights file for a package.module:factory model (safetensors)"
@@ -790,6 +791,8 @@ def _load_task(args):
     else:
         if _is_onnx_path(args.model):
             return _load_onnx_task(args)
+        if _is_tflite_path(args.model):
+            return _load_tflite_task(args)
         model = load_user_model(args.model, args.weights)
         return (model, *_user_data(args))
     batches = [
@@ -894,6 +897,70 @@ def _load_onnx_task(args):
         fit, fit_from = _onnx_fit(args, proto)
     pre, batches, ev_x, ev_y = _user_data(args, size, size_from, fit, fit_from)
     return load_onnx(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
+
+
+def _is_tflite_path(model: str) -> bool:
+    return model.lower().endswith(".tflite")
+
+
+class _ToNhwc:
+    """A TFLite image model's preprocessing: the user's (``inner``: ``--mean``/``--std`` or
+    ``--transform`` of ``[N, 3, H, W]`` images in [0, 1]), then NCHW -> NHWC, the layout the
+    model takes. ``[N, 3, H, W] -> [N, H, W, C]``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x) if self.inner is not None else x
+        return y.permute(0, 2, 3, 1).contiguous() if y.dim() == 4 else y
+
+
+def _load_tflite_task(args):
+    """``_load_task`` for a float ``.tflite`` model: the user-model data options
+    (:func:`_user_data`) at the input's static ``H`` x ``W`` (an NHWC ``[N, H, W, C]`` input; a
+    contradicting ``--input-size`` is an error), images permuted to NHWC after the user's
+    preprocessing (:class:`_ToNhwc`; pixels stay in [0, 1] unless ``--mean``/``--std`` or
+    ``--transform`` scale them, e.g. ``--std`` of 1/255 for a model fed 0..255); the model
+    converted and checked against LiteRT on the first calibration batch."""
+    from .transforms.tflite_import import load_tflite, read_tflite, tflite_io
+
+    if args.weights:
+        raise OmseError("--weights is for package.module:factory models; a .tflite has its own")
+    io = tflite_io(read_tflite(args.model)[0])
+    names = io["input_names"]
+    if len(names) != 1 and not args.calib_loader:
+        raise OmseError(
+            f"{args.model} has {len(names)} inputs ({names}); calibration images feed one: give "
+            "--calib-loader MODULE:FN (tuple batches in the file's input order) or use "
+            "omse.quantize"
+        )
+    if args.calib_loader:  # batches in the model's own layout
+        pre, batches, ev_x, ev_y = _user_data(args)
+        return load_tflite(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
+    dims = io["shapes"][names[0]]
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise OmseError(
+            f"{args.model}: input of shape {dims} is not an (N, H, W, C) image batch of static "
+            "size; give --calib-loader MODULE:FN"
+        )
+    h, w, c = dims[1:]
+    if c != 3 and not args.transform:
+        raise OmseError(
+            f"{args.model}: an input of {c} channels is not an RGB image; give --transform "
+            "MODULE:FN (RGB [N, 3, H, W] -> [N, C, H, W]; omse permutes it to NHWC) or "
+            "--calib-loader MODULE:FN"
+        )
+    if args.input_size is not None and _input_size(args.input_size) != (h, w):
+        raise OmseError(
+            f"{args.model} takes {h}x{w} images (its input is {dims}, NHWC); --input-size "
+            f"{args.input_size} contradicts it"
+        )
+    where = f"the .tflite's input shape {dims} (NHWC; pixels in [0, 1] unless --mean/--std)"
+    pre, batches, ev_x, ev_y = _user_data(args, (h, w), where)
+    nhwc = _ToNhwc(None)
+    batches = [nhwc(b) for b in batches]
+    return load_tflite(args.model, sample=batches[0]), _ToNhwc(pre), batches, ev_x, ev_y
 
 
 def _eval_label(args, n: int) -> tuple[str, bool]:

@@ -101,6 +101,7 @@ from .residuals import select_residuals
 from .rounding import gptq_terms
 from .sensitivity import network_errors
 from .statistics import Needs, collect, run_model
+from .tflite_import import is_tflite, load_tflite
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
 
@@ -556,7 +557,7 @@ def _fresh_copy(model: nn.Module, batches: list, cal: Calibration) -> nn.Module:
     for p in qmodel.parameters():
         p.requires_grad_(False)
     qmodel, cal.rewritten = functional.apply(qmodel, batches[0])
-    for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
+    for attr in ("omse_io", "omse_onnx", "omse_tflite"):  # an fx.GraphModule's deepcopy drops them
         if hasattr(model, attr):
             setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
     return qmodel
@@ -675,7 +676,11 @@ def quantize(
             float ONNX model (an ``.onnx`` path or an ``onnx.ModelProto``): converted by
             :func:`~omse.transforms.onnx_import.load_onnx` and checked against onnxruntime on
             the first calibration batch; the result carries ``omse_io`` (the graph's input and
-            output names, dynamic axes) for :func:`omse.export_onnx`.
+            output names, dynamic axes) for :func:`omse.export_onnx`. Or a float TFLite model
+            (a ``.tflite`` path or its bytes): converted by
+            :func:`~omse.transforms.tflite_import.load_tflite` (the module takes the file's
+            inputs, NHWC for images) and checked against LiteRT on the first calibration batch,
+            with ``omse_io`` as for ONNX.
         calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
             of keyword tensors); 16-64 images are typical. Never evaluation data.
         config: :class:`QuantConfig`; default ``QuantConfig()``, the default recipe: W4A8,
@@ -703,13 +708,21 @@ def quantize(
         raise ConfigError(f"config must be an omse.QuantConfig, got {type(config).__name__}")
     cal = calibration if calibration is not None else Calibration()
     t0 = time.perf_counter()
-    if _is_onnx(model):
+    if is_tflite(model):
+        calib_batches = run_checked(prepare_batches, calib_batches)  # read once (a generator)
+        model = load_tflite(model, sample=calib_batches[0])
+    elif _is_onnx(model):
         calib_batches = run_checked(prepare_batches, calib_batches)  # read once (a generator)
         model = load_onnx(model, sample=calib_batches[0])
     elif not isinstance(model, nn.Module):
-        what = f"str {model!r} (no .onnx file)" if isinstance(model, str) else type(model).__name__
+        what = (
+            f"str {model!r} (no .onnx or .tflite file)"
+            if isinstance(model, str)
+            else type(model).__name__
+        )
         raise ConfigError(
-            f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {what}"
+            "model must be a torch.nn.Module, an .onnx or .tflite path or an onnx.ModelProto, "
+            f"got {what}"
             + (
                 "; a built-in model: omse.zoo.models.build_architecture(name)"
                 if what[:3] == "str"
