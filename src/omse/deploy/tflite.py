@@ -68,6 +68,7 @@ NHWC = (0, 2, 3, 1)
 """The ONNX (NCHW) axes a TFLite 4-D activation holds, in order: ``tflite = onnx.transpose(NHWC)``."""
 FIXED_OUTPUT = {"LOGISTIC": (1.0 / 256.0, -128), "SOFTMAX": (1.0 / 256.0, -128)}
 """TFLite int8 kernels whose output quantization is fixed (scale, zero point)."""
+_SHAPE_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
 FUSABLE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL"}
 
 
@@ -157,6 +158,10 @@ class _Writer:
         self.b = TFLiteBuilder(description="omse")
         self.const = _const(self.g)
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.elem = {
+            vi.name: vi.type.tensor_type.elem_type
+            for vi in [*self.g.input, *self.g.value_info, *self.g.output]
+        }
         for vi in [*self.g.input, *self.g.value_info, *self.g.output]:
             dims = vi.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
@@ -261,7 +266,7 @@ class _Writer:
 
     def graph_input(self, name: str) -> None:
         shape = self.shape(name)
-        readers = self.readers.get(name, [])
+        readers = [r for r in self.readers.get(name, []) if r.op_type not in ("Shape", "Size")]
         qs = [r for r in readers if r.op_type == "QuantizeLinear"]
         if len(qs) != len(readers) or not qs:
             raise UnsupportedLayerError(
@@ -326,8 +331,8 @@ class _Writer:
         if op in ("Identity", "Dropout"):
             self.t[node.output[0]] = self.t[node.input[0]]
             return
-        if op in ("Shape", "Constant", "Gather", "Unsqueeze", "Concat", "Cast", "Slice") and (
-            node.output[0] in self.const or self._int_only(node)
+        if op in ("Shape", "Size", "Constant") or all(
+            self.elem.get(o) in _SHAPE_TYPES for o in node.output
         ):
             return  # shape arithmetic: the shapes are static here
         handler = getattr(self, f"op_{op}", None)
@@ -338,11 +343,6 @@ class _Writer:
                 "CONCAT, PAD, RESHAPE and the activations LiteRT and TFLM run in int8"
             )
         handler(node)
-
-    def _int_only(self, node) -> bool:
-        return all(i in self.const or i not in self.t for i in node.input if i) and not any(
-            i in self.t for i in node.input
-        )
 
     def out_grid(self, node: onnx.NodeProto) -> tuple[tuple[float, int], str, str, list]:
         """Follow ``node``'s output through Relu/Clip to its QuantizeLinear: ``(params, fused
