@@ -266,7 +266,13 @@ class _Writer:
 
     def graph_input(self, name: str) -> None:
         shape = self.shape(name)
-        readers = [r for r in self.readers.get(name, []) if r.op_type not in ("Shape", "Size")]
+        readers, qs, seen = [], [], [name]
+        while seen:  # through layout ops (an NHWC model's Transpose) to the quantizers
+            for r in self.readers.get(seen.pop(), []):
+                if r.op_type in ("Transpose", "Identity", "Reshape", "Flatten"):
+                    seen.append(r.output[0])
+                elif r.op_type not in ("Shape", "Size"):
+                    readers.append(r)
         qs = [r for r in readers if r.op_type == "QuantizeLinear"]
         if len(qs) != len(readers) or not qs:
             raise UnsupportedLayerError(
@@ -285,9 +291,8 @@ class _Writer:
             self.inputs.append(f.index)
             t = self.new(name + "_int8", shape, perm, params)
             self.b.op("QUANTIZE", [f.index], [t.index])
-        self.t[name] = t  # transposed to NHWC where an op needs it (transpose_to)
-        for q in qs:  # the quantized input, requantized for any reader on another grid
-            self.t[q.output[0]] = self.requantize(t, self.qparams(q), q.output[0], f"input {name}")
+        self.t[name] = t  # transposed to NHWC where an op needs it (transpose_to); its
+        # quantizers (QuantizeLinear visits) requantize it for a reader on another grid
 
     def transpose_to(self, t: _T, perm: tuple[int, ...], name: str) -> _T:
         """``t`` stored with ONNX axes ``perm`` (a TRANSPOSE op unless it already is)."""

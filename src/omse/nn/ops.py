@@ -274,15 +274,23 @@ class OpQuantizers:
 def op_quantizers(model: nn.Module, create: bool = False) -> OpQuantizers | None:
     """``model``'s :class:`OpQuantizers` (attached with its forward hooks when ``create``)."""
     ops = getattr(model, OPS_ATTR, None)
-    if ops is not None or not create:
+    if ops is not None:
+        if not any(h == ops._enter for h in model._forward_pre_hooks.values()):
+            _attach(model, ops)  # a copy that did not keep module hooks (torch.fx.GraphModule)
         return ops
+    if not create:
+        return None
     ops = OpQuantizers()
     setattr(model, OPS_ATTR, ops)
+    _attach(model, ops)
+    return ops
+
+
+def _attach(model: nn.Module, ops: OpQuantizers) -> None:
     ops._handles = [
         model.register_forward_pre_hook(ops._enter),
         model.register_forward_hook(ops._exit, always_call=True),
     ]
-    return ops
 
 
 def detach_op_quantizers(model: nn.Module) -> None:

@@ -64,7 +64,7 @@ from torch import nn
 from ..core.primitives import fake_quantize
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..nn.layers import DOMAIN, Marker, QuantizedLayer, inside_layer, quantized_layers
-from ..nn.ops import op_quantizers
+from ..nn.ops import OPS_ATTR, op_quantizers
 
 __all__ = [
     "DOMAIN",
@@ -411,6 +411,9 @@ def trace(
     :class:`ConfigError` for bad names or axes.
     """
     model = copy.deepcopy(qmodel).eval()
+    if getattr(qmodel, OPS_ATTR, None) is not None and getattr(model, OPS_ATTR, None) is None:
+        # a torch.fx.GraphModule's deepcopy drops attributes and hooks: op_quantizers re-hooks
+        setattr(model, OPS_ATTR, copy.deepcopy(getattr(qmodel, OPS_ATTR)))
     ops = op_quantizers(model)
     if ops is not None:  # every site marks its output (kind "op")
         ops.tracing = True
