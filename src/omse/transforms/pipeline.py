@@ -419,7 +419,11 @@ def _learned(r: _Run) -> None:
 def _residuals(r: _Run) -> None:
     """Residual kernels within the extra-MAC budget. Under a weight budget only the layers below
     8 bits compete (and only their patch moments are gathered): the budget is then a fraction of
-    those layers' MACs; an 8-bit layer's residual would buy next to nothing."""
+    those layers' MACs; an 8-bit layer's residual would buy next to nothing. ``target="tflite"``
+    under a byte budget takes none: a residual term is written as the layer's INT8 filter
+    (``k*Q1 + Q2``), which the byte budget already weighs against that layer's plain 8 bits."""
+    if r.config.target == "tflite" and r.cal.precision is not None:
+        return
     layers = r.layers
     if r.cal.precision is not None:
         layers = {n: q for n, q in r.layers.items() if q.cfg.weight_bits < 8}
