@@ -256,7 +256,7 @@ def _parameters_on_meta() -> Iterator[None]:
 def empty_model(builder: Callable[[], nn.Module]) -> nn.Module:
     """``builder()`` with its parameters on the ``meta`` device: the skeleton, no weight memory.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from omse.deploy.blockwise import empty_model
         >>> m = empty_model(lambda: torch.nn.Linear(50_000, 50_000))  # 10 GB in FP32
@@ -282,7 +282,7 @@ def find_blocks(model: nn.Module, blocks: str | Iterable[str] | None = None) -> 
     ``ModuleList``/``Sequential``: its children. Otherwise ``fnmatch`` patterns of module names
     (``["layer*.*"]``): the outermost matching modules, in the model's order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from omse.deploy.blockwise import find_blocks
         >>> mlp = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
@@ -788,7 +788,7 @@ def quantize_blockwise(
     Returns:
         a :class:`BlockwiseResult`.
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> from safetensors.torch import save_file
         >>> from omse.deploy.blockwise import quantize_blockwise, load_blockwise

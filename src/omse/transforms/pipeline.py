@@ -674,7 +674,7 @@ def quantize(
         progress: show progress bars.
         calibration: if given, filled with statistics, timings and notes.
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)
