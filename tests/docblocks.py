@@ -64,5 +64,7 @@ def commands(block: Block) -> list[list[str]]:
     for line in block.code.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         if words and (words[0] == "omse" or (words[0] == "torchrun" and "omse" in words)):
-            out.append(words[words.index("omse") + 1 :])
+            argv = words[words.index("omse") + 1 :]
+            if not {"-h", "--help"} & set(argv):  # help exits; nothing to check
+                out.append(argv)
     return out
