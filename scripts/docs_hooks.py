@@ -98,7 +98,9 @@ def results_section(name: str, results_dir: Path | None = None) -> str:
     import render_readme
 
     if name not in render_readme.SECTIONS:
-        raise ValueError(f"<!-- omse:results {name} -->: no such section {list(render_readme.SECTIONS)}")
+        raise ValueError(
+            f"<!-- omse:results {name} -->: no such section {list(render_readme.SECTIONS)}"
+        )
     text = render_readme.render_section(results_dir or ROOT / "results", name)
     if not text:
         raise ValueError(f"<!-- omse:results {name} -->: no results in results/ for it")
