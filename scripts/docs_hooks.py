@@ -46,13 +46,18 @@ def _option_line(action: argparse.Action, fmt: argparse.HelpFormatter) -> str:
         and action.nargs != 0
         and "default" not in text
     ):
-        text += f" (default: `{default}`)"
+        text = f"{text} (default: `{default}`)" if text else f"default: `{default}`"
     return f"- {flags}: {text}" if text else f"- {flags}"
 
 
 def _parser_section(name: str, parser: argparse.ArgumentParser, help_text: str) -> list[str]:
     fmt = parser._get_formatter()
-    usage = parser.format_usage().strip().removeprefix("usage: ")
+    lines = parser.format_usage().rstrip().splitlines()
+    pad = len("usage: ")
+    usage = "\n".join(
+        [lines[0].removeprefix("usage: ")]
+        + [ln[pad:] if ln.startswith(" " * pad) else ln for ln in lines[1:]]
+    )
     out = [f"## `{name}`", ""]
     if help_text:
         out += [help_text[0].upper() + help_text[1:] + ".", ""]
