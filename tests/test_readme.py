@@ -54,6 +54,16 @@ def test_readme_names_no_issue_numbers():
     assert not re.search(r"\(#\d+\)|\bissue #?\d+", README.read_text(), flags=re.I)
 
 
+def test_readme_links_resolve():
+    """Every relative link of the README (to the docs' pages, the changelog, the licence) names
+    a file of the repository."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links no documentation page"
+    missing = [link for link in local if not (README.parent / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
 def test_readme_has_python_blocks():
     assert len(BLOCKS) >= 2, "README.md needs a PyTorch and an ONNX example"
 
