@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on this machine's disk (an unpinned torch pulls CUDA)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[models,test,openvino]'
+	$(BIN)/python -m pip install -q -e '.[models,test,openvino,tflite]'
 	# the `onnx` extra without its dependencies (onnx2torch requires torchvision; rapidocr, whose
 	# OCR models the tests convert, requires opencv): see pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps $(ONNX_PKGS)

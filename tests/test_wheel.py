@@ -73,7 +73,7 @@ def test_wheel_contents(wheel):
     assert any(n.endswith("entry_points.txt") for n in names)
     meta = zipfile.ZipFile(wheel).read(f"omse-{omse.__version__}.dist-info/METADATA").decode()
     assert f"Version: {omse.__version__}" in meta and "License-Expression: Apache-2.0" in meta
-    for extra in ("models", "onnx", "openvino", "transformers", "peers", "docs", "test"):
+    for extra in ("models", "onnx", "tflite", "openvino", "transformers", "peers", "docs"):
         assert f"Provides-Extra: {extra}" in meta
 
 

@@ -4,7 +4,8 @@ The public surface: five functions, each with a runnable example in its docstrin
 (``tests/test_readme.py`` runs them), and the configuration:
 
 - ``quantize(model, calib_batches, config=None)``: a quantized copy of ``model`` (a torch module,
-  or a float ONNX file / ``onnx.ModelProto``, converted by ``load_onnx``);
+  or a float ONNX file / ``onnx.ModelProto``, converted by ``load_onnx``, or a float ``.tflite``
+  file, converted by ``load_tflite``);
 - ``export_onnx(qmodel, example_input, path)``: ONNX for int8 runtimes or int4 accelerators;
 - ``save(qmodel, path)`` / ``load(path, model=None)``: packed 4-bit checkpoints;
 - ``report(qmodel, calib_batches, out_dir)``: the per-layer report (md, csv, png);
@@ -40,6 +41,7 @@ from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, U
 from .nn.layers import quantized_layers, set_integer
 from .transforms.onnx_import import load_onnx
 from .transforms.pipeline import Calibration, quantize
+from .transforms.tflite_import import load_tflite
 from .zoo.models import load_checkpoint as load
 
 __version__ = "0.1.0"
@@ -61,6 +63,7 @@ __all__ = [
     "export_onnx",
     "load",
     "load_onnx",
+    "load_tflite",
     "save",
     "fake_quantize",
     "make_grid",

@@ -103,7 +103,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         help="built-in model name (see `omse models`), package.module:factory, or a float "
-        "ONNX file (model.onnx; calibration images sized from its input's static dims)",
+        "ONNX file (model.onnx; calibration images sized from its input's static dims) or "
+        "TFLite file (model.tflite: NHWC input, images sized from it)",
     )
     p.add_argument(
         "--weights", help="weights file for a package.module:factory model (safetensors)"
@@ -168,10 +169,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--target",
-        choices=["int4", "int8"],
+        choices=["int4", "int8", "tflite"],
         help="hardware the model is for: int8 (onnxruntime CPU, OpenVINO, TensorRT: one 8-bit "
-        "integer kernel per layer, residual tensors merged at no run-time cost) or int4 "
-        "(accelerators with 4-bit MACs; residual tensors are extra MACs; the recipe's)",
+        "integer kernel per layer, residual tensors merged at no run-time cost), tflite (LiteRT "
+        "and TensorFlow Lite Micro: int8 activations, packed INT4 or INT8 filters; the default "
+        "with --out FILE.tflite) or int4 (accelerators with 4-bit MACs; residual tensors are "
+        "extra MACs; the recipe's)",
     )
     r.add_argument("--first-last-8bit", action="store_true", help="first and last layer at W8A8")
     r.add_argument(
@@ -286,6 +289,27 @@ def _info(*lines: str) -> None:
             print(line)
 
 
+def _export_tflite(qmodel, batches: list, args, res: dict) -> dict[str, Any]:
+    """``--out FILE.tflite``: write it and say what it holds (one line)."""
+    from .deploy.tflite import export_tflite
+    from .transforms.statistics import first_row
+
+    out = export_tflite(
+        qmodel, first_row(batches[0]), args.out, force=args.force, io=args.tflite_io,
+        input_layout=args.input_layout,
+    )  # fmt: skip
+    kinds = out.filter_types()
+    fb = res.get("tflite_budget")
+    within = f" (budget {fb['max_bytes']:,}: {out.bytes / fb['max_bytes']:.3f}x)" if fb else ""
+    _info(
+        f"wrote {args.out}: {out.bytes:,} bytes{within}; filters {kinds.get('INT4', 0)} INT4, "
+        f"{kinds.get('INT8', 0)} INT8; {args.tflite_io} input/output"
+        + (f"; {len(out.requant)} requantizations inserted" if out.requant else "")
+    )
+    return {"bytes": out.bytes, "filters": out.layers, "requant": out.requant,
+            "io": out.io, "input_layout": out.input_layout}  # fmt: skip
+
+
 def _export(qmodel, batches: list, args, **kw):
     from .deploy.export import export_onnx, weight_types
     from .transforms.statistics import first_row
@@ -353,8 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(q)
     q.add_argument(
         "--out",
-        help="write the packed quantized checkpoint here (.safetensors), or the quantized ONNX "
-        "graph for --target (.onnx); with --blockwise, the output folder",
+        help="write the packed quantized checkpoint here (.safetensors), the quantized ONNX "
+        "graph for --target (.onnx), or a LiteRT / TensorFlow Lite Micro model (.tflite: "
+        "--target tflite unless given); with --blockwise, the output folder",
+    )
+    q.add_argument(
+        "--max-bytes",
+        metavar="B",
+        help="with --out FILE.tflite: the file's size limit, in bytes (60000, 60KB) or as a "
+        "fraction of the same model's all-INT8 file (0.6, 0.6x, 60%%); each layer's filter "
+        "is INT4 or INT8 by measured sensitivity to fit it (the guard is off)",
+    )
+    q.add_argument(
+        "--tflite-io",
+        choices=["float32", "int8"],
+        default="float32",
+        help="with --out FILE.tflite: the file's input and output type (int8: with the "
+        "calibrated scales and zero points, as TFLite's converter writes MCU models)",
+    )
+    q.add_argument(
+        "--input-layout",
+        choices=["model", "nhwc"],
+        default="model",
+        help="with --out FILE.tflite: 'model' keeps the input as the model takes it (an NCHW "
+        "image stays NCHW, transposed inside); 'nhwc' makes 4-D inputs TFLite's NHWC",
     )
     q.add_argument(
         "--blockwise",
@@ -452,7 +498,7 @@ def _config_from_args(args) -> Any:
         "rounding": args.rounding,
         "rounding_scope": args.rounding_scope,
         "rounding_iters": args.rounding_iters,
-        "target": args.target,
+        "target": args.target or ("tflite" if _is_tflite_out(args) else None),
     }
     kw = {k: v for k, v in given.items() if v is not None}  # None: the recipe's value
     if act == "float":
@@ -778,12 +824,19 @@ def _load_task(args):
     else:
         if _is_onnx_path(args.model):
             return _load_onnx_task(args)
+        if _is_tflite_path(args.model):
+            return _load_tflite_task(args)
         model = load_user_model(args.model, args.weights)
         return (model, *_user_data(args))
     batches = [
         pre(calib[i : i + 8]) if pre else calib[i : i + 8] for i in range(0, calib.shape[0], 8)
     ]
     return model, pre, batches, ev_x, ev_y
+
+
+def _is_tflite_out(args) -> bool:
+    out = getattr(args, "out", None)
+    return bool(out) and str(out).lower().endswith(".tflite")
 
 
 def _is_onnx_path(model: str) -> bool:
@@ -877,6 +930,70 @@ def _load_onnx_task(args):
         fit, fit_from = _onnx_fit(args, proto)
     pre, batches, ev_x, ev_y = _user_data(args, size, size_from, fit, fit_from)
     return load_onnx(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
+
+
+def _is_tflite_path(model: str) -> bool:
+    return model.lower().endswith(".tflite")
+
+
+class _ToNhwc:
+    """A TFLite image model's preprocessing: the user's (``inner``: ``--mean``/``--std`` or
+    ``--transform`` of ``[N, 3, H, W]`` images in [0, 1]), then NCHW -> NHWC, the layout the
+    model takes. ``[N, 3, H, W] -> [N, H, W, C]``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x) if self.inner is not None else x
+        return y.permute(0, 2, 3, 1).contiguous() if y.dim() == 4 else y
+
+
+def _load_tflite_task(args):
+    """``_load_task`` for a float ``.tflite`` model: the user-model data options
+    (:func:`_user_data`) at the input's static ``H`` x ``W`` (an NHWC ``[N, H, W, C]`` input; a
+    contradicting ``--input-size`` is an error), images permuted to NHWC after the user's
+    preprocessing (:class:`_ToNhwc`; pixels stay in [0, 1] unless ``--mean``/``--std`` or
+    ``--transform`` scale them, e.g. ``--std`` of 1/255 for a model fed 0..255); the model
+    converted and checked against LiteRT on the first calibration batch."""
+    from .transforms.tflite_import import load_tflite, read_tflite, tflite_io
+
+    if args.weights:
+        raise OmseError("--weights is for package.module:factory models; a .tflite has its own")
+    io = tflite_io(read_tflite(args.model)[0])
+    names = io["input_names"]
+    if len(names) != 1 and not args.calib_loader:
+        raise OmseError(
+            f"{args.model} has {len(names)} inputs ({names}); calibration images feed one: give "
+            "--calib-loader MODULE:FN (tuple batches in the file's input order) or use "
+            "omse.quantize"
+        )
+    if args.calib_loader:  # batches in the model's own layout
+        pre, batches, ev_x, ev_y = _user_data(args)
+        return load_tflite(args.model, sample=batches[0]), pre, batches, ev_x, ev_y
+    dims = io["shapes"][names[0]]
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise OmseError(
+            f"{args.model}: input of shape {dims} is not an (N, H, W, C) image batch of static "
+            "size; give --calib-loader MODULE:FN"
+        )
+    h, w, c = dims[1:]
+    if c != 3 and not args.transform:
+        raise OmseError(
+            f"{args.model}: an input of {c} channels is not an RGB image; give --transform "
+            "MODULE:FN (RGB [N, 3, H, W] -> [N, C, H, W]; omse permutes it to NHWC) or "
+            "--calib-loader MODULE:FN"
+        )
+    if args.input_size is not None and _input_size(args.input_size) != (h, w):
+        raise OmseError(
+            f"{args.model} takes {h}x{w} images (its input is {dims}, NHWC); --input-size "
+            f"{args.input_size} contradicts it"
+        )
+    where = f"the .tflite's input shape {dims} (NHWC; pixels in [0, 1] unless --mean/--std)"
+    pre, batches, ev_x, ev_y = _user_data(args, (h, w), where)
+    nhwc = _ToNhwc(None)
+    batches = [nhwc(b) for b in batches]
+    return load_tflite(args.model, sample=batches[0]), _ToNhwc(pre), batches, ev_x, ev_y
 
 
 def _eval_label(args, n: int) -> tuple[str, bool]:
@@ -1023,6 +1140,13 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         from dataclasses import replace
 
         cfg = replace(cfg, overrides=_resolve_first_last(model, cfg.overrides))
+    fb = _tflite_file_budget(args, model, batches, cfg)
+    if fb is not None:
+        from dataclasses import replace
+
+        from .config import Budget
+
+        cfg = replace(cfg, budget=Budget(weight_bytes=fb.weight_bytes, guard_db=None))
     cal = Calibration()
     batches = shard(batches)  # under torchrun: this rank's calibration batches
     qmodel = quantize(model, batches, cfg, calibration=cal, progress=True)
@@ -1047,7 +1171,34 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "float_share": cal.float_share,
         "precision": _precision_json(cal.precision),
     }
+    if fb is not None:
+        res["tflite_budget"] = vars(fb)
     return (model, qmodel, pre, batches, ev_x), res
+
+
+def _tflite_file_budget(args, model, batches, cfg):
+    """``--max-bytes``: the .tflite file budget as a weight budget (None without the flag)."""
+    text = getattr(args, "max_bytes", None)
+    if text is None:
+        return None
+    if not _is_tflite_out(args):
+        raise OmseError("--max-bytes is the written .tflite's size: give --out FILE.tflite")
+    if getattr(args, "max_weight_bytes", None) is not None:
+        raise OmseError("--max-bytes and --max-weight-bytes are two budgets: give one")
+    if cfg.target != "tflite":
+        raise OmseError(f"--max-bytes needs --target tflite (got {cfg.target})")
+    from .deploy.tflite import file_budget
+    from .transforms.statistics import first_row
+
+    fb = file_budget(
+        model, batches, cfg, first_row(batches[0]), text, args.tflite_io, args.input_layout
+    )
+    _info(
+        f"file budget {text}: {fb.max_bytes:,} bytes (the all-INT8 file is {fb.int8_bytes:,}; "
+        f"{fb.overhead:,} of them graph and activation quantization): weights get "
+        f"{fb.weight_bytes:,}"
+    )
+    return fb
 
 
 def _precision_json(plan) -> dict[str, Any] | None:
@@ -1258,7 +1409,9 @@ def cmd_quantize(args) -> int:
     _print_float_weights(res, args)
     if res.get("precision"):
         _info(res["precision"]["summary"])
-    if args.out and is_main() and _is_onnx_path(args.out):
+    if args.out and is_main() and _is_tflite_out(args):
+        res["tflite"] = _export_tflite(qmodel, batches, args, res)
+    elif args.out and is_main() and _is_onnx_path(args.out):
         _, types = _export(qmodel, batches, args)
         res.update(_weight_types_json(types))
         _info(f"wrote {args.out} (target {res['config']['target']})")

@@ -38,6 +38,8 @@ __all__ = [
     "Budget",
     "parse_budget",
     "TARGETS",
+    "INTEGER_TARGETS",
+    "PACKED_INT4_TARGETS",
     "CONFIG_VERSION",
     "PRESETS",
     "layer_config_to_dict",
@@ -46,7 +48,16 @@ __all__ = [
 
 _GRIDS = ("full", "narrow")
 ACT_GRIDS = ("auto", "full", "narrow", "affine")
-TARGETS = ("int4", "int8")
+TARGETS = ("int4", "int8", "tflite")
+"""What runs the model: ``int4`` (QDQ ONNX, 4-bit tensors as INT4), ``int8`` (integer kernels of
+onnxruntime/OpenVINO: every width in 8-bit containers) or ``tflite`` (LiteRT / TensorFlow Lite
+Micro: int8 activations, per-channel INT4 or INT8 filters)."""
+INTEGER_TARGETS = frozenset({"int8", "tflite"})
+"""Targets whose runtimes run integer kernels between layers: a residual term merges into one
+8-bit kernel (``s2 = s1/k``), each layer's output and the ops between layers are requantized,
+biases are int32 at ``s_x * s_w``."""
+PACKED_INT4_TARGETS = frozenset({"int4", "tflite"})
+"""Targets that store weight codes of <= 4 bits two to a byte."""
 ROUNDINGS = ("nearest", "gptq", "learned")
 SCOPES = ("block", "layer")
 ROUNDING_TERMS = ("first", "all")
@@ -212,6 +223,11 @@ class LayerConfig:
         _check_target(self.target)
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
+        if self.target == "tflite" and self.act_bits != 8:
+            raise ConfigError(
+                f"act_bits={self.act_bits!r} with target='tflite': LiteRT and TensorFlow Lite "
+                "Micro run int8 activations; use act_bits=8 (or target='int4' for other widths)"
+            )
         for k in ("weight_method", "act_method"):
             object.__setattr__(self, k, _method(k, getattr(self, k)))
         if self.weight_grid not in _GRIDS:
@@ -304,7 +320,11 @@ class QuantConfig:
             term's, so the two merge into one 8-bit kernel (no extra MACs at run time); a layer
             whose output goes anywhere but one quantized layer's input gets an 8-bit output
             quantizer (the requantized output of an integer kernel); biases are rounded to
-            int32 at ``s_x * s_w``. Exports default to the model's target.
+            int32 at ``s_x * s_w``. ``"tflite"`` (LiteRT, TensorFlow Lite Micro:
+            :func:`omse.export_tflite`) simulates the same integer graph with 8-bit activations
+            and weights of <= 4 bits stored as packed INT4 filters (half the bytes of INT8), so
+            the per-layer precision budget buys 4-bit layers there. Exports default to the
+            model's target.
     """
 
     weight_bits: int = 4
@@ -433,10 +453,10 @@ class QuantConfig:
             or not 1 <= self.max_terms <= 4
         ):
             raise ConfigError(f"max_terms={self.max_terms!r}: use 1..4")
-        if self.target == "int8" and self.max_terms > 2:
+        if self.target in INTEGER_TARGETS and self.max_terms > 2:
             raise ConfigError(
-                f"max_terms={self.max_terms} with target='int8': two terms merge into one 8-bit "
-                "kernel, three do not; use max_terms=2 or target='int4'"
+                f"max_terms={self.max_terms} with target={self.target!r}: two terms merge into "
+                "one 8-bit kernel, three do not; use max_terms=2 or target='int4'"
             )
         if (
             isinstance(self.act_bins, bool)

@@ -85,7 +85,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import INTEGER_TARGETS, QuantConfig
 from ..errors import CheckpointError, ConfigError, OmseError
 from ..io import atomic_dir, atomic_write_text
 from ..nn.layers import WRAPPABLE, QuantizedLayer
@@ -648,9 +648,9 @@ def _check_config(config: QuantConfig) -> None:
             "equalize=True cannot run block by block: cross-layer equalization pairs layers "
             "across block boundaries; use equalize=False or quantize in memory (omse.quantize)"
         )
-    if config.target == "int8":
+    if config.target in INTEGER_TARGETS:
         raise ConfigError(
-            "target='int8' cannot run block by block: its output-quantizer plan traces the whole "
+            f"target={config.target!r} cannot run block by block: its output-quantizer plan traces the whole "
             "model (where each layer's output goes, across blocks); use target='int4' or quantize "
             "in memory (omse.quantize)"
         )

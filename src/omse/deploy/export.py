@@ -80,7 +80,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ..config import TARGETS
+from ..config import INTEGER_TARGETS, TARGETS
 from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grids import Grid
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
@@ -135,7 +135,7 @@ INT8_WEIGHTS = ("auto", "s8", "u8")
 UINT8_LAYERS_KEY = "omse.uint8_weight_layers"
 INT8_LAYERS_KEY = "omse.int8_weight_layers"
 INT8_WEIGHTS_KEY = "omse.int8_weights"
-Target = Literal["int4", "int8"]
+Target = Literal["int4", "int8", "tflite"]
 ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
 
@@ -888,7 +888,7 @@ def _ops_changed_after_trace(model: onnx.ModelProto) -> set[str]:
 
 def _model_target(qls: list[QuantizedLayer]) -> str:
     targets = {ql.cfg.target for ql in qls}
-    return "int8" if targets == {"int8"} else "int4"
+    return targets.pop() if len(targets) == 1 else "int4"
 
 
 @torch.no_grad()
@@ -920,6 +920,8 @@ def to_onnx_model(
     if not qls:
         raise ConfigError("the model has no quantized layer; quantize it with omse.quantize first")
     target = target or _model_target(qls)
+    if target == "tflite":  # the same integer graph; 4-bit codes in INT8 containers for ONNX
+        target = "int8"
     if target == "int8":
         if integer:
             raise ConfigError(
@@ -928,7 +930,7 @@ def to_onnx_model(
             )
         container = "int8"
         for ql in qls:
-            if ql.cfg.target != "int8":
+            if ql.cfg.target not in INTEGER_TARGETS:
                 raise ConfigError(
                     f"layer {ql.name!r} was quantized for target={ql.cfg.target!r}: an int8 "
                     "export needs the int8 simulation (merged residuals, output quantizers); "

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..config import LayerConfig
+from ..config import INTEGER_TARGETS, LayerConfig
 from ..core.granularity import Granularity
 from ..core.grids import Grid
 from ..core.primitives import (
@@ -339,7 +339,7 @@ class QuantizedLayer(nn.Module):
         """The weight the layer computes with: ``sum_t s_t * Q_t``; for ``target="int8"`` the
         merged kernel ``s * (k*Q1 + Q2)`` (:meth:`merged_term`), the same value up to float
         rounding and exactly what the int8 export holds."""
-        if self.cfg.target == "int8" and self.n_terms > 1:
+        if self.cfg.target in INTEGER_TARGETS and self.n_terms > 1:
             q, s = self.merged_term()
             return dequantize(q, s)
         w = torch.zeros_like(self.float_weight)
@@ -455,7 +455,7 @@ class QuantizedLayer(nn.Module):
         layers with a quantized input and a bias (as integer kernels hold it), else None."""
         layer = self.layer
         if (
-            self.cfg.target != "int8"
+            self.cfg.target not in INTEGER_TARGETS
             or self.act_scale is None
             or self.a_grid is None
             or getattr(layer, "bias", None) is None

@@ -39,7 +39,14 @@ from ..core.grids import Grid
 from ..core.primitives import fake_quantize
 from .layers import Marker, layer_depth
 
-__all__ = ["OpQuantizers", "op_quantizers", "detach_op_quantizers", "SITE_KINDS", "OPS_ATTR"]
+__all__ = [
+    "OpQuantizers",
+    "op_quantizers",
+    "detach_op_quantizers",
+    "SITE_KINDS",
+    "OPS_ATTR",
+    "TFLITE_SITE_OPS",
+]
 
 OPS_ATTR = "omse_ops"
 """The attribute of a quantized model that holds its :class:`OpQuantizers`."""
@@ -78,18 +85,26 @@ SITE_OPS = {
 }
 """Function names (``torch``, ``torch.nn.functional``, ``Tensor`` methods) whose outputs are
 sites, and the ONNX ops they trace to."""
+TFLITE_SITE_OPS = {"hardswish": "HardSwish", "tanh": "Tanh", "pad": "Pad"}
+"""Further sites of ``target="tflite"`` models (:attr:`OpQuantizers.extra_sites`): a TFLite int8
+graph quantizes every tensor, these ops' outputs too (zero padding keeps its input's grid)."""
 
 
 def _activation(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
 
 
-def _site_op(func, args, kwargs) -> str | None:
-    """The ONNX op a call is a site of, or None (not an activation op: scalars, 0-d scales)."""
+def _site_op(func, args, kwargs, extra: bool = False) -> str | None:
+    """The ONNX op a call is a site of, or None (not an activation op: scalars, 0-d scales);
+    ``extra``: :data:`TFLITE_SITE_OPS` are sites too."""
     name = getattr(func, "__name__", "")
-    op = SITE_OPS.get(name)
+    op = SITE_OPS.get(name) or (TFLITE_SITE_OPS.get(name) if extra else None)
     if op is None or not args:
         return None
+    if op == "Pad":
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        value = kwargs.get("value", args[3] if len(args) > 3 else None)
+        return op if mode == "constant" and not value and _activation(args[0]) else None
     if op in ("Add", "Mul"):
         other = args[1] if len(args) > 1 else kwargs.get("other")
         if not (_activation(args[0]) and _activation(other)) or kwargs.get("alpha", 1) != 1:
@@ -122,7 +137,7 @@ class _SiteMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        op = None if layer_depth() else _site_op(func, args, kwargs)
+        op = None if layer_depth() else _site_op(func, args, kwargs, self.ops.extra_sites)
         if op is None:
             return func(*args, **kwargs)
         if op == "Sigmoid+Mul":  # silu(x) = x * sigmoid(x), as the exporter writes it
@@ -156,6 +171,7 @@ class OpQuantizers:
         self.observer: Callable[[int, torch.Tensor], None] | None = None
         self.tracing = False
         self.enabled = True
+        self.extra_sites = False  # TFLITE_SITE_OPS are sites (target="tflite")
         self._local = threading.local()
         self._handles: list = []
 
@@ -166,6 +182,7 @@ class OpQuantizers:
         new.fused, new.sources, new.shared = dict(self.fused), dict(self.sources), dict(self.shared)
         new.scales = {k: v.clone() for k, v in self.scales.items()}
         new.tracing, new.enabled = self.tracing, self.enabled
+        new.extra_sites = self.extra_sites
         return new
 
     def __getstate__(self):
@@ -193,6 +210,7 @@ class OpQuantizers:
             "fused": {str(k): v for k, v in self.fused.items()},
             "sources": {str(k): list(v) for k, v in self.sources.items()},
             "shared": dict(self.shared),
+            "extra_sites": self.extra_sites,
         }
 
     def load_dict(self, d: dict) -> None:
@@ -202,6 +220,7 @@ class OpQuantizers:
         self.fused = {int(k): v for k, v in d.get("fused", {}).items()}
         self.sources = {int(k): tuple(v) for k, v in d.get("sources", {}).items()}
         self.shared = {k: int(v) for k, v in d.get("shared", {}).items()}
+        self.extra_sites = bool(d.get("extra_sites", False))
         self.scales, self.grids = {}, {}
         for k, v in d.get("scales", {}).items():
             self.set_quantizer(int(k), torch.tensor(v), Grid(*d["grids"][k]))
@@ -255,15 +274,23 @@ class OpQuantizers:
 def op_quantizers(model: nn.Module, create: bool = False) -> OpQuantizers | None:
     """``model``'s :class:`OpQuantizers` (attached with its forward hooks when ``create``)."""
     ops = getattr(model, OPS_ATTR, None)
-    if ops is not None or not create:
+    if ops is not None:
+        if not any(h == ops._enter for h in model._forward_pre_hooks.values()):
+            _attach(model, ops)  # a copy that did not keep module hooks (torch.fx.GraphModule)
         return ops
+    if not create:
+        return None
     ops = OpQuantizers()
     setattr(model, OPS_ATTR, ops)
+    _attach(model, ops)
+    return ops
+
+
+def _attach(model: nn.Module, ops: OpQuantizers) -> None:
     ops._handles = [
         model.register_forward_pre_hook(ops._enter),
         model.register_forward_hook(ops._exit, always_call=True),
     ]
-    return ops
 
 
 def detach_op_quantizers(model: nn.Module) -> None:

@@ -90,6 +90,13 @@ PASSTHROUGH_SITE_OPS = ("MaxPool", "Resize", "Slice", "Split")
 """Ops whose output codes are input codes: onnxruntime drops ``DequantizeLinear -> op ->
 QuantizeLinear`` with equal parameters and runs them on the 8-bit tensor (``Tensor.chunk`` /
 ``split`` trace to ``Slice`` or ``Split``)."""
+TFLITE_INTEGER_SITE_OPS = ("HardSwish", "Tanh", "Softmax")
+"""Further :data:`INTEGER_SITE_OPS` of ``target="tflite"`` (int8 kernels in LiteRT and TFLM)."""
+TFLITE_FIXED_OUTPUT = {"Sigmoid": 1.0 / 256.0, "Softmax": 1.0 / 256.0}
+"""Sites of ``target="tflite"`` whose output step TFLite's int8 kernel fixes (on ``[0, 255]``,
+zero point -128 in TFLite's int8)."""
+TFLITE_PASSTHROUGH_SITE_OPS = ("Pad",)
+"""Further :data:`PASSTHROUGH_SITE_OPS` of ``target="tflite"`` (zero padding at the zero point)."""
 _REFORMS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Transpose"}
 
 
@@ -114,6 +121,10 @@ def plan_op_quantizers(
         return None
     example = first_row(example)
     ops = op_quantizers(qmodel, create=True)
+    tflite = any(ql.cfg.target == "tflite" for ql in layers.values())
+    ops.extra_sites = tflite
+    integer_ops = INTEGER_SITE_OPS + (TFLITE_INTEGER_SITE_OPS if tflite else ())
+    passthrough_ops = PASSTHROUGH_SITE_OPS + (TFLITE_PASSTHROUGH_SITE_OPS if tflite else ())
     proto, qls = trace(qmodel, example)
     g = proto.graph
     routes = layer_routes(proto)
@@ -194,9 +205,9 @@ def plan_op_quantizers(
         users = reads(out)
         direct = to_quantizer(out)
         site = "none"
-        if op in PASSTHROUGH_SITE_OPS and p.input[0] in quant:
+        if op in passthrough_ops and p.input[0] in quant:
             site = "none" if direct else "same"
-        elif op in INTEGER_SITE_OPS and all(i in quant for i in p.input if i):
+        elif op in integer_ops and all(i in quant for i in p.input if i):
             target = None if direct else reached_layer(out)
             relu = len(users) == 1 and users[0].op_type == "Relu" and users[0].domain == ""
             after = reads(users[0].output[0]) if relu else []
@@ -272,7 +283,12 @@ def set_op_scales(
     input quantizer, each ``"same"`` site its input's (for the export: the simulation leaves
     those values as they are)."""
     for site, kind in ops.kinds.items():
-        if kind == "own" and site in stats and stats[site].n > 0:
+        if kind == "own" and ops.extra_sites and ops.ops.get(site) in TFLITE_FIXED_OUTPUT:
+            # TFLite's int8 LOGISTIC / SOFTMAX write this grid: no requantization after them
+            ops.set_quantizer(
+                site, torch.tensor(TFLITE_FIXED_OUTPUT[ops.ops[site]]), Grid(8, "unsigned")
+            )
+        elif kind == "own" and site in stats and stats[site].n > 0:
             ops.set_quantizer(site, *_fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
         elif kind == "own":
             ops.set_quantizer(site, None, None)

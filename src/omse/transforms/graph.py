@@ -64,7 +64,7 @@ from torch import nn
 from ..core.primitives import fake_quantize
 from ..errors import ConfigError, OmseError, UnsupportedLayerError
 from ..nn.layers import DOMAIN, Marker, QuantizedLayer, inside_layer, quantized_layers
-from ..nn.ops import op_quantizers
+from ..nn.ops import OPS_ATTR, op_quantizers
 
 __all__ = [
     "DOMAIN",
@@ -411,6 +411,9 @@ def trace(
     :class:`ConfigError` for bad names or axes.
     """
     model = copy.deepcopy(qmodel).eval()
+    if getattr(qmodel, OPS_ATTR, None) is not None and getattr(model, OPS_ATTR, None) is None:
+        # a torch.fx.GraphModule's deepcopy drops attributes and hooks: op_quantizers re-hooks
+        setattr(model, OPS_ATTR, copy.deepcopy(getattr(qmodel, OPS_ATTR)))
     ops = op_quantizers(model)
     if ops is not None:  # every site marks its output (kind "op")
         ops.tracing = True
@@ -790,8 +793,9 @@ def is_silu(graph: onnx.GraphProto, t: str, users: list[onnx.NodeProto]) -> bool
 def float_output(ql: QuantizedLayer, route: Route) -> bool:
     """Whether ``target="int8"`` leaves layer ``ql``'s output float: a Linear (an integer
     ``MatMul``/``Gemm`` with a float output exists in every int8 runtime; an integer convolution
-    always requantizes) whose output no integer op reads (:attr:`Route.integer_reader`)."""
-    return isinstance(ql.layer, nn.Linear) and route.kind == "output" and not route.integer_reader
+    always requantizes) whose output no integer op reads (:attr:`Route.integer_reader`).
+    ``target="tflite"`` never does: TFLite's int8 FULLY_CONNECTED writes an int8 output."""
+    return ql.cfg.target == "int8" and isinstance(ql.layer, nn.Linear) and route.kind == "output" and not route.integer_reader
 
 
 def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:

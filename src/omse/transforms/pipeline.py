@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import INTEGER_TARGETS, QuantConfig
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
@@ -102,6 +102,7 @@ from .residuals import select_residuals
 from .rounding import gptq_terms
 from .sensitivity import network_errors
 from .statistics import Needs, collect, run_model
+from .tflite_import import is_tflite, load_tflite
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
 
@@ -298,13 +299,24 @@ def _wrap(r: _Run) -> None:
         raise ConfigError(
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
+    wide: list[str] = []
     for name, m in progress_bar(
         targets.items(), desc="weights", disable=not r.progress, leave=False
     ):
         cfg = config.for_layer(name)
+        if cfg.target == "tflite" and isinstance(m, nn.Linear) and cfg.weight_bits <= 4:
+            cfg = replace(cfg, weight_bits=8)  # TFLM runs no INT4 FULLY_CONNECTED filter
+            wide.append(name)
         ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg, m))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
+    if wide:
+        warnings.warn(
+            f"{len(wide)} Linear layer(s) keep 8-bit weights ({', '.join(wide[:3])}"
+            f"{', ...' if len(wide) > 3 else ''}): TensorFlow Lite Micro runs FULLY_CONNECTED with "
+            "INT8 filters only",
+            stacklevel=4,
+        )
     if config.target == "int8":
         keep_first_layer_8bit(qmodel, r.layers, r.example)
 
@@ -534,7 +546,7 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
         steps.append(_precision)
     if config.rounding != "nearest" or config.extra_mac_budget > 0:
         steps.append(_weights)
-    if config.target == "int8":
+    if config.target in INTEGER_TARGETS:
         steps.append(_plan)
     steps.append(_activations)
     if config.bias_correction:
@@ -554,7 +566,7 @@ def _fresh_copy(model: nn.Module, batches: list, cal: Calibration) -> nn.Module:
     for p in qmodel.parameters():
         p.requires_grad_(False)
     qmodel, cal.rewritten = functional.apply(qmodel, batches[0])
-    for attr in ("omse_io", "omse_onnx"):  # an fx.GraphModule's deepcopy drops them
+    for attr in ("omse_io", "omse_onnx", "omse_tflite"):  # an fx.GraphModule's deepcopy drops them
         if hasattr(model, attr):
             setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
     return qmodel
@@ -673,7 +685,11 @@ def quantize(
             float ONNX model (an ``.onnx`` path or an ``onnx.ModelProto``): converted by
             :func:`~omse.transforms.onnx_import.load_onnx` and checked against onnxruntime on
             the first calibration batch; the result carries ``omse_io`` (the graph's input and
-            output names, dynamic axes) for :func:`omse.export_onnx`.
+            output names, dynamic axes) for :func:`omse.export_onnx`. Or a float TFLite model
+            (a ``.tflite`` path or its bytes): converted by
+            :func:`~omse.transforms.tflite_import.load_tflite` (the module takes the file's
+            inputs, NHWC for images) and checked against LiteRT on the first calibration batch,
+            with ``omse_io`` as for ONNX.
         calib_batches: an iterable of input batches (tensors, ``(inputs, labels)`` tuples or dicts
             of keyword tensors); 16-64 images are typical. Never evaluation data.
         config: :class:`QuantConfig`; default ``QuantConfig()``, the default recipe: W4A8,
@@ -701,13 +717,21 @@ def quantize(
         raise ConfigError(f"config must be an omse.QuantConfig, got {type(config).__name__}")
     cal = calibration if calibration is not None else Calibration()
     t0 = time.perf_counter()
-    if _is_onnx(model):
+    if is_tflite(model):
+        calib_batches = run_checked(prepare_batches, calib_batches)  # read once (a generator)
+        model = load_tflite(model, sample=calib_batches[0])
+    elif _is_onnx(model):
         calib_batches = run_checked(prepare_batches, calib_batches)  # read once (a generator)
         model = load_onnx(model, sample=calib_batches[0])
     elif not isinstance(model, nn.Module):
-        what = f"str {model!r} (no .onnx file)" if isinstance(model, str) else type(model).__name__
+        what = (
+            f"str {model!r} (no .onnx or .tflite file)"
+            if isinstance(model, str)
+            else type(model).__name__
+        )
         raise ConfigError(
-            f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {what}"
+            "model must be a torch.nn.Module, an .onnx or .tflite path or an onnx.ModelProto, "
+            f"got {what}"
             + (
                 "; a built-in model: omse.zoo.models.build_architecture(name)"
                 if what[:3] == "str"

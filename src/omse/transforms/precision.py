@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import PACKED_INT4_TARGETS
 from ..core.grids import Grid
 from ..core.primitives import SCALE_DTYPES, dequantize
 from ..distributed import world
@@ -124,15 +125,22 @@ def candidate_weight(q: QuantizedLayer, bits: int) -> torch.Tensor:
     return dequantize(codes, scale)
 
 
+TFLITE_CHANNEL_BYTES = 12
+"""Bytes per output channel of a ``.tflite`` filter's quantization: a float32 scale and an int64
+zero point (TFLite's schema stores both per channel)."""
+
+
 def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
     """Bytes of the layer's weights as the target writes them: codes (``bits`` bits packed two
-    to a byte for <= 4 bits with ``target="int4"``, else one byte each), one scale per kernel
-    in the layer's ``scale_dtype`` (per-group scales counted per group) and an int32 bias."""
+    to a byte for <= 4 bits on :data:`~omse.config.PACKED_INT4_TARGETS`, else one byte each), one
+    scale per kernel in the layer's ``scale_dtype`` (per-group scales counted per group; a
+    ``.tflite`` holds a float32 scale and an int64 zero point per channel) and an int32 bias."""
     n = q.float_weight.numel()
-    code_bits = 4 if (bits <= 4 and target == "int4") else 8
+    code_bits = 4 if (bits <= 4 and target in PACKED_INT4_TARGETS) else 8
     codes = math.ceil(n * code_bits / 8)
     n_scales = q.cfg.granularity.to_slices(q.float_weight).shape[0]
-    scale_bytes = n_scales * SCALE_DTYPES[q.cfg.scale_dtype].itemsize
+    per_scale = SCALE_DTYPES[q.cfg.scale_dtype].itemsize
+    scale_bytes = n_scales * (TFLITE_CHANNEL_BYTES if target == "tflite" else per_scale)
     bias = getattr(q.layer, "bias", None)
     return codes + scale_bytes + (0 if bias is None else 4 * bias.numel())
 

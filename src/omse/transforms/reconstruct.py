@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..config import INTEGER_TARGETS
 from ..core.primitives import SCALE_DTYPES, dequantize, scale_neighbours
 from ..distributed import gather, unshard, world
 from ..errors import ConfigError
@@ -355,7 +356,7 @@ class _Learner:
                 c = self.codes(q, t).to(codes.dtype) if (name, t) in self.v else codes
                 if t == 0:
                     s = new0
-                elif q.cfg.target == "int8":
+                elif q.cfg.target in INTEGER_TARGETS:
                     s = new0 / torch.round(s0 / scale)
                 else:
                     s = scale * (new0 / s0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import INTEGER_TARGETS
 from ..core.primitives import dequantize
 from ..nn.layers import QuantizedLayer, max_code_ratio, quantize_weight_terms, ratio_residual_term
 from .statistics import LayerStatistics
@@ -72,7 +73,7 @@ def select_residuals(
             weight = sensitivity.get(name, 0.0) / max(float(err_prev.sum()), 1e-300)
         out = w.shape[0]
         cost = q.macs / out
-        if cfg.target == "int8":  # s2 = s1 / k: the two terms merge into one 8-bit kernel
+        if cfg.target in INTEGER_TARGETS:  # s2 = s1 / k: the two terms merge into one 8-bit kernel
             k_max = max_code_ratio(q.w_grid)
             if k_max < 2:
                 continue  # (8-bit weights) no finer residual step fits one 8-bit kernel
