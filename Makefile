@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 THREADS ?= 2
 # AIMET's PyPI wheel requires torchvision, which breaks the CPU torch here: it is installed with
@@ -17,14 +18,14 @@ AIMET_PKGS := aimet-torch==2.42.0 attrs==26.1.0 bokeh==3.6.3 colorcet==3.2.1 hol
 ONNX_PKGS := onnx2torch==1.5.15
 OCR_PKGS  := rapidocr-onnxruntime==1.4.4
 
-.PHONY: demo test test-all bench lint format clean install fmnist
+.PHONY: demo test test-all bench lint format clean install fmnist docs
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on this machine's disk (an unpinned torch pulls CUDA)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[models,test,deploy,tflite]'
+	$(BIN)/python -m pip install -q -e '.[models,test,openvino,tflite]'
 	# the `onnx` extra without its dependencies (onnx2torch requires torchvision; rapidocr, whose
 	# OCR models the tests convert, requires opencv): see pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps $(ONNX_PKGS)
@@ -46,7 +47,17 @@ fmnist:
 demo: $(STAMP) fmnist
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/omse --threads $(THREADS) demo
 
-test: $(STAMP) fmnist
+# The documentation site (mkdocs.yml, docs/): built into build/site with warnings as errors.
+# Its CLI reference and benchmark tables are generated at build time (scripts/docs_hooks.py).
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[docs]' torch==2.13.0
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# the docs build first (a broken link or a stale reference fails the run), then the suite
+test: $(STAMP) fmnist docs
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Benchmarks are not tests: each prints markdown tables and writes JSON/PNG under results/.
@@ -57,7 +68,7 @@ $(AIMET)/.installed: $(STAMP)
 	mkdir -p $(AIMET) && touch $@
 
 bench: $(STAMP) fmnist $(AIMET)/.installed
-	$(BIN)/python -m pip install -q -e '.[bench,nlp]' torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[peers,transformers]' torch==2.13.0
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/solver_speed.py --threads $(THREADS)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/accuracy.py
 	OMSE_AIMET_PATH=$(CURDIR)/$(AIMET) OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/bench.py

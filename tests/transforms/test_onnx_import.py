@@ -503,7 +503,7 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
     # the ONNX file's dynamic axes survive: batch (onnx2torch's opset-11 Softmax reshaped with
     # the traced sizes: SoftmaxV1V11), the detector's H, W and the recognizer's W (its
     # attention's Reshape to Concat(0, Slice(Shape(x)), 3, 8, 15) was folded to the traced width
-    # before StaticSlice; README, "Dynamic axes after the round trip")
+    # before StaticSlice; docs/guides/onnx.md, "Dynamic axes after the round trip")
     x2 = torch.rand(second, generator=g)
     with torch.no_grad():
         sim2 = q(x2).numpy()

@@ -168,7 +168,7 @@ def test_set_integer_warns_where_float32_cannot_hold_the_accumulator():
     net = nn.Sequential(nn.Linear(40000, 2)).eval()  # 8-bit x 8-bit codes over 40000 inputs
     x = torch.randn(4, 40000)
     q = omse.quantize(net, [x], QuantConfig.preset("fast", weight_bits=8, act_bits=8))
-    with pytest.warns(UserWarning, match=r"\['0'\].*2\^24"):
+    with pytest.warns(UserWarning, match=r"1 layer \(0\) can accumulate.*2\^24"):
         set_integer(q)
 
 

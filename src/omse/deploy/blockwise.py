@@ -84,12 +84,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import INTEGER_TARGETS, QuantConfig
 from ..errors import CheckpointError, ConfigError, OmseError
 from ..io import atomic_dir, atomic_write_text
 from ..nn.layers import WRAPPABLE, QuantizedLayer
+from ..runtime import progress as progress_bar
 from ..runtime import trim_heap
 from ..transforms.fold import _set_module
 from ..transforms.pipeline import Calibration, prepare_batches, quantize
@@ -256,7 +256,7 @@ def _parameters_on_meta() -> Iterator[None]:
 def empty_model(builder: Callable[[], nn.Module]) -> nn.Module:
     """``builder()`` with its parameters on the ``meta`` device: the skeleton, no weight memory.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from omse.deploy.blockwise import empty_model
         >>> m = empty_model(lambda: torch.nn.Linear(50_000, 50_000))  # 10 GB in FP32
@@ -282,7 +282,7 @@ def find_blocks(model: nn.Module, blocks: str | Iterable[str] | None = None) -> 
     ``ModuleList``/``Sequential``: its children. Otherwise ``fnmatch`` patterns of module names
     (``["layer*.*"]``): the outermost matching modules, in the model's order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from omse.deploy.blockwise import find_blocks
         >>> mlp = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
@@ -788,7 +788,7 @@ def quantize_blockwise(
     Returns:
         a :class:`BlockwiseResult`.
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> from safetensors.torch import save_file
         >>> from omse.deploy.blockwise import quantize_blockwise, load_blockwise
@@ -839,7 +839,9 @@ def quantize_blockwise(
     res.weight_bytes = sum(_nbytes(t) for t in skel.state_dict(keep_vars=True).values())
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out_path, force)) if out_path is not None else None
-        bar = stack.enter_context(tqdm(total=len(names) + 2, desc="blocks", disable=not progress))
+        bar = stack.enter_context(
+            progress_bar(total=len(names) + 2, desc="blocks", disable=not progress)
+        )
         run = _Run(skel, names, batches, config, source, aliases, fold_bn, res)
         bar.set_postfix_str("stem")
         xs, extra = run.stem()
@@ -1230,7 +1232,7 @@ def run_blockwise(
             xs.append(args[0])
             extra.append((args, kw))
     raw: list = []
-    for i in tqdm(range(len(ld.names)), desc="blocks", disable=not progress):
+    for i in progress_bar(range(len(ld.names)), desc="blocks", disable=not progress):
         blk = ld.block(i)
         raw = [blk(x, *a[1:], **kw) for x, (a, kw) in zip(xs, extra, strict=True)]
         xs = [_first(o) for o in raw]

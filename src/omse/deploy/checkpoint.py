@@ -101,7 +101,7 @@ def save(
     ``load(path)`` can rebuild it without ``model=`` (default: ``qmodel.omse_model_name`` if set).
     Written atomically; an existing file needs ``force=True``.
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)

@@ -1080,7 +1080,8 @@ def export_onnx(
         ConfigError: an argument out of range, or a model quantized for another target; an
             ``example_input`` of another type, a name in ``dynamic_axes`` that is no input or
             output, an axis out of range, names of the wrong count (each naming the argument).
-    Example:
+
+    Examples:
         >>> import torch, omse
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)

@@ -115,7 +115,7 @@ def _import_openvino(what: str) -> Any:
     except ImportError as e:
         raise OmseError(
             f"cannot {what}: the package openvino is not installed ({e}); "
-            "install it with `pip install -e '.[deploy]'` (openvino==2026.4.1)"
+            "install it with `pip install -e '.[openvino]'` (openvino==2026.4.1)"
         ) from None
     return openvino
 

@@ -37,6 +37,7 @@ from ..core.primitives import (
 )
 from ..core.ranges import make_range_setter
 from ..errors import ConfigError
+from ..runtime import name_list
 
 __all__ = [
     "QuantizedLayer",
@@ -633,7 +634,8 @@ def set_integer(model: nn.Module, enabled: bool = True) -> nn.Module:
         big = [n for n, q in layers.items() if q.accumulator_bound() >= 2**24]
         if big:
             warnings.warn(
-                f"layers {big} can accumulate |sums| >= 2^24, which float32 does not hold "
+                f"{len(big)} layer{'s' if len(big) > 1 else ''} ({name_list(big)}) can "
+                "accumulate |sums| >= 2^24, which float32 does not hold "
                 "exactly: integer mode still computes them, but not bit-exactly in every order",
                 stacklevel=2,
             )

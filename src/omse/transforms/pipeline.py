@@ -58,7 +58,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import INTEGER_TARGETS, QuantConfig
 from ..core.stats import HistogramStats
@@ -66,6 +65,8 @@ from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer, layer_weight
 from ..nn.ops import op_quantizers
+from ..runtime import name_list
+from ..runtime import progress as progress_bar
 from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
@@ -282,10 +283,14 @@ def _wrap(r: _Run) -> None:
         total = sum(p.numel() for p in qmodel.parameters())
         share = sum(p.numel() for n in floats for p in qmodel.get_submodule(n).parameters())
         share /= max(total, 1)
-        msg = "omse leaves these layers in float (unsupported type): " + ", ".join(cal.left_float)
+        msg = (
+            f"omse leaves {len(cal.left_float)} layer{'s' if len(cal.left_float) > 1 else ''} "
+            f"in float (unsupported type): {name_list(cal.left_float)}"
+        )
         msg += (
             f" ({share:.1%} of the model's weight values stay float in all; "
-            "Calibration.float_weights lists each parameter and why)"
+            "Calibration.left_float lists every layer, Calibration.float_weights each parameter "
+            "and why)"
         )
         if config.strict:
             raise UnsupportedLayerError(msg + "; remove strict=True or add them to skip")
@@ -295,7 +300,9 @@ def _wrap(r: _Run) -> None:
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
     wide: list[str] = []
-    for name, m in tqdm(targets.items(), desc="weights", disable=not r.progress, leave=False):
+    for name, m in progress_bar(
+        targets.items(), desc="weights", disable=not r.progress, leave=False
+    ):
         cfg = config.for_layer(name)
         if cfg.target == "tflite" and isinstance(m, nn.Linear) and cfg.weight_bits <= 4:
             cfg = replace(cfg, weight_bits=8)  # TFLM runs no INT4 FULLY_CONNECTED filter
@@ -408,7 +415,9 @@ def _learned(r: _Run) -> None:
     config, info = r.config, {}
     needs = Needs(patch_moments=True)
     items = list(r.layers.items())
-    for name, q in tqdm(items, desc="learned rounding", disable=not r.progress, leave=False):
+    for name, q in progress_bar(
+        items, desc="learned rounding", disable=not r.progress, leave=False
+    ):
         st = collect(r.qmodel, {name: q}, r.batches, needs, False, "layer statistics")[name]
         info[name] = learned_rounding(
             q, st, config.rounding_iters, config.rounding_lr, config.rounding_reg
@@ -489,7 +498,7 @@ def _weights(r: _Run) -> None:
     elif config.rounding == "gptq":
         needs = Needs(patch_moments=True)
         stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
-        for name, q in tqdm(layers.items(), desc="output-aware", disable=not r.progress):
+        for name, q in progress_bar(layers.items(), desc="output-aware", disable=not r.progress):
             if stats[name].H is not None:
                 gptq_terms(q, stats[name])
     if config.extra_mac_budget > 0:  # a new pass: the rounding changed every layer's input
@@ -694,7 +703,7 @@ def quantize(
         progress: show progress bars.
         calibration: if given, filled with statistics, timings and notes.
 
-    Example:
+    Examples:
         >>> import torch, omse
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 10)

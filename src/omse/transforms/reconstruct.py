@@ -47,13 +47,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from tqdm.auto import tqdm
 
 from ..config import INTEGER_TARGETS
 from ..core.primitives import SCALE_DTYPES, dequantize, scale_neighbours
 from ..distributed import gather, unshard, world
 from ..errors import ConfigError
 from ..nn.layers import QuantizedLayer
+from ..runtime import progress as progress_bar
 from .learned import GAMMA, ZETA, rectified_sigmoid, rounding_regulariser
 from .statistics import float_outputs, run_model
 
@@ -463,7 +463,7 @@ def reconstruct(
             start = int(warmup * iters)
             n = min(batch, x_q.n)
             with torch.enable_grad():
-                for it in tqdm(
+                for it in progress_bar(
                     range(iters), desc=f"reconstruct {blk.name}", disable=not progress, leave=False
                 ):
                     idx = torch.randperm(x_q.n, generator=g)[:n]

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..distributed import gather, world
 from ..nn.layers import QuantizedLayer
+from ..runtime import progress as progress_bar
 from .statistics import float_outputs, run_model
 
 __all__ = ["network_errors", "sum_in_batch_order"]
@@ -70,7 +70,7 @@ def network_errors(
         energy = max(energy, 1e-300)
         errors = {}
         items = list(layers.items())
-        for name, q in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
+        for name, q in progress_bar(items, desc="sensitivity", disable=not progress, leave=False):
             q.set_quant_enabled(True)
             local = []
             for b, r in zip(batches, ref, strict=True):

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
 
 from ..core.stats import HistogramStats
 from ..distributed import all_max, gather, world
 from ..errors import CalibrationError, NonFiniteError, model_forward_errors
 from ..nn.layers import QuantizedLayer
+from ..runtime import progress as progress_bar
 
 __all__ = [
     "Needs",
@@ -385,7 +385,9 @@ def collect(
     rank, size = world()
     steps = all_max(len(batches)) if size > 1 else len(batches)
     try:
-        for i in tqdm(range(steps), desc=desc, disable=not progress or rank > 0, leave=False):
+        for i in progress_bar(
+            range(steps), desc=desc, disable=not progress or rank > 0, leave=False
+        ):
             part = None  # this rank's partial of global batch i * size + rank (None: no batch)
             if i < len(batches):
                 obs.batch = i * size + rank

