@@ -10,7 +10,9 @@ The public surface: five functions, each with a runnable example in its docstrin
 - ``save(qmodel, path)`` / ``load(path, model=None)``: packed 4-bit checkpoints;
 - ``report(qmodel, calib_batches, out_dir)``: the per-layer report (md, csv, png);
 - ``QuantConfig()``: the default recipe (W4A8, residual tensors within 10% extra MACs, bias
-  correction); ``QuantConfig.preset("fast" | "default" | "best", **fields)``.
+  correction); ``QuantConfig.preset("fast" | "default" | "best", **fields)``; its parts
+  ``WeightQuant``, ``ActQuant``, ``Nearest`` / ``GPTQ`` / ``LearnedRounding``, ``Residuals``,
+  ``Budget``.
 
 For example::
 
@@ -29,7 +31,17 @@ runtimes) / ``analysis`` (reports, metrics) -> ``zoo`` (models, data, the demo) 
 """
 
 from .analysis.report import report
-from .config import LayerConfig, QuantConfig
+from .config import (
+    GPTQ,
+    ActQuant,
+    Budget,
+    LayerConfig,
+    LearnedRounding,
+    Nearest,
+    QuantConfig,
+    Residuals,
+    WeightQuant,
+)
 from .core.granularity import PerChannel, PerGroup, PerTensor
 from .core.grids import Grid, make_grid
 from .core.mmse import mmse_scale, mmse_solve
@@ -47,18 +59,25 @@ from .zoo.models import load_checkpoint as load
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActQuant",
+    "Budget",
     "Calibration",
     "CalibrationError",
     "LayerConfig",
+    "LearnedRounding",
+    "Nearest",
     "QuantConfig",
+    "Residuals",
     "CheckpointError",
     "ConfigError",
+    "GPTQ",
     "Grid",
     "OmseError",
     "PerChannel",
     "PerGroup",
     "PerTensor",
     "UnsupportedLayerError",
+    "WeightQuant",
     "dequantize",
     "export_onnx",
     "load",

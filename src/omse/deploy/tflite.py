@@ -880,14 +880,17 @@ def file_budget(
 ) -> FileBudget:
     """Measure the all-INT8 file of ``model`` (a quick 8-bit quantization: its bytes do not
     depend on the calibrated values) and turn ``max_bytes`` into a weight budget."""
-    from ..config import QuantConfig, parse_budget
+    from ..config import QuantConfig, WeightQuant, parse_budget
     from ..transforms.pipeline import quantize
     from ..transforms.precision import weight_bytes
 
+    w = config.weights
     probe_cfg = QuantConfig.preset(
-        "fast", target="tflite", weight_bits=8, scale_dtype=config.scale_dtype,
-        granularity=config.granularity, skip=config.skip,
-    )  # fmt: skip
+        "fast",
+        target="tflite",
+        skip=config.skip,
+        weights=WeightQuant(8, granularity=w.granularity, scale_dtype=w.scale_dtype),
+    )
     probe = quantize(model, batches[:1], probe_cfg)
     int8 = to_tflite(probe, example, io=io, input_layout=input_layout)
     w8 = sum(weight_bytes(q, 8, "tflite") for q in quantized_layers(probe).values())

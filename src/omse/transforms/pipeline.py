@@ -13,15 +13,14 @@ model transform that works in place and records what it did in :class:`Calibrati
    :class:`~omse.nn.layers.QuantizedLayer` with kernel-wise weights (layers left in float are
    listed; at the end :attr:`Calibration.float_weights` lists every float parameter with its share
    of the weights and the reason);
-3b. ``precision`` (``QuantConfig.budget``, the default): each layer's weights at ``weight_bits``
-   or 8 bits, the exact knapsack of the estimated model-output errors within the byte budget
-   (:mod:`omse.transforms.precision`: one forward and backward pass);
-4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``,
-   ``extra_mac_budget``), from one pass of patch moments; learned rounding reconstructs the
-   model's blocks one after the other (:mod:`omse.transforms.reconstruct`: two partial passes
-   per block to capture its inputs, after one pass of activation histograms for the steps the
-   loop starts from) or, ``rounding_scope="layer"``, each layer from its own pass of patch
-   moments;
+3b. ``precision`` (``QuantConfig.budget``, the default): each layer's weights at
+   ``weights.bits`` or 8 bits, the exact knapsack of the estimated model-output errors within
+   the byte budget (:mod:`omse.transforms.precision`: one forward and backward pass);
+4. ``weights``: learned or GPTQ rounding and residual tensors (``rounding``, ``residuals``),
+   from one pass of patch moments; learned rounding reconstructs the model's blocks one after
+   the other (:mod:`omse.transforms.reconstruct`: two partial passes per block to capture its
+   inputs, after one pass of activation histograms for the steps the loop starts from) or,
+   ``LearnedRounding(scope="layer")``, each layer from its own pass of patch moments;
 5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import INTEGER_TARGETS, QuantConfig
+from ..config import GPTQ, INTEGER_TARGETS, LearnedRounding, Nearest, QuantConfig
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
@@ -412,16 +411,15 @@ def _precision(r: _Run) -> None:
 def _learned(r: _Run) -> None:
     """Learned rounding, layer after layer: each from the inputs the layers before it (already
     rounded) produce, one pass of that layer's patch moments each."""
-    config, info = r.config, {}
+    rounding, info = r.config.rounding, {}
+    assert isinstance(rounding, LearnedRounding)
     needs = Needs(patch_moments=True)
     items = list(r.layers.items())
     for name, q in progress_bar(
         items, desc="learned rounding", disable=not r.progress, leave=False
     ):
         st = collect(r.qmodel, {name: q}, r.batches, needs, False, "layer statistics")[name]
-        info[name] = learned_rounding(
-            q, st, config.rounding_iters, config.rounding_lr, config.rounding_reg
-        )
+        info[name] = learned_rounding(q, st, rounding.iters, rounding.lr, rounding.reg)
     r.cal.corrections["learned_rounding"] = info
 
 
@@ -441,48 +439,50 @@ def _residuals(r: _Run) -> None:
     stats = collect(
         r.qmodel, layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
     )
-    c = r.config
+    res = r.config.residuals
+    assert res is not None
     sens = None
-    if c.residual_criterion == "network":
+    if res.criterion == "network":
         sens = network_errors(r.qmodel, layers, r.batches, r.progress)
         r.cal.corrections["network_errors"] = sens
     r.cal.corrections["residual_kernels"] = select_residuals(
-        layers, stats, c.extra_mac_budget, c.residual_criterion, c.max_terms, sens
+        layers, stats, res.extra_mac_budget, res.criterion, res.max_terms, sens
     )
 
 
 def _reconstruct(r: _Run) -> None:
     """Block reconstruction (:mod:`omse.transforms.reconstruct`), with residual kernels chosen
-    before (``rounding_terms="all"``) or after it; activation steps calibrated first when the
+    before (``LearnedRounding(terms="all")``) or after it; activation steps calibrated first when the
     activations are in the loop."""
-    c = r.config
-    if c.rounding_act_loop and any(q.cfg.act_bits is not None for q in r.layers.values()):
+    c = r.config.rounding
+    assert isinstance(c, LearnedRounding)
+    if c.act_loop and any(q.cfg.act_bits is not None for q in r.layers.values()):
         _activations(r)  # the MMSE steps the loop starts from (calibrated again afterwards)
-    budget = c.extra_mac_budget > 0
-    if budget and c.rounding_terms == "all":
+    budget = r.config.residuals is not None
+    if budget and c.terms == "all":
         _residuals(r)
-    blocks = find_blocks(r.qmodel, r.layers, c.rounding_blocks)
+    blocks = find_blocks(r.qmodel, r.layers, c.blocks)
     info = reconstruct(
         r.qmodel,
         r.layers,
         r.batches,
         blocks,
-        iters=c.rounding_iters,
-        lr=c.rounding_lr,
-        reg=c.rounding_reg,
-        batch=c.rounding_batch,
-        drop=c.rounding_drop,
-        act_loop=c.rounding_act_loop,
-        learn_act=c.rounding_learn_act,
-        learn_scales=c.rounding_learn_scales,
-        terms=c.rounding_terms,
-        seed=c.rounding_seed,
+        iters=c.iters,
+        lr=c.lr,
+        reg=c.reg,
+        batch=c.batch,
+        drop=c.drop,
+        act_loop=c.act_loop,
+        learn_act=c.learn_act,
+        learn_scales=c.learn_scales,
+        terms=c.terms,
+        seed=c.seed,
         progress=r.progress,
     )
     r.cal.corrections["reconstruction"] = info
-    if c.rounding_learn_act:
+    if c.learn_act:
         r.learned_act = {n: q.act_scale for n, q in r.layers.items() if q.act_scale is not None}
-    if budget and c.rounding_terms == "first":
+    if budget and c.terms == "first":
         _residuals(r)
 
 
@@ -490,18 +490,18 @@ def _weights(r: _Run) -> None:
     """Learned or GPTQ rounding, then residual tensors (chosen from the errors that remain after
     rounding, from a pass of patch moments over the rounded model)."""
     config, layers = r.config, r.layers
-    if config.rounding == "learned" and config.rounding_scope == "block":
+    if isinstance(config.rounding, LearnedRounding) and config.rounding.scope == "block":
         _reconstruct(r)
         return
-    if config.rounding == "learned":
+    if isinstance(config.rounding, LearnedRounding):
         _learned(r)
-    elif config.rounding == "gptq":
+    elif isinstance(config.rounding, GPTQ):
         needs = Needs(patch_moments=True)
         stats = collect(r.qmodel, layers, r.batches, needs, r.progress, "layer statistics")
         for name, q in progress_bar(layers.items(), desc="output-aware", disable=not r.progress):
             if stats[name].H is not None:
                 gptq_terms(q, stats[name])
-    if config.extra_mac_budget > 0:  # a new pass: the rounding changed every layer's input
+    if config.residuals is not None:  # a new pass: the rounding changed every layer's input
         _residuals(r)
 
 
@@ -515,10 +515,10 @@ def _activations(r: _Run) -> None:
     needs = Needs(
         input_histograms=True,
         output_clamp=tuple((n, lo, hi) for n, (lo, hi) in r.out_clamp.items()),
-        bins=r.config.act_bins,
+        bins=r.config.activations.bins,
     )
     ops = op_quantizers(r.qmodel)
-    with observe_sites(ops, r.config.act_bins) as site_stats:
+    with observe_sites(ops, r.config.activations.bins) as site_stats:
         stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
     site_stats = gather_site_stats(site_stats) if ops is not None else {}
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
@@ -548,7 +548,7 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     steps.append(_wrap)
     if config.budget is not None:
         steps.append(_precision)
-    if config.rounding != "nearest" or config.extra_mac_budget > 0:
+    if not isinstance(config.rounding, Nearest) or config.residuals is not None:
         steps.append(_weights)
     if config.target in INTEGER_TARGETS:
         steps.append(_plan)

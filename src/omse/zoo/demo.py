@@ -102,14 +102,15 @@ def run_demo(
         t0 = time.perf_counter()
         q = quantize(model, calib_batches, cfg, calibration=cal, progress=False)
         secs = time.perf_counter() - t0
-        desc = f"W{cfg.weight_bits}A{cfg.act_bits or 32}"
+        w, act_bits = cfg.weights, cfg.activations.bits
+        desc = f"W{w.bits}A{act_bits or 32}"
         out = predict(q, views, pre, batch_size=8, progress=progress, desc=desc)
         a = compare_logits(ref, out, labels)
         row = DemoRow(
-            getattr(cfg.weight_method, "name", str(cfg.weight_method)),
-            cfg.weight_bits,
-            cfg.act_bits,
-            str(cfg.granularity),
+            getattr(w.method, "name", str(w.method)),
+            w.bits,
+            act_bits,
+            str(w.granularity),
             a.agreement,
             a.kl,
             float(a.top1),
@@ -159,7 +160,7 @@ def demo_report(
     task = get_task("efficientnet-lite0")
     model = task.build()
     batches = list(task.calibration(calib_size).split(8))
-    cfg = QuantConfig(4, 4, extra_mac_budget=budget, bias_correction=True)
+    cfg = QuantConfig(weight_bits=4, act_bits=4, extra_mac_budget=budget)
     q = quantize(model, batches, cfg)
     rows = layer_reports(q, batches)
     title = f"EfficientNet-Lite0 W4A4, MMSE + residuals at {budget:.0%} MACs + bias correction"
