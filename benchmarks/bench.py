@@ -281,7 +281,7 @@ def run_task(
             t3 = time.perf_counter()
             row.update(status="ok", **_metrics(ref, out, task.labels, fp.top1))
             row.update(calib_seconds=round(t2 - t1, 2), eval_seconds=round(t3 - t2, 2))
-            if cfg.extra_mac_budget:
+            if cfg.residuals is not None:
                 row["extra_mac_fraction"] = _extra_mac_fraction(q)
             msg = (
                 f"top-1 {_pct(row['top1'])} agreement {_pct(row['agreement'])} "

@@ -45,8 +45,9 @@ def test_bench_grid_and_order(bench):
     assert sorted(c.key for c in order) == sorted(c.key for c in grid)
     assert all(c.granularity == "per_channel" for c in order[:20])
     cfg = bench.BenchConfig("W4A8", "mmse+res10", "per_channel").build()
-    assert cfg.extra_mac_budget == pytest.approx(0.10) and cfg.weight_method == MMSE()
-    assert bench.BenchConfig("W4A32", "aciq", "per_tensor").build().act_bits is None
+    assert cfg.residuals.extra_mac_budget == pytest.approx(0.10)
+    assert cfg.weights.method == MMSE()
+    assert bench.BenchConfig("W4A32", "aciq", "per_tensor").build().activations.bits is None
 
 
 def test_run_task_writes_json_table_and_plot(bench, tmp_path):

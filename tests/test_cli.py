@@ -564,7 +564,7 @@ def _run_json(cli, work, name, *argv):
 
 def test_default_recipe_runs_and_is_recorded(cli, work):
     res, _ = _run_json(cli, work, "recipe.json", *USER)
-    assert res["config"]["version"] == 4 and res["recipe"] == "default"
+    assert res["config"]["version"] == 5 and res["recipe"] == "default"
     assert QuantConfig.from_dict(res["config"]) == QuantConfig()
     fast, _ = _run_json(cli, work, "fast.json", *USER, "--recipe", "fast")
     assert QuantConfig.from_dict(fast["config"]) == QuantConfig.preset("fast")

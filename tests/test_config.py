@@ -472,11 +472,11 @@ def test_parts_are_frozen_and_validate_themselves():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.weights.bits = 3  # type: ignore[misc]
     for make, msg in [
-        (lambda: WeightQuant(bits=9), "weight bits=9"),
-        (lambda: WeightQuant(grid="unsigned"), "weight grid='unsigned'"),
+        (lambda: WeightQuant(bits=9), "WeightQuant bits=9"),
+        (lambda: WeightQuant(grid="unsigned"), "WeightQuant grid='unsigned'"),
         (lambda: WeightQuant(scale_dtype="float64"), "scale_dtype='float64'"),
-        (lambda: ActQuant(bins=1000), "act bins=1000"),
-        (lambda: ActQuant(grid="asym"), "act grid='asym'"),
+        (lambda: ActQuant(bins=1000), "ActQuant bins=1000"),
+        (lambda: ActQuant(grid="asym"), "ActQuant grid='asym'"),
         (lambda: Residuals(criterion="hessian"), "criterion='hessian'"),
         (lambda: Residuals(max_terms=5), "max_terms=5"),
         (lambda: LearnedRounding(iters=0), "iters=0"),

@@ -24,7 +24,7 @@ def test_recipes_parse_into_quantconfig_kwargs():
     assert name == "x" and kw["act_bits"] is None and kw["extra_mac_budget"] == 0.25
     assert kw["equalize"] is True and kw["overrides"]["conv1"]["act_bits"] == 8
     cfg = heldout.make_config(kw)
-    assert cfg.weight_bits == 8 and cfg.act_bits is None
+    assert cfg.weights.bits == 8 and cfg.activations.bits is None
     assert heldout.make_config({"preset": "fast", "act_bits": 4}) == QuantConfig.preset(
         "fast", act_bits=4
     )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from benchmark_loader import load_benchmark
 
+import omse
 from omse.zoo import ocr
 
 
@@ -44,10 +45,10 @@ def test_cls_task_turns_every_other_line(bench):
 
 def test_configs_write_the_fields_they_rely_on(bench):
     cfg = bench._config(bench.ROWS["W4A8 recipe"], "int8")
-    assert (cfg.weight_bits, cfg.act_bits, cfg.extra_mac_budget) == (4, 8, 0.1)
-    assert cfg.bias_correction and cfg.target == "int8" and cfg.rounding == "nearest"
+    assert (cfg.weights.bits, cfg.activations.bits, cfg.residuals.extra_mac_budget) == (4, 8, 0.1)
+    assert cfg.bias_correction and cfg.target == "int8" and cfg.rounding == omse.Nearest()
     plain = bench._config(bench.ROWS["W4A8 MMSE"], "int4")
-    assert plain.extra_mac_budget == 0.0 and not plain.bias_correction
+    assert plain.residuals is None and not plain.bias_correction
 
 
 def test_table_shows_numbers_and_failures(bench):

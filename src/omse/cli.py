@@ -198,8 +198,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--rounding-scope",
         choices=["block", "layer"],
-        help="what learned rounding reconstructs: block (the model's own blocks, BRECQ/QDrop "
-        "style; recipe) or layer (each layer from its patch moments, faster)",
+        help="what learned rounding reconstructs: layer (each layer from its patch moments; "
+        "recipe) or block (the model's own blocks, BRECQ/QDrop style, activations in the loop)",
     )
     r.add_argument(
         "--rounding-blocks",

@@ -206,11 +206,11 @@ class WeightQuant:
     scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        _check_bits("weight bits", self.bits, allow_none=False)
-        object.__setattr__(self, "method", _method("weight method", self.method))
+        _check_bits("WeightQuant bits", self.bits, allow_none=False)
+        object.__setattr__(self, "method", _method("WeightQuant method", self.method))
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
-        _check_weight_grid("weight grid", self.grid)
-        _check_scale_dtype("scale_dtype", self.scale_dtype)
+        _check_weight_grid("WeightQuant grid", self.grid)
+        _check_scale_dtype("WeightQuant scale_dtype", self.scale_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
@@ -241,12 +241,12 @@ class ActQuant:
     bins: int = 4096
 
     def __post_init__(self) -> None:
-        _check_bits("act bits", self.bits, allow_none=True)
-        object.__setattr__(self, "method", _method("act method", self.method))
-        _check_act_grid("act grid", self.grid)
+        _check_bits("ActQuant bits", self.bits, allow_none=True)
+        object.__setattr__(self, "method", _method("ActQuant method", self.method))
+        _check_act_grid("ActQuant grid", self.grid)
         b = self.bins
         if isinstance(b, bool) or not isinstance(b, int) or b < 256 or b & (b - 1):
-            raise ConfigError(f"act bins={b!r}: use a power of two >= 256")
+            raise ConfigError(f"ActQuant bins={b!r}: use a power of two >= 256")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
@@ -402,16 +402,16 @@ class Residuals:
         b = self.extra_mac_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 < float(b) <= 2.0:
             raise ConfigError(
-                f"extra_mac_budget={b!r} is outside (0, 2] (a fraction of the model's MACs; "
+                f"Residuals extra_mac_budget={b!r} is outside (0, 2] (a fraction of the model's MACs; "
                 "residuals=None for none)"
             )
         if self.criterion not in CRITERIA:
             raise ConfigError(
-                f"residual criterion={self.criterion!r}: use 'output', 'weight' or 'network'"
+                f"Residuals criterion={self.criterion!r}: use 'output', 'weight' or 'network'"
             )
         t = self.max_terms
         if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 4:
-            raise ConfigError(f"max_terms={t!r}: use 1..4")
+            raise ConfigError(f"Residuals max_terms={t!r}: use 1..4")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -162,7 +162,7 @@ def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
 
 def test_int8_config_refuses_three_terms():
     with pytest.raises(ConfigError, match="max_terms=3 with target='int8'"):
-        QuantConfig.preset("fast", target="int8", max_terms=3)
+        QuantConfig(target="int8", max_terms=3)
     with pytest.raises(ConfigError, match="target="):
         QuantConfig.preset("fast", target="int16")
 

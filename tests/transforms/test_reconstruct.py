@@ -7,7 +7,9 @@ through the pipeline, and int8 residual kernels still merging."""
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,13 +283,18 @@ def test_config_validates_the_reconstruction_fields():
         ({"rounding_drop": 1.0}, "rounding_drop"),
         ({"rounding_batch": 0}, "rounding_batch"),
         ({"rounding_blocks": [""]}, "rounding_blocks"),
-        ({"rounding_learn_act": True, "rounding_act_loop": False}, "rounding_act_loop"),
+        ({"rounding_learn_act": True, "rounding_act_loop": False}, "act_loop=True"),
     ]:
         with pytest.raises(omse.ConfigError, match=msg):
+            omse.QuantConfig(rounding="learned", **kw)
+        with pytest.raises(omse.ConfigError, match=msg):  # checked with any rounding
             omse.QuantConfig(**kw)
     cfg = omse.QuantConfig(rounding="learned", rounding_blocks="layers.*")
-    assert cfg.rounding_blocks == ("layers.*",)
+    assert cfg.rounding.blocks == ("layers.*",)
+    assert cfg.rounding == omse.LearnedRounding(blocks=("layers.*",))
     assert omse.QuantConfig.from_dict(cfg.to_dict()) == cfg
-    old = cfg.to_dict()
+    old = json.loads((Path(__file__).parents[1] / "data" / "config_v4.json").read_text())
+    old = old["default"] | {"rounding": "learned", "rounding_blocks": ["layers.*"]}
+    assert omse.QuantConfig.from_dict(old) == cfg
     del old["rounding_scope"], old["rounding_blocks"]  # a dict written before these fields
     assert omse.QuantConfig.from_dict(old) == omse.QuantConfig(rounding="learned")
