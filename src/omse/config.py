@@ -621,22 +621,32 @@ def _apply_flat(parts: dict[str, Any], flat: dict[str, Any]) -> None:
 class QuantConfig:
     """Model-wide quantization settings: the recipe.
 
-    Each part is a frozen type; what users write (a name, a dict of fields) is parsed into it
-    on construction and validated there. Every keyword argument of config versions 1-4 is still
-    accepted and sets the field of its part (:data:`FLAT_FIELDS`): ``weight_bits`` /
-    ``weight_method`` / ``granularity`` / ``weight_grid`` / ``scale_dtype`` set
-    :class:`WeightQuant`'s ``bits`` / ``method`` / ``granularity`` / ``grid`` /
-    ``scale_dtype``; ``act_bits`` / ``act_method`` / ``act_grid`` / ``act_bins`` set
-    :class:`ActQuant`'s fields; ``extra_mac_budget`` / ``residual_criterion`` / ``max_terms``
-    set :class:`Residuals`' fields (``extra_mac_budget=0``: ``residuals=None``); each
-    ``rounding_<field>`` sets that field of :class:`LearnedRounding`; ``output_aware=True`` is
-    ``rounding=GPTQ()``. A flat setting of a part that is off (``rounding_iters`` without learned
-    rounding, ``residual_criterion`` with no residuals) is validated, then has no effect. Flat
-    settings apply on top of the parts given, so ``QuantConfig(weight_bits=3)``,
-    ``QuantConfig(weights=WeightQuant(bits=3))`` and ``replace(config, weight_bits=3)`` all work.
+    Each part is a frozen type; what users write (a name, a dict of fields) is parsed into it on
+    construction and validated there. For example, 3-bit weights in groups of 32, learned
+    rounding and no residual tensors:
 
-    Example: ``QuantConfig(weights=WeightQuant(bits=3, granularity="per_group32"),
-    rounding=LearnedRounding(iters=200), residuals=None)``.
+        QuantConfig(
+            weights=WeightQuant(bits=3, granularity="per_group32"),
+            rounding=LearnedRounding(iters=200),
+            residuals=None,
+        )
+
+    The keyword arguments of config versions 1-4 are still accepted (:data:`FLAT_FIELDS`), each
+    setting one field of a part, on top of the part given (``replace(config, weight_bits=3)``
+    works too):
+
+    - ``weight_bits``, ``weight_method``, ``granularity``, ``weight_grid``, ``scale_dtype``:
+      ``weights.bits``, ``.method``, ``.granularity``, ``.grid``, ``.scale_dtype``;
+    - ``act_bits``, ``act_method``, ``act_grid``, ``act_bins``: ``activations.bits``,
+      ``.method``, ``.grid``, ``.bins``;
+    - ``extra_mac_budget``, ``residual_criterion``, ``max_terms``: ``residuals.extra_mac_budget``,
+      ``.criterion``, ``.max_terms`` (``extra_mac_budget=0`` is ``residuals=None``);
+    - ``rounding_<field>`` (``rounding_iters``, ``rounding_scope``, ...): that field of
+      :class:`LearnedRounding`;
+    - ``output_aware=True``: ``rounding=GPTQ()``.
+
+    A flat setting of a part that is off (``rounding_iters`` without learned rounding,
+    ``residual_criterion`` without residual tensors) is validated and has no effect, as before.
 
     Args:
         weights: how the weights are quantized (a :class:`WeightQuant`, or a dict of its fields).

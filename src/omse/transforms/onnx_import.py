@@ -696,9 +696,10 @@ def load_onnx(
         sample: an input batch to check the conversion on: a tensor (e.g. ``(N, C, H, W)``
             float32 images for an image model), a tuple in the graph's input order, or a dict by
             input name; ``None`` skips the check.
-        rtol, atol: the parity tolerance, ``atol + rtol * (max - min)`` of each reference output
-            (float32 summation order alone moves a deep recognizer's softmax by ~1.2e-4 of its
-            range: measured on PP-OCRv4's).
+        rtol: the parity tolerance relative to each reference output's range: an output may
+            differ by ``atol + rtol * (max - min)`` (float32 summation order alone moves a deep
+            recognizer's softmax by ~1.2e-4 of its range: measured on PP-OCRv4's).
+        atol: the absolute part of the parity tolerance.
 
     Returns:
         the module, with ``omse_io`` and ``omse_onnx`` (:class:`OnnxImport`) attributes (see the

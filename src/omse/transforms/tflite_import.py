@@ -930,7 +930,9 @@ def load_tflite(
         sample: an input batch to check the conversion on (in the file's layout: ``(N, H, W,
             C)`` for an image model), a tuple in the file's input order or a dict by input name;
             ``None`` skips the check. The first 4 samples run in LiteRT.
-        rtol, atol: the parity tolerance, ``atol + rtol * (max - min)`` of each LiteRT output.
+        rtol: the parity tolerance relative to each LiteRT output's range: an output may differ
+            by ``atol + rtol * (max - min)``.
+        atol: the absolute part of the parity tolerance.
 
     Returns:
         the module, with ``omse_io`` and ``omse_tflite`` (:class:`TfliteImport`) attributes (see
