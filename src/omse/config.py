@@ -262,7 +262,8 @@ class Rounding:
         """Its name when every parameter has its default, else ``{"name": ..., **fields}``."""
         if self == type(self)():
             return self.name
-        return {"name": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}  # type: ignore[arg-type]
+        params = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore
+        return {"name": self.name, **params}
 
 
 @dataclass(frozen=True)
@@ -402,8 +403,8 @@ class Residuals:
         b = self.extra_mac_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 < float(b) <= 2.0:
             raise ConfigError(
-                f"Residuals extra_mac_budget={b!r} is outside (0, 2] (a fraction of the model's MACs; "
-                "residuals=None for none)"
+                f"Residuals extra_mac_budget={b!r} is outside (0, 2] (a fraction of the model's "
+                "MACs; residuals=None for none)"
             )
         if self.criterion not in CRITERIA:
             raise ConfigError(

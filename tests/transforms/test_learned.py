@@ -80,7 +80,7 @@ def test_pipeline_learned_rounding_and_config():
     info = cal.corrections["learned_rounding"]
     assert set(info) == set(omse.quantized_layers(q))
     assert all(v["learned"] <= v["nearest"] + 1e-12 for v in info.values() if v)
-    assert omse.QuantConfig.preset("fast", output_aware=True).rounding == "gptq"
+    assert omse.QuantConfig.preset("fast", output_aware=True).rounding == omse.GPTQ()
     with pytest.raises(omse.ConfigError, match="rounding"):
         omse.QuantConfig.preset("fast", rounding="stochastic")
     with pytest.raises(omse.ConfigError, match="contradicts"):
