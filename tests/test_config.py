@@ -487,3 +487,14 @@ def test_parts_are_frozen_and_validate_themselves():
         with pytest.raises(ConfigError, match=msg):
             make()
     assert LearnedRounding(blocks="a.*").blocks == ("a.*",)
+
+
+def test_weight_and_act_bits_positionally_as_before():
+    assert QuantConfig(4, None, granularity="per_group32") == QuantConfig(
+        weights=WeightQuant(4, granularity=PerGroup(32)), activations=ActQuant(None)
+    )
+    assert QuantConfig(3) == QuantConfig(weight_bits=3)
+    with pytest.raises(TypeError, match="keyword arguments"):
+        QuantConfig(4, 8, "mmse")
+    with pytest.raises(TypeError, match="keyword arguments"):
+        QuantConfig(4, weight_bits=3)

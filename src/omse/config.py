@@ -685,6 +685,8 @@ class QuantConfig:
         bias_correction: correct each layer's output mean on the calibration data (default on).
         equalize: cross-layer equalization before quantizing (default off).
         strict: raise on layers omse cannot quantize instead of warning.
+        *bits: ``weight_bits`` and ``act_bits`` given positionally (``QuantConfig(4, 8)``), as
+            versions 1-4 took them.
         **flat: the flat keyword arguments of config versions 1-4 (above).
     """
 
@@ -702,7 +704,7 @@ class QuantConfig:
 
     def __init__(
         self,
-        *,
+        *bits: int | None,
         weights: WeightQuant | Mapping[str, Any] = WeightQuant(),
         activations: ActQuant | Mapping[str, Any] = ActQuant(),
         rounding: Rounding | str | Mapping[str, Any] = Nearest(),
@@ -716,6 +718,14 @@ class QuantConfig:
         strict: bool = False,
         **flat: Any,
     ) -> None:
+        if bits:  # QuantConfig(4, 8): weight_bits, act_bits
+            given = dict(zip(("weight_bits", "act_bits"), bits, strict=False))
+            if len(bits) > 2 or set(given) & set(flat):
+                raise TypeError(
+                    "QuantConfig takes keyword arguments (positionally only weight_bits and "
+                    "act_bits, as in versions 1-4)"
+                )
+            flat = {**given, **flat}
         _check_target(target)
         parts: dict[str, Any] = {
             "weights": _build(WeightQuant, weights, "weights"),
