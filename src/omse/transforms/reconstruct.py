@@ -112,8 +112,8 @@ def find_blocks(
         ]
         if bad:
             raise ConfigError(
-                f"rounding_blocks patterns {bad} match no module that holds a quantized layer; "
-                f"modules with quantized layers include {names[:6]}"
+                f"LearnedRounding blocks patterns {bad} match no module that holds a quantized "
+                f"layer; modules with quantized layers include {names[:6]}"
             )
         blocks += [Block(n, (n,)) for n in names if n not in claimed]
         order = {n: i for i, n in enumerate(names)}
