@@ -494,7 +494,11 @@ def test_weight_and_act_bits_positionally_as_before():
         weights=WeightQuant(4, granularity=PerGroup(32)), activations=ActQuant(None)
     )
     assert QuantConfig(3) == QuantConfig(weight_bits=3)
+    assert QuantConfig(4, None, "minmax", "mmse", "per_tensor", "narrow", "full") == QuantConfig(
+        weights=WeightQuant(4, MinMax(), PerTensor(), "narrow"),
+        activations=ActQuant(None, grid="full"),
+    )
     with pytest.raises(TypeError, match="keyword arguments"):
-        QuantConfig(4, 8, "mmse")
+        QuantConfig(4, 8, "mmse", "mmse", "per_channel", "full", "auto", {})
     with pytest.raises(TypeError, match="keyword arguments"):
         QuantConfig(4, weight_bits=3)

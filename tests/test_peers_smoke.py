@@ -60,7 +60,7 @@ def test_omse_rows_tables_json_png(peers, workload, tmp_path):
         assert row.refused is None, row.refused
         assert 0.0 <= row.agreement <= 1.0 and row.kl >= 0.0 and row.top1 is not None
         assert row.calib_seconds >= 0 and row.n_eval == 32 and row.n_calib == 64
-        assert row.kwargs["QuantConfig"]["weight_bits"] == wb
+        assert row.kwargs["QuantConfig"]["weights"]["bits"] == wb
         rows.append(row)
     w8 = next(r for r in rows if r.weight_bits == 8)
     assert w8.agreement >= 0.9

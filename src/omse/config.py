@@ -570,6 +570,18 @@ FLAT_FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
 each name -> (the part, its field). ``output_aware=True`` is ``rounding=GPTQ()``."""
 
 
+_POSITIONAL = (
+    "weight_bits",
+    "act_bits",
+    "weight_method",
+    "act_method",
+    "granularity",
+    "weight_grid",
+    "act_grid",
+)
+"""The fields of versions 1-4 that :class:`QuantConfig` still takes positionally, in order."""
+
+
 def _no_residuals(value: Any) -> bool:
     """Whether a flat ``extra_mac_budget`` means no residual tensors (0)."""
     return not isinstance(value, bool) and isinstance(value, int | float) and value == 0
@@ -599,6 +611,12 @@ def _apply_flat(parts: dict[str, Any], flat: dict[str, Any]) -> None:
     for part, settings in by_part.items():
         given = ", ".join(f"{k}={v!r}" for k, v in flat.items() if FLAT_FIELDS[k][0] == part)
         current = parts[part]
+        b = settings.get("extra_mac_budget", 0.1) if part == "residuals" else 0.1
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 2:
+            raise ConfigError(
+                f"extra_mac_budget={b!r} is outside [0, 2] (a fraction of the model's MACs; "
+                "0: no residual tensors)"
+            )
         try:
             if part == "residuals":
                 if _no_residuals(settings.get("extra_mac_budget")):
@@ -685,8 +703,10 @@ class QuantConfig:
         bias_correction: correct each layer's output mean on the calibration data (default on).
         equalize: cross-layer equalization before quantizing (default off).
         strict: raise on layers omse cannot quantize instead of warning.
-        *bits: ``weight_bits`` and ``act_bits`` given positionally (``QuantConfig(4, 8)``), as
-            versions 1-4 took them.
+        *positional: the leading flat fields of config versions 1-4, in their order
+            (``weight_bits``, ``act_bits``, ``weight_method``, ``act_method``, ``granularity``,
+            ``weight_grid``, ``act_grid``): ``QuantConfig(4, 8)`` is ``QuantConfig(weight_bits=4,
+            act_bits=8)``.
         **flat: the flat keyword arguments of config versions 1-4 (above).
     """
 
@@ -704,7 +724,7 @@ class QuantConfig:
 
     def __init__(
         self,
-        *bits: int | None,
+        *positional: Any,
         weights: WeightQuant | Mapping[str, Any] = WeightQuant(),
         activations: ActQuant | Mapping[str, Any] = ActQuant(),
         rounding: Rounding | str | Mapping[str, Any] = Nearest(),
@@ -718,12 +738,12 @@ class QuantConfig:
         strict: bool = False,
         **flat: Any,
     ) -> None:
-        if bits:  # QuantConfig(4, 8): weight_bits, act_bits
-            given = dict(zip(("weight_bits", "act_bits"), bits, strict=False))
-            if len(bits) > 2 or set(given) & set(flat):
+        if positional:  # QuantConfig(4, 8): the leading fields of versions 1-4
+            given = dict(zip(_POSITIONAL, positional, strict=False))
+            if len(positional) > len(_POSITIONAL) or set(given) & set(flat):
                 raise TypeError(
-                    "QuantConfig takes keyword arguments (positionally only weight_bits and "
-                    "act_bits, as in versions 1-4)"
+                    "QuantConfig takes keyword arguments (positionally only "
+                    f"{', '.join(_POSITIONAL)}, as versions 1-4 took them)"
                 )
             flat = {**given, **flat}
         _check_target(target)

@@ -67,9 +67,7 @@ def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
         )
     )
     for wb, ab in [(4, None), (4, 8), (4, 4)]:
-        cfg = QuantConfig(
-            wb, ab, "mmse", "mmse", "per_channel", extra_mac_budget=0.10, bias_correction=True
-        )
+        cfg = QuantConfig(weight_bits=wb, act_bits=ab, extra_mac_budget=0.10)
         out.append(("+ residuals at 10% MACs + bias correction", cfg))
     return out
 
