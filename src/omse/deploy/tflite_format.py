@@ -295,7 +295,12 @@ class TFLiteBuilder:
     def op(self, code: str, inputs: Sequence[int], outputs: Sequence[int], **options: Any) -> None:
         """Add operator ``code`` (a builtin name such as ``"CONV_2D"``) reading ``inputs`` (-1: an
         absent optional input) and writing ``outputs``; ``options`` set fields of its builtin
-        options (snake_case or camelCase; strings name schema enum members)."""
+        options (snake_case or camelCase; strings name schema enum members).
+
+        Trailing -1 inputs are dropped (a conv or fully-connected op without bias gets 2 inputs):
+        TFLM's DEPTHWISE_CONV_2D crashes on a -1 bias and LiteRT's CONV_2D refuses one, while both
+        accept the shorter input list, which TFLite defines to mean the same.
+        """
         s = self.schema
         builtin = getattr(s.BuiltinOperator, str(code), None)
         if not isinstance(builtin, int) or str(code).startswith("_"):
@@ -305,8 +310,11 @@ class TFLiteBuilder:
                 raise ConfigError(f"{code}: tensor index {i} out of range")
         if any(o == -1 for o in outputs):
             raise ConfigError(f"{code}: an output cannot be absent (-1)")
+        inputs = list(inputs)
+        while inputs and inputs[-1] == -1:  # trailing absent inputs are left out (see op())
+            inputs.pop()
         op = s.OperatorT()
-        op.inputs = np.asarray(list(inputs), dtype=np.int32)
+        op.inputs = np.asarray(inputs, dtype=np.int32)
         op.outputs = np.asarray(list(outputs), dtype=np.int32)
         opts = self._options(code, options)
         if opts is not None:
