@@ -35,8 +35,12 @@ FAST = settings(
 )
 
 # LiteRT's default kernels (XNNPACK / optimized) round some requantizations differently from the
-# reference kernels: measured at most 1 step on these models.
+# reference kernels: measured at most 1 step on these models. LiteRT's reference kernels are the
+# same code as TFLM's except that some multipliers are derived from float32 products where this
+# TFLM computes in double (FULLY_CONNECTED: s_in * s_w), so they too differ by 1 step on rare ties
+# (the MLPerf anomaly-detection model).
 LITERT_OPTIMIZED_STEPS = 1
+LITERT_REFERENCE_STEPS = 1
 
 
 def _codes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -59,7 +63,7 @@ def check(model: bytes, inputs: list[np.ndarray], litert: str = "both") -> list[
         assert np.array_equal(s, m), f"simulate != TFLM: {_steps(s, m)} steps"
     if litert in ("both", "ref"):
         for ref, s in zip(ts.litert_run(model, inputs, reference_kernels=True), sim):
-            assert np.array_equal(ref, s), f"LiteRT reference kernels: {_steps(ref, s)} steps"
+            assert _steps(ref, s) <= LITERT_REFERENCE_STEPS, f"LiteRT reference: {_steps(ref, s)}"
     if litert == "both":
         for opt, s in zip(ts.litert_run(model, inputs), sim):
             assert _steps(opt, s) <= LITERT_OPTIMIZED_STEPS, _steps(opt, s)
@@ -111,8 +115,12 @@ def conv_model(
         bs = (np.float32(s_in) * ws).astype(np.float32)
         ins.append(
             b.tensor(
-                "b", [cout], "int32", data=rng.integers(-3000, 3000, cout),
-                scale=bs if per_channel else bs[0], zero_point=np.zeros(n, np.int64) if per_channel else 0,
+                "b",
+                [cout],
+                "int32",
+                data=rng.integers(-3000, 3000, cout),
+                scale=bs if per_channel else bs[0],
+                zero_point=np.zeros(n, np.int64) if per_channel else 0,
             )  # fmt: skip
         )
     else:
@@ -238,7 +246,9 @@ def test_depthwise_conv2d(wdtype, kw):
     stride=st.integers(1, 3), wdtype=st.sampled_from(["int8", "int4"]), depthwise=st.booleans(),
     seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_conv_random_quantization(s_in, zp_in, s_out, zp_out, padding, stride, wdtype, depthwise, seed):
+def test_conv_random_quantization(
+    s_in, zp_in, s_out, zp_out, padding, stride, wdtype, depthwise, seed
+):
     rng = np.random.default_rng(seed)
     m = conv_model(
         rng, depthwise=depthwise, wdtype=wdtype, cin=3, cout=6 if depthwise else 5,
@@ -322,8 +332,14 @@ def test_binary_random_quantization(code, qa, qb, qo, act, seed):
     [
         dict(padding="VALID", filter_height=2, filter_width=2, stride_h=2, stride_w=2),
         dict(padding="SAME", filter_height=3, filter_width=3, stride_h=2, stride_w=2),
-        dict(padding="SAME", filter_height=3, filter_width=2, stride_h=1, stride_w=1,
-             fused_activation_function="RELU6"),  # fmt: skip
+        dict(
+            padding="SAME",
+            filter_height=3,
+            filter_width=2,
+            stride_h=1,
+            stride_w=1,
+            fused_activation_function="RELU6",
+        ),  # fmt: skip
         dict(padding="VALID", filter_height=7, filter_width=5, stride_h=1, stride_w=1),
     ],
 )
@@ -362,7 +378,10 @@ def test_mean(axes, keep, shape, q_out):
 
 
 @FAST
-@given(q_in=st.tuples(st.floats(0.002, 0.3).map(np.float32), zps), beta=st.sampled_from([1.0, 0.5, 2.0]))
+@given(
+    q_in=st.tuples(st.floats(0.002, 0.3).map(np.float32), zps),
+    beta=st.sampled_from([1.0, 0.5, 2.0]),
+)
 def test_softmax(q_in, beta):
     m = unary_model("SOFTMAX", [4, 64], q_in, (1 / 256, -128), beta=beta)
     x = ALL_CODES.reshape(4, 64)
@@ -470,7 +489,9 @@ def test_pad(v2):
     extra = [("pads", [4, 2], "int32", pads, None, None)]
     if v2:
         extra.append(("value", [1], "int8", np.array([-100], np.int8), Q[0], Q[1]))
-    m = unary_model("PADV2" if v2 else "PAD", [1, 3, 4, 2], Q, Q, out_shape=[1, 6, 7, 2], extra=extra)
+    m = unary_model(
+        "PADV2" if v2 else "PAD", [1, 3, 4, 2], Q, Q, out_shape=[1, 6, 7, 2], extra=extra
+    )
     check(m, [_codes(rng, (1, 3, 4, 2))])
 
 
@@ -530,7 +551,9 @@ def small_net(rng):
     ax = b.tensor("ax", [2], "int32", data=np.array([1, 2], np.int32))
     p = b.tensor("p", [1, 8], "int8", scale=0.03, zero_point=-5)
     b.op("MEAN", [s, ax], [p], keep_dims=False)
-    fw = b.tensor("fw", [5, 8], "int8", data=_filters(rng, (5, 8), "int8"), scale=0.01, zero_point=0)
+    fw = b.tensor(
+        "fw", [5, 8], "int8", data=_filters(rng, (5, 8), "int8"), scale=0.01, zero_point=0
+    )
     fb = b.tensor("fb", [5], "int32", data=rng.integers(-300, 300, 5), scale=np.float32(0.03 * 0.01),
                   zero_point=0)  # fmt: skip
     lg = b.tensor("lg", [1, 5], "int8", scale=0.1, zero_point=0)
@@ -655,7 +678,9 @@ def test_requirement_pad_and_relu6_do_not_rescale():
     out = ts.tflm_run(unary_model("PAD", [1, 2], Q, (0.5, -3), out_shape=[1, 4], extra=pads), [x])
     assert out[0].tolist() == [[-3, 50, 50, -3]]  # input copied unscaled, padded with output zp
     bad_value = pads + [("v", [1], "int8", np.array([1], np.int8), Q[0] * 2, Q[1])]
-    assert not _tflm_accepts(unary_model("PADV2", [1, 2], Q, Q, out_shape=[1, 4], extra=bad_value), x)
+    assert not _tflm_accepts(
+        unary_model("PADV2", [1, 2], Q, Q, out_shape=[1, 4], extra=bad_value), x
+    )
     a = ts.tflm_run(unary_model("RELU6", [1, 256], Q, Q), [ALL_CODES])[0]
     b = ts.tflm_run(unary_model("RELU6", [1, 256], Q, (0.5, -100)), [ALL_CODES])[0]
     assert np.array_equal(a, b)  # output quantization ignored
@@ -708,8 +733,14 @@ def test_mlperf_tiny_bit_exact(name):
     micro = ts.tflm_run(data, xs)
     for s, mm in zip(sim, micro):
         assert np.array_equal(s, mm), f"{name}: {_steps(s, mm)} steps"
+    # LiteRT, measured on 16 random inputs each: reference kernels identical on ResNet-8, KWS and
+    # VWW, up to 2 steps (37% of outputs) on the anomaly detector (FULLY_CONNECTED's float32
+    # multiplier, compounded over 10 layers); default kernels up to 44 steps after ResNet-8's
+    # softmax, 1-3 steps elsewhere (KWS: 3 on these inputs).
     for ref, s in zip(ts.litert_run(data, xs, reference_kernels=True), sim):
-        assert np.array_equal(ref, s)
+        assert _steps(ref, s) <= (2 if "ad01" in name else 0)
+    for opt, s in zip(ts.litert_run(data, xs), sim):
+        assert _steps(opt, s) <= (64 if "Resnet" in name else 4)
 
 
 def test_resnet8_speed():

@@ -373,28 +373,29 @@ def _padding(padding: int, in_size: int, filt: int, stride: int, dilation: int) 
     return total // 2
 
 
-def _patches(
+def _taps(
     x: np.ndarray,
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
     pad: tuple[int, int],
-    fill: int,
-) -> np.ndarray:
-    """x ``[N, H, W, C]`` -> windows ``[N, OH, OW, KH, KW, C]`` (taps outside x hold ``fill``)."""
+    fill: float = 0,
+) -> list[np.ndarray]:
+    """x ``[N, H, W, C]`` -> for each kernel tap (row-major over KH, KW) the strided view
+    ``[N, OH, OW, C]`` of the inputs it reads; taps outside x read ``fill`` (TFLM skips them:
+    0 after the zero-point offset, or an identity for the max)."""
     n, h, w, c = x.shape
     (oh, ow), (kh, kw), (sh, sw), (dh, dw), (ph, pw) = out_hw, kernel, stride, dilation, pad
     need_h = (oh - 1) * sh + (kh - 1) * dh + 1
     need_w = (ow - 1) * sw + (kw - 1) * dw + 1
     big = np.full((n, max(need_h, ph + h), max(need_w, pw + w), c), fill, dtype=x.dtype)
     big[:, ph : ph + h, pw : pw + w] = x
-    big = big[:, :need_h, :need_w]
-    win = np.lib.stride_tricks.sliding_window_view(
-        big, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2)
-    )  # [N, need_h - ekh + 1, need_w - ekw + 1, C, ekh, ekw]
-    win = win[:, ::sh, ::sw, :, ::dh, ::dw][:, :oh, :ow]
-    return win.transpose(0, 1, 2, 4, 5, 3)
+    return [
+        big[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 def _conv_multipliers(
@@ -446,17 +447,19 @@ def _conv2d(g: _Graph, op: Any) -> None:
         _padding(o.padding, h, kh, o.strideH, o.dilationHFactor),
         _padding(o.padding, wd, kw, o.strideW, o.dilationWFactor),
     )
-    win = _patches(
-        xa - zp_in,
+    taps = _taps(
+        (xa - zp_in).astype(np.float64),
         (oh, ow),
         (kh, kw),
         (o.strideH, o.strideW),
         (o.dilationHFactor, o.dilationWFactor),
         pad,
-        0,
     )
-    cols = win.reshape(n * oh * ow, kh * kw * cin).astype(np.float64)
-    acc = (cols @ wa.reshape(cout, -1).T.astype(np.float64)).astype(np.int64)
+    wt = wa.transpose(1, 2, 3, 0).reshape(kh * kw, cin, cout).astype(np.float64)
+    acc = np.zeros((n * oh * ow, cout), np.float64)  # exact: |sums| < 2^53
+    for tap, wk in zip(taps, wt):
+        acc += tap.reshape(n * oh * ow, cin) @ wk
+    acc = acc.astype(np.int64)
     acc = acc.reshape(n, oh, ow, cout) + _bias(g, op, cout)
     mult, shift = _conv_multipliers(g, x, w, y, cout)
     lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
@@ -480,20 +483,20 @@ def _depthwise(g: _Graph, op: Any) -> None:
         _padding(o.padding, h, kh, o.strideH, o.dilationHFactor),
         _padding(o.padding, wd, kw, o.strideW, o.dilationWFactor),
     )
-    win = _patches(
-        xa - zp_in,
+    taps = _taps(
+        (xa - zp_in).astype(np.float64),
         (oh, ow),
         (kh, kw),
         (o.strideH, o.strideW),
         (o.dilationHFactor, o.dilationWFactor),
         pad,
-        0,
-    )  # [N, OH, OW, KH, KW, Cin]
-    if mult_d > 1:
-        win = np.repeat(win, mult_d, axis=-1)  # output channel oc reads input channel oc // m
-    acc = np.einsum(
-        "nhwijc,ijc->nhwc", win.astype(np.float64), wa[0].astype(np.float64), optimize=True
-    ).astype(np.int64)
+    )
+    wt = wa[0].reshape(kh * kw, cout).astype(np.float64)
+    acc = np.zeros((n, oh, ow, cout), np.float64)
+    for tap, wk in zip(taps, wt):
+        # output channel oc reads input channel oc // depth_multiplier
+        acc += (np.repeat(tap, mult_d, axis=-1) if mult_d > 1 else tap) * wk
+    acc = acc.astype(np.int64)
     acc = acc + _bias(g, op, cout)
     mult, shift = _conv_multipliers(g, x, w, y, cout)
     lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
@@ -516,8 +519,8 @@ def _fully_connected(g: _Graph, op: Any) -> None:
         pairs = [quantize_multiplier(float(s_in) * float(s) / float(s_out)) for s in s_w]
         mult = np.array([p[0] for p in pairs], np.int64)
         shift = np.array([p[1] for p in pairs], np.int64)
-    else:  # GetQuantizedConvolutionMultipler: the product is taken in float32
-        m, s = quantize_multiplier(float(np.float32(s_in * s_w[0])) / float(s_out))
+    else:  # GetQuantizedConvolutionMultipler, in double (TFLM; LiteRT takes s_in * s_w in float)
+        m, s = quantize_multiplier(float(s_in) * float(s_w[0]) / float(s_out))
         mult, shift = np.int64(m), np.int64(s)
     act = o.fusedActivationFunction if o is not None else 0
     lo, hi = _activation_range(act, s_out, zp_out)
@@ -541,16 +544,10 @@ def _add_sub(g: _Graph, op: Any, sub: bool) -> None:
     s2, z2 = g.q1(b)
     so, zo = g.q1(y)
     left_shift = 20
-    if sub:  # sub_common.cc computes the multipliers in float32
-        twice_max = np.float32(2) * np.float32(max(s1, s2))
-        r1 = float(np.float32(s1 / twice_max))
-        r2 = float(np.float32(s2 / twice_max))
-        ro = float(np.float32(twice_max / (np.float32(1 << left_shift) * so)))
-    else:
-        twice_max_d = 2.0 * float(max(s1, s2))
-        r1 = float(s1) / twice_max_d
-        r2 = float(s2) / twice_max_d
-        ro = twice_max_d / ((1 << left_shift) * float(so))
+    twice_max = 2.0 * float(max(s1, s2))
+    r1 = float(s1) / twice_max
+    r2 = float(s2) / twice_max
+    ro = twice_max / ((1 << left_shift) * float(so))
     m1, sh1 = quantize_multiplier(r1)
     m2, sh2 = quantize_multiplier(r2)
     mo, sho = quantize_multiplier(ro)
@@ -591,16 +588,14 @@ def _pool(g: _Graph, op: Any, average: bool) -> None:
     geom = ((oh, ow), (kh, kw), (o.strideH, o.strideW), (1, 1), pad)
     lo, hi = _activation_range(o.fusedActivationFunction, so, zo)
     if average:
-        total = _patches(xa, *geom, 0).sum(axis=(3, 4))
-        ones = np.ones((1, h, w, 1), np.int64)
-        count = _patches(ones, *geom, 0).sum(axis=(3, 4))
+        total = sum(_taps(xa, *geom))  # raw codes: TFLM averages without rescaling
+        count = sum(_taps(np.ones((1, h, w, 1), np.int64), *geom))  # taps inside the input
         half = count // 2
         num = np.where(total > 0, total + half, total - half)
         avg = np.where(num >= 0, num // count, -((-num) // count))  # C division
         g.values[y] = _int8(avg, lo, hi)
     else:
-        m = _patches(xa, *geom, -(1 << 20)).max(axis=(3, 4))
-        g.values[y] = _int8(m, lo, hi)
+        g.values[y] = _int8(np.maximum.reduce(_taps(xa, *geom, fill=-(1 << 20))), lo, hi)
 
 
 def _mean(g: _Graph, op: Any) -> None:
@@ -667,10 +662,8 @@ def _sigmoid_like(g: _Graph, op: Any, tanh: bool) -> None:
     def fn(codes: np.ndarray) -> np.ndarray:
         v = codes - zi
         q4 = multiply_by_quantized_multiplier(v, mult, left_shift)
-        if tanh:
-            out = _rdbpot(_tanh_q4(q4), 31 - 7)
-        else:
-            out = _rdbpot(_logistic_q4(q4), 31 - 8) - 128
+        # TANH: Q0.31 -> steps of 1/128 (zero point 0); LOGISTIC: steps of 1/256, zero point -128
+        out = _rdbpot(_tanh_q4(q4), 24) if tanh else _rdbpot(_logistic_q4(q4), 23) - 128
         out = np.clip(out, -128, 127)
         return np.where(v <= -radius, -128, np.where(v >= radius, 127, out))
 
@@ -704,10 +697,9 @@ def _hard_swish(g: _Graph, op: Any) -> None:
     x, y = int(op.inputs[0]), int(op.outputs[0])
     si, zi = g.q1(x)
     so, zo = g.q1(y)
-    hires = np.float32(np.float32(1.0 / 128.0) * si)
-    reluish_scale = np.float32(3.0 / 32768.0)
-    out_m, out_e = _int16_multiplier(float(np.float32(hires / so)))
-    rel_m, rel_e = _int16_multiplier(float(np.float32(hires / reluish_scale)))
+    hires = (1.0 / 128.0) * float(si)
+    out_m, out_e = _int16_multiplier(hires / float(so))
+    rel_m, rel_e = _int16_multiplier(hires / (3.0 / 32768.0))
     if out_e > 0:
         raise ConfigError("HARD_SWISH: input scale / 128 / output scale must be < 1 in TFLM")
 
@@ -724,9 +716,9 @@ def _hard_swish(g: _Graph, op: Any) -> None:
         if rel_e < 0:
             r = _rdbpot(r, -rel_e)
         r = _wrap16((r + (1 << 15)) >> 1)
-        ab = r * preshift  # SaturatingDoublingHighMul (no rounding)
-        pre = np.where((r == preshift) & (r == -(2**15)), 2**15 - 1, _wrap16(ab // (1 << 15)))
-        pre = np.where(ab >= 0, pre, _wrap16(-((-ab) >> 15)))
+        ab = r * preshift  # SaturatingDoublingHighMul: truncating, no rounding nudge
+        pre = _wrap16(_trunc_div_pow2(ab, 15))
+        pre = np.where((r == preshift) & (r == -(2**15)), 2**15 - 1, pre)
         out = _wrap16(_rdbpot(pre, -out_e) + zo)
         return np.clip(out, -128, 127)
 
@@ -737,8 +729,8 @@ def _relu(g: _Graph, op: Any) -> None:
     x = int(op.inputs[0])
     si, zi = g.q1(x)
     so, zo = g.q1(int(op.outputs[0]))
-    m, s = quantize_multiplier(float(np.float32(si / so)))
-    lo = max(-128, zo + int(_round_away(np.float32(np.float32(0.0) / so))))
+    m, s = quantize_multiplier(float(si) / float(so))
+    lo = max(-128, zo)
 
     def fn(codes: np.ndarray) -> np.ndarray:
         return np.clip(zo + multiply_by_quantized_multiplier(codes - zi, m, s), lo, 127)
@@ -757,8 +749,8 @@ def _leaky_relu(g: _Graph, op: Any) -> None:
     si, zi = g.q1(int(op.inputs[0]))
     so, zo = g.q1(int(op.outputs[0]))
     alpha = np.float32(_opts(op).alpha)
-    ma, sa = quantize_multiplier(float(np.float32(np.float32(si * alpha) / so)))
-    mi, shi = quantize_multiplier(float(np.float32(si / so)))
+    ma, sa = quantize_multiplier(float(si) * float(alpha) / float(so))
+    mi, shi = quantize_multiplier(float(si) / float(so))
     negative_alpha = ma < 0
 
     def fn(codes: np.ndarray) -> np.ndarray:
@@ -916,6 +908,16 @@ def _as_model(model: Any) -> Any:
     return model
 
 
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """BLAS limited to one thread while simulating (``threadpoolctl`` if installed): the
+    matrices are small, and a multi-threaded BLAS on a busy machine is several times slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _check_ops(m: Any) -> None:
     for k, op in enumerate(m.subgraphs[0].operators or []):
         name = op_name(m, op)
@@ -949,9 +951,11 @@ def simulate(model: bytes | str | Path | Any, inputs: Sequence[np.ndarray]) -> l
         n = arrays[batched.index(True)].shape[0]
         if not all(b and a.shape[0] == n for a, b in zip(arrays, batched)):
             raise ConfigError("batched inputs must all carry the same batch size")
-        runs = [_run(m, [a[k : k + 1] for a in arrays]) for k in range(n)]
+        with _one_blas_thread():
+            runs = [_run(m, [a[k : k + 1] for a in arrays]) for k in range(n)]
         return [np.concatenate(outs, axis=0) for outs in zip(*runs)]
-    return _run(m, arrays)
+    with _one_blas_thread():
+        return _run(m, arrays)
 
 
 def _run(m: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -1000,7 +1004,7 @@ def _tflm() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ConfigError(
             f"TFLM runs need the tflite-micro package: pip install tflite-micro ({e})"
-        )
+        ) from e
     return runtime
 
 
@@ -1053,7 +1057,9 @@ def litert_run(
     try:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError(f"LiteRT runs need ai-edge-litert: pip install ai-edge-litert ({e})")
+        raise ConfigError(
+            f"LiteRT runs need ai-edge-litert: pip install ai-edge-litert ({e})"
+        ) from e
     kind = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
     interp = Interpreter(model_content=data, experimental_op_resolver_type=kind, num_threads=1)
     interp.allocate_tensors()
