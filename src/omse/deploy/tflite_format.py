@@ -472,8 +472,9 @@ def _validate(model: Any, label: str) -> None:
         for k, t in enumerate(tensors):
             if not 0 <= t.buffer < max(n_buf, 1):
                 raise bad(f"subgraph {g} tensor {k} names buffer {t.buffer} of {n_buf}")
-            if t.shape is not None and np.any(np.asarray(t.shape) < -1):
-                raise bad(f"subgraph {g} tensor {k} has shape {list(t.shape)}")
+            shape = np.asarray(t.shape if t.shape is not None else [], dtype=np.int64)
+            if np.any(shape < -1) or np.prod(np.maximum(shape, 1).astype(float)) > 2.0**31:
+                raise bad(f"subgraph {g} tensor {k} has an implausible shape {shape.tolist()}")
         for which in ("inputs", "outputs"):
             idx = getattr(sg, which)
             if idx is not None and np.any((np.asarray(idx) < 0) | (np.asarray(idx) >= n_t)):

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, OmseError, UnsupportedLayerError
+from ..errors import CheckpointError, ConfigError, OmseError, UnsupportedLayerError
 from .tflite_format import op_name, read_model, schema_module, tensor_array, tensor_dtype
 
 __all__ = [
@@ -896,6 +896,11 @@ OPS: dict[str, Callable[[_Graph, Any], None]] = {
 }
 """Operator name -> its simulation (reads its inputs from the graph, stores its outputs)."""
 
+_MALFORMED = (
+    ValueError, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError,
+    MemoryError,
+)  # fmt: skip
+
 _FLOAT_OK = {"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE"}
 
 
@@ -937,6 +942,8 @@ def simulate(model: bytes | str | Path | Any, inputs: Sequence[np.ndarray]) -> l
         raise UnsupportedLayerError(f"models with {len(m.subgraphs)} subgraphs are not supported")
     _check_ops(m)
     sg = m.subgraphs[0]
+    if sg.inputs is None or sg.outputs is None:
+        raise CheckpointError("the model's subgraph names no inputs or no outputs")
     in_idx = [int(i) for i in sg.inputs]
     if len(inputs) != len(in_idx):
         raise ConfigError(f"the model takes {len(in_idx)} inputs, {len(inputs)} given")
@@ -972,6 +979,8 @@ def _run(m: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
         g.values[i] = a
     for k, op in enumerate(sg.operators or []):
         name = op_name(m, op)
+        if op.outputs is None or len(op.outputs) == 0 or op.inputs is None:
+            raise CheckpointError(f"operator {k} ({name}) has no inputs or outputs")
         for j in op.outputs:
             if g.dtype(int(j)) not in ("int8", "float32") or (
                 g.dtype(int(j)) == "float32" and name not in _FLOAT_OK
@@ -983,6 +992,13 @@ def _run(m: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
             OPS[name](g, op)
         except OmseError as e:
             raise type(e)(f"operator {k} ({name}): {e}") from e
+        except _MALFORMED as e:  # shapes, indices or options that do not fit together
+            raise CheckpointError(
+                f"operator {k} ({name}): inconsistent model ({type(e).__name__}: {e})"
+            ) from e
+    missing = [int(i) for i in sg.outputs if int(i) not in g.values]
+    if missing:
+        raise CheckpointError(f"graph outputs {missing} are never computed")
     return [g.values[int(i)] for i in sg.outputs]
 
 
