@@ -292,7 +292,7 @@ def fc_model(rng, *, wdtype="int8", per_channel=False, keep_num_dims=False, bias
 def test_fully_connected(kw):
     rng = np.random.default_rng(3)
     m, shape = fc_model(rng, **kw)
-    check(m, [_codes(rng, shape)], litert="none" if kw.get("wdtype") == "int4" else "both")
+    check(m, [_codes(rng, shape)])
 
 
 # -- elementwise binary --------------------------------------------------------------------------
@@ -693,6 +693,48 @@ def test_requirement_fully_connected_filters():
         assert _tflm_accepts(m, _codes(rng, shape))
     m, shape = fc_model(rng, wdtype="int4", per_channel=True)
     assert not _tflm_accepts(m, _codes(rng, shape))
+
+
+def test_requirement_quantize_output_per_tensor():
+    b = TFLiteBuilder()
+    x = b.tensor("x", [1, 2], "float32")
+    y = b.tensor("y", [1, 2], "int8", scale=[0.1, 0.2], zero_point=[0, 0], axis=1)
+    b.op("QUANTIZE", [x], [y])
+    m = b.finish([x], [y])
+    assert not _tflm_accepts(m, np.zeros((1, 2), np.float32))
+    with pytest.raises(UnsupportedLayerError, match="per channel"):
+        ts.simulate(m, [np.zeros((1, 2), np.float32)])
+
+
+def test_requirement_hard_swish_output_exponent():
+    m = unary_model("HARD_SWISH", [1, 256], (1.0, 0), (0.005, 0))
+    assert not _tflm_accepts(m, ALL_CODES)
+    with pytest.raises(ConfigError, match="HARD_SWISH"):
+        ts.simulate(m, [ALL_CODES])
+
+
+def test_requirement_add_output_multiplier_below_one():
+    """TFLM aborts the process (TFLITE_CHECK) when 2 max(s1, s2) / (2^20 s_out) >= 1: checked in
+    a child process; simulate refuses it with a ConfigError."""
+    m = binary_model("ADD", (1, 4), (1, 4), (1, 4), (1.0, 0), (1.0, 0), (1e-7, 0))
+    z = np.zeros((1, 4), np.int8)
+    with pytest.raises(ConfigError, match="must be < 1"):
+        ts.simulate(m, [z, z])
+    code = (
+        "import sys, numpy as np\n"
+        "from omse.deploy.tflite_sim import tflm_run\n"
+        "z = np.zeros((1, 4), np.int8)\n"
+        "tflm_run(open(sys.argv[1], 'rb').read(), [z, z]); print('ran')\n"
+    )
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"omse_add_{os.getpid()}.tflite"
+    path.write_bytes(m)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    finally:
+        path.unlink(missing_ok=True)
+    assert "ran" not in r.stdout and r.returncode != 0
 
 
 def test_requirement_fully_connected_bias_scale():

@@ -49,6 +49,20 @@ __all__ = [
     "REQUIREMENTS",
 ]
 
+LITERT_REQUIREMENTS: dict[str, str] = {
+    "CONV_2D": "int8 CONV_2D needs a bias input: LiteRT refuses a convolution without one "
+    "('has_bias was not true'); INT4 filters (version 7) run in both resolvers.",
+    "DEPTHWISE_CONV_2D": "give it a bias (zeros if need be): LiteRT's default kernels crash the "
+    "process (segfault) on an int8 depthwise convolution without bias; the reference resolver "
+    "(BUILTIN_REF) has no INT4 depthwise kernel (version 7 not registered), the default one has.",
+    "FULLY_CONNECTED": "INT4 filters, per-tensor and per-channel, run in both resolvers; the "
+    "per-tensor multiplier is derived from the float32 product s_in * s_w, so results can differ "
+    "by 1 step from TFLM (which uses double) on ties.",
+    "default kernels": "LiteRT's default (optimized / XNNPACK) kernels round differently from the "
+    "reference kernels: 1 step per layer, compounding (up to 44 steps after ResNet-8's softmax).",
+}
+"""What LiteRT (ai-edge-litert 2.3.0) requires beyond TFLM, and where it differs (measured)."""
+
 REQUIREMENTS: dict[str, str] = {
     "SOFTMAX": "int8 output must have zero point -128 and scale exactly 1/256 (refused otherwise); "
     "int8 input any quantization; beta from the options is folded into the input multiplier.",
@@ -72,7 +86,7 @@ REQUIREMENTS: dict[str, str] = {
     "HARD_SWISH": "any input / output quantization (output multiplier exponent must be <= 0, "
     "i.e. s_in / 128 / s_out < 1).",
     "ADD": "any input / output scales and zero points, broadcasting; 2 * max(s1, s2) / (2^20 s_out)"
-    " must be < 1.",
+    " must be < 1 -- otherwise TFLM aborts the whole process (TFLITE_CHECK), not a clean error.",
     "SUB": "as ADD (its multipliers are computed in float32).",
     "MUL": "any input / output scales and zero points, broadcasting.",
     "MEAN": "any input / output scale and zero point (int8).",
@@ -81,7 +95,12 @@ REQUIREMENTS: dict[str, str] = {
     "TRANSPOSE": "no requantization: output must share the input's quantization.",
     "RESIZE_NEAREST_NEIGHBOR": "no requantization: output must share the input's quantization.",
     "STRIDED_SLICE": "no requantization: output must share the input's quantization.",
-    "QUANTIZE": "float32 -> int8 and int8 -> int8 (requantization) accepted; output per-tensor.",
+    "QUANTIZE": "float32 -> int8 and int8 -> int8 (requantization) accepted; the output must be "
+    "quantized per tensor (a per-channel output is refused).",
+    "activations": "every int8 activation is quantized per tensor; fused activations NONE, RELU, "
+    "RELU6, RELU_N1_TO_1 clamp at round(v / s_out) + zp computed in float32.",
+    "bias": "omit an absent bias (2 inputs) rather than writing -1: TFLM's DEPTHWISE_CONV_2D "
+    "crashes on a -1 bias (TFLiteBuilder.op drops trailing -1 inputs).",
     "DEQUANTIZE": "int8 -> float32.",
     "FULLY_CONNECTED": "per-tensor INT8 and INT4 filters and per-channel INT8 filters (scales along "
     "the output dimension) accepted; per-channel INT4 refused. With a per-tensor filter and a "
@@ -275,10 +294,6 @@ def _input_radius(integer_bits: int, left_shift: int, total_bits: int = 31) -> i
     return int(math.floor(rescaled))
 
 
-def _f32(x: float) -> np.float32:
-    return np.float32(x)
-
-
 def _quantize_float(f: float, scale: np.float32, zero_point: int) -> int:
     """TFLite's ``Quantize`` of a float at a float32 scale (activation ranges)."""
     return int(zero_point) + int(_round_away(np.float32(np.float32(f) / np.float32(scale))))
@@ -345,8 +360,13 @@ class _Graph:
         return s, z
 
     def q1(self, i: int) -> tuple[np.float32, int]:
-        """Per-tensor (scale, zero point)."""
+        """Per-tensor (scale, zero point); ConfigError for a per-channel activation."""
         s, z = self.qparams(i)
+        if s.size != 1:
+            raise UnsupportedLayerError(
+                f"tensor {i} ({self.name(i)}) is quantized per channel; activations must be "
+                "per-tensor"
+            )
         return np.float32(s[0]), int(z[0])
 
 
@@ -525,10 +545,11 @@ def _fully_connected(g: _Graph, op: Any) -> None:
     act = o.fusedActivationFunction if o is not None else 0
     lo, hi = _activation_range(act, s_out, zp_out)
     out = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
-    g.values[y] = out.reshape(_out_shape(g, y, out.shape, xa.shape[0]))
+    g.values[y] = out.reshape(_out_shape(g, y, out.shape))
 
 
-def _out_shape(g: _Graph, y: int, computed: tuple[int, ...], batch: int) -> tuple[int, ...]:
+def _out_shape(g: _Graph, y: int, computed: tuple[int, ...]) -> tuple[int, ...]:
+    """The model's shape for output ``y`` when it holds the computed values, else theirs."""
     shape = g.shape(y)
     if int(np.prod(shape, dtype=np.int64)) == int(np.prod(computed, dtype=np.int64)):
         return shape
@@ -548,6 +569,11 @@ def _add_sub(g: _Graph, op: Any, sub: bool) -> None:
     r1 = float(s1) / twice_max
     r2 = float(s2) / twice_max
     ro = twice_max / ((1 << left_shift) * float(so))
+    if ro >= 1.0:  # QuantizeMultiplierSmallerThanOneExp's TFLITE_CHECK: TFLM aborts
+        raise ConfigError(
+            f"2 * max(input scales) / (2^20 * output scale) = {ro:.3g} must be < 1 "
+            "(TFLM aborts the process otherwise)"
+        )
     m1, sh1 = quantize_multiplier(r1)
     m2, sh2 = quantize_multiplier(r2)
     mo, sho = quantize_multiplier(ro)
@@ -613,7 +639,7 @@ def _mean(g: _Graph, op: Any) -> None:
         shift = shift - s
     out = multiply_by_quantized_multiplier(_wrap32(total - zi * count), mult, shift) + zo
     out = _int8(out)
-    g.values[y] = out.reshape(_out_shape(g, y, out.shape, xa.shape[0]))
+    g.values[y] = out.reshape(_out_shape(g, y, out.shape))
 
 
 # -- activations ---------------------------------------------------------------------------------
@@ -863,7 +889,7 @@ def _strided_slice(g: _Graph, op: Any) -> None:
         e = None if o.endMask >> d & 1 else int(end[d])
         index.append(slice(b, e, st))
     out = xa[tuple(index)]
-    g.values[y] = out.reshape(_out_shape(g, y, out.shape, xa.shape[0]))
+    g.values[y] = out.reshape(_out_shape(g, y, out.shape))
 
 
 OPS: dict[str, Callable[[_Graph, Any], None]] = {
