@@ -31,7 +31,7 @@ DATA = Path(
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 FAST = settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 
 # LiteRT's default kernels (XNNPACK / optimized) round some requantizations differently from the
@@ -169,6 +169,7 @@ def binary_model(code, sa, sb, so, qa, qb, qo, act="NONE"):
 ALL_CODES = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
 
 scales = st.floats(1e-3, 0.5, allow_nan=False).map(np.float32)
+wide_scales = st.floats(1e-6, 4.0, allow_nan=False).map(np.float32)
 zps = st.integers(-128, 127)
 
 
@@ -242,19 +243,23 @@ def test_depthwise_conv2d(wdtype, kw):
 
 @FAST
 @given(
-    s_in=scales, zp_in=zps, s_out=scales, zp_out=zps, padding=st.sampled_from(["SAME", "VALID"]),
-    stride=st.integers(1, 3), wdtype=st.sampled_from(["int8", "int4"]), depthwise=st.booleans(),
-    seed=st.integers(0, 2**16),
+    q=st.tuples(wide_scales, zps, wide_scales, zps), padding=st.sampled_from(["SAME", "VALID"]),
+    hw=st.tuples(st.integers(3, 12), st.integers(3, 12)), k=st.tuples(st.integers(1, 4),
+    st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), wdtype=st.sampled_from(["int8", "int4"]),
+    depthwise=st.booleans(), act=st.sampled_from(["NONE", "RELU", "RELU6"]), seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_conv_random_quantization(
-    s_in, zp_in, s_out, zp_out, padding, stride, wdtype, depthwise, seed
-):
+def test_conv_random(q, padding, hw, k, stride, dilation, wdtype, depthwise, act, seed):
+    eff = [(kk - 1) * d + 1 for kk, d in zip(k, dilation)]
+    if padding == "VALID" and any(e > h for e, h in zip(eff, hw)):
+        padding = "SAME"
     rng = np.random.default_rng(seed)
     m = conv_model(
-        rng, depthwise=depthwise, wdtype=wdtype, cin=3, cout=6 if depthwise else 5,
-        padding=padding, stride=(stride, stride), s_in=s_in, zp_in=zp_in, s_out=s_out, zp_out=zp_out,
+        rng, depthwise=depthwise, wdtype=wdtype, hw=hw, k=k, cin=3, cout=6 if depthwise else 5,
+        padding=padding, stride=stride, dilation=dilation, act=act, s_in=q[0], zp_in=q[1],
+        s_out=q[2], zp_out=q[3],
     )  # fmt: skip
-    check(m, [_codes(rng, (1, 9, 9, 3))], litert="none")
+    check(m, [_codes(rng, (1, *hw, 3))], litert="none")
 
 
 def fc_model(rng, *, wdtype="int8", per_channel=False, keep_num_dims=False, bias=True, act="NONE",
@@ -293,6 +298,21 @@ def test_fully_connected(kw):
     rng = np.random.default_rng(3)
     m, shape = fc_model(rng, **kw)
     check(m, [_codes(rng, shape)])
+
+
+@FAST
+@given(
+    q=st.tuples(wide_scales, zps, wide_scales, zps), per_channel=st.booleans(),
+    wdtype=st.sampled_from(["int8", "int4"]), depth=st.integers(1, 80), units=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_fully_connected_random(q, per_channel, wdtype, depth, units, seed):
+    if per_channel and wdtype == "int4":
+        wdtype = "int8"  # refused by TFLM (test_requirement_fully_connected_filters)
+    rng = np.random.default_rng(seed)
+    m, shape = fc_model(rng, wdtype=wdtype, per_channel=per_channel, depth=depth, units=units,
+                        s_in=q[0], zp_in=q[1], s_out=q[2], zp_out=q[3])  # fmt: skip
+    check(m, [_codes(rng, shape)], litert="none")
 
 
 # -- elementwise binary --------------------------------------------------------------------------
@@ -372,6 +392,43 @@ def test_mean(axes, keep, shape, q_out):
     m = unary_model("MEAN", list(shape), (0.02, -3), q_out, out_shape=out, extra=[axis],
                     keep_dims=keep)  # fmt: skip
     check(m, [_codes(rng, shape)])
+
+
+@FAST
+@given(
+    q=st.tuples(scales, zps, scales, zps), shape=st.tuples(st.integers(1, 2), st.integers(1, 9),
+    st.integers(1, 9), st.integers(1, 5)), axes=st.sampled_from([[1, 2], [2], [3], [1, 2, 3], [0]]),
+    keep=st.booleans(), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_mean_random(q, shape, axes, keep, seed):
+    rng = np.random.default_rng(seed)
+    out = [1 if i in axes else d for i, d in enumerate(shape)]
+    if not keep:
+        out = [d for i, d in enumerate(shape) if i not in axes]
+    axis = ("axis", [len(axes)], "int32", np.array(axes, np.int32), None, None)
+    m = unary_model("MEAN", list(shape), q[:2], q[2:], out_shape=out, extra=[axis], keep_dims=keep)
+    check(m, [_codes(rng, shape)], litert="none")
+
+
+@FAST
+@given(
+    code=st.sampled_from(["AVERAGE_POOL_2D", "MAX_POOL_2D"]), hw=st.tuples(st.integers(1, 10),
+    st.integers(1, 10)), f=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    s=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.sampled_from(["SAME", "VALID"]),
+    act=st.sampled_from(["NONE", "RELU", "RELU6"]), q=st.tuples(scales, zps), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_pool_random(code, hw, f, s, padding, act, q, seed):
+    if padding == "VALID" and (f[0] > hw[0] or f[1] > hw[1]):
+        padding = "SAME"
+    if padding == "SAME":
+        oh, ow = (hw[0] + s[0] - 1) // s[0], (hw[1] + s[1] - 1) // s[1]
+    else:
+        oh, ow = (hw[0] - f[0] + s[0]) // s[0], (hw[1] - f[1] + s[1]) // s[1]
+    rng = np.random.default_rng(seed)
+    m = unary_model(code, [1, *hw, 2], q, q, out_shape=[1, oh, ow, 2], padding=padding,
+                    filter_height=f[0], filter_width=f[1], stride_h=s[0], stride_w=s[1],
+                    fused_activation_function=act)  # fmt: skip
+    check(m, [_codes(rng, (1, *hw, 2))], litert="none")
 
 
 # -- activations (every input code) --------------------------------------------------------------

@@ -1,25 +1,36 @@
 """omse's integer simulation of a TFLite int8 model, bit-exact with TFLite Micro.
 
 :func:`simulate` runs a ``.tflite`` model in numpy with the arithmetic of TFLM's reference kernels
-(``tensorflow/lite/kernels/internal/reference/integer_ops/*.h`` and ``micro/kernels/*.cc``): the
-same double-precision multipliers quantized to a 31-bit significand and a shift
-(``QuantizeMultiplier``), the same fixed-point requantization (``MultiplyByQuantizedMultiplier``,
-the double-rounding variant: ``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``;
-TFLM is not built with ``TFLITE_SINGLE_ROUNDING``), ADD/SUB's 20-bit left shift, and gemmlowp's
-fixed-point ``exp`` / ``logistic`` / ``tanh`` and Newton reciprocal for SOFTMAX, LOGISTIC and TANH.
-Outputs come back in their stored dtype (int8, or float32 after a DEQUANTIZE).
+(``tensorflow/lite/kernels/internal/reference/integer_ops/*.h`` and ``micro/kernels/*.cc``):
+
+* real multipliers (``s_in * s_w / s_out``, ...) computed in double from the float32 scales and
+  quantized to a 31-bit significand and a shift (``QuantizeMultiplier``). The installed TFLM
+  (tflite-micro 0.dev20261023) does so in double everywhere, also where older sources multiply the
+  float32 scales first (RELU, LEAKY_RELU, SUB, HARD_SWISH, per-tensor FULLY_CONNECTED): found by
+  scales on which the two differ, checked against TFLM. Activation clamps (``round(6 / s)``) and
+  RELU6's bound stay in float32, as TFLM has them.
+* requantization by ``MultiplyByQuantizedMultiplier``, the double-rounding variant
+  (``SaturatingRoundingDoublingHighMul``, which rounds negative ties toward zero, then
+  ``RoundingDivideByPOT``, ties away from zero): TFLM is not built with ``TFLITE_SINGLE_ROUNDING``.
+* ADD / SUB through a 20-bit left shift and three multipliers; MUL, MEAN (1/count folded into the
+  multiplier), AVERAGE_POOL_2D (rounded division of the raw codes), gemmlowp's fixed-point
+  ``exp_on_negative_values``, ``logistic``, ``tanh`` and Newton reciprocal for SOFTMAX, LOGISTIC
+  and TANH, HARD_SWISH's int16 arithmetic.
+
+Accumulations are exact (float64 BLAS products of integers below 2^53, int64 elsewhere). Outputs
+come back in their stored dtype (int8, or float32 after a DEQUANTIZE). Supported operators
+(int8 activations quantized per tensor; CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED filters
+INT8 or INT4 with zero point 0, per channel or per tensor; int32 bias): :data:`OPS`. Anything else
+raises :class:`~omse.errors.UnsupportedLayerError` naming the operator and its index; a model whose
+shapes, indices or options do not fit together raises :class:`~omse.errors.CheckpointError`.
 
 :func:`tflm_run` and :func:`litert_run` run the same bytes in TFLM's Python interpreter and in
 LiteRT, :func:`arena_bytes` reports the TFLM arena a model needs.
 
-Supported operators (int8 activations; CONV_2D / DEPTHWISE_CONV_2D filters INT8 or INT4,
-per-channel or per-tensor, zero point 0; int32 bias): see :data:`OPS`. Anything else raises
-:class:`~omse.errors.UnsupportedLayerError` naming the operator and its index.
-
-REQUIREMENTS -- what TFLM's kernels demand of an int8 model, each checked by building the model and
-running it in TFLM (``tests/deploy/test_tflite_sim.py::test_requirement_*``); "refused" means
-TFLM's Prepare fails, "ignored" means TFLM runs but does not use that quantization:
-see :data:`REQUIREMENTS`.
+:data:`REQUIREMENTS` says, per operator, what TFLM demands of an int8 model (each claim checked by
+running such a model in TFLM: ``tests/deploy/test_tflite_sim.py::test_requirement_*``);
+"refused" means TFLM's Prepare fails, "ignored" that TFLM runs but does not use that
+quantization. :data:`LITERT_REQUIREMENTS` adds what LiteRT needs beyond that.
 """
 
 from __future__ import annotations
