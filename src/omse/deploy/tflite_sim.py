@@ -381,6 +381,12 @@ class _Graph:
         return np.float32(s[0]), int(z[0])
 
 
+def _require(ok: bool, what: str) -> None:
+    """Refuse, as TFLM's Prepare does, a model that breaks one of :data:`REQUIREMENTS`."""
+    if not ok:
+        raise ConfigError(f"TFLM refuses this: {what}")
+
+
 def _opts(op: Any) -> Any:
     return op.builtinOptions
 
@@ -543,6 +549,13 @@ def _fully_connected(g: _Graph, op: Any) -> None:
     s_in, zp_in = g.q1(x)
     s_out, zp_out = g.q1(y)
     s_w, zp_w = g.qparams(w)
+    _require(s_w.size == 1 or g.dtype(w) != "int4", "per-channel INT4 FULLY_CONNECTED filters")
+    if s_w.size == 1 and len(op.inputs) > 2 and op.inputs[2] != -1:
+        s_b = float(g.qparams(int(op.inputs[2]))[0][0])
+        _require(
+            abs(float(s_in) * float(s_w[0]) - s_b) / float(s_out) <= 0.02,
+            "FULLY_CONNECTED bias scale differs from s_in * s_w by more than 2% of s_out",
+        )
     rows = xa.reshape(-1, depth) - zp_in
     acc = (rows.astype(np.float64) @ (wa - zp_w[0]).T.astype(np.float64)).astype(np.int64)
     acc = acc + _bias(g, op, cout)
@@ -618,6 +631,11 @@ def _pool(g: _Graph, op: Any, average: bool) -> None:
     o = _opts(op)
     xa = g.get(x).astype(np.int64)
     so, zo = g.q1(y)
+    si, zi = g.q1(x)
+    _require(
+        abs(float(si) - float(so)) <= 1e-6 and zi == zo,
+        "pooling input and output quantization must match",
+    )
     n, h, w, c = xa.shape
     kh, kw = o.filterHeight, o.filterWidth
     oh, ow = g.shape(y)[1:3]
@@ -666,6 +684,8 @@ def _lut(g: _Graph, op: Any, fn: Callable[[np.ndarray], np.ndarray]) -> None:
 def _softmax(g: _Graph, op: Any) -> None:
     x, y = int(op.inputs[0]), int(op.outputs[0])
     si, _ = g.q1(x)
+    so, zo = g.q1(y)
+    _require(so == np.float32(1 / 256) and zo == -128, "int8 SOFTMAX output must be 1/256, -128")
     beta = float(np.float32(_opts(op).beta))
     max_real = float((1 << 30) - 1) if _SINGLE_ROUNDING else float((1 << 31) - 1)
     real = min(beta * float(si) * float(1 << (31 - 5)), max_real)
@@ -691,6 +711,10 @@ def _softmax(g: _Graph, op: Any) -> None:
 def _sigmoid_like(g: _Graph, op: Any, tanh: bool) -> None:
     x = int(op.inputs[0])
     si, zi = g.q1(x)
+    if not tanh:
+        _require(
+            g.q1(int(op.outputs[0]))[1] == -128, "int8 LOGISTIC output zero point must be -128"
+        )
     q, left_shift = math.frexp(float(si) * float(1 << (31 - 4)))
     mult = int(_round_away(np.float64(q) * float(1 << 31)))
     mult = int(_wrap32(np.int64(mult)))  # static_cast<int32_t> of 2^31 wraps
@@ -836,6 +860,10 @@ def _reshape(g: _Graph, op: Any) -> None:
 
 def _concatenation(g: _Graph, op: Any) -> None:
     y = int(op.outputs[0])
+    q_out = g.q1(y)
+    for i in op.inputs:
+        _require(g.q1(int(i)) == q_out, "CONCATENATION inputs must share the output quantization")
+    _require(_opts(op).fusedActivationFunction == 0, "CONCATENATION with a fused activation")
     parts = [g.get(int(i)) for i in op.inputs]
     g.values[y] = np.concatenate(parts, axis=_opts(op).axis % parts[0].ndim)
 
@@ -845,7 +873,9 @@ def _pad(g: _Graph, op: Any) -> None:
     xa = g.get(x)
     pads = g.get(p).astype(np.int64).reshape(-1, 2)
     if len(op.inputs) > 2 and op.inputs[2] != -1:
-        value = int(g.get(int(op.inputs[2])).ravel()[0])
+        c = int(op.inputs[2])
+        _require(g.q1(c) == g.q1(y), "PADV2's constant must have the output's quantization")
+        value = int(g.get(c).ravel()[0])
     else:
         value = g.q1(y)[1]
     g.values[y] = np.pad(xa, [tuple(r) for r in pads], constant_values=value).astype(xa.dtype)
