@@ -1175,10 +1175,13 @@ def _capture_fds() -> Any:
 
 
 def arena_bytes(model: bytes | str | Path) -> int:
-    """The TFLM tensor arena ``model`` needs: the ``Arena allocation total`` that TFLM's
-    ``RecordingMicroAllocator`` reports (``print_allocations``) after one invoke -- head (the
-    planned activation buffers) plus tail (persistent data) -- plus 16 bytes for the arena
-    start alignment."""
+    """The TFLM tensor arena ``model`` needs, in bytes: the ``Arena allocation total`` (head:
+    the planned activation buffers, plus tail: persistent data) that TFLM's
+    ``RecordingMicroAllocator`` reports (``print_allocations``) after one invoke, plus 16 bytes for
+    the alignment of the arena's start. Measured against the smallest ``arena_size`` that still
+    runs (bisection in child processes, since TFLM crashes on too small an arena): 3968 vs 3944
+    bytes on a small test network, 56000 vs 55984 on MLPerf Tiny's ResNet-8, 24288 vs 24272 on
+    its keyword-spotting model -- at most 24 bytes of slack."""
     data = _to_bytes(model)
     m = read_model(data)
     runtime = _tflm()
