@@ -9,7 +9,7 @@ import contextlib
 import numpy as np
 import pytest
 
-schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
+schema = pytest.importorskip("ai_edge_litert.schema_py_generated", exc_type=ImportError)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

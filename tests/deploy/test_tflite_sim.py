@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("ai_edge_litert")
-pytest.importorskip("tflite_micro")
+pytest.importorskip("ai_edge_litert.interpreter", exc_type=ImportError)
+pytest.importorskip("tflite_micro.python.tflite_micro.runtime", exc_type=ImportError)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
