@@ -39,6 +39,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, OmseError, UnsupportedLayerError
-from .tflite_format import op_name, read_model, schema_module, tensor_array, tensor_dtype
+from .tflite_format import DTYPES, op_name, read_model, schema_module, tensor_array, tensor_dtype
 
 __all__ = [
     "simulate",
@@ -1011,39 +1012,50 @@ def simulate(model: bytes | str | Path | Any, inputs: Sequence[np.ndarray]) -> l
     sg = m.subgraphs[0]
     if sg.inputs is None or sg.outputs is None:
         raise CheckpointError("the model's subgraph names no inputs or no outputs")
-    in_idx = [int(i) for i in sg.inputs]
+    batches = _split_batch(m, inputs)
+    with _one_blas_thread():
+        runs = [_run(m, xs) for xs in batches]
+    return _stack(runs)
+
+
+def _split_batch(m: Any, inputs: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """The model's inputs, checked against its input tensors (count, dtype, shape), as one run,
+    or -- inputs ``[N, ...]`` for a model whose batch dimension is 1 -- as N runs of one sample."""
+    g = _Graph(m)
+    in_idx = [int(i) for i in m.subgraphs[0].inputs]
     if len(inputs) != len(in_idx):
         raise ConfigError(f"the model takes {len(in_idx)} inputs, {len(inputs)} given")
     arrays = [np.asarray(a) for a in inputs]
-    g0 = _Graph(m)
-    shapes = [g0.shape(i) for i in in_idx]
-    batched = [
-        a.shape != s and len(s) > 0 and s[0] == 1 and a.shape[1:] == s[1:]
-        for a, s in zip(arrays, shapes)
-    ]
-    if any(batched):
-        n = arrays[batched.index(True)].shape[0]
-        if not all(b and a.shape[0] == n for a, b in zip(arrays, batched)):
-            raise ConfigError("batched inputs must all carry the same batch size")
-        with _one_blas_thread():
-            runs = [_run(m, [a[k : k + 1] for a in arrays]) for k in range(n)]
-        return [np.concatenate(outs, axis=0) for outs in zip(*runs)]
-    with _one_blas_thread():
-        return _run(m, arrays)
+    sizes = set()
+    for i, a in zip(in_idx, arrays):
+        shape, want = g.shape(i), g.dtype(i)
+        if want is None or a.dtype != np.dtype(DTYPES[want]):
+            raise ConfigError(f"input {g.name(i)!r}: dtype {a.dtype}, the model wants {want}")
+        if a.shape == shape:
+            sizes.add(None)
+        elif len(shape) > 0 and shape[0] == 1 and a.ndim == len(shape) and a.shape[1:] == shape[1:]:
+            sizes.add(a.shape[0])
+        else:
+            raise ConfigError(f"input {g.name(i)!r}: shape {a.shape}, the model wants {shape}")
+    if len(sizes) > 1:
+        raise ConfigError("batched inputs must all carry the same batch size")
+    n = sizes.pop() if sizes else None
+    if n is None:
+        return [arrays]
+    return [[a[k : k + 1] for a in arrays] for k in range(n)]
+
+
+def _stack(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    if len(runs) == 1:
+        return runs[0]
+    return [np.concatenate(outs, axis=0) for outs in zip(*runs)]
 
 
 def _run(m: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
     g = _Graph(m)
     sg = m.subgraphs[0]
     for i, a in zip(sg.inputs, arrays):
-        i = int(i)
-        shape = g.shape(i)
-        want = g.dtype(i)
-        if a.shape != shape:
-            raise ConfigError(f"input {g.name(i)!r}: shape {a.shape}, the model wants {shape}")
-        if want is None or a.dtype != np.dtype(want if want != "int4" else "int8"):
-            raise ConfigError(f"input {g.name(i)!r}: dtype {a.dtype}, the model wants {want}")
-        g.values[i] = a
+        g.values[int(i)] = a
     for k, op in enumerate(sg.operators or []):
         name = op_name(m, op)
         if op.outputs is None or len(op.outputs) == 0 or op.inputs is None:
@@ -1106,7 +1118,7 @@ def tflm_run(model: bytes | str | Path, inputs: Sequence[np.ndarray]) -> list[np
     runtime = _tflm()
     interp = runtime.Interpreter.from_bytes(data, arena_size=_default_arena(data))
     n_out = len(m.subgraphs[0].outputs)
-    return _batched(m, inputs, lambda xs: _tflm_invoke(interp, xs, n_out))
+    return _stack([_tflm_invoke(interp, xs, n_out) for xs in _split_batch(m, inputs)])
 
 
 def _tflm_invoke(interp: Any, xs: list[np.ndarray], n_out: int) -> list[np.ndarray]:
@@ -1114,19 +1126,6 @@ def _tflm_invoke(interp: Any, xs: list[np.ndarray], n_out: int) -> list[np.ndarr
         interp.set_input(x, k)
     interp.invoke()
     return [np.array(interp.get_output(k)) for k in range(n_out)]
-
-
-def _batched(
-    m: Any, inputs: Sequence[np.ndarray], run: Callable[[list[np.ndarray]], list[np.ndarray]]
-) -> list[np.ndarray]:
-    sg = m.subgraphs[0]
-    shapes = [tuple(int(d) for d in sg.tensors[int(i)].shape) for i in sg.inputs]
-    arrays = [np.asarray(a) for a in inputs]
-    if all(a.shape == s for a, s in zip(arrays, shapes)):
-        return run(arrays)
-    n = arrays[0].shape[0]
-    runs = [run([a[k : k + 1] for a in arrays]) for k in range(n)]
-    return [np.concatenate(outs, axis=0) for outs in zip(*runs)]
 
 
 def litert_run(
@@ -1153,7 +1152,7 @@ def litert_run(
         interp.invoke()
         return [np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()]
 
-    return _batched(m, inputs, run)
+    return _stack([run(xs) for xs in _split_batch(m, inputs)])
 
 
 @contextlib.contextmanager
@@ -1192,8 +1191,6 @@ def arena_bytes(model: bytes | str | Path) -> int:
         dt = tensor_dtype(t) or "int8"
         interp.set_input(np.zeros(tuple(int(d) for d in t.shape), np.dtype(dt)), k)
     interp.invoke()
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     with _capture_fds() as box:
