@@ -645,6 +645,11 @@ def test_wrong_inputs_are_refused():
         ts.simulate(m, [np.zeros((1, 4), np.float32)])
     with pytest.raises(ConfigError, match="inputs"):
         ts.simulate(m, [])
+    with pytest.raises(ConfigError, match="shape"):
+        ts.tflm_run(m, [np.zeros((2, 5), np.int8)])
+    with pytest.raises(ConfigError, match="empty batch"):
+        ts.litert_run(m, [np.zeros((0, 4), np.int8)])
+    assert ts.simulate(m, [np.zeros((3, 4), np.int8)])[0].shape == (3, 4)
 
 
 def test_arena_bytes_is_the_smallest_arena_that_runs():

@@ -1042,6 +1042,8 @@ def _split_batch(m: Any, inputs: Sequence[np.ndarray]) -> list[list[np.ndarray]]
     n = sizes.pop() if sizes else None
     if n is None:
         return [arrays]
+    if n == 0:
+        raise ConfigError("an empty batch (0 samples)")
     return [[a[k : k + 1] for a in arrays] for k in range(n)]
 
 
