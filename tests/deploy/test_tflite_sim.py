@@ -804,6 +804,50 @@ def test_requirement_add_output_multiplier_below_one():
     assert "ran" not in r.stdout and r.returncode != 0
 
 
+def _crashes(model: bytes, x: np.ndarray, runner: str) -> bool:
+    """Run ``ts.<runner>(model, [x])`` in a child process: did it die (signal / abort)?"""
+    code = (
+        "import sys, numpy as np\n"
+        "from omse.deploy import tflite_sim as ts\n"
+        "x = np.load(sys.argv[2])\n"
+        f"ts.{runner}(open(sys.argv[1], 'rb').read(), [x]); print('ran')\n"
+    )
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"omse_crash_{os.getpid()}"
+    mpath, xpath = base.with_suffix(".tflite"), base.with_suffix(".npy")
+    mpath.write_bytes(model)
+    np.save(xpath, x)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        r = subprocess.run([sys.executable, "-c", code, str(mpath), str(xpath)], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        mpath.unlink(missing_ok=True)
+        xpath.unlink(missing_ok=True)
+    return "ran" not in r.stdout and r.returncode < 0
+
+
+def test_requirement_depthwise_bias():
+    """TFLM crashes on a depthwise convolution whose bias input is -1 (TFLiteBuilder therefore
+    drops trailing -1 inputs); LiteRT refuses a -1 bias, and its default kernels crash on a
+    depthwise convolution given no bias at all (its reference kernels run it)."""
+    import flatbuffers
+
+    rng = np.random.default_rng(18)
+    m = conv_model(rng, depthwise=True, cin=8, cout=8, k=(5, 5), hw=(6, 11), bias=False)
+    x = _codes(rng, (1, 6, 11, 8))
+    model = read_model(m)
+    assert len(model.subgraphs[0].operators[0].inputs) == 2  # the builder dropped the -1
+    model.subgraphs[0].operators[0].inputs = np.array([0, 1, -1], np.int32)
+    fb = flatbuffers.Builder(0)
+    fb.Finish(model.Pack(fb), file_identifier=b"TFL3")
+    minus_one = bytes(fb.Output())
+    assert _crashes(minus_one, x, "tflm_run")
+    with pytest.raises(RuntimeError, match="optional but was expected"):
+        ts.litert_run(minus_one, [x], reference_kernels=True)
+    assert np.array_equal(ts.litert_run(m, [x], reference_kernels=True)[0], ts.simulate(m, [x])[0])
+    assert _crashes(m, x, "litert_run")
+
+
 def test_requirement_fully_connected_bias_scale():
     rng = np.random.default_rng(15)
     b = TFLiteBuilder()
