@@ -435,10 +435,7 @@ def test_pool_random(code, hw, f, s, padding, act, q, seed):
 
 
 @FAST
-@given(
-    q_in=st.tuples(st.floats(0.002, 0.3).map(np.float32), zps),
-    beta=st.sampled_from([1.0, 0.5, 2.0]),
-)
+@given(q_in=st.tuples(wide_scales, zps), beta=st.sampled_from([1.0, 0.5, 2.0, 0.1]))
 def test_softmax(q_in, beta):
     m = unary_model("SOFTMAX", [4, 64], q_in, (1 / 256, -128), beta=beta)
     x = ALL_CODES.reshape(4, 64)
@@ -450,15 +447,18 @@ def test_softmax(q_in, beta):
 
 @pytest.mark.parametrize("code,q_out", [("LOGISTIC", (1 / 256, -128)), ("TANH", (1 / 128, 0))])
 @FAST
-@given(q_in=st.tuples(st.floats(0.001, 0.5).map(np.float32), zps))
+@given(q_in=st.tuples(wide_scales, zps))
 def test_logistic_tanh(code, q_out, q_in):
     check(unary_model(code, [1, 256], q_in, q_out), [ALL_CODES])
 
 
 @FAST
-@given(q_in=st.tuples(st.floats(0.005, 0.2).map(np.float32), zps),
-       q_out=st.tuples(st.floats(0.005, 0.2).map(np.float32), zps))  # fmt: skip
+@given(q_in=st.tuples(wide_scales, zps), q_out=st.tuples(wide_scales, zps))
 def test_hard_swish(q_in, q_out):
+    # wide scales reach output exponents <= -16, where gemmlowp's int16 RoundingDivideByPOT
+    # truncates its mask and returns +-1
+    if float(q_in[0]) / 128 / float(q_out[0]) >= 1:
+        return  # refused (test_requirement_hard_swish_output_exponent)
     check(unary_model("HARD_SWISH", [1, 256], q_in, q_out), [ALL_CODES])
 
 

@@ -736,6 +736,16 @@ def _wrap16(x: np.ndarray) -> np.ndarray:
     return ((np.asarray(x, np.int64) + 2**15) & 0xFFFF) - 2**15
 
 
+def _rdbpot16(x: np.ndarray, exponent: int) -> np.ndarray:
+    """gemmlowp ``RoundingDivideByPOT`` on int16: its mask ``(1 << e) - 1`` is truncated to 16
+    bits, so for ``e >= 16`` it returns 1 for ``x >= 0`` and -1 for ``x < 0``."""
+    x = np.asarray(x, np.int64)
+    mask = int(_wrap16(np.int64((1 << exponent) - 1)))
+    remainder = _wrap16(x & mask)
+    threshold = _wrap16((mask >> 1) + (x < 0))
+    return _wrap16((x >> exponent) + (remainder > threshold))
+
+
 def _srdhm16(a: np.ndarray, b: int) -> np.ndarray:
     ab = np.asarray(a, np.int64) * b
     nudge = np.where(ab >= 0, 1 << 14, 1 - (1 << 14))
@@ -776,12 +786,12 @@ def _hard_swish(g: _Graph, op: Any) -> None:
         if rel_e > 0:
             r = _sat_lshift16(r, 1)
         if rel_e < 0:
-            r = _rdbpot(r, -rel_e)
+            r = _rdbpot16(r, -rel_e)
         r = _wrap16((r + (1 << 15)) >> 1)
         ab = r * preshift  # SaturatingDoublingHighMul: truncating, no rounding nudge
         pre = _wrap16(_trunc_div_pow2(ab, 15))
         pre = np.where((r == preshift) & (r == -(2**15)), 2**15 - 1, pre)
-        out = _wrap16(_rdbpot(pre, -out_e) + zo)
+        out = _wrap16(_rdbpot16(pre, -out_e) + zo)
         return np.clip(out, -128, 127)
 
     _lut(g, op, fn)
