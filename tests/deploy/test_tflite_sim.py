@@ -578,6 +578,38 @@ def test_strided_slice(begin, end, strides, masks, out):
     check(m, [_codes(rng, (1, 3, 4, 2))])
 
 
+@FAST
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
+    masks=st.tuples(st.integers(0, 15), st.integers(0, 15), st.integers(0, 15)),
+)  # fmt: skip
+def test_strided_slice_random(shape, data, masks):
+    """Negative begins / ends / strides and masks; the output shape the model declares comes from
+    the simulator's axis logic, which TFLM's Prepare checks."""
+    r = len(shape)
+    bm, em, sm = (m % (1 << r) for m in masks)
+    begin = [data.draw(st.integers(-d, d - 1)) for d in shape]
+    end = [data.draw(st.integers(-d - 1, d + 1)) for d in shape]
+    strides = [data.draw(st.sampled_from([1, 2, 3, -1, -2])) for _ in shape]
+    bits = [(bm >> d & 1, em >> d & 1, sm >> d & 1, 0) for d in range(r)]
+    sizes = [len(ts._slice_axis(shape[d], begin[d], end[d], strides[d], bits[d])) for d in range(r)]
+    out = [n for d, n in enumerate(sizes) if not sm >> d & 1]
+    if 0 in sizes or not out:
+        return
+    extra = [(n, [r], "int32", np.array(v, np.int32), None, None)
+             for n, v in (("begin", begin), ("end", end), ("strides", strides))]  # fmt: skip
+    m = unary_model("STRIDED_SLICE", shape, Q, Q, out_shape=out, extra=extra, begin_mask=bm,
+                    end_mask=em, shrink_axis_mask=sm)  # fmt: skip
+    check(m, [_codes(np.random.default_rng(r), tuple(shape))], litert="none")
+
+
+def test_requirement_strided_slice_at_most_4d():
+    extra = [(n, [5], "int32", np.array(v, np.int32), None, None)
+             for n, v in (("begin", [0] * 5), ("end", [1, 1, 1, 1, 2]), ("strides", [1] * 5))]  # fmt: skip
+    m = unary_model("STRIDED_SLICE", [1, 1, 1, 1, 3], Q, Q, out_shape=[1, 1, 1, 1, 2], extra=extra)
+    assert not _tflm_accepts(m, np.zeros((1, 1, 1, 1, 3), np.int8))
+
+
 # -- a small network, batching, refusals -----------------------------------------------------------
 
 

@@ -106,7 +106,8 @@ REQUIREMENTS: dict[str, str] = {
     "SQUEEZE": "no requantization: output must share the input's quantization.",
     "TRANSPOSE": "no requantization: output must share the input's quantization.",
     "RESIZE_NEAREST_NEIGHBOR": "no requantization: output must share the input's quantization.",
-    "STRIDED_SLICE": "no requantization: output must share the input's quantization.",
+    "STRIDED_SLICE": "no requantization: output must share the input's quantization; at most 4 "
+    "input dimensions (refused otherwise); no ellipsis / new-axis masks (not simulated).",
     "QUANTIZE": "float32 -> int8 and int8 -> int8 (requantization) accepted; the output must be "
     "quantized per tensor (a per-channel output is refused).",
     "activations": "every int8 activation is quantized per tensor; fused activations NONE, RELU, "
@@ -497,8 +498,8 @@ def _conv2d(g: _Graph, op: Any) -> None:
     acc = np.zeros((n * oh * ow, cout), np.float64)  # exact: |sums| < 2^53
     for tap, wk in zip(taps, wt):
         acc += tap.reshape(n * oh * ow, cin) @ wk
-    acc = acc.astype(np.int64)
-    acc = acc.reshape(n, oh, ow, cout) + _bias(g, op, cout)
+    acc = _wrap32(acc.astype(np.int64))  # TFLM accumulates in int32
+    acc = _wrap32(acc.reshape(n, oh, ow, cout) + _bias(g, op, cout))
     mult, shift = _conv_multipliers(g, x, w, y, cout)
     lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
     g.values[y] = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
@@ -534,8 +535,8 @@ def _depthwise(g: _Graph, op: Any) -> None:
     for tap, wk in zip(taps, wt):
         # output channel oc reads input channel oc // depth_multiplier
         acc += (np.repeat(tap, mult_d, axis=-1) if mult_d > 1 else tap) * wk
-    acc = acc.astype(np.int64)
-    acc = acc + _bias(g, op, cout)
+    acc = _wrap32(acc.astype(np.int64))  # TFLM accumulates in int32
+    acc = _wrap32(acc + _bias(g, op, cout))
     mult, shift = _conv_multipliers(g, x, w, y, cout)
     lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
     g.values[y] = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
@@ -559,7 +560,7 @@ def _fully_connected(g: _Graph, op: Any) -> None:
         )
     rows = xa.reshape(-1, depth) - zp_in
     acc = (rows.astype(np.float64) @ (wa - zp_w[0]).T.astype(np.float64)).astype(np.int64)
-    acc = acc + _bias(g, op, cout)
+    acc = _wrap32(acc + _bias(g, op, cout))
     if s_w.size > 1:
         pairs = [quantize_multiplier(float(s_in) * float(s) / float(s_out)) for s in s_w]
         mult = np.array([p[0] for p in pairs], np.int64)
@@ -574,11 +575,11 @@ def _fully_connected(g: _Graph, op: Any) -> None:
 
 
 def _out_shape(g: _Graph, y: int, computed: tuple[int, ...]) -> tuple[int, ...]:
-    """The model's shape for output ``y`` when it holds the computed values, else theirs."""
+    """The model's shape for output ``y``, which must hold the computed values."""
     shape = g.shape(y)
-    if int(np.prod(shape, dtype=np.int64)) == int(np.prod(computed, dtype=np.int64)):
-        return shape
-    return computed
+    if int(np.prod(shape, dtype=np.int64)) != int(np.prod(computed, dtype=np.int64)):
+        raise CheckpointError(f"output {g.name(y)!r} has shape {shape}, the values {computed}")
+    return shape
 
 
 # -- elementwise binary --------------------------------------------------------------------------
@@ -921,27 +922,47 @@ def _resize_nearest(g: _Graph, op: Any) -> None:
     g.values[y] = xa[:, iy][:, :, ix]
 
 
+def _slice_axis(size: int, begin: int, end: int, stride: int, masks: tuple[int, ...]) -> list[int]:
+    """The indices one axis of STRIDED_SLICE reads (TFLite's ``StridedSliceStartForAxis`` /
+    ``StridedSliceEndForAxis``); ``masks`` = (begin, end, shrink, offset) bits for this axis."""
+    begin_mask, end_mask, shrink, offset = masks
+    if stride == 0:
+        raise ConfigError("STRIDED_SLICE with a zero stride")
+    start = begin + size if begin < 0 else begin
+    start = min(max(start, 0), size) if stride > 0 else min(max(start, -1), size - 1)
+    if begin_mask:
+        start = 0 if stride > 0 else size - 1
+    if shrink:
+        stop = start if start >= size else start + 1
+    else:
+        stop = end + start if offset else end
+        stop = stop + size if stop < 0 else stop
+        stop = min(max(stop, 0), size) if stride > 0 else min(max(stop, -1), size - 1)
+        if end_mask:
+            stop = size if stride > 0 else -1
+    return list(range(start, stop, stride))
+
+
 def _strided_slice(g: _Graph, op: Any) -> None:
     x, y = int(op.inputs[0]), int(op.outputs[0])
     o = _opts(op)
     if o.ellipsisMask or o.newAxisMask:
         raise UnsupportedLayerError("STRIDED_SLICE with ellipsis or new-axis masks")
     xa = g.get(x)
-    begin, end, strides = (g.get(int(i)).astype(np.int64) for i in op.inputs[1:4])
-    index: list[Any] = []
+    _require(xa.ndim <= 4, "STRIDED_SLICE of more than 4 dimensions")
+    begin, end, strides = (g.get(int(i)).astype(np.int64).ravel() for i in op.inputs[1:4])
+    index = []
     for d in range(xa.ndim):
         if d >= len(begin):
-            index.append(slice(None))
+            index.append(list(range(xa.shape[d])))
             continue
-        st = int(strides[d])
-        if o.shrinkAxisMask >> d & 1:
-            index.append(int(begin[d]) % xa.shape[d])
-            continue
-        b = None if o.beginMask >> d & 1 else int(begin[d])
-        e = None if o.endMask >> d & 1 else int(end[d])
-        index.append(slice(b, e, st))
-    out = xa[tuple(index)]
-    g.values[y] = out.reshape(_out_shape(g, y, out.shape))
+        bits = tuple(int(m >> d & 1) for m in (o.beginMask, o.endMask, o.shrinkAxisMask))
+        masks = (*bits, int(bool(o.offset)))
+        index.append(_slice_axis(xa.shape[d], int(begin[d]), int(end[d]), int(strides[d]), masks))
+    out = xa[np.ix_(*index)] if xa.ndim else xa
+    kept = tuple(n for d, n in enumerate(out.shape) if not (o.shrinkAxisMask >> d & 1))
+    _require(g.shape(y) == kept, f"STRIDED_SLICE output shape {g.shape(y)}, computed {kept}")
+    g.values[y] = out.reshape(kept)
 
 
 OPS: dict[str, Callable[[_Graph, Any], None]] = {
