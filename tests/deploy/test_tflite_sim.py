@@ -35,10 +35,9 @@ FAST = settings(
 )
 
 # LiteRT's default kernels (XNNPACK / optimized) round some requantizations differently from the
-# reference kernels: measured at most 1 step on these models. LiteRT's reference kernels are the
-# same code as TFLM's except that some multipliers are derived from float32 products where this
-# TFLM computes in double (FULLY_CONNECTED: s_in * s_w), so they too differ by 1 step on rare ties
-# (the MLPerf anomaly-detection model).
+# reference kernels: measured at most 1 step on these one-op models. LiteRT's reference kernels
+# round as TFLM's except FULLY_CONNECTED, which LiteRT requantizes with a single rounding
+# (test_litert_fully_connected_rounds_once), and rare LOGISTIC scales: 1 step on ties.
 LITERT_OPTIMIZED_STEPS = 1
 LITERT_REFERENCE_STEPS = 1
 
@@ -783,6 +782,13 @@ def test_requirement_pad_and_relu6_do_not_rescale():
     a = ts.tflm_run(unary_model("RELU6", [1, 256], Q, Q), [ALL_CODES])[0]
     b = ts.tflm_run(unary_model("RELU6", [1, 256], Q, (0.5, -100)), [ALL_CODES])[0]
     assert np.array_equal(a, b)  # output quantization ignored
+    # data movement copies codes whatever the output quantization says
+    shape = [("shape", [2], "int32", np.array([2, 128], np.int32), None, None)]
+    m = unary_model("RESHAPE", [1, 256], Q, (0.5, -100), out_shape=[2, 128], extra=shape)
+    assert np.array_equal(ts.tflm_run(m, [ALL_CODES])[0].ravel(), ALL_CODES.ravel())
+    perm = [("perm", [2], "int32", np.array([1, 0], np.int32), None, None)]
+    m = unary_model("TRANSPOSE", [1, 256], Q, (0.5, -100), out_shape=[256, 1], extra=perm)
+    assert np.array_equal(ts.tflm_run(m, [ALL_CODES])[0].ravel(), ALL_CODES.ravel())
 
 
 def test_requirement_fully_connected_filters():
@@ -792,6 +798,8 @@ def test_requirement_fully_connected_filters():
         assert _tflm_accepts(m, _codes(rng, shape))
     m, shape = fc_model(rng, wdtype="int4", per_channel=True)
     assert not _tflm_accepts(m, _codes(rng, shape))
+    x = _codes(rng, shape)  # LiteRT runs it (one rounding, see test_litert_fully_connected_...)
+    assert ts.litert_run(m, [x], reference_kernels=True)[0].shape == (2, 7)
 
 
 def test_requirement_quantize_output_per_tensor():
@@ -880,6 +888,28 @@ def test_requirement_depthwise_bias():
     assert _crashes(m, x, "litert_run")
 
 
+def test_litert_fully_connected_rounds_once():
+    """Scales where one and two roundings differ: TFLM == simulate (two); LiteRT's FC (reference
+    and default kernels) == one rounding."""
+    si, sw, so = np.float32(0.0978), np.float32(0.0594), np.float32(0.0326)
+    b = TFLiteBuilder()
+    x = b.tensor("x", [256, 1], "int8", scale=si, zero_point=0)
+    w = b.tensor("w", [64, 1], "int8", data=np.ones((64, 1), np.int8), scale=sw, zero_point=0)
+    bias = np.arange(64) * 61 - 2000
+    bt = b.tensor("b", [64], "int32", data=bias, scale=np.float32(si * sw), zero_point=0)
+    y = b.tensor("y", [256, 64], "int8", scale=so, zero_point=0)
+    b.op("FULLY_CONNECTED", [x, w, bt], [y])
+    m = b.finish([x], [y])
+    xs = [ALL_CODES.reshape(256, 1)]
+    sim = check(m, xs, litert="none")[0]
+    mult, shift = ts.quantize_multiplier(float(si) * float(sw) / float(so))
+    acc = np.arange(-128, 128)[:, None] + bias[None, :]
+    once = np.clip((acc * mult + (1 << (30 - shift))) >> (31 - shift), -128, 127)
+    assert not np.array_equal(once, sim)
+    for ref in (True, False):
+        assert np.array_equal(ts.litert_run(m, xs, reference_kernels=ref)[0], once)
+
+
 def test_requirement_fully_connected_bias_scale():
     rng = np.random.default_rng(15)
     b = TFLiteBuilder()
@@ -919,8 +949,8 @@ def test_mlperf_tiny_bit_exact(name):
     for s, mm in zip(sim, micro):
         assert np.array_equal(s, mm), f"{name}: {_steps(s, mm)} steps"
     # LiteRT, measured on 16 random inputs each: reference kernels identical on ResNet-8, KWS and
-    # VWW, up to 2 steps (37% of outputs) on the anomaly detector (FULLY_CONNECTED's float32
-    # multiplier, compounded over 10 layers); default kernels up to 44 steps after ResNet-8's
+    # VWW, up to 2 steps (37% of outputs) on the anomaly detector (LiteRT's single-rounding
+    # FULLY_CONNECTED, compounded over 10 layers); default kernels up to 44 steps after ResNet-8's
     # softmax, 1-3 steps elsewhere (KWS: 3 on these inputs).
     for ref, s in zip(ts.litert_run(data, xs, reference_kernels=True), sim):
         assert _steps(ref, s) <= (2 if "ad01" in name else 0)
