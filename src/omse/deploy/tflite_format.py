@@ -101,8 +101,6 @@ _ENUM_FIELDS = {
     "quantizedBiasType": "TensorType",
 }
 
-_SHORT_ACTIVATIONS = {"RELU_N1_TO_1": "RELU_N1_TO_1", "NONE": "NONE"}
-
 
 def schema_module() -> Any:
     """The generated TFLite schema module (``ai_edge_litert.schema_py_generated``)."""
