@@ -1,8 +1,9 @@
 """omse.deploy.tflite_sim: the numpy simulation is bit-identical with TFLite Micro on every
 supported operator (random int8 models built with TFLiteBuilder, fixed seeds and hypothesis), on
-the MLPerf Tiny int8 models, and the runtime requirements it records hold in TFLM. LiteRT's
-reference kernels are compared too (exact), its default (optimized / XNNPACK) kernels within the
-one step they are measured to differ by."""
+the MLPerf Tiny int8 models, and the runtime requirements it records hold in TFLM. LiteRT is
+compared too: its reference kernels within 1 step (exact but for FULLY_CONNECTED's single
+rounding and rare LOGISTIC scales), its default (optimized / XNNPACK) kernels within what they
+are measured to differ by."""
 
 from __future__ import annotations
 
