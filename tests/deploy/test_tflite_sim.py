@@ -726,6 +726,12 @@ def _tflm_accepts(model: bytes, x: np.ndarray | list[np.ndarray]) -> bool:
     return True
 
 
+def test_tflm_isolated_refusal_is_a_runtime_error():
+    m = unary_model("SOFTMAX", [1, 8], Q, (1 / 128, -128), beta=1.0)
+    with pytest.raises(RuntimeError):
+        ts.tflm_run(m, [np.zeros((1, 8), np.int8)], isolated=True)
+
+
 def test_requirement_softmax_output_quantization():
     assert _tflm_accepts(unary_model("SOFTMAX", [1, 8], Q, (1 / 256, -128), beta=1.0),
                          _codes(np.random.default_rng(0), (1, 8)))  # fmt: skip
@@ -883,6 +889,10 @@ def test_requirement_depthwise_bias():
     fb.Finish(model.Pack(fb), file_identifier=b"TFL3")
     minus_one = bytes(fb.Output())
     assert _crashes(minus_one, x, "tflm_run")
+    with pytest.raises(OmseError, match="TFLM crashed"):
+        ts.tflm_run(minus_one, [x], isolated=True)
+    good = ts.tflm_run(m, [x], isolated=True)
+    assert np.array_equal(good[0], ts.simulate(m, [x])[0])
     with pytest.raises(RuntimeError, match="optional but was expected"):
         ts.litert_run(minus_one, [x], reference_kernels=True)
     assert np.array_equal(ts.litert_run(m, [x], reference_kernels=True)[0], ts.simulate(m, [x])[0])

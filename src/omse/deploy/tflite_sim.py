@@ -39,6 +39,7 @@ import contextlib
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -1146,16 +1147,56 @@ def _to_bytes(model: bytes | str | Path) -> bytes:
     return bytes(model)
 
 
-def tflm_run(model: bytes | str | Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def tflm_run(
+    model: bytes | str | Path, inputs: Sequence[np.ndarray], *, isolated: bool = False
+) -> list[np.ndarray]:
     """Run ``model`` in TFLite Micro's Python interpreter (reference kernels); batches as in
     :func:`simulate`. The model is parsed by :func:`read_model` first (TFLM itself does not
-    validate the flatbuffer), and the arena is generous."""
+    validate the flatbuffer), and the arena is generous. A model TFLM refuses raises
+    ``RuntimeError``; some it crashes on instead (see :data:`REQUIREMENTS`): ``isolated=True``
+    runs it in a child process and turns a crash into an :class:`~omse.errors.OmseError`."""
     data = _to_bytes(model)
+    if isolated:
+        return _tflm_isolated(data, inputs)
     m = read_model(data)
     runtime = _tflm()
     interp = runtime.Interpreter.from_bytes(data, arena_size=_default_arena(data))
     n_out = len(m.subgraphs[0].outputs)
     return _stack([_tflm_invoke(interp, xs, n_out) for xs in _split_batch(m, inputs)])
+
+
+_CHILD = """
+import sys, numpy as np
+from omse.deploy.tflite_sim import tflm_run
+d = np.load(sys.argv[2])
+try:
+    outs = tflm_run(open(sys.argv[1], "rb").read(), [d[f"x{k}"] for k in range(len(d.files))])
+except RuntimeError as e:
+    print("REFUSED", e, file=sys.stderr)
+    sys.exit(3)
+np.savez(sys.argv[3], *outs)
+"""
+
+
+def _tflm_isolated(data: bytes, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    with tempfile.TemporaryDirectory(prefix="omse_tflm_") as tmp:
+        mpath, xpath, ypath = (Path(tmp) / n for n in ("m.tflite", "x.npz", "y.npz"))
+        mpath.write_bytes(data)
+        np.savez(xpath, **{f"x{k}": np.asarray(a) for k, a in enumerate(inputs)})
+        src = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+        r = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(mpath), str(xpath), str(ypath)],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        if r.returncode == 3:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
+        if r.returncode != 0:
+            how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
+            tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+            raise OmseError(f"TFLM crashed on this model ({how}): {' | '.join(tail)}")
+        with np.load(ypath) as y:
+            return [y[f"arr_{k}"] for k in range(len(y.files))]
 
 
 def _tflm_invoke(interp: Any, xs: list[np.ndarray], n_out: int) -> list[np.ndarray]:
