@@ -362,7 +362,7 @@ class _Graph:
         if i not in self.values:
             buf = self.model.buffers[self.tensor(i).buffer]
             if getattr(buf, "data", None) is None or len(buf.data) == 0:
-                raise OmseError(f"tensor {i} ({self.name(i)}) is read before it is computed")
+                raise CheckpointError(f"tensor {i} ({self.name(i)}) is read before it is computed")
             self.values[i] = tensor_array(self.model, i)
         return self.values[i]
 
@@ -378,7 +378,7 @@ class _Graph:
         return s, z
 
     def q1(self, i: int) -> tuple[np.float32, int]:
-        """Per-tensor (scale, zero point); ConfigError for a per-channel activation."""
+        """Per-tensor (scale, zero point); UnsupportedLayerError for a per-channel activation."""
         s, z = self.qparams(i)
         if s.size != 1:
             raise UnsupportedLayerError(
