@@ -24,8 +24,9 @@ Rows per model: the float ``.tflite``; the reference int8 ``.tflite`` (TFLite co
 ``ai-edge-quantizer`` 0.10 ``static_wi8_ai8`` and the same recipe with 4-bit weights (the float
 file given a ``serving_default`` signature, which the tool requires; same calibration inputs);
 omse: min-max INT4 weights, plain MMSE INT4 (``fast``), the default recipe, ``best`` (learned
-rounding), ``best`` within 0.5 / 0.6 / 0.75x the reference int8 file's bytes, and a random
-INT4/INT8 plan of the same bytes as the 0.6x one (what the sensitivity-chosen plan beats).
+rounding), ``best`` within 0.5 / 0.6 / 0.75x the reference int8 file's bytes (and the default
+recipe within 0.6x: ``--rows omse-default-0.5x`` etc. for the others), and a random INT4/INT8
+plan of the same bytes as the best 0.6x one (what the sensitivity-chosen plan beats).
 
 Columns: file bytes (and x the reference int8 file), TFLM arena bytes, the metric with its 95%
 interval, TFLM parity (``--parity`` inputs: TFLM's output bit-identical to omse's integer
@@ -60,9 +61,9 @@ from heldout import DEFAULT_DATA, ROOT, counts, machine, merge_rows  # noqa: E40
 from omse.analysis.metrics import wilson_interval  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
 from omse.deploy.tflite import quantize_tflite  # noqa: E402
-from omse.deploy.tflite_format import read_model  # noqa: E402
 from omse.deploy.tflite_sim import arena_bytes, litert_run, simulate, tflm_run  # noqa: E402
 from omse.nn.layers import quantized_layers  # noqa: E402
+from omse.tflite_format import read_model  # noqa: E402
 from omse.transforms.precision import weight_bytes  # noqa: E402
 from omse.zoo.data import load_image  # noqa: E402
 from omse.zoo.labelled import calibration_split, load_cifar10_test, load_imagenet_val  # noqa: E402
@@ -84,6 +85,7 @@ BUDGETS = (0.5, 0.6, 0.75)
 ROWS = (
     "float", "ref-int8", "aeq-int8", "aeq-int4w", "omse-minmax", "omse-plain", "omse-default",
     "omse-best", "omse-best-0.5x", "omse-best-0.6x", "omse-best-0.75x", "random-0.6x",
+    "omse-default-0.6x",
 )  # fmt: skip
 
 
@@ -277,10 +279,9 @@ def omse_rows(wanted, model, calib, ref_bytes: int):
         "omse-best": (QuantConfig.preset("best", target="tflite", budget=None), None),
     }
     for b in BUDGETS:
-        recipes[f"omse-best-{b}x"] = (
-            QuantConfig.preset("best", target="tflite"),
-            int(b * ref_bytes),
-        )
+        budget = int(b * ref_bytes)
+        recipes[f"omse-best-{b}x"] = (QuantConfig.preset("best", target="tflite"), budget)
+        recipes[f"omse-default-{b}x"] = (QuantConfig(target="tflite"), budget)
     out = {}
     budget_weights = None
     for row, (cfg, max_bytes) in recipes.items():

@@ -1007,8 +1007,8 @@ def test_detector_is_judged_by_its_detections(cli, work):
 
 def test_tflite_out_int4_filters_run_in_tflm(cli, work, tiny_onnx):
     pytest.importorskip("tflite_micro")
-    from omse.deploy.tflite_format import read_model
     from omse.deploy.tflite_sim import simulate, tflm_run
+    from omse.tflite_format import read_model
 
     out = work / "tiny.tflite"
     argv = ["--calib", "imgs", "--recipe", "fast", "--out", out, "--tflite-io", "int8"]

@@ -18,8 +18,8 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tflite_micro")
 
 from omse.deploy.tflite import export_tflite, quantize_tflite, to_tflite  # noqa: E402
-from omse.deploy.tflite_format import read_model  # noqa: E402
 from omse.deploy.tflite_sim import litert_run, simulate, tflm_run  # noqa: E402
+from omse.tflite_format import read_model  # noqa: E402
 
 
 class Block(nn.Module):

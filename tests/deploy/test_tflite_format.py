@@ -1,4 +1,4 @@
-"""omse.deploy.tflite_format: TFLiteBuilder writes what read_model reads back (tensors, INT4 codes,
+"""omse.tflite_format: TFLiteBuilder writes what read_model reads back (tensors, INT4 codes,
 quantization, operators and options), unknown names are refused, and a missing, foreign,
 truncated or corrupted file gives a CheckpointError -- never a crash."""
 
@@ -14,7 +14,9 @@ schema = pytest.importorskip("ai_edge_litert.schema_py_generated", exc_type=Impo
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from omse.deploy.tflite_format import (  # noqa: E402
+from omse.deploy.tflite_sim import simulate  # noqa: E402
+from omse.errors import CheckpointError, ConfigError, OmseError  # noqa: E402
+from omse.tflite_format import (  # noqa: E402
     TFLiteBuilder,
     op_name,
     pack_int4,
@@ -23,8 +25,6 @@ from omse.deploy.tflite_format import (  # noqa: E402
     tensor_dtype,
     unpack_int4,
 )
-from omse.deploy.tflite_sim import simulate  # noqa: E402
-from omse.errors import CheckpointError, ConfigError, OmseError  # noqa: E402
 
 
 def _model(rng: np.random.Generator) -> tuple[bytes, dict[str, np.ndarray]]:

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from omse.deploy import tflite_sim as ts  # noqa: E402
-from omse.deploy.tflite_format import TFLiteBuilder, read_model  # noqa: E402
 from omse.errors import ConfigError, OmseError, UnsupportedLayerError  # noqa: E402
+from omse.tflite_format import TFLiteBuilder, read_model  # noqa: E402
 
 DATA = Path(
     os.environ.get("OMSE_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data")

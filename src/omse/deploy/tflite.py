@@ -45,8 +45,8 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedLayerError
 from ..io import atomic_path
 from ..nn.layers import quantized_layers
+from ..tflite_format import TFLiteBuilder
 from .export import to_onnx_model
-from .tflite_format import TFLiteBuilder
 
 __all__ = [
     "TFLiteExport",

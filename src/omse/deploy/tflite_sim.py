@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, OmseError, UnsupportedLayerError
-from .tflite_format import DTYPES, op_name, read_model, schema_module, tensor_array, tensor_dtype
+from ..tflite_format import DTYPES, op_name, read_model, schema_module, tensor_array, tensor_dtype
 
 __all__ = [
     "simulate",

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "DTYPES",
