@@ -28,6 +28,8 @@ rounding), ``best`` within 0.5 / 0.6 / 0.75x the reference int8 file's bytes (an
 recipe within 0.6x: ``--rows omse-default-0.5x`` etc. for the others), and a random INT4/INT8
 plan of the same bytes as the best 0.6x one (what the sensitivity-chosen plan beats).
 
+omse's MLPerf files have int8 input and output, as the references do (Lite0's: float32).
+
 Columns: file bytes (and x the reference int8 file), TFLM arena bytes, the metric with its 95%
 interval, TFLM parity (``--parity`` inputs: TFLM's output bit-identical to omse's integer
 simulation, ``omse.deploy.tflite_sim.simulate``), LiteRT latency relative to the reference int8
@@ -269,7 +271,7 @@ def random_plan(model, calib, target_bytes: int, seed: int):
     return cfg
 
 
-def omse_rows(wanted, model, calib, ref_bytes: int):
+def omse_rows(wanted, model, calib, ref_bytes: int, io: str):
     """``{row: (file bytes, seconds, filters, plan)}`` of omse's recipes."""
     batches = list(torch.as_tensor(calib).split(50))
     recipes = {
@@ -288,7 +290,7 @@ def omse_rows(wanted, model, calib, ref_bytes: int):
         if row not in wanted:
             continue
         t0 = time.perf_counter()
-        q, exp, fb = quantize_tflite(model, batches, cfg, max_bytes=max_bytes)
+        q, exp, fb = quantize_tflite(model, batches, cfg, max_bytes=max_bytes, io=io)
         secs = time.perf_counter() - t0
         plan = getattr(q, "omse_precision", None)
         if row == "omse-best-0.6x" and fb is not None:
@@ -297,7 +299,7 @@ def omse_rows(wanted, model, calib, ref_bytes: int):
     if "random-0.6x" in wanted and budget_weights is not None:
         t0 = time.perf_counter()
         cfg = random_plan(model, batches, budget_weights, 0)
-        q, exp, _ = quantize_tflite(model, batches, cfg)
+        q, exp, _ = quantize_tflite(model, batches, cfg, io=io)
         out["random-0.6x"] = (exp.data, time.perf_counter() - t0, exp.filter_types(), "random")
     return out
 
@@ -324,6 +326,7 @@ def bench_model(key: str, args, root: Path) -> list[dict]:
     files: dict[str, bytes] = {}
     info: dict[str, dict] = {}
     runtime = "litert" if key == "lite0" else "litert-ref"
+    io = "float32" if key == "lite0" else "int8"  # the MLPerf references take and give int8
     if key == "lite0":
         from omse.zoo.models import efficientnet_lite
 
@@ -357,7 +360,7 @@ def bench_model(key: str, args, root: Path) -> list[dict]:
     ref_bytes = len(files["ref-int8"])
     calib_for_omse = torch.from_numpy(xc_np)
     for row, (data, secs, kinds, plan) in omse_rows(
-        args.rows, src, calib_for_omse, ref_bytes
+        args.rows, src, calib_for_omse, ref_bytes, io
     ).items():
         files[row] = data
         info[row] = {"calib_seconds": round(secs, 1), "filters": kinds, "plan": plan}
