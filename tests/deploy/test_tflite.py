@@ -4,6 +4,9 @@ plan says 4 bits; a byte budget is met."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +213,31 @@ def test_a_file_budget_is_met():
     assert kinds.get("INT4", 0) >= 1 and kinds.get("INT8", 0) >= 1
     with pytest.raises(ConfigError, match="leaves nothing"):
         quantize_tflite(model, calib.split(8), cfg, max_bytes=100)
+
+
+def test_linear_layers_get_int8_filters_and_a_warning_names_them(quantized):
+    model, _, calib, _ = quantized
+    cfg = QuantConfig(target="tflite", budget=None, overrides={"fc": {"weight_bits": 4}})
+    with pytest.warns(UserWarning, match=r"1 Linear layer\(s\) keep 8-bit weights \(fc\)"):
+        q = omse.quantize(model, calib.split(8), cfg)
+    assert omse.quantized_layers(q)["fc"].w_grid.bits == 8
+    assert to_tflite(q, calib[:1]).layers["fc"] == "INT8"
+
+
+DATA = Path(
+    os.environ.get("OMSE_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
+)
+
+
+def test_mlperf_tiny_float_tflite_round_trip():
+    path = DATA / "mlperf-tiny" / "image_classification" / "pretrainedResnet.tflite"
+    if not path.is_file():
+        pytest.skip(f"needs the MLPerf Tiny models in {DATA} (see ../shared/data/README.md)")
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.rand(8, 32, 32, 3, generator=g) * 255 for _ in range(2)]
+    q = omse.quantize(str(path), calib, QuantConfig.preset("fast", target="tflite"))
+    out = to_tflite(q, calib[0][:1], io="int8")
+    assert out.filter_types() == {"INT4": 9, "INT8": 1}  # nine convolutions, one dense layer
+    xs = np.random.default_rng(0).integers(-128, 128, (4, 1, 32, 32, 3)).astype(np.int8)
+    for x in xs:
+        assert np.array_equal(simulate(out.data, [x])[0], tflm_run(out.data, [x])[0])
