@@ -1003,3 +1003,27 @@ def test_detector_is_judged_by_its_detections(cli, work):
     assert rc == 2 and "--task detect: outputs [[3, 3]] are not a detector" in _one_error_line(err)
     cls, _ = _run_json(cli, work, "cls.json", *USER)
     assert cls["task"] == "classify" and cls["agreement"] is not None
+
+
+def test_tflite_out_int4_filters_run_in_tflm(cli, work, tiny_onnx):
+    pytest.importorskip("tflite_micro")
+    from omse.deploy.tflite_sim import simulate, tflm_run
+    from omse.tflite_format import read_model
+
+    out = work / "tiny.tflite"
+    argv = ["--calib", "imgs", "--recipe", "fast", "--out", out, "--tflite-io", "int8"]
+    rc, stdout, err = cli("quantize", tiny_onnx, *argv)
+    assert rc == 0, err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(f"wrote {out}"))
+    assert "INT4" in line and "int8 input/output" in line
+    data = out.read_bytes()
+    m = read_model(data)
+    shape = list(m.subgraphs[0].tensors[m.subgraphs[0].inputs[0]].shape)
+    assert shape == [1, 3, 12, 12]  # the input the ONNX model takes
+    x = np.random.RandomState(0).randint(-128, 128, shape).astype(np.int8)
+    assert np.array_equal(simulate(data, [x])[0], tflm_run(data, [x])[0])
+    rc, _, err = cli("quantize", tiny_onnx, "--calib", "imgs", "--max-bytes", "0.6x")
+    assert rc == 2 and "--out FILE.tflite" in _one_error_line(err)
+    rc, _, err = cli("quantize", tiny_onnx, "--calib", "imgs", "--target", "int4", "--out",
+                     work / "t4.tflite")  # fmt: skip
+    assert rc == 2 and "--target tflite" in _one_error_line(err)

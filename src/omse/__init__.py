@@ -1,12 +1,14 @@
 """omse: post-training low-bit quantization by exact Minimum Mean Squared Error.
 
-The public surface: five functions, each with a runnable example in its docstring
+The public surface: six functions, each with a runnable example in its docstring
 (``tests/test_readme.py`` runs them), and the configuration:
 
 - ``quantize(model, calib_batches, config=None)``: a quantized copy of ``model`` (a torch module,
   or a float ONNX file / ``onnx.ModelProto``, converted by ``load_onnx``, or a float ``.tflite``
   file, converted by ``load_tflite``);
 - ``export_onnx(qmodel, example_input, path)``: ONNX for int8 runtimes or int4 accelerators;
+- ``export_tflite(qmodel, example_input, path)``: a LiteRT / TensorFlow Lite Micro model with
+  packed INT4 filters (``QuantConfig(target="tflite")``; ``quantize_tflite`` fits a file size);
 - ``save(qmodel, path)`` / ``load(path, model=None)``: packed 4-bit checkpoints;
 - ``report(qmodel, calib_batches, out_dir)``: the per-layer report (md, csv, png);
 - ``QuantConfig()``: the default recipe (W4A8, residual tensors within 10% extra MACs, bias
@@ -49,6 +51,7 @@ from .core.primitives import dequantize, fake_quantize, pack_int4, unpack_int4
 from .core.primitives import quantize as quantize_tensor
 from .deploy.checkpoint import save
 from .deploy.export import export_onnx
+from .deploy.tflite import export_tflite, quantize_tflite
 from .errors import CalibrationError, CheckpointError, ConfigError, OmseError, UnsupportedLayerError
 from .nn.layers import quantized_layers, set_integer
 from .transforms.onnx_import import load_onnx
@@ -80,6 +83,8 @@ __all__ = [
     "WeightQuant",
     "dequantize",
     "export_onnx",
+    "export_tflite",
+    "quantize_tflite",
     "load",
     "load_onnx",
     "load_tflite",

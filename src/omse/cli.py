@@ -1404,6 +1404,13 @@ def cmd_quantize(args) -> int:
         raise OmseError("--blocks goes with --blockwise")
     _check_outputs(args, args.json, args.out)
     _parse_dynamic_axes(args.dynamic_axes)  # refused before any work
+    if _is_tflite_out(args) and args.target not in (None, "tflite", "int8"):
+        raise OmseError(
+            f"--out {args.out} with --target {args.target}: a .tflite holds the integer graph "
+            "of target='tflite' (or 'int8'); drop --target or use --target tflite"
+        )
+    if getattr(args, "max_bytes", None) is not None and not _is_tflite_out(args):
+        raise OmseError("--max-bytes is the written .tflite's size: give --out FILE.tflite")
     (_, qmodel, _, batches, _), res = _quantize_and_eval(args)
     _print_result(res)
     _print_float_weights(res, args)

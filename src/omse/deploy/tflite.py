@@ -45,8 +45,8 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedLayerError
 from ..io import atomic_path
 from ..nn.layers import quantized_layers
+from ..tflite_format import TFLiteBuilder
 from .export import to_onnx_model
-from .tflite_format import TFLiteBuilder
 
 __all__ = [
     "TFLiteExport",
@@ -629,14 +629,19 @@ class _Writer:
             axes = [int(v) for v in np.asarray(self.const[node.input[1]]).reshape(-1)]
         axes = sorted(int(v) % len(shape_in) for v in axes)
         keep = bool(a.get("keepdims", 1))
-        if not keep:
-            raise UnsupportedLayerError(f"{node.name!r}: ReduceMean without keepdims")
-        perm = self.layout(len(shape_in))
-        x = self.act_in(node.input[0], perm)
+        x = self.t.get(node.input[0])
+        if x is None:
+            raise UnsupportedLayerError(f"{node.name!r}: the mean of a float tensor")
+        perm = x.perm  # reduce in the layout the tensor has
         t_axes = [perm.index(v) for v in axes]
         av = self.b.tensor(node.name + "_axes", [len(t_axes)], "int32",
                            data=np.asarray(t_axes, np.int32))  # fmt: skip
-        self.emit(node, "MEAN", [x.index, av], self.shape(node.output[0]), perm, keep_dims=True)
+        if keep:
+            out_perm = perm
+        else:  # the remaining ONNX axes, renumbered, in the order the tensor stores them
+            out_perm = tuple(a - sum(v < a for v in axes) for a in perm if a not in axes)
+        out_shape = self.shape(node.output[0])
+        self.emit(node, "MEAN", [x.index, av], out_shape, out_perm, keep_dims=keep)
 
     def pool(self, node, code) -> None:
         a = _attrs(node)

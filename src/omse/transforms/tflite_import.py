@@ -71,7 +71,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, first_line
+from ..errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    UnsupportedLayerError,
+    first_line,
+)
+from ..tflite_format import read_model, schema_module
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -87,7 +94,6 @@ __all__ = [
     "metadata",
 ]
 
-INSTALL = "pip install ai-edge-litert (omse's tflite extra: pip install 'omse[tflite]')"
 
 SUPPORTED_OPS = (
     "ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D",
@@ -99,15 +105,6 @@ SUPPORTED_OPS = (
 _FLOAT, _FLOAT16, _INT32, _INT64 = 0, 1, 2, 4
 _QUANTIZED_TYPES = {3: "UINT8", 7: "INT16", 9: "INT8", 17: "INT4"}
 _CONST_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 4: np.int64, 9: np.int8, 3: np.uint8}
-
-
-def _schema():
-    """``ai_edge_litert.schema_py_generated``; :class:`ConfigError` when it is not installed."""
-    try:
-        import ai_edge_litert.schema_py_generated as schema
-    except ImportError as e:
-        raise ConfigError(f".tflite models need ai-edge-litert ({e}): {INSTALL}") from e
-    return schema
 
 
 def _names(enum: type) -> dict[int, str]:
@@ -146,43 +143,13 @@ def _ids(v: Any) -> list[int]:
     return [] if v is None else [int(i) for i in v]
 
 
-def _check_structure(model: Any, data: bytes, src: str) -> None:
-    """The first subgraph exists with inputs and outputs; every tensor, buffer and opcode index
-    is in range; every out-of-line buffer lies inside the file. :class:`ConfigError` if not."""
-    bad = f"{src} is not a readable TFLite model (truncated or corrupt)"
-    for b in model.buffers or []:
-        if b.offset > 1 and (b.size < 0 or b.offset + b.size > len(data)):
-            raise ConfigError(
-                f"{bad}: a buffer at bytes {b.offset}..{b.offset + b.size} lies outside the file "
-                f"({len(data)} bytes)"
-            )
-    if not model.subgraphs:
-        raise ConfigError(f"{src} is not a usable TFLite model: it has no subgraph")
-    g = model.subgraphs[0]
-    if not _ids(g.inputs) or not _ids(g.outputs):
-        raise ConfigError(f"{src} is not a usable TFLite model: its graph has no input or output")
-    tensors, n_buffers = g.tensors or [], len(model.buffers or [])
-    if any(not 0 <= t.buffer < max(n_buffers, 1) for t in tensors):
-        raise ConfigError(f"{bad}: a tensor names a buffer that does not exist")
-    ids = _ids(g.inputs) + _ids(g.outputs)
-    for k, op in enumerate(g.operators or []):
-        if not 0 <= op.opcodeIndex < len(model.operatorCodes or []):
-            raise ConfigError(f"{bad}: operator {k} names an opcode that does not exist")
-        if not _ids(op.outputs):
-            raise ConfigError(f"{bad}: operator {k} has no output")
-        ids += [i for i in _ids(op.inputs) + _ids(op.outputs) if i != -1]  # -1: optional
-    out = [i for i in ids if not 0 <= i < len(tensors)]
-    if out:
-        raise ConfigError(f"{bad}: tensor index {out[0]} of {len(tensors)} tensors")
-
-
 def read_tflite(model: str | os.PathLike | bytes) -> tuple[Any, bytes, str]:
     """``(schema.ModelT, the file's bytes, its description for messages)``.
 
     Raises :class:`ConfigError` for a missing file, a file that is not TFLite, a truncated or
     corrupt flatbuffer, or a model without a subgraph (never another exception: whatever the
     flatbuffers reader raises on bad bytes becomes that error)."""
-    schema = _schema()
+    schema_module()  # a clear error without ai-edge-litert
     if isinstance(model, bytes | bytearray):
         data, src = bytes(model), "the TFLite model bytes"
     elif isinstance(model, str | os.PathLike):
@@ -201,16 +168,17 @@ def read_tflite(model: str | os.PathLike | bytes) -> tuple[Any, bytes, str]:
             f"{src} is not a TFLite model (bytes 4..8 are {data[4:8]!r}, a .tflite file has "
             "b'TFL3')"
         )
-    try:
-        m = schema.ModelT.InitFromPackedBuf(data, 0)
-        _check_structure(m, data, src)
-    except ConfigError:
-        raise
-    except Exception as e:  # struct.error, IndexError, ValueError, UnicodeDecodeError, ...
+    try:  # the flatbuffer parsed and checked (indices in range, buffers inside the file)
+        m = read_model(data)
+    except CheckpointError as e:
         raise ConfigError(
             f"{src} is not a readable TFLite model (truncated or corrupt): "
-            f"{type(e).__name__}: {first_line(e, 200)}"
+            f"{first_line(e, 200).removeprefix('<bytes>: ')}"
         ) from e
+    if not m.subgraphs:
+        raise ConfigError(f"{src} is not a usable TFLite model: it has no subgraph")
+    if not _ids(m.subgraphs[0].inputs) or not _ids(m.subgraphs[0].outputs):
+        raise ConfigError(f"{src} is not a usable TFLite model: its graph has no input or output")
     return m, data, src
 
 
@@ -362,7 +330,7 @@ class _Converter:
     """Builds the fx graph, one handler per op (``_op_<NAME>``), in operator order."""
 
     def __init__(self, model: Any, data: bytes, src: str):
-        self.schema = _schema()
+        self.schema = schema_module()
         self.model, self.data, self.src = model, data, src
         self.g = model.subgraphs[0]
         self.op_names = _names(self.schema.BuiltinOperator)
@@ -815,7 +783,7 @@ def float_reference(data: bytes) -> bytes:
     measured against this float file; ``data`` itself when it has no such weights."""
     import flatbuffers
 
-    schema = _schema()
+    schema = schema_module()
     m = schema.ModelT.InitFromPackedBuf(data, 0)
     names = _names(schema.BuiltinOperator)
     g = m.subgraphs[0]
