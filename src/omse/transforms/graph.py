@@ -795,7 +795,12 @@ def float_output(ql: QuantizedLayer, route: Route) -> bool:
     ``MatMul``/``Gemm`` with a float output exists in every int8 runtime; an integer convolution
     always requantizes) whose output no integer op reads (:attr:`Route.integer_reader`).
     ``target="tflite"`` never does: TFLite's int8 FULLY_CONNECTED writes an int8 output."""
-    return ql.cfg.target == "int8" and isinstance(ql.layer, nn.Linear) and route.kind == "output" and not route.integer_reader
+    return (
+        ql.cfg.target == "int8"
+        and isinstance(ql.layer, nn.Linear)
+        and route.kind == "output"
+        and not route.integer_reader
+    )
 
 
 def layer_routes(model: onnx.ModelProto) -> dict[int, Route]:
