@@ -166,6 +166,7 @@ class _Writer:
             dims = vi.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
                 self.shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+        self.producer = {o: n for n in self.g.node for o in n.output}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         for n in self.g.node:
             for i in n.input:
@@ -241,7 +242,66 @@ class _Writer:
         return _T(idx, t.perm, shape, float(s), int(z))
 
     # ---- the walk ---------------------------------------------------------------------------
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant's value, through the Cast / Identity nodes the exporter puts after it."""
+        if name in self.const:
+            return np.asarray(self.const[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type in ("Cast", "Identity"):
+            v = self.value(node.input[0])
+            if v is not None and node.op_type == "Cast":
+                return v.astype(onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"]))
+            return v
+        return None
+
+    def fold_pads(self) -> None:
+        """``Pad(x, zeros on H/W) -> Q -> DQ -> Conv`` becomes ``Q(x) -> DQ -> Conv(pads + ...)``
+        where the Conv reads the padded tensor alone: zeros padded before the quantizer are its
+        zero point, which is what the convolution's own padding adds (one tensor and one PAD op
+        less in the file, TFLite's SAME padding where it matches)."""
+        for pad in list(self.g.node):
+            if pad.op_type != "Pad" or len(pad.input) < 2:
+                continue
+            mode = _attrs(pad).get("mode", b"constant")
+            pads = self.value(pad.input[1])
+            fill = self.value(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+            if (
+                mode not in (b"constant", "constant")
+                or pads is None
+                or (fill is not None and np.any(fill != 0))
+            ):
+                continue
+            pads = [int(v) for v in pads.reshape(-1)]
+            if len(pads) != 8 or any(pads[a] for a in (0, 1, 4, 5)) or min(pads) < 0:
+                continue
+            qs = self.readers.get(pad.output[0], [])
+            if len(qs) != 1 or qs[0].op_type != "QuantizeLinear":
+                continue
+            dqs = self.readers.get(qs[0].output[0], [])
+            convs = [u for dq in dqs for u in self.readers.get(dq.output[0], [])]
+            if (
+                len(dqs) != 1
+                or dqs[0].op_type != "DequantizeLinear"
+                or not convs
+                or any(c.op_type != "Conv" or c.input[0] != dqs[0].output[0] for c in convs)
+            ):
+                continue
+            for c in convs:
+                own = [a for a in c.attribute if a.name == "pads"]
+                old = list(own[0].ints) if own else [0, 0, 0, 0]
+                new = [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]
+                if own:
+                    c.attribute.remove(own[0])
+                c.attribute.append(onnx.helper.make_attribute("pads", new))
+            qs[0].input[0] = pad.input[0]
+            for t in (qs[0].output[0], dqs[0].output[0]):  # now the unpadded tensor
+                self.shapes[t] = self.shape(pad.input[0])
+            self.readers[pad.input[0]].remove(pad)
+            self.readers[pad.input[0]].append(qs[0])
+            self.done.add(id(pad))
+
     def run(self) -> bytes:
+        self.fold_pads()
         for inp in self.g.input:
             if inp.name in self.const:
                 continue
