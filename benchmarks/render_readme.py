@@ -149,8 +149,18 @@ def _latency_section(results_dir: Path) -> list[str]:
     return [generic_table(data, "Latency")]
 
 
+def _tflite_section(results_dir: Path) -> list[str]:
+    path = results_dir / "tflite.json"
+    if not path.is_file():
+        return []
+    import tflite
+
+    return [tflite.tables(json.loads(path.read_text()))]
+
+
 SECTIONS = {
     "models": _models_section,
+    "tflite": _tflite_section,
     "transformer": _transformer_section,
     "peers": _peers_section,
     "latency": _latency_section,

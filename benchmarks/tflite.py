@@ -266,8 +266,9 @@ def random_plan(model, calib, target_bytes: int, seed: int):
             total += extra
             eight.append(n)
     cfg = QuantConfig.preset(
-        "best", target="tflite", budget=None, overrides={n: {"weight_bits": 8} for n in eight}
-    )
+        "best", target="tflite", budget=None, extra_mac_budget=0.0,
+        overrides={n: {"weight_bits": 8} for n in eight},
+    )  # fmt: skip
     return cfg
 
 
@@ -278,7 +279,10 @@ def omse_rows(wanted, model, calib, ref_bytes: int, io: str):
         "omse-minmax": (QuantConfig.preset("fast", target="tflite", weight_method="minmax"), None),
         "omse-plain": (QuantConfig.preset("fast", target="tflite"), None),
         "omse-default": (QuantConfig(target="tflite"), None),
-        "omse-best": (QuantConfig.preset("best", target="tflite", budget=None), None),
+        "omse-best": (  # every convolution INT4 (a residual would make it an INT8 filter)
+            QuantConfig.preset("best", target="tflite", budget=None, extra_mac_budget=0.0),
+            None,
+        ),
     }
     for b in BUDGETS:
         budget = int(b * ref_bytes)
@@ -397,6 +401,10 @@ def bench_model(key: str, args, root: Path) -> list[dict]:
     return rows
 
 
+def _filters(kinds) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) if kinds else ""
+
+
 def _line(r: dict) -> str:
     m = r.get("top1")
     acc = (
@@ -412,8 +420,22 @@ def _line(r: dict) -> str:
     return (
         f"| {r['row']} | {r['bytes']:,} | {r['x_ref_int8']:.3f} | {arena} | {acc} | "
         f"{100 * r['agreement']:.2f} | {r['sqnr_db']:.1f} | {par} | "
-        f"{r['litert_latency_x_ref']:.2f} | {r.get('filters', '')} |"
+        f"{r['litert_latency_x_ref']:.2f} | {_filters(r.get('filters'))} |"
     )
+
+
+def tables(result: dict) -> str:
+    """The JSON of this benchmark as markdown: one table per model, in ``ROWS`` order."""
+    out = []
+    rows = result.get("rows", [])
+    for key in [k for k in NAMES if any(r["model"] == k for r in rows)]:
+        mine = [r for r in rows if r["model"] == key]
+        mine.sort(key=lambda r: ROWS.index(r["row"]) if r["row"] in ROWS else len(ROWS))
+        lines = [f"**{NAMES[key]}**", "", HEADER]
+        for r in mine:
+            lines.append(_line(r) if "bytes" in r else f"| {r['row']} | refused: {r['refused']} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 HEADER = (
@@ -462,17 +484,16 @@ def main(argv=None) -> int:
     if not (args.data / "mlperf-tiny").is_dir():
         print(f"no MLPerf Tiny models under {args.data}: see benchmarks/tflite.py's docstring")
         return 1
-    rows = []
-    for key in args.models.split(","):
-        print(HEADER)
-        rows += bench_model(key, args, args.data)
     head = {
         "benchmark": "tflite",
         "protocol": f"calib {args.calib} seed {args.seed} parity {args.parity}",
         "machine": machine(),
     }
-    result = merge_rows(args.out, head, rows, ("model", "row"))
+    for key in args.models.split(","):  # written after each model: a long run keeps its rows
+        print(HEADER)
+        result = merge_rows(args.out, head, bench_model(key, args, args.data), ("model", "row"))
     plot(result["rows"], args.out.with_suffix(".png"))
+    print("\n" + tables(result))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
