@@ -25,7 +25,8 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -416,6 +417,31 @@ def _op_version(code: str, in_types: list[str | None], options: dict[str, Any], 
 # -- reading --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _bounded_vectors() -> Iterator[None]:
+    """While a flatbuffer is unpacked, a vector whose length field claims more elements than
+    the bytes after it hold is an error, not a loop of millions of reads (a corrupt length would
+    otherwise make the object API build lists until memory runs out)."""
+    from flatbuffers import encode, number_types
+    from flatbuffers.table import Table
+
+    original = Table.VectorLen
+
+    def bounded(self, off):
+        n = original(self, off)
+        start = self.Pos + off
+        start += encode.Get(number_types.UOffsetTFlags.packer_type, self.Bytes, start)
+        if n < 0 or start + 4 + n > len(self.Bytes):
+            raise ValueError(f"a vector of {n} elements at byte {start} overruns the buffer")
+        return n
+
+    Table.VectorLen = bounded
+    try:
+        yield
+    finally:
+        Table.VectorLen = original
+
+
 def read_model(source: str | Path | bytes | bytearray) -> Any:
     """Parse a ``.tflite`` (path or bytes) into ``schema.ModelT``.
 
@@ -442,7 +468,8 @@ def read_model(source: str | Path | bytes | bytearray) -> Any:
     if root + 4 > len(data):
         raise CheckpointError(f"{label}: truncated or corrupt TFLite flatbuffer (root offset)")
     try:
-        model = schema.ModelT.InitFromPackedBuf(data, 0)
+        with _bounded_vectors():
+            model = schema.ModelT.InitFromPackedBuf(data, 0)
     except (MemoryError, RecursionError) as e:
         raise CheckpointError(f"{label}: corrupt TFLite flatbuffer ({type(e).__name__})") from e
     except Exception as e:  # flatbuffers raises struct.error, IndexError, ValueError, ...
