@@ -21,7 +21,8 @@ model transform that works in place and records what it did in :class:`Calibrati
    the other (:mod:`omse.transforms.reconstruct`: two partial passes per block to capture its
    inputs, after one pass of activation histograms for the steps the loop starts from) or,
    ``LearnedRounding(scope="layer")``, each layer from its own pass of patch moments;
-5. ``plan``: for ``target="int8"``, where output and shared quantizers go (a trace, no pass);
+5. ``plan``: for ``target="int8"`` and ``"tflite"``, where output and shared quantizers go (a
+   trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
 
@@ -311,9 +312,8 @@ def _wrap(r: _Run) -> None:
         r.layers[name] = ql
     if wide:
         warnings.warn(
-            f"{len(wide)} Linear layer(s) keep 8-bit weights ({', '.join(wide[:3])}"
-            f"{', ...' if len(wide) > 3 else ''}): TensorFlow Lite Micro runs FULLY_CONNECTED with "
-            "INT8 filters only",
+            f"{len(wide)} Linear layer(s) keep 8-bit weights ({name_list(wide)}): TensorFlow "
+            "Lite Micro runs FULLY_CONNECTED with INT8 filters only",
             stacklevel=4,
         )
     if config.target == "int8":
