@@ -130,6 +130,11 @@ def load_task(key: str, root: Path, n_calib: int, seed: int):
             draw(1000, np.random.default_rng(seed + 1)),
             None,
         )
+    if key == "lite0":  # the protocol of benchmarks/imagenet.py: 64 calibrate, 1236 evaluated
+        c_idx, e_idx = calibration_split(1300, min(n_calib, 64), seed)
+        xc, _ = load_imagenet_val(root / "imagenet-val-1300", 224, c_idx)
+        xe, ye = load_imagenet_val(root / "imagenet-val-1300", 224, e_idx)
+        return xc, xe, ye
     raise ValueError(key)
 
 

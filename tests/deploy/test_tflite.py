@@ -108,19 +108,19 @@ def test_float_io_the_float_models_input_and_close_to_the_torch_simulation(quant
     assert (sim.argmax(1) == fp.argmax(1)).mean() >= 0.75
 
 
-def test_int4_filters_where_the_plan_has_4_bits_and_int8_for_fully_connected(quantized):
+def test_int4_filters_where_the_plan_has_4_bits_per_tensor_for_fully_connected(quantized):
     _, qmodel, calib, _ = quantized
     out = to_tflite(qmodel, calib[:1])
-    assert out.layers["fc"] == "INT8"
-    for name in ("stem", "dw", "pw", "branch", "mix"):
+    for name in ("stem", "dw", "pw", "branch", "mix", "fc"):
         assert out.layers[name] == "INT4", name
     m = read_model(out.data)
     import ai_edge_litert.schema_py_generated as schema
 
-    types = {_name(t): t.type for t in m.subgraphs[0].tensors}
-
-    assert types["stem.weight"] == schema.TensorType.INT4
-    assert types["fc.weight"] == schema.TensorType.INT8
+    tensors = {_name(t): t for t in m.subgraphs[0].tensors}
+    assert tensors["stem.weight"].type == schema.TensorType.INT4
+    assert len(tensors["stem.weight"].quantization.scale) == 8  # one per output channel
+    assert tensors["fc.weight"].type == schema.TensorType.INT4
+    assert len(tensors["fc.weight"].quantization.scale) == 1  # TFLM: per-tensor INT4 FC only
 
 
 def test_litert_runs_the_file_close_to_tflm(quantized):
@@ -215,13 +215,16 @@ def test_a_file_budget_is_met():
         quantize_tflite(model, calib.split(8), cfg, max_bytes=100)
 
 
-def test_linear_layers_get_int8_filters_and_a_warning_names_them(quantized):
+def test_linear_layers_get_one_scale_at_4_bits_and_a_warning_names_them(quantized):
     model, _, calib, _ = quantized
-    cfg = QuantConfig(target="tflite", budget=None, overrides={"fc": {"weight_bits": 4}})
-    with pytest.warns(UserWarning, match=r"1 Linear layer\(s\) keep 8-bit weights \(fc\)"):
+    cfg = QuantConfig(target="tflite", budget=None)
+    with pytest.warns(UserWarning, match=r"1 Linear layer\(s\) get one weight scale per tensor"):
         q = omse.quantize(model, calib.split(8), cfg)
-    assert omse.quantized_layers(q)["fc"].w_grid.bits == 8
-    assert to_tflite(q, calib[:1]).layers["fc"] == "INT8"
+    assert q.fc.cfg.granularity == omse.PerTensor()
+    cfg = QuantConfig(target="tflite", budget=None, overrides={"fc": {"weight_bits": 8}})
+    q8 = omse.quantize(model, calib.split(8), cfg)  # 8 bits: per channel, an INT8 filter
+    assert q8.fc.cfg.granularity == omse.PerChannel(0)
+    assert to_tflite(q8, calib[:1]).layers["fc"] == "INT8"
 
 
 DATA = Path(
@@ -237,7 +240,7 @@ def test_mlperf_tiny_float_tflite_round_trip():
     calib = [torch.rand(8, 32, 32, 3, generator=g) * 255 for _ in range(2)]
     q = omse.quantize(str(path), calib, QuantConfig.preset("fast", target="tflite"))
     out = to_tflite(q, calib[0][:1], io="int8")
-    assert out.filter_types() == {"INT4": 9, "INT8": 1}  # nine convolutions, one dense layer
+    assert out.filter_types() == {"INT4": 10}  # nine convolutions, one dense layer (per tensor)
     xs = np.random.default_rng(0).integers(-128, 128, (4, 1, 32, 32, 3)).astype(np.int8)
     for x in xs:
         assert np.array_equal(simulate(out.data, [x])[0], tflm_run(out.data, [x])[0])

@@ -132,6 +132,14 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _filter_quant(scale: np.ndarray, n_out: int) -> tuple:
+    """``(scale, zero point)`` of a filter or bias: per channel (``n_out`` of each), or one
+    per tensor for a single scale."""
+    if scale.size == 1:
+        return float(scale.reshape(-1)[0]), 0
+    return scale, np.zeros(n_out, np.int64)
+
+
 def _same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
     """TFLite's ``SAME`` padding of one spatial axis: ``(before, after)``, more after."""
     out = -(-size // stride)
@@ -514,9 +522,11 @@ class _Writer:
             if dq.op_type != "DequantizeLinear" or dq.input[0] not in self.const:
                 raise UnsupportedLayerError(f"{node.name!r}: its bias is not an int32 tensor")
             data = np.asarray(self.const[dq.input[0]]).astype(np.int32).reshape(-1)
-        scale = (np.float64(x.scale) * w_scale.astype(np.float64)).astype(np.float32)
+        scale, zp = _filter_quant(
+            (np.float64(x.scale) * w_scale.astype(np.float64)).astype(np.float32), n_out
+        )
         return self.b.tensor(node.name + "_bias", [n_out], "int32", data=data,
-                             scale=scale, zero_point=np.zeros(n_out, np.int64), axis=0)  # fmt: skip
+                             scale=scale, zero_point=zp, axis=0)  # fmt: skip
 
     def op_Conv(self, node: onnx.NodeProto) -> None:
         a = _attrs(node)
@@ -551,8 +561,9 @@ class _Writer:
                 f"layer {lname!r}: a grouped convolution ({groups} groups of {i_g} channels); "
                 "TFLite Micro runs ordinary and depthwise ones only"
             )
+        scale, zp = _filter_quant(w_scale, o)
         w = self.b.tensor(lname + ".weight", list(data.shape), ftype, data=data.astype(np.int8),
-                          scale=w_scale, zero_point=np.zeros(o, np.int64),
+                          scale=scale, zero_point=zp,
                           axis=0 if code == "CONV_2D" else 3)  # fmt: skip
         bias = self.bias(node, o, w_scale, x)
         self.emit(
@@ -602,12 +613,13 @@ class _Writer:
     def fully_connected(self, node, x: _T, codes, w_scale, lname, keep: bool = False) -> None:
         o = codes.shape[0]
         ftype = self.filter_type(lname, codes)
-        if ftype == "int4":
+        if ftype == "int4" and w_scale.size > 1:
             ftype = "int8"  # TFLM's FULLY_CONNECTED takes no per-channel INT4 filter
         self.layers[lname] = ftype.upper()
+        scale, zp = _filter_quant(w_scale, o)
         w = self.b.tensor(lname + ".weight", list(codes.shape), ftype,
-                          data=codes.astype(np.int8), scale=w_scale,
-                          zero_point=np.zeros(o, np.int64), axis=0)  # fmt: skip
+                          data=codes.astype(np.int8), scale=scale, zero_point=zp,
+                          axis=0)  # fmt: skip
         bias = self.bias(node, o, w_scale, x)
         out_shape = self.shape(node.output[0])
         self.emit(node, "FULLY_CONNECTED", [x.index, w, bias], out_shape,

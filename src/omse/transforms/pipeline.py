@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import GPTQ, INTEGER_TARGETS, LearnedRounding, Nearest, QuantConfig
+from ..config import GPTQ, INTEGER_TARGETS, LayerConfig, LearnedRounding, Nearest, QuantConfig
+from ..core.granularity import PerTensor
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
@@ -299,21 +300,21 @@ def _wrap(r: _Run) -> None:
         raise ConfigError(
             "the model has no Conv/ConvTranspose/Linear layer to quantize (after skip)"
         )
-    wide: list[str] = []
+    tensorwise: list[str] = []
     for name, m in progress_bar(
         targets.items(), desc="weights", disable=not r.progress, leave=False
     ):
-        cfg = config.for_layer(name)
-        if cfg.target == "tflite" and isinstance(m, nn.Linear) and cfg.weight_bits <= 4:
-            cfg = replace(cfg, weight_bits=8)  # TFLM runs no INT4 FULLY_CONNECTED filter
-            wide.append(name)
+        cfg = _runtime_cfg(config.for_layer(name), m)
+        if cfg != config.for_layer(name):
+            tensorwise.append(name)
         ql = QuantizedLayer(m, name, cfg, int8_weight_grid(cfg, m))
         _set_module(qmodel, name, ql)
         r.layers[name] = ql
-    if wide:
+    if tensorwise:
         warnings.warn(
-            f"{len(wide)} Linear layer(s) keep 8-bit weights ({name_list(wide)}): TensorFlow "
-            "Lite Micro runs FULLY_CONNECTED with INT8 filters only",
+            f"{len(tensorwise)} Linear layer(s) get one weight scale per tensor at "
+            f"{config.weights.bits} bits ({name_list(tensorwise)}): TensorFlow Lite Micro runs "
+            "FULLY_CONNECTED with per-channel INT8 or per-tensor INT4 filters",
             stacklevel=4,
         )
     if config.target == "int8":
@@ -338,12 +339,22 @@ def _samples(batches: list) -> int:
     return rows * len(batches)
 
 
+def _runtime_cfg(cfg: LayerConfig, layer: nn.Module) -> LayerConfig:
+    """``cfg`` as the target's runtime can run the layer: ``target="tflite"`` Linear layers of
+    <= 4 bits get one scale per tensor (TFLM's FULLY_CONNECTED takes per-channel INT8 or
+    per-tensor INT4 filters, no per-channel INT4 one)."""
+    if cfg.target == "tflite" and isinstance(layer, nn.Linear) and cfg.weight_bits <= 4:
+        return replace(cfg, granularity=PerTensor())
+    return cfg
+
+
 def _rewrap(r: _Run, name: str, bits: int) -> None:
     """Give layer ``name`` weights of ``bits`` bits (a new :class:`QuantizedLayer` from the
     float layer)."""
     q = r.layers[name]
     q.set_quant_enabled(False)  # the float weight back in the wrapped layer
-    cfg = replace(q.cfg, weight_bits=bits)
+    cfg = replace(r.config.for_layer(name), weight_bits=bits)
+    cfg = _runtime_cfg(cfg, q.layer)
     ql = QuantizedLayer(q.layer, name, cfg, int8_weight_grid(cfg, q.layer))
     _set_module(r.qmodel, name, ql)
     r.layers[name] = ql
