@@ -2,9 +2,10 @@
 included) goes to a layer at or below its own, and the import graph has no cycle.
 
 core (pure tensor functions) -> config -> nn (quantized modules) -> transforms -> deploy /
-analysis -> zoo -> cli and the package root. ``errors``, ``io``, ``runtime`` and
-``tflite_format`` (the .tflite flatbuffer reader and writer) are utilities below everything. ``deploy`` and ``analysis`` stand side by side and import neither each other
-nor anything above them; nothing below ``zoo`` names a zoo module.
+analysis -> zoo -> cli and the package root. ``errors``, ``io`` and ``runtime`` are utilities
+below everything; ``tflite_format`` (the .tflite flatbuffer reader and writer) sits just above
+``core``, whose INT4 packing it shares. ``deploy`` and ``analysis`` stand side by side and
+import neither each other nor anything above them; nothing below ``zoo`` names a zoo module.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "omse"
 RANK = {
     "errors": 0,
     "io": 1,
-    "tflite_format": 1,
+    "tflite_format": 2.5,  # above core (its INT4 packing), below config
     "runtime": 1,
     "distributed": 1,
     "core": 2,

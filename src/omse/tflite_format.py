@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from .core import primitives
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -127,16 +129,14 @@ def _flatbuffers() -> Any:
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
     """int codes in ``[-8, 7]`` (any shape, row-major) -> uint8 bytes ``[ceil(n / 2)]``, element
-    ``2i`` in the low nibble of byte ``i``, element ``2i + 1`` in its high nibble."""
+    ``2i`` in the low nibble of byte ``i`` (TFLite's INT4 order: the checkpoints' too,
+    :func:`omse.core.primitives.pack_int4`)."""
     flat = np.asarray(codes).astype(np.int64).ravel()
     if flat.size and (flat.min() < -8 or flat.max() > 7):
         raise ConfigError(
             f"int4 codes must lie in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]"
         )
-    nibbles = (flat & 0xF).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return primitives.pack_int4(torch.from_numpy(flat)).numpy()
 
 
 def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
@@ -144,8 +144,8 @@ def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     b = np.asarray(packed, dtype=np.uint8).ravel()
     if b.size * 2 < count:
         raise CheckpointError(f"int4 buffer holds {b.size * 2} codes, {count} expected")
-    pairs = np.stack([b & 0xF, b >> 4], axis=1).ravel()[:count].astype(np.int8)
-    return np.where(pairs > 7, pairs - 16, pairs).astype(np.int8)
+    b = b[: (count + 1) // 2]
+    return primitives.unpack_int4(torch.from_numpy(b.copy()), count).numpy()
 
 
 def _camel(name: str) -> str:
