@@ -426,6 +426,7 @@ def _bounded_vectors() -> Iterator[None]:
     from flatbuffers.table import Table
 
     original = Table.VectorLen
+    total = [0]  # elements of every vector read so far
 
     def bounded(self, off):
         n = original(self, off)
@@ -433,6 +434,11 @@ def _bounded_vectors() -> Iterator[None]:
         start += encode.Get(number_types.UOffsetTFlags.packer_type, self.Bytes, start)
         if n < 0 or start + 4 + n > len(self.Bytes):
             raise ValueError(f"a vector of {n} elements at byte {start} overruns the buffer")
+        # a well-formed file's vectors hold distinct bytes (each length is read a few times):
+        # more elements than that are corrupt offsets pointing vectors at each other
+        total[0] += n
+        if total[0] > 4 * len(self.Bytes) + 4096:
+            raise ValueError("vectors hold more elements than the file has bytes")
         return n
 
     Table.VectorLen = bounded
