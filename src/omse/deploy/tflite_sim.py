@@ -1034,6 +1034,11 @@ def _check_ops(m: Any) -> None:
             raise UnsupportedLayerError(f"operator {k} ({name}) is not supported by the simulator")
 
 
+MAX_ELEMENTS = 1 << 24
+"""The largest tensor :func:`simulate` runs (16M elements: EfficientNet-Lite0's largest
+activation has 1.2M); a larger one is refused, not allocated."""
+
+
 def simulate(model: bytes | str | Path | Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run ``model`` (bytes, a path or a parsed ``ModelT``) on ``inputs`` with TFLM's integer
     arithmetic; the outputs in their stored dtype.
@@ -1048,6 +1053,13 @@ def simulate(model: bytes | str | Path | Any, inputs: Sequence[np.ndarray]) -> l
     sg = m.subgraphs[0]
     if sg.inputs is None or sg.outputs is None:
         raise CheckpointError("the model's subgraph names no inputs or no outputs")
+    for i, t in enumerate(sg.tensors or []):
+        n = int(np.prod(np.abs(np.asarray(t.shape if t.shape is not None else [], np.int64))))
+        if n > MAX_ELEMENTS:
+            raise ConfigError(
+                f"tensor {i} has {n:,} elements: omse's simulation runs tensors of up to "
+                f"{MAX_ELEMENTS:,} (a corrupt shape, or a model too large to simulate here)"
+            )
     batches = _split_batch(m, inputs)
     with _one_blas_thread():
         runs = [_run(m, xs) for xs in batches]
