@@ -82,7 +82,7 @@ def test_results_markers_render():
     hooks = _hooks()
     pages = {p: p.read_text() for p in doc_pages()}
     names = {m for t in pages.values() for m in re.findall(r"<!-- omse:results (\w+) -->", t)}
-    assert names == {"models", "transformer", "peers", "latency"}
+    assert names == {"models", "tflite", "transformer", "peers", "latency"}
     for name in names:
         assert "|---" in hooks.results_section(name)
     with pytest.raises(ValueError, match="no such section"):
