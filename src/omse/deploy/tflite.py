@@ -496,7 +496,7 @@ class _Writer:
     # ---- layers -----------------------------------------------------------------------------
     def weight(self, dq_out: str) -> tuple[np.ndarray, np.ndarray, str]:
         """Codes (int), per-channel scales and layer name of a weight DequantizeLinear."""
-        dq = next(n for n in self.g.node if dq_out in n.output)
+        dq = self.producer[dq_out]
         codes = np.asarray(self.const[dq.input[0]]).astype(np.int32)
         scale = np.asarray(self.const[dq.input[1]], dtype=np.float32).reshape(-1)
         zp = self.const.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
@@ -518,7 +518,7 @@ class _Writer:
         if len(node.input) < 3 or not node.input[2]:
             data = np.zeros(n_out, np.int32)
         else:
-            dq = next(n for n in self.g.node if node.input[2] in n.output)
+            dq = self.producer[node.input[2]]
             if dq.op_type != "DequantizeLinear" or dq.input[0] not in self.const:
                 raise UnsupportedLayerError(f"{node.name!r}: its bias is not an int32 tensor")
             data = np.asarray(self.const[dq.input[0]]).astype(np.int32).reshape(-1)
@@ -738,11 +738,9 @@ class _Writer:
             padding = "SAME"
         else:
             raise UnsupportedLayerError(f"{node.name!r}: pooling pads {pads} are not TFLite's")
-        params, _, _, _ = self.out_grid(node)
-        if code == "MAX_POOL_2D" or code == "AVERAGE_POOL_2D":
-            # TFLite's int8 pooling keeps its input's quantization: requantize after
-            self.same_grid_op(node, code, x, self.shape(node.output[0]), NHWC, padding=padding,
-                              stride_h=sh, stride_w=sw, filter_height=kh, filter_width=kw)  # fmt: skip
+        # TFLite's int8 pooling keeps its input's quantization: requantized after if need be
+        self.same_grid_op(node, code, x, self.shape(node.output[0]), NHWC, padding=padding,
+                          stride_h=sh, stride_w=sw, filter_height=kh, filter_width=kw)  # fmt: skip
 
     def same_grid_op(self, node, code, x: _T, out_shape, perm, extra_inputs=(), **options):
         """An op whose int8 kernel keeps its input's grid: its output on ``x``'s grid, then a
