@@ -161,6 +161,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "more than DB below its 8-bit-weight version's; 'off' for none (recipe: 3)",
     )
     r.add_argument(
+        "--float-fallback",
+        metavar="DB",
+        help="leave in float the layers whose 8-bit activations alone would bring the model's "
+        "output SQNR below DB (estimated after calibration, within a quarter of the MACs; the "
+        "model is calibrated again without them); 'off' for none (default: 20)",
+    )
+    r.add_argument(
         "--residual-criterion",
         choices=["output", "weight", "network"],
         help="how kernels are ranked for the budget: layer-output error (recipe), weight MSE, or "
@@ -514,7 +521,20 @@ def _config_from_args(args) -> Any:
     budget = _budget_from_args(args, QuantConfig.preset(args.recipe).budget)
     if budget is not _RECIPE:
         kw["budget"] = budget
-    return QuantConfig.preset(args.recipe, skip=tuple(args.skip), overrides=overrides, **kw)
+    cfg = QuantConfig.preset(args.recipe, skip=tuple(args.skip), overrides=overrides, **kw)
+    text = getattr(args, "float_fallback", None)
+    if text is not None:
+        from dataclasses import replace
+
+        if text.strip().lower() in ("off", "none"):
+            db = None
+        else:
+            try:
+                db = float(text)
+            except ValueError:
+                raise OmseError(f"--float-fallback {text!r}: use a number of dB or 'off'") from None
+        cfg = replace(cfg, activations=replace(cfg.activations, fallback_db=db))
+    return cfg
 
 
 _RECIPE = object()
@@ -1170,6 +1190,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "float_weights": [vars(f) for f in cal.float_weights],
         "float_share": cal.float_share,
         "precision": _precision_json(cal.precision),
+        "float_fallback": {n: round(db, 2) for n, db in cal.fallback.items()},
     }
     if fb is not None:
         res["tflite_budget"] = vars(fb)

@@ -233,12 +233,25 @@ class ActQuant:
             ``[-0.375, 6]``, where a signed grid spends half its codes on the small negative
             side).
         bins: histogram bins of the streaming activation statistics (a power of two >= 256).
+        fallback_db: float fallback, chosen by measurement: after calibration, each layer's
+            activation quantizers (its input's, and its output's where the integer kernel
+            requantizes it) are scored by their estimated effect on the model's output alone
+            (:func:`omse.transforms.precision.activation_errors`, one forward and backward pass);
+            the layers that alone bring the output SQNR below ``fallback_db`` dB are left in float
+            (largest effect first, within ``fallback_macs``), the model is calibrated again
+            without them, and one warning names them. A detector whose stem mixes channels of
+            very different ranges in one 8-bit tensor is the case it is for. ``None``: never.
+            Not for ``target="tflite"`` (an integer-only file has no float layer).
+        fallback_macs: the largest share (0..1) of the model's MACs the fallback may leave in
+            float.
     """
 
     bits: int | None = 8
     method: RangeSetter = MMSE()
     grid: str = "auto"
     bins: int = 4096
+    fallback_db: float | None = 20.0
+    fallback_macs: float = 0.25
 
     def __post_init__(self) -> None:
         _check_bits("ActQuant bits", self.bits, allow_none=True)
@@ -247,6 +260,12 @@ class ActQuant:
         b = self.bins
         if isinstance(b, bool) or not isinstance(b, int) or b < 256 or b & (b - 1):
             raise ConfigError(f"ActQuant bins={b!r}: use a power of two >= 256")
+        f = self.fallback_db
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float) or f < 0):
+            raise ConfigError(f"ActQuant fallback_db={f!r}: use a number of dB >= 0, or None")
+        m = self.fallback_macs
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0 <= m <= 1:
+            raise ConfigError(f"ActQuant fallback_macs={m!r}: use a share of the MACs in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

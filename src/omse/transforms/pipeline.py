@@ -48,6 +48,7 @@ Every rank returns the same model as one process given all batches in global ord
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import os
 import time
@@ -90,6 +91,7 @@ from .onnx_import import load_onnx, matmul_constants
 from .precision import (
     Choice,
     PrecisionPlan,
+    activation_errors,
     candidate_weight,
     cheapest,
     choose,
@@ -138,6 +140,9 @@ class Calibration:
     precision: PrecisionPlan | None = None
     """Each layer's weight width, its candidates' bytes and estimated errors, the budget and
     the guard's measurements (``QuantConfig.budget``; None without a budget)."""
+    fallback: dict[str, float] = field(default_factory=dict)
+    """The layers the float fallback left in float (``ActQuant.fallback_db``), each with the
+    estimated output SQNR (dB) of the model with only that layer's activations quantized."""
 
     @property
     def float_share(self) -> float:
@@ -667,6 +672,63 @@ def _guard(r: _Run) -> PrecisionPlan | None:
     return grown
 
 
+FALLBACK_SAMPLES = 32
+"""Calibration samples (whole batches, from the first) the float fallback's estimate reads."""
+
+
+def _fallback(r: _Run) -> list[str]:
+    """The float fallback (``ActQuant.fallback_db``): each layer's activation quantizers scored
+    by their estimated effect on the output alone (:func:`activation_errors`, one forward and
+    backward pass over the first :data:`FALLBACK_SAMPLES` samples, the activations as
+    calibrated); returns the layers below ``fallback_db`` dB, worst first, within
+    ``fallback_macs`` of the model's MACs (recorded in ``Calibration.fallback``, one warning
+    names them), or ``[]``."""
+    acts = r.config.activations
+    if acts.bits is None or acts.fallback_db is None or r.config.target == "tflite":
+        return []
+    scored = {
+        n: q
+        for n, q in r.layers.items()
+        if (q.act_scale is not None and q.a_grid is not None) or q.out_grid is not None
+    }
+    if not scored:
+        return []
+    batches, samples = [], 0
+    for b in r.batches:
+        if samples >= FALLBACK_SAMPLES:
+            break
+        batches.append(b)
+        samples += _samples([b])
+    probes = min(4, -(-PROBE_SAMPLES // max(samples, 1)))
+    errors = activation_errors(r.qmodel, scored, batches, probes)
+    limit = 10 ** (-acts.fallback_db / 10)
+    total = sum(q.macs for q in r.layers.values())
+    cap, used = acts.fallback_macs * total, 0
+    chosen, over = [], []
+    for n in sorted(errors, key=errors.get, reverse=True):
+        if errors[n] <= limit:
+            break
+        over.append(n)
+        if used + r.layers[n].macs <= cap:
+            chosen.append(n)
+            used += r.layers[n].macs
+    if not over:
+        return []
+    db = {n: -10 * math.log10(max(errors[n], 1e-300)) for n in over}
+    r.cal.fallback = {n: db[n] for n in chosen}
+    left = [n for n in over if n not in chosen]
+    listed = ", ".join(f"{n} ({db[n]:.1f} dB)" for n in chosen)
+    msg = (
+        f"float fallback: {len(chosen)} layer(s) stay float, their 8-bit activations alone "
+        f"would bring the output SQNR below {acts.fallback_db:g} dB: {listed} "
+        f"({used / max(total, 1):.1%} of the MACs; ActQuant(fallback_db=None) keeps them)"
+    )
+    if left:
+        msg += f"; {len(left)} more stay quantized, over fallback_macs: {name_list(left)}"
+    warnings.warn(msg, stacklevel=3)
+    return chosen
+
+
 def _is_onnx(model) -> bool:
     """An ``onnx.ModelProto``, or a path that names an ``.onnx`` file or an existing file (a
     string such as a model's name is neither: :func:`quantize` refuses it as a bad type)."""
@@ -761,19 +823,37 @@ def quantize(
         )
     progress = progress and is_main()
     example = broadcast(batches[0])
-    plan = None
-    for _ in range(GUARD_ROUNDS):  # one round unless the budget's guard asks for another
+    plan, fallback = None, None
+    # one round, unless the float fallback leaves layers in float (once, first) or the budget's
+    # guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
+    for _ in range(GUARD_ROUNDS + 1):
         fresh = Calibration()
         qmodel = _fresh_copy(model, batches, fresh)
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
             step(run)
+        if fallback is None:
+            fallback = fresh.fallback
+            chosen = _fallback(run)
+            if chosen:
+                fallback = run.cal.fallback
+                config = replace(config, skip=(*config.skip, *map(glob.escape, chosen)))
+                plan = None
+                continue
         plan = _guard(run)
         if plan is None:
             break
+    fresh.fallback = fallback or {}
     cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
+    for row in cal.float_weights:
+        module = row.name.rpartition(".")[0]
+        if module in cal.fallback:
+            row.reason = (
+                f"float fallback: its 8-bit activations alone, {cal.fallback[module]:.1f} dB "
+                "output SQNR"
+            )
     cal.batches = sum(gather(len(batches)))
     cal.seconds = time.perf_counter() - t0
     qmodel.omse_config = config  # type: ignore[attr-defined]

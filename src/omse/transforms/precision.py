@@ -42,10 +42,11 @@ from torch import nn
 
 from ..config import PACKED_INT4_TARGETS
 from ..core.grids import Grid
-from ..core.primitives import SCALE_DTYPES, dequantize
+from ..core.primitives import SCALE_DTYPES, dequantize, fake_quantize
 from ..distributed import world
 from ..errors import model_forward_errors
 from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
+from ..nn.ops import op_quantizers
 from .sensitivity import sum_in_batch_order
 from .statistics import float_outputs, run_model
 
@@ -55,6 +56,7 @@ __all__ = [
     "candidate_weight",
     "weight_bytes",
     "output_errors",
+    "activation_errors",
     "scaled_error",
     "choose",
     "cheapest",
@@ -159,6 +161,109 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(1) if t.dim() > 1 else t.reshape(1, -1).sum(1)
 
 
+def _probe_passes(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    keys: dict[str, list],
+    batches: Iterable,
+    probes: int,
+    seed: int,
+    measure: Callable[[str, torch.Tensor, torch.Tensor, list[torch.Tensor]], dict[object, float]],
+) -> tuple[dict[str, dict[object, float]], float]:
+    """The probe loop of :func:`output_errors` and :func:`activation_errors`: the model in
+    float (every layer's flag and the op quantizers restored after), per batch one forward pass and ``probes``
+    backward passes of Gaussian probes ``v . f``; for every call of every layer in ``keys``,
+    ``measure(name, x, y, gs)`` (the call's input, float output and output gradients, one per
+    probe) returns ``{key: sum over the batch's samples of E_v[<g, dy>^2]}`` for the layer's
+    ``keys`` (a layer not called adds 0 to each). Returns
+    ``({layer: {key: sum over batches / energy}}, energy)`` with ``energy = sum ||f||^2``,
+    summed in global batch order."""
+    rank, size = world()
+    sums: dict[str, dict[object, list[float]]] = {n: {k: [] for k in ks} for n, ks in keys.items()}
+    energies: list[float] = []
+    before = {n: q.quant_enabled for n, q in layers.items()}
+    # per layer and call (a module may run several times per forward, e.g. a shared head):
+    # the call's input and output, and its output's gradient for each probe
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    grads: dict[tuple[str, int], list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod: QuantizedLayer, args, out):
+            if not torch.is_tensor(out) or not out.is_floating_point():
+                return None
+            seen = calls.setdefault(name, [])
+            key = (name, len(seen))
+            seen.append((args[0].detach(), out.detach()))
+            if not out.requires_grad:  # the first layers: the graph starts here
+                out = out.detach().requires_grad_(True)
+            # a copy: autograd keeps a leaf's incoming gradient as its .grad and adds the next
+            # probe's into it in place
+            out.register_hook(lambda g: grads.setdefault(key, []).append(g.detach().clone()))
+            return out
+
+        return fn
+
+    ops = op_quantizers(model)
+    ops_enabled = ops.enabled if ops is not None else None
+    try:
+        if ops is not None:  # op quantizers round: no gradient flows through them
+            ops.enabled = False
+        for n, q in layers.items():
+            q.set_quant_enabled(False)
+            if n in keys:
+                handles.append(q.register_forward_hook(hook(n)))
+        for i, batch in enumerate(batches):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i * size + rank)
+            grads.clear()
+            calls.clear()
+            with torch.enable_grad(), model_forward_errors(i * size + rank, batch):
+                outs = float_outputs(run_model(model, batch))
+                if not outs:
+                    raise ValueError(
+                        "the model returned no floating-point tensor on a calibration batch"
+                    )
+                energies.append(sum(float((o.detach().double() ** 2).sum()) for o in outs))
+                live = [o for o in outs if o.requires_grad]
+                for p in range(probes if live else 0):
+                    vs = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in live]
+                    torch.autograd.backward(live, vs, retain_graph=p < probes - 1)
+            with torch.no_grad():
+                for n, ks in keys.items():
+                    acc = dict.fromkeys(ks, 0.0)
+                    for k, (x, y) in enumerate(calls.get(n, [])):
+                        gs = grads.get((n, k), [])
+                        if gs:
+                            for key, v in measure(n, x, y, gs).items():
+                                acc[key] += v
+                    for key, v in acc.items():
+                        sums[n][key].append(v)
+            del outs, live
+    finally:
+        for h in handles:
+            h.remove()
+        for n, q in layers.items():
+            q.set_quant_enabled(before[n])
+        if ops is not None:
+            ops.enabled = ops_enabled
+    energy = max(sum_in_batch_order(energies, size), 1e-300)
+    errors = {
+        n: {k: sum_in_batch_order(v, size) / energy for k, v in cs.items()}
+        for n, cs in sums.items()
+    }
+    return errors, energy
+
+
+def _probe_sum(gs: list[torch.Tensor], dy: torch.Tensor) -> float:
+    """``sum over samples of mean over probes of <g, dy>^2`` (per-sample dot products in
+    float32, squares in float64)."""
+    acc = 0.0
+    for g in gs:
+        t = _per_sample(g * dy).double()
+        acc += float((t * t).sum())
+    return acc / len(gs)
+
+
 def output_errors(
     model: nn.Module,
     layers: dict[str, QuantizedLayer],
@@ -177,78 +282,46 @@ def output_errors(
     from ``seed`` and the global batch index (the result is deterministic, and under
     ``torch.distributed`` every rank gets what one process given all batches gets).
     """
-    rank, size = world()
-    sums: dict[str, dict[int, list[float]]] = {
-        n: {b: [] for b in cs} for n, cs in candidates.items()
-    }
-    energies: list[float] = []
-    before = {n: q.quant_enabled for n, q in layers.items()}
-    # per layer and call (a module may run several times per forward, e.g. a shared head):
-    # the call's input, and its output's gradient for each probe
-    inputs: dict[str, list[torch.Tensor]] = {}
-    grads: dict[tuple[str, int], list[torch.Tensor]] = {}
-    handles = []
 
-    def hook(name: str):
-        def fn(mod: QuantizedLayer, args, out):
-            if not torch.is_tensor(out) or not out.is_floating_point():
-                return None
-            calls = inputs.setdefault(name, [])
-            key = (name, len(calls))
-            calls.append(args[0].detach())
-            if not out.requires_grad:  # the first layers: the graph starts here
-                out = out.detach().requires_grad_(True)
-            out.register_hook(lambda g: grads.setdefault(key, []).append(g.detach()))
-            return out
+    def measure(n: str, x: torch.Tensor, _y: torch.Tensor, gs: list[torch.Tensor]):
+        q = layers[n]
+        return {
+            b: _probe_sum(gs, _delta_output(q, x, w - q.float_weight))
+            for b, w in candidates[n].items()
+        }
 
-        return fn
+    keys = {n: list(cs) for n, cs in candidates.items()}
+    return _probe_passes(model, layers, keys, batches, probes, seed, measure)
 
-    try:
-        for n, q in layers.items():
-            q.set_quant_enabled(False)
-            if n in candidates:
-                handles.append(q.register_forward_hook(hook(n)))
-        for i, batch in enumerate(batches):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i * size + rank)
-            grads.clear()
-            inputs.clear()
-            with torch.enable_grad(), model_forward_errors(i * size + rank, batch):
-                outs = float_outputs(run_model(model, batch))
-                if not outs:
-                    raise ValueError(
-                        "the model returned no floating-point tensor on a calibration batch"
-                    )
-                energies.append(sum(float((o.detach().double() ** 2).sum()) for o in outs))
-                live = [o for o in outs if o.requires_grad]
-                for p in range(probes if live else 0):
-                    vs = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in live]
-                    torch.autograd.backward(live, vs, retain_graph=p < probes - 1)
-            with torch.no_grad():
-                for n, cs in candidates.items():
-                    calls = inputs.get(n, [])
-                    for b, w in cs.items():
-                        acc = 0.0
-                        for k, x in enumerate(calls):
-                            gs = grads.get((n, k), [])
-                            if not gs:
-                                continue
-                            dy = _delta_output(layers[n], x, w - layers[n].float_weight)
-                            for g in gs:  # per-sample <g, dy> in float32, squares in float64
-                                t = _per_sample(g * dy).double()
-                                acc += float((t * t).sum()) / probes
-                        sums[n][b].append(acc)
-            del outs, live
-    finally:
-        for h in handles:
-            h.remove()
-        for n, q in layers.items():
-            q.set_quant_enabled(before[n])
-    energy = max(sum_in_batch_order(energies, size), 1e-300)
-    errors = {
-        n: {b: sum_in_batch_order(v, size) / energy for b, v in cs.items()}
-        for n, cs in sums.items()
-    }
-    return errors, energy
+
+def activation_errors(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    batches: Iterable,
+    probes: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{layer: E}``: the estimated relative output error of the model with only that layer's
+    activation quantizers on (its input's and, where it has one, its output's, at the steps
+    calibration set), weights and everything else in float: ``E = sum <g, dy>^2 / sum ||f||^2``
+    as in :func:`output_errors`, with ``dy = F(fq(x) - x, W)`` for the input (the layer is
+    linear in its input; ``F`` without the bias) plus ``fq(y) - y`` for the output (their cross
+    term left in). The :func:`omse.quantize` step that leaves in float the layers whose 8-bit
+    activations alone cost the model most (``ActQuant.fallback_db``) reads it."""
+
+    def measure(n: str, x: torch.Tensor, y: torch.Tensor, gs: list[torch.Tensor]):
+        q = layers[n]
+        dy = torch.zeros_like(y)
+        if q.act_scale is not None and q.a_grid is not None:
+            dx = fake_quantize(x, q.act_scale, q.a_grid) - x
+            dy = dy + _delta_output(q, dx, q.float_weight)
+        if q.out_scale is not None and q.out_grid is not None:
+            dy = dy + (fake_quantize(y, q.out_scale, q.out_grid) - y)
+        return {"act": _probe_sum(gs, dy)}
+
+    keys = {n: ["act"] for n in layers}
+    errors, _ = _probe_passes(model, layers, keys, batches, probes, seed, measure)
+    return {n: e["act"] for n, e in errors.items()}
 
 
 def scaled_error(
