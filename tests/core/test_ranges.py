@@ -219,3 +219,28 @@ def test_fit_affine_non_negative_and_minmax():
     assert abs(g.zero_point - 64) <= 1  # 1/4 of the range below zero
     with pytest.raises(ConfigError, match="histograms"):
         fit_affine(MMSE(), torch.randn(2, 5), 8)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fit_affine_batched_steps_equal_one_solve_per_zero_point(bits, threads):
+    """The zero points' steps come from one call of the sweep (per-row grids): bit for bit the
+    steps of one MMSE solve per zero point, whatever the threads."""
+    from omse.core.mmse import mmse_solve_grids
+
+    torch.manual_seed(bits)
+    x = torch.nn.functional.silu(torch.randn(30000) * 3) * torch.rand(30000)
+    st = _hist(x)
+    v, w = st.points()
+    grids = [Grid(bits, "unsigned", z) for z in range(1, 2**bits - 1)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batched = mmse_solve_grids(v, w, grids)
+    finally:
+        torch.set_num_threads(before)
+    one_by_one = torch.stack([MMSE().fit(st, g) for g in grids])
+    assert torch.equal(batched.to(one_by_one.dtype), one_by_one)
+    s, g = fit_affine(MMSE(), st, bits)
+    k = g.zero_point - 1
+    assert torch.equal(s, one_by_one[k])

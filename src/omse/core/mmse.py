@@ -34,7 +34,7 @@ import torch
 from ..errors import ConfigError
 from .grids import Grid, GridKind
 
-__all__ = ["DEFAULT_METHOD", "MMSEResult", "mmse_solve", "mmse_scale"]
+__all__ = ["DEFAULT_METHOD", "MMSEResult", "mmse_solve", "mmse_solve_grids", "mmse_scale"]
 
 _LLOYD_STEPS = 4
 _UB_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.28, 0.2)
@@ -227,6 +227,30 @@ def mmse_solve(
         ]
         return MMSEResult(torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts]))
     return _solve_rows(x, grid, w)
+
+
+def mmse_solve_grids(
+    values: torch.Tensor, weights: torch.Tensor, grids: list[Grid]
+) -> torch.Tensor:
+    """Exact MMSE steps of one weighted set of values (``[n]``, weights ``[n]`` >= 0) on each of
+    ``grids`` -> ``[len(grids)]`` float64: ``mmse_solve(values[None], g, weights[None]).scale``
+    for every ``g``, bit for bit, in one call of the compiled sweep (an affine grid's zero points;
+    CPU tensors) or one :func:`mmse_solve` per grid (elsewhere)."""
+    if values.device.type != "cpu" or DEFAULT_METHOD == "vectorised":
+        return torch.cat(
+            [mmse_solve(values.reshape(1, -1), g, weights.reshape(1, -1)).scale for g in grids]
+        )
+    from .sweep import sweep_rows
+
+    xn, wn = _numpy(values.detach().reshape(1, -1)), _numpy(weights.detach().reshape(1, -1))
+    if not np.isfinite(wn).all() or (wn < 0).any():
+        raise ConfigError("mmse_solve weights must be finite and >= 0")
+    qpos = np.array([float(g.qmax) for g in grids])
+    qneg = np.array([float(-g.qmin) for g in grids])
+    scale, sse = sweep_rows(xn, qpos, qneg, wn, threads=torch.get_num_threads())
+    if np.isnan(sse).any():
+        raise ConfigError("mmse_solve got NaN or Inf values")
+    return torch.from_numpy(scale)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CalibrationError, ConfigError
 from .grids import Grid
-from .mmse import mmse_solve
+from .mmse import mmse_solve, mmse_solve_grids
 from .stats import HistogramStats
 
 __all__ = [
@@ -192,12 +192,18 @@ def fit_affine(setter: RangeSetter, stats: HistogramStats, bits: int) -> tuple[t
     if stats.nonnegative:
         grid = Grid(bits, "unsigned")
         return setter.fit(stats, grid), grid
+    zs = range(1, 2**bits - 1)
+    if type(setter) is MMSE:  # every zero point's exact step in one call of the solver
+        pv, pw = stats.points()
+        steps = mmse_solve_grids(pv, pw, [Grid(bits, "unsigned", z) for z in zs])
+        fitted = [_fallback(st).reshape(()) for st in steps]
+    else:
+        fitted = [setter.fit(stats, Grid(bits, "unsigned", z)) for z in zs]
     v, w = stats.points()
     v, w = v.to(torch.float64), w.to(torch.float64)
     best: tuple[float, torch.Tensor, Grid] | None = None
-    for z in range(1, 2**bits - 1):
+    for z, s in zip(zs, fitted, strict=True):
         grid = Grid(bits, "unsigned", z)
-        s = setter.fit(stats, grid)
         sd = s.to(torch.float64)
         err = float((((v - torch.clamp(torch.round(v / sd), -z, grid.qmax) * sd) ** 2) * w).sum())
         if best is None or err < best[0]:

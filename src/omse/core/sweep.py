@@ -359,24 +359,43 @@ def _sweep(x, w, weighted, qpos, qneg, scale, sse, r0, r1):
           f(_CLIP_BINS), f(_CLIP_BINS), f(nb), f(nb), f(nb, np.int64), f(nb), f(nb, np.bool_),
           f(nb + 1), f(nb + 1), f(nb + 1), f(nb + 1))  # fmt: skip
     for r in range(r0, r1):
-        scale[r], sse[r] = _solve_row(x[r], w[r % w.shape[0]], weighted, qpos, qneg, ws)
+        scale[r], sse[r] = _solve_row(
+            x[r % x.shape[0]], w[r % w.shape[0]], weighted, qpos[r], qneg[r], ws
+        )
 
 
 def sweep_rows(
-    x: np.ndarray, qpos: float, qneg: float, w: np.ndarray | None = None, threads: int = 1
+    x: np.ndarray,
+    qpos: float | np.ndarray,
+    qneg: float | np.ndarray,
+    w: np.ndarray | None = None,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact steps and errors of rows ``x [S, n]`` (weights ``w [S, n]`` >= 0, or None) on the grid
     with ``qpos`` positive and ``qneg`` negative levels -> ``(scale [S], sse [S])``, float64, in
     ``x``'s units (and units squared); NaN for a row holding NaN or Inf. ``threads`` threads take
-    contiguous shares of the rows."""
+    contiguous shares of the rows.
+
+    ``qpos`` / ``qneg`` may also be arrays ``[R]``, one grid per row: then ``x`` (and ``w``) of
+    one row are solved on each of the ``R`` grids (an affine grid's zero points), ``R`` results."""
     # C-ordered and writable, float32 or float64: one compiled signature each, no copy of float32
     x = np.require(x, np.float32 if x.dtype == np.float32 else np.float64, ["C", "W"])
-    S = x.shape[0]
+    qp, qn = (
+        np.atleast_1d(np.asarray(qpos, np.float64)),
+        np.atleast_1d(np.asarray(qneg, np.float64)),
+    )
+    S = max(x.shape[0], qp.size, qn.size)
+    if x.shape[0] not in (1, S) or qp.size not in (1, S) or qn.size not in (1, S):
+        raise ValueError(f"sweep_rows: {x.shape[0]} rows against {qp.size} / {qn.size} grids")
+    qp, qn = (
+        np.ascontiguousarray(np.broadcast_to(qp, S)),
+        np.ascontiguousarray(np.broadcast_to(qn, S)),
+    )
     scale, sse = np.empty(S), np.empty(S)
     weighted = w is not None
     ww = np.require(np.broadcast_to(w, x.shape), np.float64, ["C", "W"]) if weighted else _NO_W
-    args = (x, ww, weighted, float(qpos), float(qneg), scale, sse)
-    parts = min(threads, S) if x.size >= _PARALLEL_MIN else 1
+    args = (x, ww, weighted, qp, qn, scale, sse)
+    parts = min(threads, S) if x.shape[1] * S >= _PARALLEL_MIN else 1
     if parts <= 1:
         _sweep(*args, 0, S)
         return scale, sse
