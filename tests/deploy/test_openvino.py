@@ -96,15 +96,26 @@ def _float_order_bound(
     """``(max|out - sim|, bound)``: ``bound = 2 * noise + step`` with ``noise`` the simulation's
     own sensitivity to arithmetic order, ``max|model(x) in float64 - sim|``, measured on the
     inputs where ``out`` is more than one step off (elsewhere ``out`` is within the bound anyway;
-    measuring only there keeps the float64 pass short and the bound no looser)."""
+    measuring only there keeps the float64 pass short and the bound no looser).
+
+    The float64 pass, the slowest part of these tests, runs on those inputs in chunks (4, 8,
+    16, ... inputs), the farthest off first, and stops as soon as the bound covers the worst
+    input: ``noise`` is a maximum over the inputs, so ``worst <= bound`` comes out as it would
+    with every input measured, and the ``bound`` returned is the part measured (a lower bound of
+    the full one)."""
     per_input = np.abs(out - sim).max(1)
-    off = per_input > step
-    noise = 0.0
-    if off.any():
+    worst = float(per_input.max())
+    off = np.flatnonzero(per_input > step)
+    off = off[np.argsort(-per_input[off], kind="stable")]
+    noise, start, chunk, q64 = 0.0, 0, 4, None
+    while start < len(off) and 2 * noise + step < worst:
+        idx = off[start : start + chunk]
+        q64 = _float64(model) if q64 is None else q64
         with torch.no_grad():
-            sim64 = _float64(model)(x[torch.from_numpy(off)].double()).numpy()
-        noise = float(np.abs(sim64 - sim[off]).max())
-    return float(per_input.max()), 2 * noise + step
+            sim64 = q64(x[torch.from_numpy(idx)].double()).numpy()
+        noise = max(noise, float(np.abs(sim64 - sim[idx]).max()))
+        start, chunk = start + len(idx), 2 * chunk
+    return worst, 2 * noise + step
 
 
 def _run_batches(compiled, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
@@ -187,7 +198,7 @@ def test_zoo_parity(zoo_case: ZooCase, graph: str) -> None:
     agree = float((out.argmax(1) == ref.argmax(1)).mean())
     print(
         f"\n{c.name} {graph}: top-1 agreement {agree:.4f}, max {worst / step:.2f} steps "
-        f"(bound {bound / step:.2f}), median {np.median(per_input) / step:.3f} steps, "
+        f"(bound >= {bound / step:.2f}), median {np.median(per_input) / step:.3f} steps, "
         f"{(per_input <= step).mean():.3f} within one step; OpenVINO {seconds:.2f} s",
         file=sys.stderr,
     )
@@ -396,7 +407,7 @@ def test_lite0(tmp_path: Path) -> None:
         agree = float((out.argmax(1) == ref.argmax(1)).mean())
         print(
             f"\nlite0 {graph}: top-1 agreement {agree:.3f}, max {worst / step:.2f} steps "
-            f"(bound {bound / step:.2f}); {rep['counts']}",
+            f"(bound >= {bound / step:.2f}); {rep['counts']}",
             file=sys.stderr,
         )
         assert worst <= bound
