@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import gc
 import json
 import subprocess
 import sys
@@ -28,6 +29,18 @@ from omse.nn.layers import QuantizedLayer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[2]
 FAST = omse.QuantConfig.preset("fast")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gc_frozen():
+    """quantize_blockwise runs gc.collect() after every block; in the pytest process each call
+    scans every object loaded so far (~0.2 s, half of this module's time). What exists before
+    the module is frozen out of the collector for its duration (gc.freeze): the collections scan
+    only what the tests make, and everything is collectable again afterwards (gc.unfreeze)."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 class Block(nn.Module):
