@@ -241,7 +241,8 @@ class ActQuant:
             (largest effect first, within ``fallback_macs``), the model is calibrated again
             without them, and one warning names them. A detector whose stem mixes channels of
             very different ranges in one 8-bit tensor is the case it is for. ``None``: never.
-            Not for ``target="tflite"`` (an integer-only file has no float layer).
+            Only layers with 8-bit activations are scored (fewer bits are the configuration's
+            own choice); not for ``target="tflite"`` (an integer-only file has no float layer).
         fallback_macs: the largest share (0..1) of the model's MACs the fallback may leave in
             float.
     """

@@ -18,6 +18,7 @@ from torch import nn
 
 import omse
 from omse import QuantConfig
+from omse.config import ActQuant
 from omse.errors import CalibrationError, ConfigError, UnsupportedLayerError
 from omse.transforms.onnx_import import (
     TORCHVISION_MESSAGE,
@@ -483,9 +484,10 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
     cal = omse.Calibration()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = omse.quantize(
-            _ocr_models() / name, calib, QuantConfig(target="int8", **CFG), calibration=cal
-        )
+        # calibrated on noise, the detector's probability map is ~1e-8 everywhere: relative
+        # output errors mean nothing there, and the float fallback (tested on its own) stays off
+        cfg = QuantConfig(target="int8", activations=ActQuant(fallback_db=None), **CFG)
+        q = omse.quantize(_ocr_models() / name, calib, cfg, calibration=cal)
     # ConvTranspose layers are quantized and MatMuls on constants rewritten into Linear layers
     assert not cal.left_float and len(cal.rewritten) == {0.0: 0, 0.384: 9, 0.003: 1}[matmul]
     out = tmp_path / "q.onnx"

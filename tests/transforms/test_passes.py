@@ -12,6 +12,7 @@ from nets import tiny_batches, tiny_net
 
 import omse
 from omse.transforms import statistics
+from omse.transforms.pipeline import FALLBACK_SAMPLES
 
 
 def _count(config: omse.QuantConfig) -> tuple[int, int]:
@@ -46,5 +47,8 @@ def test_passes_per_recipe(extra, passes):
     n_passes, forwards = _count(omse.QuantConfig.preset("fast", weight_bits=4, act_bits=8, **extra))
     assert n_passes == passes
     # each pass is one forward per calibration batch; BN folding (and the int8 plan) run the
-    # first batch once more
-    assert forwards - 3 * passes in (1, 2)
+    # first batch once more; the float fallback's estimate (which finds nothing here: no pass
+    # again) runs the batches that cover its first FALLBACK_SAMPLES samples
+    rows = tiny_batches(n=3)[0].shape[0]
+    estimate = min(3, -(-FALLBACK_SAMPLES // rows))
+    assert forwards - 3 * passes - estimate in (1, 2)

@@ -559,7 +559,7 @@ class QuantizedLayer(nn.Module):
             if self.learner is not None:
                 w = layer_weight(self.layer, self.learner.weight(self))
                 y = torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
-            elif self.bias_scale() is not None and self.quant_enabled:
+            elif self.quant_enabled and self.bias_scale() is not None:
                 params = {"weight": self.layer.weight, "bias": self.effective_bias()}
                 y = torch.func.functional_call(self.layer, params, (x, *args), kwargs)
             else:

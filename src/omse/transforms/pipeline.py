@@ -688,10 +688,11 @@ def _fallback(r: _Run) -> list[str]:
     acts = r.config.activations
     if acts.bits is None or acts.fallback_db is None or r.config.target == "tflite":
         return []
-    scored = {
+    scored = {  # 8-bit activations: fewer bits per layer are the configuration's own choice
         n: q
         for n, q in r.layers.items()
-        if (q.act_scale is not None and q.a_grid is not None) or q.out_grid is not None
+        if ((q.act_scale is not None and q.a_grid is not None) or q.out_grid is not None)
+        and (q.cfg.act_bits or 0) >= 8
     }
     if not scored:
         return []
@@ -701,7 +702,8 @@ def _fallback(r: _Run) -> list[str]:
             break
         batches.append(b)
         samples += _samples([b])
-    errors = activation_errors(r.qmodel, scored, batches, probes=1)
+    errors = activation_errors(r.qmodel, r.layers, batches, probes=1)  # every layer float
+    errors = {n: e for n, e in errors.items() if n in scored}
     limit = 10 ** (-acts.fallback_db / 10)
     total = sum(q.macs for q in r.layers.values())
     cap, used = acts.fallback_macs * total, 0

@@ -311,7 +311,7 @@ def activation_errors(
 
     def measure(n: str, x: torch.Tensor, y: torch.Tensor, gs: list[torch.Tensor]):
         q = layers[n]
-        dy = torch.zeros_like(y)
+        dy = torch.zeros_like(y)  # a layer without activation quantizers: 0
         if q.act_scale is not None and q.a_grid is not None:
             dx = fake_quantize(x, q.act_scale, q.a_grid) - x
             dy = dy + _delta_output(q, dx, q.float_weight)
