@@ -1,7 +1,15 @@
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning (an explicit OMP_WAIT_POLICY wins). At 2 threads
+# on a 2-core machine that another process keeps busy, a spinning thread holds the core that its
+# partner needs to finish the parallel region: test_recorded's Lite0 ran in 131-196 s spinning and
+# 26-29 s passive, under the same load. How idle threads wait does not change how the work is
+# split, so results are the same bit for bit. Set before torch loads its OpenMP runtime (which
+# reads it once), and inherited by the tests' child processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from omse.runtime import tune_allocator
 
