@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 import torch
 
 from omse.core.grids import Grid
@@ -236,7 +238,7 @@ def test_fit_affine_batched_steps_equal_one_solve_per_zero_point(bits, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        batched = mmse_solve_grids(v, w, grids)
+        batched = mmse_solve_grids(v, w, grids).scale
     finally:
         torch.set_num_threads(before)
     one_by_one = torch.stack([MMSE().fit(st, g) for g in grids])
@@ -244,3 +246,47 @@ def test_fit_affine_batched_steps_equal_one_solve_per_zero_point(bits, threads):
     s, g = fit_affine(MMSE(), st, bits)
     k = g.zero_point - 1
     assert torch.equal(s, one_by_one[k])
+
+
+def _exhaustive_affine(st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+    """The oracle: every zero point's exact MMSE step, the least error (smallest z on a tie)."""
+    v, w = (t.to(torch.float64) for t in st.points())
+    best = None
+    for z in range(1, 2**bits - 1):
+        g = Grid(bits, "unsigned", z)
+        s = MMSE().fit(st, g)
+        e = _sse(v, w, s, g)
+        if best is None or e < best[0]:
+            best = (e, s, g)
+    return best[1], best[2]
+
+
+SHAPES = {  # activation-like distributions with a negative part: one basin, skewed, two modes
+    "silu": lambda x, u: torch.nn.functional.silu(x * 3),
+    "hardswish": lambda x, u: torch.nn.functional.hardswish(x * 2),
+    "gelu_scaled": lambda x, u: torch.nn.functional.gelu(x * 4) * u,
+    "gauss": lambda x, u: x,
+    "laplace_shift": lambda x, u: torch.sign(x) * torch.log1p(x.abs() * 5) + 0.7,
+    "two_modes": lambda x, u: torch.where(u < 0.3, x * 0.2 - 2.0, x * 0.5 + 3.0),
+    "leaky": lambda x, u: torch.nn.functional.leaky_relu(x * 2, 0.1),
+}
+
+
+@settings(max_examples=int(__import__("os").environ.get("ZP_EX", "40")), deadline=None)
+@given(
+    shape=hst.sampled_from(sorted(SHAPES)),
+    seed=hst.integers(0, 2**16),
+    n=hst.integers(200, 20000),
+    bits=hst.sampled_from([6, 7, 8]),
+)
+def test_fit_affine_search_finds_the_exhaustive_zero_point(shape, seed, n, bits):
+    """The coarse-to-fine zero-point search returns the exhaustive search's step and grid."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    st_ = _hist(SHAPES[shape](x, u).float())
+    if st_.nonnegative:
+        return
+    s, g = fit_affine(MMSE(), st_, bits)
+    so, go = _exhaustive_affine(st_, bits)
+    assert g == go and torch.equal(s, so)

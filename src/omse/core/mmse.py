@@ -231,14 +231,16 @@ def mmse_solve(
 
 def mmse_solve_grids(
     values: torch.Tensor, weights: torch.Tensor, grids: list[Grid]
-) -> torch.Tensor:
+) -> MMSEResult:
     """Exact MMSE steps of one weighted set of values (``[n]``, weights ``[n]`` >= 0) on each of
-    ``grids`` -> ``[len(grids)]`` float64: ``mmse_solve(values[None], g, weights[None]).scale``
-    for every ``g``, bit for bit, in one call of the compiled sweep (an affine grid's zero points;
-    CPU tensors) or one :func:`mmse_solve` per grid (elsewhere)."""
+    ``grids`` -> ``MMSEResult`` with ``scale [len(grids)]`` and ``sse [len(grids)]`` (float64):
+    ``mmse_solve(values[None], g, weights[None])`` for every ``g``, bit for bit, in one call of
+    the compiled sweep (an affine grid's zero points; CPU tensors) or one :func:`mmse_solve` per
+    grid (elsewhere)."""
     if values.device.type != "cpu" or DEFAULT_METHOD == "vectorised":
-        return torch.cat(
-            [mmse_solve(values.reshape(1, -1), g, weights.reshape(1, -1)).scale for g in grids]
+        parts = [mmse_solve(values.reshape(1, -1), g, weights.reshape(1, -1)) for g in grids]
+        return MMSEResult(
+            torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts])
         )
     from .sweep import sweep_rows
 
@@ -250,7 +252,7 @@ def mmse_solve_grids(
     scale, sse = sweep_rows(xn, qpos, qneg, wn, threads=torch.get_num_threads())
     if np.isnan(sse).any():
         raise ConfigError("mmse_solve got NaN or Inf values")
-    return torch.from_numpy(scale)
+    return MMSEResult(torch.from_numpy(scale), torch.from_numpy(sse))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
