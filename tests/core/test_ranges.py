@@ -6,9 +6,9 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hst
-import torch
 
 from omse.core.grids import Grid
 from omse.core.primitives import quant_error
@@ -272,7 +272,7 @@ SHAPES = {  # activation-like distributions with a negative part: one basin, ske
 }
 
 
-@settings(max_examples=int(__import__("os").environ.get("ZP_EX", "40")), deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     shape=hst.sampled_from(sorted(SHAPES)),
     seed=hst.integers(0, 2**16),

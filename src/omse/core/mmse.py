@@ -229,9 +229,7 @@ def mmse_solve(
     return _solve_rows(x, grid, w)
 
 
-def mmse_solve_grids(
-    values: torch.Tensor, weights: torch.Tensor, grids: list[Grid]
-) -> MMSEResult:
+def mmse_solve_grids(values: torch.Tensor, weights: torch.Tensor, grids: list[Grid]) -> MMSEResult:
     """Exact MMSE steps of one weighted set of values (``[n]``, weights ``[n]`` >= 0) on each of
     ``grids`` -> ``MMSEResult`` with ``scale [len(grids)]`` and ``sse [len(grids)]`` (float64):
     ``mmse_solve(values[None], g, weights[None])`` for every ``g``, bit for bit, in one call of
@@ -239,9 +237,7 @@ def mmse_solve_grids(
     grid (elsewhere)."""
     if values.device.type != "cpu" or DEFAULT_METHOD == "vectorised":
         parts = [mmse_solve(values.reshape(1, -1), g, weights.reshape(1, -1)) for g in grids]
-        return MMSEResult(
-            torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts])
-        )
+        return MMSEResult(torch.cat([p.scale for p in parts]), torch.cat([p.sse for p in parts]))
     from .sweep import sweep_rows
 
     xn, wn = _numpy(values.detach().reshape(1, -1)), _numpy(weights.detach().reshape(1, -1))

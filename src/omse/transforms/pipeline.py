@@ -104,7 +104,7 @@ from .reconstruct import find_blocks, reconstruct
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .sensitivity import network_errors
-from .statistics import Needs, collect, run_model
+from .statistics import Needs, collect, first_row, run_model
 from .tflite_import import is_tflite, load_tflite
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
@@ -255,8 +255,8 @@ class _Run:
 
 
 def _fold(r: _Run) -> None:
-    with model_forward_errors(0, r.example):
-        r.cal.folded = fold_batchnorm(r.qmodel, r.example)
+    with model_forward_errors(0, r.example):  # one sample traces the pairs and checks the fold
+        r.cal.folded = fold_batchnorm(r.qmodel, first_row(r.example))
 
 
 def _equalize(r: _Run) -> None:
