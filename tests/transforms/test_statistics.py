@@ -210,3 +210,39 @@ def test_histograms_of_a_pass_equal_the_torch_paths(monkeypatch):
                 assert a.sum_sq == pytest.approx(b.sum_sq, rel=1e-12)
         assert new[name].macs == ref[name].macs > 0
     assert new["a"].output.min == 0.0  # the clamp applied
+
+
+SUM_CASES = [
+    (nn.Conv2d(4, 6, 3, padding=1), (2, 4, 9, 8)),
+    (nn.Conv2d(4, 6, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), (3, 4, 11, 10)),
+    (nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (2, 6, 7, 7)),  # depthwise
+    (nn.Conv2d(4, 8, 5, stride=1, padding=0, groups=2), (1, 4, 8, 9)),
+    (nn.Conv2d(4, 4, 1), (2, 4, 3, 3)),
+    (nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 9)),  # through the patches
+    (nn.Linear(5, 3), (2, 7, 5)),
+]
+
+
+@pytest.mark.parametrize(
+    "layer,shape", SUM_CASES, ids=lambda c: repr(c) if isinstance(c, nn.Module) else ""
+)
+def test_patch_sums_are_the_patches_summed(layer, shape):
+    """Bias correction's patch sums, computed without building the patches, equal the patches'
+    sum (and their count), and the pass that needs only the means reads them."""
+    from omse.transforms.statistics import _Capture, patch_sums, patches
+
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    seen = {}
+    with _Capture(layer.weight, lambda xi, call: seen.setdefault("call", call)):
+        layer(x)
+    call = seen.get("call")
+    total, n = patch_sums(layer, x, call)
+    p = patches(layer, x.to(torch.float64), call)
+    assert n == p.shape[1] and total.dtype == torch.float64
+    torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-12)
+    q = QuantizedLayer(copy.deepcopy(layer), "l", LayerConfig(weight_bits=8, act_bits=None))
+    q.set_quant_enabled(False)
+    st = collect(q, {"l": q}, [x, x[:1]], Needs(patch_means=True))["l"]
+    assert st.count == n + patch_sums(layer, x[:1], call)[1] and st.H is None
+    torch.testing.assert_close(st.sum, total + patch_sums(layer, x[:1], call)[0])

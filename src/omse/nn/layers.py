@@ -354,7 +354,28 @@ class QuantizedLayer(nn.Module):
         an integer, as :func:`ratio_residual_term` fits them): kernels with a residual get
         codes ``k*Q1 + Q2`` at step ``s2``, the others keep ``Q1`` at ``s1``. Raises
         :class:`ConfigError` for terms that do not merge into 8 bits.
+
+        Every forward of an integer-target layer reads it (its bias step): the result is kept
+        until a term's tensors, the bias or the input step are replaced or changed in place
+        (their identity and version counters are the key).
         """
+        state = (*(t for term in self.terms() for t in term), getattr(self.layer, "bias", None))
+        state = (*state, self.act_scale)
+        versions = tuple(-1 if t is None else t._version for t in state)
+        cached = self.__dict__.get("_merged_cache")
+        if (
+            cached is not None
+            and len(cached[0]) == len(state)
+            and all(a is b for a, b in zip(cached[0], state, strict=True))
+            and cached[1] == versions
+        ):
+            return cached[2]
+        result = self._merge_terms()
+        self.__dict__["_merged_cache"] = (state, versions, result)
+        return result
+
+    def _merge_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`merged_term`, computed."""
         terms = self.terms()
         q1, s1, _ = terms[0]
         if len(terms) == 1:

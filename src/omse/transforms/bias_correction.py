@@ -32,6 +32,7 @@ def bias_correction(layers: dict[str, QuantizedLayer], stats: dict[str, LayerSta
         if layer.bias is None:
             layer.bias = nn.Parameter(shift.to(layer.weight.dtype), requires_grad=False)
         else:
-            layer.bias.data += shift.to(layer.bias.dtype)
+            with torch.no_grad():  # in place, so the layer sees the change (version counter)
+                layer.bias += shift.to(layer.bias.dtype)
         done += 1
     return done

@@ -264,6 +264,40 @@ def patches(layer: nn.Module, x: torch.Tensor, call: ConvCall | None) -> torch.T
     return cols.reshape(B, groups, K, L).permute(1, 0, 3, 2).reshape(groups, B * L, K)
 
 
+def patch_sums(
+    layer: nn.Module, x: torch.Tensor, call: ConvCall | None
+) -> tuple[torch.Tensor, int]:
+    """``(sum over patches [G, K] float64, number of patches)``: ``patches(layer, x, call)``
+    summed over its ``N`` patches, without building them for a 2-d convolution (each kernel
+    tap's sum is that of a strided window of the padded input: ``prod(kernel)`` reductions of
+    the input's size instead of an im2col copy ``prod(kernel)`` times its size)."""
+    w = layer.weight
+    if (
+        call is None
+        or w.dim() != 4
+        or call.nd != 2
+        or call.transposed
+        or isinstance(call.padding, str)
+    ):
+        p = patches(layer, x.to(torch.float64), call)
+        return p.sum(1), p.shape[1]
+    B, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = w.shape[-2:], call.stride, call.padding, call.dilation
+    ho, wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = F.pad(x.to(torch.float64), (pw, pw, ph, ph))
+    sums = xp.new_zeros(C, kh, kw)
+    for a in range(kh):
+        for b in range(kw):
+            window = xp[
+                :,
+                :,
+                a * dh : a * dh + sh * (ho - 1) + 1 : sh,
+                b * dw : b * dw + sw * (wo - 1) + 1 : sw,
+            ]
+            sums[:, a, b] = window.sum((0, 2, 3))
+    return sums.reshape(call.groups, -1), B * ho * wo
+
+
 class _Capture(TorchFunctionMode):
     """Calls ``fn(input, call)`` when a convolution, transposed convolution or ``linear`` runs
     on ``weight``."""
@@ -327,8 +361,15 @@ class _Observer:
             yield
 
     def _patches(self, q: QuantizedLayer, x: torch.Tensor, conv_args) -> None:
-        p = patches(q.layer, x.detach().to(torch.float64), conv_args)  # [G, N, K]
         st = self.stats[q.name]
+        if not self.needs.patch_moments:  # the sums alone (bias correction)
+            total, n = patch_sums(q.layer, x.detach(), conv_args)
+            if st.sum is None:
+                st.sum = torch.zeros_like(total)
+            st.sum += total
+            st.count += n
+            return
+        p = patches(q.layer, x.detach().to(torch.float64), conv_args)  # [G, N, K]
         G, _, K = p.shape
         if st.sum is None:
             st.sum = torch.zeros(G, K, dtype=torch.float64)
