@@ -86,6 +86,32 @@ def test_merged_kernel_equals_the_two_term_simulation():
     assert torch.equal(ql.dequantized_weight(), merged)
 
 
+def test_merged_kernel_is_kept_until_its_inputs_change():
+    """merged_term is computed once per state: the same tensors while nothing changes, a new
+    result when a term's codes change in place, the bias or the input step is replaced, or new
+    terms are installed."""
+    ql = _two_term_layer("int8")
+    ql.set_act(torch.tensor(0.05), Grid(8, "full"))
+    first = ql.merged_term()
+    assert ql.merged_term() is first
+    with torch.no_grad():
+        ql.w_codes0[0].zero_()  # in place: same tensor, a new version
+    again = ql.merged_term()
+    assert again is not first and not torch.equal(again[0], first[0])
+    assert torch.equal(again[0], ql._merge_terms()[0])
+    with torch.no_grad():  # kernel 0 all zero and a bias int32 cannot hold: its step is raised
+        ql.w_codes1[0].zero_()
+        ql.layer.bias[0] = 1e6
+    raised = ql.merged_term()
+    assert torch.equal(raised[1], ql._merge_terms()[1]) and not torch.equal(raised[1], again[1])
+    ql.set_act(torch.tensor(0.5), Grid(8, "full"))
+    assert ql.merged_term() is not raised
+    torch.testing.assert_close(ql.bias_scale(), 0.5 * ql._merge_terms()[1].reshape(-1))
+    (q1, s1, _), (q2, s2, m) = ql.terms()
+    ql.set_weight_terms([(q1, s1)])
+    assert torch.equal(ql.merged_term()[0], q1.to(torch.int16))
+
+
 def test_unmergeable_terms_are_refused_by_name():
     ql = _two_term_layer("int4")
     q1, s1, _ = ql.terms()[0]
