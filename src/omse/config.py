@@ -27,7 +27,8 @@ lacks takes that version's default.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+import glob
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -867,21 +868,49 @@ class QuantConfig:
     def is_skipped(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
 
-    def for_layer(self, name: str) -> LayerConfig:
-        """The layer's settings: the base config with the first matching override applied."""
-        base = self.base_layer()
+    def _override(self, name: str) -> dict[str, Any]:
+        """The first override whose pattern matches ``name`` (``{}`` when none does)."""
         for pattern, ov in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
-                return replace(base, **ov)
-        return base
+                return ov
+        return {}
+
+    def for_layer(self, name: str) -> LayerConfig:
+        """The layer's settings: the base config with the first matching override applied."""
+        return replace(self.base_layer(), **self._override(name))
 
     def sets_weight_bits(self, name: str) -> bool:
         """Whether the first override matching ``name`` sets ``weight_bits`` (the layer then
         keeps them: per-layer precision selection leaves it alone)."""
-        for pattern, ov in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return "weight_bits" in ov
-        return False
+        return "weight_bits" in self._override(name)
+
+    def with_float_activations(self, names: Iterable[str]) -> QuantConfig:
+        """A copy in which each layer of ``names`` (exact module names) is quantized weight-only:
+        its activations stay float (``act_bits=None``: no input quantizer, no output quantizer
+        of its own) and its weights are at 8 bits, or at the ``weight_bits`` of the override
+        that matched it, which otherwise applies as before. Each layer gets its own override
+        (its name glob-escaped) ahead of the others, so it wins; setting ``weight_bits`` fixes
+        the layer's width for per-layer precision (:meth:`sets_weight_bits`). Raises
+        :class:`ConfigError` for ``target="tflite"``, whose runtimes have int8 activations
+        only."""
+        names = list(names)
+        if not names:
+            return self
+        if self.target == "tflite":
+            raise ConfigError(
+                "float activations with target='tflite': LiteRT and TensorFlow Lite Micro run "
+                "int8 activations only"
+            )
+        ahead: dict[str, dict[str, Any]] = {}
+        for n in names:
+            ov = self._override(n)
+            ahead[glob.escape(n)] = {
+                **ov,
+                "act_bits": None,
+                "weight_bits": ov.get("weight_bits", 8),
+            }
+        rest = {p: ov for p, ov in self.overrides.items() if p not in ahead}
+        return replace(self, overrides={**ahead, **rest})
 
     def unmatched_patterns(self, names: list[str]) -> list[str]:
         """Override and skip patterns that match no module name (likely typos)."""

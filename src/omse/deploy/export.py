@@ -151,6 +151,12 @@ def weight_only(ql: QuantizedLayer) -> bool:
     )
 
 
+def _float_input(ql: QuantizedLayer) -> bool:
+    """A layer without an input quantizer (``act_bits=None``, e.g. the float fallback's): for
+    ``target="int8"`` it runs as a float op on its dequantized integer weights."""
+    return ql.act_scale is None or ql.a_grid is None
+
+
 def _check_layer(ql: QuantizedLayer) -> None:
     if not isinstance(ql.layer, WRAPPABLE):
         raise UnsupportedLayerError(
@@ -580,9 +586,10 @@ class _Rewriter:
                 if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
                     # nothing between the two quantizers changes a value
                     dropped.add((r.consumer_kind, r.consumer))
-            elif r.kind == "graph_output" or float_output(ql, r):
-                # a graph output, or a Linear whose output only float ops read: the integer
-                # MatMul/Gemm yields float (MatMulIntegerToFloat / QGemm without output scale)
+            elif r.kind == "graph_output" or float_output(ql, r) or _float_input(ql):
+                # a graph output, a Linear whose output only float ops read (the integer
+                # MatMul/Gemm yields float: MatMulIntegerToFloat / QGemm without output scale),
+                # or a weight-only layer (float input: a float op on dequantized 8-bit weights)
                 plan[idx] = ("float", None)
             else:
                 reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
@@ -943,12 +950,6 @@ def to_onnx_model(
                     "(residual tensors): target='int8' runs weight-only Linear layers as "
                     "MatMulNBits, one 4-bit term; quantize with extra_mac_budget=0 (e.g. "
                     "QuantConfig.preset('fast', act_bits=None, ...)) or use target='int4'"
-                )
-            if float_input and not weight_only(ql):
-                raise UnsupportedLayerError(
-                    f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
-                    "integer kernels on quantized inputs (and weight-only 4-bit Linear layers "
-                    "as MatMulNBits); quantize its input (act_bits) or use target='int4'"
                 )
     for ql in qls:
         _check_layer(ql)
