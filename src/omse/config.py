@@ -238,14 +238,17 @@ class ActQuant:
             activation quantizers (its input's, and its output's where the integer kernel
             requantizes it) are scored by their estimated effect on the model's output alone
             (:func:`omse.transforms.precision.activation_errors`, one forward and backward pass);
-            the layers that alone bring the output SQNR below ``fallback_db`` dB are left in float
-            (largest effect first, within ``fallback_macs``), the model is calibrated again
-            without them, and one warning names them. A detector whose stem mixes channels of
-            very different ranges in one 8-bit tensor is the case it is for. ``None``: never.
-            Only layers with 8-bit activations are scored (fewer bits are the configuration's
-            own choice); not for ``target="tflite"`` (an integer-only file has no float layer).
-        fallback_macs: the largest share (0..1) of the model's MACs the fallback may leave in
-            float.
+            the layers that alone bring the output SQNR below ``fallback_db`` dB get float
+            activations (largest effect first, within ``fallback_macs``): their weights stay
+            quantized, at 8 bits (:meth:`QuantConfig.with_float_activations`; fixed at 8 bits
+            for per-layer precision), the model is calibrated again, and one warning names them.
+            In an int8 ONNX export such a layer is ``DequantizeLinear`` (INT8 weights) -> float
+            op. A detector whose stem mixes channels of very different ranges in one 8-bit
+            tensor is the case it is for. ``None``: never. Only layers with 8-bit activations
+            are scored (fewer bits are the configuration's own choice); not for
+            ``target="tflite"`` (an integer-only file has no float activations).
+        fallback_macs: the largest share (0..1) of the model's MACs the fallback may give float
+            activations.
     """
 
     bits: int | None = 8
