@@ -119,7 +119,7 @@ def test_fallback_fires_on_a_collapsing_stem_and_restores_the_output():
     # the layers that read or write the mixed tensor get float activations, and say so in one line
     assert set(cal.fallback) & {"stem", "body"}
     assert len(said) == 1 and all(n in said[0] for n in cal.fallback)
-    assert "activations float, weights at 8 bits" in said[0]
+    assert "activations stay float, weights at 8 bits" in said[0]
     assert all(db < 20 for db in cal.fallback.values())
     assert not {"tail", "head"} & set(cal.fallback)
     names = dict(quantized_layers(q))
@@ -266,3 +266,16 @@ def test_fallback_config_round_trips():
     cfg = QuantConfig(activations=ActQuant(fallback_db=15.0, fallback_macs=0.1))
     back = QuantConfig.from_dict(cfg.to_dict())
     assert back.activations.fallback_db == 15.0 and back.activations.fallback_macs == 0.1
+
+
+def test_fallback_model_round_trips_through_a_checkpoint(tmp_path):
+    from omse.deploy.checkpoint import load, save
+
+    model, q, cal = _stem_fallback(_w8a8())
+    path = save(q, tmp_path / "q.omse.safetensors", model_name=None)
+    r = load(path, model=_Stem(spread=2000.0).eval())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+    layers = dict(quantized_layers(r))
+    assert all(layers[n].cfg.act_bits is None and layers[n].act_scale is None for n in cal.fallback)

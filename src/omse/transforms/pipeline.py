@@ -724,13 +724,13 @@ def _fallback(r: _Run) -> list[str]:
     left = [n for n in over if n not in chosen]
     listed = ", ".join(f"{n} ({db[n]:.1f} dB)" for n in chosen)
     msg = (
-        f"float fallback: {len(chosen)} layer(s) run with activations float, weights at 8 "
-        f"bits: their 8-bit activations alone would bring the output SQNR below "
-        f"{acts.fallback_db:g} dB: {listed} "
-        f"({used / max(total, 1):.1%} of the MACs; ActQuant(fallback_db=None) keeps them)"
+        f"float fallback: {len(chosen)} layer(s) whose 8-bit activations alone would bring "
+        f"the output SQNR below {acts.fallback_db:g} dB: activations stay float, weights at 8 "
+        f"bits: {listed} ({used / max(total, 1):.1%} of the MACs; "
+        "ActQuant(fallback_db=None) keeps their activations at 8 bits)"
     )
     if left:
-        msg += f"; {len(left)} more stay quantized, over fallback_macs: {name_list(left)}"
+        msg += f"; {len(left)} more keep 8-bit activations, over fallback_macs: {name_list(left)}"
     warnings.warn(msg, stacklevel=3)
     return chosen
 
