@@ -29,7 +29,8 @@ integer convolution for 4-bit tensors. ``container="int8"`` stores the same inte
 activation grids) and, for layers whose input is quantized, the bias as ``INT32`` at scale
 ``s_x * s_w`` (the QDQ form of ``QLinearConv``/``QGemm``): onnxruntime fuses every
 ``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
-feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
+feeds a residual add or a pooling is not such a group and stays float; a layer with a float input,
+``act_bits=None``, is ``DequantizeLinear`` on its INT8 weights feeding a float op). The int32 bias moves
 each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
 arithmetic. Weights whose codes lie within +-64 go out as ``INT8`` (u8s8 kernels, exact on every
 x86 CPU: 8-bit weights of ``target="int8"`` are quantized on 7 bits for that,
@@ -1021,7 +1022,11 @@ def export_onnx(
               QuantizeLinear`` with an int32 bias, which onnxruntime fuses into ``QLinearConv``
               / ``QGemm``: one 8-bit kernel per layer (residual terms merged), the output
               requantized for the next layer, constant shape arithmetic folded and zero padding
-              moved into the Conv. Needs a model quantized with ``QuantConfig(target="int8")``.
+              moved into the Conv. A layer with a float input (``act_bits=None``, as the
+              float fallback sets it) is ``DequantizeLinear`` on its INT8 weights feeding a
+              float op, its output float or requantized where the next integer kernel reads
+              it (a one-term Linear of <= 4 bits: ``MatMulNBits``). Needs a model quantized
+              with ``QuantConfig(target="int8")``.
             - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
               as branches (extra MACs), biases as float ``Add``.
         container: for ``target="int4"`` models: ``"int8"`` stores the same values in 8-bit
