@@ -176,6 +176,32 @@ def test_int8_export_writes_a_float_input_layer_weight_only(tmp_path):
     assert np.median(np.abs(out - sim).max(1)) <= step + 1e-6
 
 
+def test_int8_export_writes_a_float_input_linear_weight_only(tmp_path):
+    """A Linear with a float input and 8-bit weights (the float fallback's form) on a token
+    input: ``DequantizeLinear`` -> ``MatMul``, which onnxruntime fuses into ``MatMulNBits``.
+    At ``session.qdq_matmulnbits_accuracy_level=0`` it computes in float, as simulated; at
+    onnxruntime's default (4) it quantizes that float input to int8 per block of 32, within one
+    step of the next layer's input quantizer here."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    x = torch.randn(16, 5, 64)
+    cfg = QuantConfig(target="int8", budget=None, residuals=None, weight_bits=8)
+    q = quantize(model, x.split(4), cfg.with_float_activations(["up"]))
+    path = export_onnx(q, x[:1], tmp_path / "q.onnx")
+    with torch.no_grad():
+        sim = q(x).numpy()
+    step = float(quantized_layers(q)["down"].act_scale)
+    for level, tol in (("0", 1e-5), (None, step)):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        if level is not None:
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"input": x.numpy()})[0]
+        assert np.abs(out - sim).max() <= tol, (level, np.abs(out - sim).max())
+
+
 def test_int8_config_refuses_three_terms():
     with pytest.raises(ConfigError, match="max_terms=3 with target='int8'"):
         QuantConfig(target="int8", max_terms=3)

@@ -1025,8 +1025,11 @@ def export_onnx(
               moved into the Conv. A layer with a float input (``act_bits=None``, as the
               float fallback sets it) is ``DequantizeLinear`` on its INT8 weights feeding a
               float op, its output float or requantized where the next integer kernel reads
-              it (a one-term Linear of <= 4 bits: ``MatMulNBits``). Needs a model quantized
-              with ``QuantConfig(target="int8")``.
+              it (a one-term Linear of <= 4 bits: ``MatMulNBits``). onnxruntime fuses such a
+              ``MatMul`` (a Linear on a token input) into ``MatMulNBits`` itself, which at its
+              default ``session.qdq_matmulnbits_accuracy_level`` (4) quantizes that float
+              input to int8 per block of 32; ``0`` computes it as simulated. Needs a model
+              quantized with ``QuantConfig(target="int8")``.
             - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
               as branches (extra MACs), biases as float ``Add``.
         container: for ``target="int4"`` models: ``"int8"`` stores the same values in 8-bit
