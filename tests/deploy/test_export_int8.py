@@ -180,7 +180,7 @@ def test_int8_export_writes_a_float_input_linear_weight_only(tmp_path):
     """A Linear with a float input and 8-bit weights (the float fallback's form) on a token
     input: ``DequantizeLinear`` -> ``MatMul``, which onnxruntime fuses into ``MatMulNBits``.
     At ``session.qdq_matmulnbits_accuracy_level=0`` it computes in float, as simulated; at
-    onnxruntime's default (4) it quantizes that float input to int8 per block of 32, within one
+    onnxruntime's default (4) it quantizes that float input to int8 by blocks, within one
     step of the next layer's input quantizer here."""
     torch.manual_seed(0)
     model = TokenMLP().eval()

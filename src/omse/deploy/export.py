@@ -1028,7 +1028,7 @@ def export_onnx(
               it (a one-term Linear of <= 4 bits: ``MatMulNBits``). onnxruntime fuses such a
               ``MatMul`` (a Linear on a token input) into ``MatMulNBits`` itself, which at its
               default ``session.qdq_matmulnbits_accuracy_level`` (4) quantizes that float
-              input to int8 per block of 32; ``0`` computes it as simulated. Needs a model
+              input to int8 by blocks; ``0`` computes it as simulated. Needs a model
               quantized with ``QuantConfig(target="int8")``.
             - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
               as branches (extra MACs), biases as float ``Add``.
