@@ -8,6 +8,7 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1027,3 +1028,56 @@ def test_tflite_out_int4_filters_run_in_tflm(cli, work, tiny_onnx):
     rc, _, err = cli("quantize", tiny_onnx, "--calib", "imgs", "--target", "int4", "--out",
                      work / "t4.tflite")  # fmt: skip
     assert rc == 2 and "--target tflite" in _one_error_line(err)
+
+
+STEM_NET = '''
+import torch
+from torch import nn
+
+
+class Stem(nn.Module):
+    """One stem channel 2000x the others through a SiLU, read with equal weight next: no
+    per-tensor 8-bit step holds that tensor (tests/transforms/test_fallback.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            gain = torch.ones(8)
+            gain[0] = 2000.0
+            self.stem.weight.mul_(gain[:, None, None, None])
+            self.stem.bias.mul_(gain)
+            self.body.weight[:, 0].div_(2000.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(nn.functional.silu(self.stem(x)))))
+
+
+def build():
+    torch.manual_seed(0)
+    return Stem()
+'''
+
+
+def test_float_fallback_is_said_in_one_line_and_recorded(cli, work):
+    """The layers the float fallback gives float activations are named in one warning line and
+    listed in the JSON (``float_fallback``), not among the parameters left float: their
+    weights are quantized, at 8 bits."""
+    (work / "omse_clistem.py").write_text(STEM_NET)
+    argv = ["omse_clistem:build", "--calib", "imgs", "--input-size", "16", "--target", "int8"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = cli("quantize", *argv, "--json", work / "stem.json", "--force")
+    assert rc == 0, err
+    res = json.loads((work / "stem.json").read_text())
+    said = [str(w.message) for w in caught if "float fallback" in str(w.message)]
+    assert len(said) == 1 and "activations stay float, weights at 8 bits" in said[0]
+    assert res["float_fallback"] and all(n in said[0] for n in res["float_fallback"])
+    assert res["float_weights"] == [] and "left float" not in out
+    assert all(res["precision"]["bits"][n] == 8 for n in res["float_fallback"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, _ = cli("quantize", *argv, "--float-fallback", "off")
+    assert rc == 0 and not [w for w in caught if "float fallback" in str(w.message)]

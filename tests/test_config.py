@@ -502,3 +502,24 @@ def test_weight_and_act_bits_positionally_as_before():
         QuantConfig(4, 8, "mmse", "mmse", "per_channel", "full", "auto", {})
     with pytest.raises(TypeError, match="keyword arguments"):
         QuantConfig(4, weight_bits=3)
+
+
+def test_with_float_activations_makes_layers_weight_only_at_8_bits():
+    """The float fallback's overrides: activations float, weights at 8 bits (or the width the
+    layer's own override set, which otherwise still applies), names matched exactly and ahead
+    of the other patterns, the width fixed for per-layer precision."""
+    cfg = QuantConfig(
+        target="int8", overrides={"a*": {"weight_method": "minmax"}, "b": {"weight_bits": 4}}
+    )
+    fb = cfg.with_float_activations(["a[1]", "b", "c"])
+    a, b, c = fb.for_layer("a[1]"), fb.for_layer("b"), fb.for_layer("c")
+    assert (a.act_bits, a.weight_bits, a.weight_method.name) == (None, 8, "minmax")
+    assert (b.act_bits, b.weight_bits) == (None, 4)
+    assert (c.act_bits, c.weight_bits) == (None, 8)
+    assert all(fb.sets_weight_bits(n) for n in ("a[1]", "b", "c"))
+    assert fb.for_layer("a1").act_bits == 8 and fb.for_layer("a1").weight_method.name == "minmax"
+    assert fb.for_layer("x") == cfg.for_layer("x")
+    assert cfg.with_float_activations([]) is cfg
+    assert QuantConfig.from_dict(fb.to_dict()).for_layer("a[1]") == a
+    with pytest.raises(ConfigError, match="target='tflite'"):
+        QuantConfig(target="tflite").with_float_activations(["a"])

@@ -163,9 +163,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--float-fallback",
         metavar="DB",
-        help="leave in float the layers whose 8-bit activations alone would bring the model's "
-        "output SQNR below DB (estimated after calibration, within a quarter of the MACs; the "
-        "model is calibrated again without them); 'off' for none (default: 20)",
+        help="run with float activations (weights at 8 bits) the layers whose 8-bit "
+        "activations alone would bring the model's output SQNR below DB (estimated after "
+        "calibration, within a quarter of the MACs; the model is then calibrated again; the "
+        "JSON's float_fallback lists them); 'off' for none (default: 20)",
     )
     r.add_argument(
         "--residual-criterion",

@@ -27,7 +27,8 @@ lacks takes that version's default.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+import glob
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -237,14 +238,17 @@ class ActQuant:
             activation quantizers (its input's, and its output's where the integer kernel
             requantizes it) are scored by their estimated effect on the model's output alone
             (:func:`omse.transforms.precision.activation_errors`, one forward and backward pass);
-            the layers that alone bring the output SQNR below ``fallback_db`` dB are left in float
-            (largest effect first, within ``fallback_macs``), the model is calibrated again
-            without them, and one warning names them. A detector whose stem mixes channels of
-            very different ranges in one 8-bit tensor is the case it is for. ``None``: never.
-            Only layers with 8-bit activations are scored (fewer bits are the configuration's
-            own choice); not for ``target="tflite"`` (an integer-only file has no float layer).
-        fallback_macs: the largest share (0..1) of the model's MACs the fallback may leave in
-            float.
+            the layers that alone bring the output SQNR below ``fallback_db`` dB get float
+            activations (largest effect first, within ``fallback_macs``): their weights stay
+            quantized, at 8 bits (:meth:`QuantConfig.with_float_activations`; fixed at 8 bits
+            for per-layer precision), the model is calibrated again, and one warning names them.
+            In an int8 ONNX export such a layer is ``DequantizeLinear`` (INT8 weights) -> float
+            op. A detector whose stem mixes channels of very different ranges in one 8-bit
+            tensor is the case it is for. ``None``: never. Only layers with 8-bit activations
+            are scored (fewer bits are the configuration's own choice); not for
+            ``target="tflite"`` (an integer-only file has no float activations).
+        fallback_macs: the largest share (0..1) of the model's MACs the fallback may give float
+            activations.
     """
 
     bits: int | None = 8
@@ -867,21 +871,49 @@ class QuantConfig:
     def is_skipped(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
 
-    def for_layer(self, name: str) -> LayerConfig:
-        """The layer's settings: the base config with the first matching override applied."""
-        base = self.base_layer()
+    def _override(self, name: str) -> dict[str, Any]:
+        """The first override whose pattern matches ``name`` (``{}`` when none does)."""
         for pattern, ov in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
-                return replace(base, **ov)
-        return base
+                return ov
+        return {}
+
+    def for_layer(self, name: str) -> LayerConfig:
+        """The layer's settings: the base config with the first matching override applied."""
+        return replace(self.base_layer(), **self._override(name))
 
     def sets_weight_bits(self, name: str) -> bool:
         """Whether the first override matching ``name`` sets ``weight_bits`` (the layer then
         keeps them: per-layer precision selection leaves it alone)."""
-        for pattern, ov in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return "weight_bits" in ov
-        return False
+        return "weight_bits" in self._override(name)
+
+    def with_float_activations(self, names: Iterable[str]) -> QuantConfig:
+        """A copy in which each layer of ``names`` (exact module names) is quantized weight-only:
+        its activations stay float (``act_bits=None``: no input quantizer, no output quantizer
+        of its own) and its weights are at 8 bits, or at the ``weight_bits`` of the override
+        that matched it, which otherwise applies as before. Each layer gets its own override
+        (its name glob-escaped) ahead of the others, so it wins; setting ``weight_bits`` fixes
+        the layer's width for per-layer precision (:meth:`sets_weight_bits`). Raises
+        :class:`ConfigError` for ``target="tflite"``, whose runtimes have int8 activations
+        only."""
+        names = list(names)
+        if not names:
+            return self
+        if self.target == "tflite":
+            raise ConfigError(
+                "float activations with target='tflite': LiteRT and TensorFlow Lite Micro run "
+                "int8 activations only"
+            )
+        ahead: dict[str, dict[str, Any]] = {}
+        for n in names:
+            ov = self._override(n)
+            ahead[glob.escape(n)] = {
+                **ov,
+                "act_bits": None,
+                "weight_bits": ov.get("weight_bits", 8),
+            }
+        rest = {p: ov for p, ov in self.overrides.items() if p not in ahead}
+        return replace(self, overrides={**ahead, **rest})
 
     def unmatched_patterns(self, names: list[str]) -> list[str]:
         """Override and skip patterns that match no module name (likely typos)."""

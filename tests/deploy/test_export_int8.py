@@ -148,7 +148,10 @@ def test_int8_export_refuses_a_model_quantized_for_int4(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
+def test_int8_export_writes_a_float_input_layer_weight_only(tmp_path):
+    """A layer with a float input (``act_bits=None``, as the float fallback sets it) is written
+    as ``DequantizeLinear`` (INT8 weights) -> float Conv; the layers around it stay integer
+    kernels, and onnxruntime agrees with the simulation within one output step."""
     model = ResNetish().eval()
     cfg = QuantConfig.preset(
         "fast", weight_bits=4, act_bits=8, target="int8", overrides={"dw": {"act_bits": None}}
@@ -156,8 +159,47 @@ def test_int8_export_refuses_float_inputs_by_layer(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize(model, _data(16).split(8), cfg)
-    with pytest.raises(UnsupportedLayerError, match="'dw' has a float input"):
-        export_onnx(q, _data(1), tmp_path / "q.onnx", target="int8")
+    path = export_onnx(q, _data(1), tmp_path / "q.onnx", target="int8")
+    sess, ops = _optimized_ops(path, tmp_path)
+    layers = quantized_layers(q)
+    convs = sum(isinstance(ql.layer, nn.Conv2d) for ql in layers.values())
+    assert ops["QLinearConv"] == convs - 1 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    g = onnx.load(str(path)).graph
+    codes = {i.name: i.data_type for i in g.initializer}
+    assert codes["dw.w0.w_codes"] == onnx.TensorProto.INT8
+    x = _data(200, seed=7)
+    with torch.no_grad():
+        sim = q(x).numpy()
+    out = sess.run(None, {"input": x.numpy()})[0]
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.99
+    step = float(layers["fc"].out_scale)
+    assert np.median(np.abs(out - sim).max(1)) <= step + 1e-6
+
+
+def test_int8_export_writes_a_float_input_linear_weight_only(tmp_path):
+    """A Linear with a float input and 8-bit weights (the float fallback's form) on a token
+    input: ``DequantizeLinear`` -> ``MatMul``, which onnxruntime fuses into ``MatMulNBits``.
+    At ``session.qdq_matmulnbits_accuracy_level=0`` it computes in float, as simulated; at
+    onnxruntime's default (4) it quantizes that float input to int8 by blocks, within one
+    step of the next layer's input quantizer here."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    x = torch.randn(16, 5, 64)
+    cfg = QuantConfig(target="int8", budget=None, residuals=None, weight_bits=8)
+    q = quantize(model, x.split(4), cfg.with_float_activations(["up"]))
+    path = export_onnx(q, x[:1], tmp_path / "q.onnx")
+    with torch.no_grad():
+        sim = q(x).numpy()
+    step = float(quantized_layers(q)["down"].act_scale)
+    for level, tol in (("0", 1e-5), (None, step)):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        if level is not None:
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"input": x.numpy()})[0]
+        assert np.abs(out - sim).max() <= tol, (level, np.abs(out - sim).max())
 
 
 def test_int8_config_refuses_three_terms():

@@ -29,7 +29,8 @@ integer convolution for 4-bit tensors. ``container="int8"`` stores the same inte
 activation grids) and, for layers whose input is quantized, the bias as ``INT32`` at scale
 ``s_x * s_w`` (the QDQ form of ``QLinearConv``/``QGemm``): onnxruntime fuses every
 ``DQ -> Conv [-> Relu/Clip] -> Q`` group of that graph into an integer kernel (a layer whose output
-feeds a residual add or a pooling is not such a group and stays float). The int32 bias moves
+feeds a residual add or a pooling is not such a group and stays float; a layer with a float input,
+``act_bits=None``, is ``DequantizeLinear`` on its INT8 weights feeding a float op). The int32 bias moves
 each output by less than half an accumulator step ``s_x*s_w/2``; everything else is the same
 arithmetic. Weights whose codes lie within +-64 go out as ``INT8`` (u8s8 kernels, exact on every
 x86 CPU: 8-bit weights of ``target="int8"`` are quantized on 7 bits for that,
@@ -149,6 +150,12 @@ def weight_only(ql: QuantizedLayer) -> bool:
         and ql.w_grid.bits <= 4
         and ql.n_terms == 1
     )
+
+
+def _float_input(ql: QuantizedLayer) -> bool:
+    """A layer without an input quantizer (``act_bits=None``, e.g. the float fallback's): for
+    ``target="int8"`` it runs as a float op on its dequantized integer weights."""
+    return ql.act_scale is None or ql.a_grid is None
 
 
 def _check_layer(ql: QuantizedLayer) -> None:
@@ -580,9 +587,10 @@ class _Rewriter:
                 if covers and all(op in ("Relu", "Clip", "Identity", "Dropout") for op in r.chain):
                     # nothing between the two quantizers changes a value
                     dropped.add((r.consumer_kind, r.consumer))
-            elif r.kind == "graph_output" or float_output(ql, r):
-                # a graph output, or a Linear whose output only float ops read: the integer
-                # MatMul/Gemm yields float (MatMulIntegerToFloat / QGemm without output scale)
+            elif r.kind == "graph_output" or float_output(ql, r) or _float_input(ql):
+                # a graph output, a Linear whose output only float ops read (the integer
+                # MatMul/Gemm yields float: MatMulIntegerToFloat / QGemm without output scale),
+                # or a weight-only layer (float input: a float op on dequantized 8-bit weights)
                 plan[idx] = ("float", None)
             else:
                 reader = r.reader or f"layer {self.layers[r.consumer].name!r} (float input)"
@@ -944,12 +952,6 @@ def to_onnx_model(
                     "MatMulNBits, one 4-bit term; quantize with extra_mac_budget=0 (e.g. "
                     "QuantConfig.preset('fast', act_bits=None, ...)) or use target='int4'"
                 )
-            if float_input and not weight_only(ql):
-                raise UnsupportedLayerError(
-                    f"layer {ql.name!r} has a float input (act_bits=None): target='int8' runs "
-                    "integer kernels on quantized inputs (and weight-only 4-bit Linear layers "
-                    "as MatMulNBits); quantize its input (act_bits) or use target='int4'"
-                )
     for ql in qls:
         _check_layer(ql)
         if opset < 21 and container == "int4":
@@ -1020,7 +1022,14 @@ def export_onnx(
               QuantizeLinear`` with an int32 bias, which onnxruntime fuses into ``QLinearConv``
               / ``QGemm``: one 8-bit kernel per layer (residual terms merged), the output
               requantized for the next layer, constant shape arithmetic folded and zero padding
-              moved into the Conv. Needs a model quantized with ``QuantConfig(target="int8")``.
+              moved into the Conv. A layer with a float input (``act_bits=None``, as the
+              float fallback sets it) is ``DequantizeLinear`` on its INT8 weights feeding a
+              float op, its output float or requantized where the next integer kernel reads
+              it (a one-term Linear of <= 4 bits: ``MatMulNBits``). onnxruntime fuses such a
+              ``MatMul`` (a Linear on a token input) into ``MatMulNBits`` itself, which at its
+              default ``session.qdq_matmulnbits_accuracy_level`` (4) quantizes that float
+              input to int8 by blocks; ``0`` computes it as simulated. Needs a model
+              quantized with ``QuantConfig(target="int8")``.
             - ``"int4"``: accelerators with 4-bit MACs: INT4 weight initializers, residual terms
               as branches (extra MACs), biases as float ``Add``.
         container: for ``target="int4"`` models: ``"int8"`` stores the same values in 8-bit

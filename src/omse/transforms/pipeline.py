@@ -48,7 +48,6 @@ Every rank returns the same model as one process given all batches in global ord
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import os
 import time
@@ -141,8 +140,10 @@ class Calibration:
     """Each layer's weight width, its candidates' bytes and estimated errors, the budget and
     the guard's measurements (``QuantConfig.budget``; None without a budget)."""
     fallback: dict[str, float] = field(default_factory=dict)
-    """The layers the float fallback left in float (``ActQuant.fallback_db``), each with the
-    estimated output SQNR (dB) of the model with only that layer's activations quantized."""
+    """The layers the float fallback (``ActQuant.fallback_db``) runs with float activations
+    (their weights stay quantized, at 8 bits: :meth:`QuantConfig.with_float_activations`), each
+    with the estimated output SQNR (dB) of the model with only that layer's activations
+    quantized."""
 
     @property
     def float_share(self) -> float:
@@ -684,7 +685,8 @@ def _fallback(r: _Run) -> list[str]:
     backward pass over the first :data:`FALLBACK_SAMPLES` samples, the activations as
     calibrated); returns the layers below ``fallback_db`` dB, worst first, within
     ``fallback_macs`` of the model's MACs (recorded in ``Calibration.fallback``, one warning
-    names them), or ``[]``."""
+    names them), or ``[]``. :func:`quantize` then calibrates again with those layers' activations
+    float and their weights at 8 bits."""
     acts = r.config.activations
     if acts.bits is None or acts.fallback_db is None or r.config.target == "tflite":
         return []
@@ -722,12 +724,13 @@ def _fallback(r: _Run) -> list[str]:
     left = [n for n in over if n not in chosen]
     listed = ", ".join(f"{n} ({db[n]:.1f} dB)" for n in chosen)
     msg = (
-        f"float fallback: {len(chosen)} layer(s) stay float, their 8-bit activations alone "
-        f"would bring the output SQNR below {acts.fallback_db:g} dB: {listed} "
-        f"({used / max(total, 1):.1%} of the MACs; ActQuant(fallback_db=None) keeps them)"
+        f"float fallback: {len(chosen)} layer(s) whose 8-bit activations alone would bring "
+        f"the output SQNR below {acts.fallback_db:g} dB: activations stay float, weights at 8 "
+        f"bits: {listed} ({used / max(total, 1):.1%} of the MACs; "
+        "ActQuant(fallback_db=None) keeps their activations at 8 bits)"
     )
     if left:
-        msg += f"; {len(left)} more stay quantized, over fallback_macs: {name_list(left)}"
+        msg += f"; {len(left)} more keep 8-bit activations, over fallback_macs: {name_list(left)}"
     warnings.warn(msg, stacklevel=3)
     return chosen
 
@@ -827,8 +830,8 @@ def quantize(
     progress = progress and is_main()
     example = broadcast(batches[0])
     plan, fallback = None, None
-    # one round, unless the float fallback leaves layers in float (once, first) or the budget's
-    # guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
+    # one round, unless the float fallback gives layers float activations (once, first) or the
+    # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
         fresh = Calibration()
         qmodel = _fresh_copy(model, batches, fresh)
@@ -840,7 +843,7 @@ def quantize(
             chosen = _fallback(run)
             if chosen:
                 fallback = run.cal.fallback
-                config = replace(config, skip=(*config.skip, *map(glob.escape, chosen)))
+                config = config.with_float_activations(chosen)
                 plan = None
                 continue
         plan = _guard(run)
@@ -850,13 +853,6 @@ def quantize(
     cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
-    for row in cal.float_weights:
-        module = row.name.rpartition(".")[0]
-        if module in cal.fallback:
-            row.reason = (
-                f"float fallback: its 8-bit activations alone, {cal.fallback[module]:.1f} dB "
-                "output SQNR"
-            )
     cal.batches = sum(gather(len(batches)))
     cal.seconds = time.perf_counter() - t0
     qmodel.omse_config = config  # type: ignore[attr-defined]

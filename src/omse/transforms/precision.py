@@ -306,8 +306,9 @@ def activation_errors(
     calibration set), weights and everything else in float: ``E = sum <g, dy>^2 / sum ||f||^2``
     as in :func:`output_errors`, with ``dy = F(fq(x) - x, W)`` for the input (the layer is
     linear in its input; ``F`` without the bias) plus ``fq(y) - y`` for the output (their cross
-    term left in). The :func:`omse.quantize` step that leaves in float the layers whose 8-bit
-    activations alone cost the model most (``ActQuant.fallback_db``) reads it."""
+    term left in). The :func:`omse.quantize` step that gives float activations (8-bit weights)
+    to the layers whose 8-bit activations alone cost the model most (``ActQuant.fallback_db``)
+    reads it."""
 
     def measure(n: str, x: torch.Tensor, y: torch.Tensor, gs: list[torch.Tensor]):
         q = layers[n]
