@@ -258,6 +258,30 @@ def test_int8_target_takes_8_bit_weights_everywhere_without_a_warning():
     assert {ql.cfg.weight_bits for ql in quantized_layers(q).values()} == {8}
 
 
+def test_int8_target_skips_the_estimate_where_4_bits_save_no_byte(monkeypatch):
+    """On int8 a 4-bit code takes a byte as an 8-bit one does: every layer at 8 bits without
+    the estimate's forward and backward pass, the plan at the 8-bit bytes (its budget raised to
+    them, as the knapsack's smallest plan was)."""
+    import omse.transforms.pipeline as pipeline
+
+    def no_pass(*_a, **_k):
+        raise AssertionError("the estimate ran")
+
+    monkeypatch.setattr(pipeline, "output_errors", no_pass)
+    cal = Calibration()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    q = quantize(_net(4), batches, QuantConfig(target="int8"), calibration=cal)
+    plan = cal.precision
+    assert set(plan.bits.values()) == {8} and not plan.choices and not plan.guard
+    assert plan.bytes == plan.bytes_8bit == plan.budget_bytes
+    assert {ql.cfg.weight_bits for ql in quantized_layers(q).values()} == {8}
+    # an override below 8 bits stays, and is the one layer the plan does not raise
+    cal = Calibration()
+    cfg = QuantConfig(target="int8", overrides={"7": {"weight_bits": 4}})
+    quantize(_net(4), batches, cfg, calibration=cal)
+    assert cal.precision.bits["7"] == 4 and set(cal.precision.bits.values()) == {4, 8}
+
+
 def test_no_budget_is_the_version_3_recipe():
     model = _net(6)
     batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]

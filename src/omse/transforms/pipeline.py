@@ -370,7 +370,9 @@ def _precision(r: _Run) -> None:
     """Per-layer weight widths within the byte budget (:mod:`omse.transforms.precision`): each
     choosable layer (no override sets its ``weight_bits``; below 8 bits) at its ``weight_bits``
     or at 8 bits, by the estimated model-output error of each (one forward and backward pass),
-    the plan the exact knapsack finds. In the guard's later rounds the plan is given."""
+    the plan the exact knapsack finds; a layer whose fewer bits would take as many bytes (every
+    layer on ``target="int8"``) takes 8 bits, without the pass. In the guard's later rounds the
+    plan is given."""
     c, target = r.config, r.config.target
     plan = r.plan
     if plan is None:
@@ -381,10 +383,19 @@ def _precision(r: _Run) -> None:
         plan.fixed = [n for n in r.layers if n not in free]
         plan.bytes_8bit = sum(weight_bytes(q, 8, target) for q in r.layers.values())
         plan.budget_bytes = c.budget.bytes_for(plan.bytes_8bit)
+        # fewer bits that save no byte (int8 holds 4-bit codes in a byte) lose only accuracy:
+        # those layers take 8 bits without the estimate's pass
+        at8 = {
+            n
+            for n, q in free.items()
+            if weight_bytes(q, q.cfg.weight_bits, target) >= weight_bytes(q, 8, target)
+        }
+        free = {n: q for n, q in free.items() if n not in at8}
+        plan.fixed += sorted(at8)
         low = {n: {q.cfg.weight_bits: q.dequantized_weight()} for n, q in free.items()}
         samples = sum(gather(_samples(r.batches)))  # every rank's: the same probes on each
         probes = min(4, -(-PROBE_SAMPLES // max(samples, 1)))
-        errs, _ = output_errors(r.qmodel, r.layers, low, r.batches, probes)
+        errs = output_errors(r.qmodel, r.layers, low, r.batches, probes)[0] if low else {}
         plan.choices = {}
         for n, q in free.items():
             (lb, lw), w8 = next(iter(low[n].items())), candidate_weight(q, 8)
@@ -395,10 +406,12 @@ def _precision(r: _Run) -> None:
                 Choice(8, weight_bytes(q, 8, target), e8),
             ]
         fixed_bytes = sum(
-            weight_bytes(r.layers[n], r.layers[n].cfg.weight_bits, target) for n in plan.fixed
+            weight_bytes(r.layers[n], 8 if n in at8 else r.layers[n].cfg.weight_bits, target)
+            for n in plan.fixed
         )
         chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes)
-        if chosen is None:  # below the smallest plan: the least error at the fewest bytes
+        if chosen is None or fixed_bytes + plan.chosen_bytes(chosen) > plan.budget_bytes:
+            # below the smallest plan: the least error at the fewest bytes
             chosen = cheapest(plan.choices)
             least = fixed_bytes + plan.chosen_bytes(chosen)
             if target != "int8":  # int8 holds every width in 8 bits: no bytes to save
@@ -409,7 +422,9 @@ def _precision(r: _Run) -> None:
                     stacklevel=4,
                 )
             plan.budget_bytes = least
-        plan.bits = {n: chosen.get(n, q.cfg.weight_bits) for n, q in r.layers.items()}
+        plan.bits = {
+            n: 8 if n in at8 else chosen.get(n, q.cfg.weight_bits) for n, q in r.layers.items()
+        }
         r.plan = plan
     changed = [n for n, bits in plan.bits.items() if bits != r.layers[n].cfg.weight_bits]
     for n in changed:
