@@ -1081,3 +1081,65 @@ def test_float_fallback_is_said_in_one_line_and_recorded(cli, work):
         warnings.simplefilter("always")
         rc, _, _ = cli("quantize", *argv, "--float-fallback", "off")
     assert rc == 0 and not [w for w in caught if "float fallback" in str(w.message)]
+
+
+def test_heldout_check_against_the_8bit_weight_version_warns_on_a_collapse():
+    """--eval: the quantized model's output SQNR on held-out inputs against its 8-bit-weight
+    version's; a gap over HELDOUT_GAP_DB is one warning naming the layers that cost most (here
+    the layer made to collapse at 4 bits), and a plan all at 8 bits needs no check."""
+    from torch import nn
+
+    from omse import cli as omse_cli
+    from omse.analysis.metrics import predict
+    from omse.config import Budget
+    from omse.transforms.pipeline import Calibration, quantize
+
+    class Collapsing(nn.Module):  # b's column of 6.0 wrecks its 4-bit per-kernel steps
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(32, 32)
+            self.b = nn.Linear(32, 256)
+            self.head = nn.Linear(288, 4)
+            with torch.no_grad():
+                self.b.weight.normal_(0, 0.2)
+                self.b.weight[:, 0] = 6.0
+
+        def forward(self, x):
+            return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+    model = Collapsing().eval()
+    calib = [torch.randn(32, 32) for _ in range(4)]
+    held = torch.randn(64, 32)  # never calibrated on
+    cfg = QuantConfig(budget=Budget(0.6, guard_db=None))
+    cal = Calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(model, calib, cfg, calibration=cal)
+    ref, out = predict(model, held), predict(q, held)
+    vs8 = omse_cli._heldout_vs_8bit(q, cal, cfg, held, None, ref, out, False)
+    assert vs8 is not None and vs8["layers_below_8bit"] >= 1
+    assert vs8["gap_db"] > omse_cli.HELDOUT_GAP_DB and vs8["costliest"][0] == "b"
+    assert vs8["gap_db"] == pytest.approx(vs8["sqnr_8bit_db"] - vs8["sqnr_db"], abs=0.02)
+    assert vs8["out"].shape == out.shape
+    # the model is restored: its 4-bit outputs again
+    torch.testing.assert_close(predict(q, held), out)
+    m = {"agreement": 0.5}
+    vs8 |= {"agreement_8bit": 0.9}
+    with pytest.warns(UserWarning, match=r"held-out .* below its 8-bit-weight version.*: b"):
+        omse_cli._warn_heldout(vs8, m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        omse_cli._warn_heldout({**vs8, "gap_db": 1.0}, m)  # within the tolerance: quiet
+    # every layer at 8 bits (the int8 target): nothing below 8 bits, no extra pass
+    cal8 = Calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q8 = quantize(model, calib, QuantConfig(target="int8"), calibration=cal8)
+    out8 = predict(q8, held)
+    assert (
+        omse_cli._heldout_vs_8bit(
+            q8, cal8, QuantConfig(target="int8"), held, None, ref, out8, False
+        )
+        is None
+    )

@@ -1152,6 +1152,59 @@ def _compare_task(task: str, ref, out, labels, input_hw) -> dict[str, Any]:
     }
 
 
+HELDOUT_GAP_DB = 3.0
+"""The command line warns when the quantized model's output SQNR on the held-out inputs is more
+than this many dB below its 8-bit-weight version's (the budget guard's tolerance, on data the
+calibration never saw)."""
+
+
+def _heldout_vs_8bit(qmodel, cal, cfg, inputs, pre, ref, out, bar) -> dict[str, Any] | None:
+    """The quantized model against its 8-bit-weight version on the held-out inputs (one more
+    pass, only when a per-layer plan left layers below 8 bits): their output SQNRs against FP32,
+    the gap, and the layers whose bits cost most by the plan's estimates; ``"out"``: the 8-bit
+    version's outputs (for the task's metric). None without such layers."""
+    from .analysis.metrics import sqnr_db
+    from .nn.layers import quantized_layers
+    from .transforms.precision import costliest, eight_bit_weights
+
+    plan = cal.precision
+    if plan is None or cfg.budget is None:
+        return None
+    with eight_bit_weights(quantized_layers(qmodel)) as low:
+        if not low:
+            return None
+        out8 = gather_rows(_logits(qmodel, inputs, pre, "8-bit weights", progress=bar))
+    sq, sq8 = sqnr_db(ref, out), sqnr_db(ref, out8)
+    return {
+        "sqnr_db": round(sq, 2),
+        "sqnr_8bit_db": round(sq8, 2),
+        "gap_db": round(sq8 - sq, 2),
+        "layers_below_8bit": len(low),
+        "costliest": costliest(plan),
+        "out": out8,
+    }
+
+
+def _warn_heldout(vs8: dict[str, Any] | None, m: dict[str, Any]) -> None:
+    """One warning when the held-out output SQNR is more than :data:`HELDOUT_GAP_DB` below the
+    8-bit-weight version's (:func:`_heldout_vs_8bit`), with the task's figure for both."""
+    if vs8 is None or vs8["gap_db"] <= HELDOUT_GAP_DB:
+        return
+    extra = ""
+    if "agreement_8bit" in vs8:
+        extra = f" (agreement {m['agreement']:.1%} against {vs8['agreement_8bit']:.1%})"
+    elif "det_recall_8bit" in vs8:
+        extra = f" (detections kept {m['det_recall']:.0%} against {vs8['det_recall_8bit']:.0%})"
+    warnings.warn(
+        f"on the held-out inputs the output SQNR ({vs8['sqnr_db']:.1f} dB) is "
+        f"{vs8['gap_db']:.1f} dB below its 8-bit-weight version's ({vs8['sqnr_8bit_db']:.1f} "
+        f"dB){extra}; the layers whose bits cost most: "
+        f"{', '.join(vs8['costliest']) or '(set by overrides)'}; a larger --budget or "
+        "--max-weight-bytes closes the gap",
+        stacklevel=3,
+    )
+
+
 def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
     from .transforms.pipeline import Calibration, quantize
 
@@ -1175,7 +1228,14 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
     mine, bar = ev_x[rank::size], is_main()  # evaluation rows too, gathered back in order
     ref = gather_rows(_logits(model, mine, pre, "FP32", progress=bar))
     out = gather_rows(_logits(qmodel, mine, pre, "quantized", progress=bar))
-    m = _compare_task(args.task, ref, out, ev_y, _input_hw(ev_x))
+    hw = _input_hw(ev_x)
+    m = _compare_task(args.task, ref, out, ev_y, hw)
+    vs8 = _heldout_vs_8bit(qmodel, cal, cfg, mine, pre, ref, out, bar)
+    if vs8 is not None:
+        m8 = _compare_task(args.task, ref, vs8.pop("out"), ev_y, hw)
+        for key in ("agreement", "det_recall"):
+            if m.get(key) is not None and m8.get(key) is not None:
+                vs8[f"{key}_8bit"] = m8[key]
     eval_on, held_out = _eval_label(args, m["n"])
     res = {
         "model": args.model,
@@ -1192,7 +1252,9 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "float_share": cal.float_share,
         "precision": _precision_json(cal.precision),
         "float_fallback": {n: round(db, 2) for n, db in cal.fallback.items()},
+        "heldout_vs_8bit": vs8,
     }
+    _warn_heldout(vs8, m)
     if fb is not None:
         res["tflite_budget"] = vars(fb)
     return (model, qmodel, pre, batches, ev_x), res

@@ -64,7 +64,7 @@ from ..core.granularity import PerTensor
 from ..core.stats import HistogramStats
 from ..distributed import broadcast, gather, is_main, run_checked
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
-from ..nn.layers import WRAPPABLE, QuantizedLayer, layer_weight
+from ..nn.layers import WRAPPABLE, QuantizedLayer
 from ..nn.ops import op_quantizers
 from ..runtime import name_list
 from ..runtime import progress as progress_bar
@@ -94,6 +94,7 @@ from .precision import (
     candidate_weight,
     cheapest,
     choose,
+    eight_bit_weights,
     output_errors,
     relative_errors,
     scaled_error,
@@ -632,13 +633,8 @@ def _guard(r: _Run) -> PrecisionPlan | None:
                 q.set_quant_enabled(flags[n])
 
     def eight_bit_run(batch):
-        try:
-            for n, q in low.items():
-                q.layer.weight.data = layer_weight(q.layer, r.w8[n]).to(q.layer.weight.dtype)
+        with eight_bit_weights(low, r.w8):
             return run_model(r.qmodel, batch)
-        finally:
-            for q in low.values():
-                q.refresh_weight()
 
     e, e8 = relative_errors(r.batches, float_run, lambda b: run_model(r.qmodel, b), eight_bit_run)
     gap = 10 * math.log10(max(e, 1e-300) / max(e8, 1e-300))

@@ -32,8 +32,9 @@ in ``scale_dtype`` and the int32 bias.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +126,37 @@ def candidate_weight(q: QuantizedLayer, bits: int) -> torch.Tensor:
         cfg.scale_dtype,
     )  # fmt: skip
     return dequantize(codes, scale)
+
+
+@contextlib.contextmanager
+def eight_bit_weights(
+    layers: dict[str, QuantizedLayer], w8: dict[str, torch.Tensor] | None = None
+) -> Iterator[list[str]]:
+    """Inside the block, every layer below 8 bits computes with its 8-bit weight (``w8[name]``
+    where given, else :func:`candidate_weight`), everything else as calibrated: the model's
+    *8-bit-weight version*, which the budget's guard and the command line's held-out check
+    compare with. Yields the names of those layers; their weights are restored after."""
+    low = {n: q for n, q in layers.items() if q.cfg.weight_bits < 8 and q.quant_enabled}
+    try:
+        for n, q in low.items():
+            w = w8[n] if w8 is not None and n in w8 else candidate_weight(q, 8)
+            q.layer.weight.data = layer_weight(q.layer, w).to(q.layer.weight.dtype)
+        yield list(low)
+    finally:
+        for q in low.values():
+            q.refresh_weight()
+
+
+def costliest(plan: PrecisionPlan, k: int = 3) -> list[str]:
+    """The ``k`` layers whose chosen width costs the most estimated output error against their
+    8-bit candidate (the plan's own estimates), most first."""
+    cost = {}
+    for n, cs in plan.choices.items():
+        errors = {c.bits: c.error for c in cs}
+        bits = plan.bits.get(n)
+        if bits is not None and bits < 8 and 8 in errors and bits in errors:
+            cost[n] = errors[bits] - errors[8]
+    return sorted(cost, key=cost.get, reverse=True)[:k]
 
 
 TFLITE_CHANNEL_BYTES = 12
