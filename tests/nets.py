@@ -40,3 +40,22 @@ def tiny_net(seed: int = 0) -> TinyNet:
 def tiny_batches(n: int = 4, bs: int = 8, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(bs, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+class Collapsing(nn.Module):
+    """A branch whose 4-bit weights wreck the output: one huge weight per kernel makes a 4-bit
+    step that rounds every other weight to zero. The branch holds 80% of the weights, so a
+    budget of 0.6x the 8-bit bytes cannot give it 8 bits: only the guard can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 256)
+        self.head = nn.Linear(288, 4)
+        with torch.no_grad():
+            self.b.weight.normal_(0, 0.2)
+            self.b.weight[:, 0] = 6.0
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))

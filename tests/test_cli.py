@@ -1087,26 +1087,12 @@ def test_heldout_check_against_the_8bit_weight_version_warns_on_a_collapse():
     """--eval: the quantized model's output SQNR on held-out inputs against its 8-bit-weight
     version's; a gap over HELDOUT_GAP_DB is one warning naming the layers that cost most (here
     the layer made to collapse at 4 bits), and a plan all at 8 bits needs no check."""
-    from torch import nn
+    from nets import Collapsing
 
     from omse import cli as omse_cli
     from omse.analysis.metrics import predict
     from omse.config import Budget
     from omse.transforms.pipeline import Calibration, quantize
-
-    class Collapsing(nn.Module):  # b's column of 6.0 wrecks its 4-bit per-kernel steps
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(32, 32)
-            self.b = nn.Linear(32, 256)
-            self.head = nn.Linear(288, 4)
-            with torch.no_grad():
-                self.b.weight.normal_(0, 0.2)
-                self.b.weight[:, 0] = 6.0
-
-        def forward(self, x):
-            return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
 
     model = Collapsing().eval()
     calib = [torch.randn(32, 32) for _ in range(4)]

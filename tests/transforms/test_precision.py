@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nets import Collapsing
 from torch import nn
 
 import omse
@@ -193,27 +194,8 @@ def test_relative_errors_of_the_reference_itself_is_zero():
     assert e == 0.0
 
 
-class _Collapsing(nn.Module):
-    """A branch whose 4-bit weights wreck the output: one huge weight per kernel makes a 4-bit
-    step that rounds every other weight to zero. The branch holds 80% of the weights, so a
-    budget of 0.6x the 8-bit bytes cannot give it 8 bits: only the guard can."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(32, 32)
-        self.b = nn.Linear(32, 256)
-        self.head = nn.Linear(288, 4)
-        with torch.no_grad():
-            self.b.weight.normal_(0, 0.2)
-            self.b.weight[:, 0] = 6.0
-
-    def forward(self, x):
-        return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
-
-
 def test_the_guard_grows_the_budget_on_a_model_made_to_collapse():
-    model = _Collapsing().eval()
+    model = Collapsing().eval()
     batches = [torch.randn(32, 32) for _ in range(4)]
     cal = Calibration()
     with pytest.warns(UserWarning, match=r"budget grows to .* calibration runs again"):
