@@ -324,6 +324,8 @@ def tables(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Labelled top-1 (top row) and agreement with FP32 (bottom row) against weight bytes, one
+    column per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,37 +333,40 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     models = [m for m in MODELS.values() if any(r["model"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for col, model in enumerate(models):
         rs = [r for r in rows if r["model"] == model]
-        fp = [r for r in rs if r["kind"] == "fp32"]
-        if fp:
-            ax.axhline(100 * fp[0]["top1"], color="k", ls=":", lw=1, label="FP32")
-        rand = [r for r in rs if r["kind"] == "random"]
-        if rand:
-            ax.scatter([r["bytes_fraction"] for r in rand], [100 * r["top1"] for r in rand],
-                       s=14, color="tab:gray", alpha=0.7, label="random plans, same bytes")  # fmt: skip
-        ch = sorted((r for r in rs if r["kind"] == "chosen"), key=lambda r: r["bytes_fraction"])
-        if ch:
-            ax.plot([r["bytes_fraction"] for r in ch], [100 * r["top1"] for r in ch], "o-",
-                    color="tab:blue", label="chosen plan (Budget(b, guard_db=None))")  # fmt: skip
-        for kind, style, label in (("uniform4", "s", "uniform 4-bit"),
-                                   ("uniform8", "D", "uniform 8-bit")):  # fmt: skip
+        for ax, key, what in ((axes[0][col], "top1", "labelled top-1 %"),
+                              (axes[1][col], "agreement", "top-1 agreement with FP32 %")):  # fmt: skip
+            fp = [r for r in rs if r["kind"] == "fp32"]
+            if fp and key == "top1":
+                ax.axhline(100 * fp[0]["top1"], color="k", ls=":", lw=1, label="FP32")
+            rand = [r for r in rs if r["kind"] == "random"]
+            if rand:
+                ax.scatter([r["bytes_fraction"] for r in rand], [100 * r[key] for r in rand],
+                           s=14, color="tab:gray", alpha=0.7, label="random plans, same bytes")  # fmt: skip
+            ch = sorted((r for r in rs if r["kind"] == "chosen"), key=lambda r: r["bytes_fraction"])
+            if ch:
+                ax.plot([r["bytes_fraction"] for r in ch], [100 * r[key] for r in ch], "o-",
+                        color="tab:blue", label="chosen plan, Budget(b, guard_db=None)")  # fmt: skip
+            for kind, style, color, label in (("uniform4", "s", "tab:red", "uniform 4-bit"),
+                                              ("uniform8", "D", "tab:green", "uniform 8-bit")):  # fmt: skip
+                for r in rs:
+                    if r["kind"] == kind:
+                        ax.plot(r["bytes_fraction"], 100 * r[key], style, color=color, label=label)
+            markers = iter("*^vP")
             for r in rs:
-                if r["kind"] == kind:
-                    ax.plot(r["bytes_fraction"], 100 * r["top1"], style, color="tab:red"
-                            if kind == "uniform4" else "tab:green", label=label)  # fmt: skip
-        for r in rs:
-            if r["kind"] == "extra":
-                ax.plot(r["bytes_fraction"], 100 * r["top1"], "*", ms=10, label=r["row"])
-        n = rs[0]["n"] if rs else 0
-        ax.set_title(f"{model}: {n} held-out labelled images")
-        ax.set_xlabel("weight bytes / 8-bit weight bytes (as the budget counts them)")
-        ax.set_ylabel("labelled top-1 %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+                if r["kind"] == "extra":
+                    ax.plot(r["bytes_fraction"], 100 * r[key], next(markers, "x"), ms=9,
+                            label=r["row"])  # fmt: skip
+            n = rs[0]["n"] if rs else 0
+            ax.set_title(f"{model}: {n} held-out labelled images", fontsize=10)
+            ax.set_xlabel("weight bytes / 8-bit weight bytes (as the budget counts them)")
+            ax.set_ylabel(what)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
