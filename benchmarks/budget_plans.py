@@ -30,8 +30,13 @@ a fraction of the 8-bit weight bytes; for random plans the median and range over
 
     python benchmarks/budget_plans.py [--data ../shared/data] [--models resnet20,lite0]
         [--budgets 0.55,0.6,0.7,0.8] [--draws 10] [--lite-budgets 0.6] [--lite-draws 3]
-        [--lite-extra NAME:k=v ...] [--seed 0] [--threads 2] [--limit N]
-        [--out results/budget_plans.json] [--png results/budget_plans.png] [--plot-only]
+        [--lite-extra NAME:k=v ...] [--skip-uniform] [--no-plans] [--replay] [--seed 0]
+        [--threads 2] [--limit N] [--out results/budget_plans.json]
+        [--png results/budget_plans.png] [--plot-only [--merge A.json B.json ...]]
+
+``--lite-extra`` takes two experiment keys besides QuantConfig fields: ``centered=true`` (the
+plan from :func:`omse.transforms.precision.output_errors` with ``centered=True``) and
+``probe_samples=N`` (the precision estimate's ``PROBE_SAMPLES`` for that row).
 
 Prints markdown and writes ``--out`` (rows of an earlier run with the same protocol are kept, so
 the models and extra recipes may be measured in separate runs) and the plot ``--png``.
