@@ -4,6 +4,7 @@ the measured one, the guard on a model made to collapse, and the config's budget
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import warnings
@@ -155,6 +156,34 @@ def test_linearised_error_equals_the_measured_one_on_a_linear_network():
         assert est[n][3] == pytest.approx(measured[n], rel=0.15), n
     # the flags are restored: the layers compute with their quantized weights again
     assert all(q.quant_enabled for q in layers.values())
+
+
+def test_centered_error_is_what_bias_correction_leaves_on_a_linear_network():
+    """``centered=True``: the estimate equals the measured output error of each layer quantized
+    with its mean output shift added back to its bias (one batch: its mean is the calibration
+    mean), and is below the plain estimate when the inputs have a mean."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 24), nn.Linear(24, 6)).eval()
+    x = torch.randn(64, 16) + 1.5  # inputs with a mean: the weight error shifts every output
+    with torch.no_grad():
+        ref, inputs, h = net(x), [], x
+        for m in net:
+            inputs.append(h)
+            h = m(h)
+    model, layers = _wrapped(copy.deepcopy(net), bits=3)
+    cands = {n: {3: q.dequantized_weight()} for n, q in layers.items()}
+    plain, _ = output_errors(model, layers, cands, [x], probes=256)
+    cent, _ = output_errors(model, layers, cands, [x], probes=256, centered=True)
+    for i, n in enumerate(layers):
+        corrected = copy.deepcopy(net)
+        lin = corrected[i]
+        with torch.no_grad():
+            dw = cands[n][3] - lin.weight
+            lin.weight += dw
+            lin.bias -= dw @ inputs[i].mean(0)  # bias correction of this batch's mean
+            measured = float(((corrected(x) - ref) ** 2).sum() / (ref**2).sum())
+        assert cent[n][3] == pytest.approx(measured, rel=0.15), n
+        assert cent[n][3] < plain[n][3], n
 
 
 def test_linearised_error_ranks_layers_as_the_measured_one_with_relus():

@@ -296,6 +296,19 @@ def _probe_sum(gs: list[torch.Tensor], dy: torch.Tensor) -> float:
     return acc / len(gs)
 
 
+def _centered(q: QuantizedLayer, dy: torch.Tensor) -> torch.Tensor:
+    """``dy`` less its mean per output channel over the batch's samples and positions (channels
+    at dim 1 of a convolution's output, last for a Linear layer's): what is left of a weight
+    change's output change once bias correction adds its mean back."""
+    if dy.dim() < 2:
+        return dy - dy.mean()
+    if isinstance(q.layer, nn.Linear):
+        dims = tuple(range(dy.dim() - 1))
+    else:
+        dims = (0, *range(2, dy.dim()))
+    return dy - dy.mean(dim=dims, keepdim=True)
+
+
 def output_errors(
     model: nn.Module,
     layers: dict[str, QuantizedLayer],
@@ -303,6 +316,7 @@ def output_errors(
     batches: Iterable,
     probes: int = 1,
     seed: int = 0,
+    centered: bool = False,
 ) -> tuple[dict[str, dict[int, float]], float]:
     """Estimated relative output error of every layer's candidates (see the module docstring).
 
@@ -313,14 +327,21 @@ def output_errors(
     with ``energy = sum ||f||^2`` over the batches. ``probes`` Gaussian probes per batch, drawn
     from ``seed`` and the global batch index (the result is deterministic, and under
     ``torch.distributed`` every rank gets what one process given all batches gets).
+
+    ``centered``: the error bias correction leaves (:func:`_centered`): each candidate's output
+    change less its mean per output channel over the batch (the batch's mean stands for the
+    calibration set's, which :func:`omse.transforms.bias_correction.bias_correction` adds back).
+    A layer whose error is mostly such a shift (a projection convolution's, a depthwise one's)
+    then no longer looks as harmful as a layer of the same error that no bias fixes.
     """
 
     def measure(n: str, x: torch.Tensor, _y: torch.Tensor, gs: list[torch.Tensor]):
         q = layers[n]
-        return {
-            b: _probe_sum(gs, _delta_output(q, x, w - q.float_weight))
-            for b, w in candidates[n].items()
-        }
+        out = {}
+        for b, w in candidates[n].items():
+            dy = _delta_output(q, x, w - q.float_weight)
+            out[b] = _probe_sum(gs, _centered(q, dy) if centered else dy)
+        return out
 
     keys = {n: list(cs) for n, cs in candidates.items()}
     return _probe_passes(model, layers, keys, batches, probes, seed, measure)
