@@ -50,7 +50,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from omse.config import QuantConfig
+from omse.config import Budget, QuantConfig
 from omse.deploy.export import export_onnx
 from omse.io import atomic_write_text
 from omse.nn.layers import quantized_layers
@@ -121,6 +121,20 @@ ROWS = {
 ROWS["W4A8 recipe + learned rounding + network criterion"] = {
     **ROWS["W4A8 recipe + learned rounding"],
     "residual_criterion": "network",
+}
+# the default recipe's per-layer precision: each layer at 4 or 8 bits within 0.6x of the 8-bit
+# weight bytes, with the guard (which grows the budget where the plan's output error is more
+# than 3 dB above its 8-bit-weight version's) and held at 0.6x; skewed inputs on affine grids
+ROWS["default recipe 0.6x + guard"] = {
+    "weight_bits": 4,
+    "act_bits": 8,
+    **RECIPE,
+    "act_grid": "auto",
+    "budget": Budget(0.6),
+}
+ROWS["default recipe 0.6x held"] = {
+    **ROWS["default recipe 0.6x + guard"],
+    "budget": Budget(0.6, guard_db=None),
 }
 DEFAULT_ROWS = ("W8A8 recipe", "W4A8 recipe", "W4A4 recipe", "W4A8 MMSE")
 TARGETS = ("int4", "int8")
@@ -310,6 +324,14 @@ def run_row(
             traceback.print_exc()
         return row
     row["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    if cal.precision is not None:  # the per-layer plan: its bytes against the 8-bit weights'
+        plan = cal.precision
+        row["precision"] = {
+            "summary": plan.summary(),
+            "bytes_fraction": round(plan.bytes / max(plan.bytes_8bit, 1), 4),
+            "guard": plan.guard,
+        }
+    row["float_fallback"] = {n: round(db, 2) for n, db in cal.fallback.items()}
     layers = quantized_layers(q)
     qweights = sum(ql.layer.weight.numel() for ql in layers.values())
     macs = sum(ql.macs for ql in layers.values())
@@ -534,7 +556,7 @@ def main(argv=None) -> int:
                         flush=True,
                     )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n", force=True)
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2, default=str) + "\n", force=True)
     print()
     print(table(rows))
     print(f"\n{result['seconds']:.0f} s in all")
