@@ -22,6 +22,7 @@ presets (``QuantConfig.preset(p, weight_bits=.., act_bits=.., overrides=..)``).
 
     python benchmarks/cifar_resnets.py [--data ../shared/data] [--depths 20] [--settings W4A8]
         [--ends 8bit,4bit] [--presets fast,default] [--calib 256] [--seed 0] [--threads 2]
+        [--peers brevitas,nncf,aimet] [--adaround-iters 1000] [--aimet-path DIR]
         [--out results/cifar_resnets.json]
 
 Prints markdown tables and writes ``--out`` (rows of an earlier run with the same protocol and
@@ -31,6 +32,7 @@ other cells are kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,9 +98,48 @@ def recipe(preset: str, setting: str, ends: str) -> dict:
     return kw
 
 
-def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
+def aimet_register_shortcut(aimet_path) -> None:
+    """Give AIMET a quantized definition of the option-A shortcut (``_PadShortcut``: stride-2
+    subsampling and zero channel padding, no weights), which its QuantizationSimModel refuses as
+    an unknown module otherwise; done once, in AIMET's documented way
+    (``QuantizationMixin.implements``). Its quantizer slots are the default (one input, one
+    output) and AIMET's config decides which are enabled, as for any other op."""
+    import peers
+
+    if "_PadShortcut" in _AIMET_REGISTERED:
+        return
+    try:
+        peers.load_aimet(aimet_path)
+    except peers.Refused:
+        return  # peers.unavailable / the runner report it
+    from aimet_torch.nn import QuantizationMixin
+
+    from omse.zoo.labelled import _PadShortcut
+
+    @QuantizationMixin.implements(_PadShortcut)
+    class QuantizedPadShortcut(QuantizationMixin, _PadShortcut):
+        def forward(self, x):
+            if self.input_quantizers[0] is not None:
+                x = self.input_quantizers[0](x)
+            out = super().forward(x)
+            if self.output_quantizers[0] is not None:
+                out = self.output_quantizers[0](out)
+            return out
+
+    _AIMET_REGISTERED.add("_PadShortcut")
+
+
+_AIMET_REGISTERED: set[str] = set()
+
+
+def peer_rows(
+    tools, depth, model, calib, xe, ye, settings, adaround_iters=1000, aimet_path=None
+) -> list[dict]:
     """benchmarks/peers.py's recipes of ``tools`` (their own defaults: every layer at the
-    setting's bits) on the same calibration and evaluation images."""
+    setting's bits) on the same calibration and evaluation images. AIMET's AdaRound runs
+    ``adaround_iters`` iterations per layer (peers.py's figure for its small networks; AIMET's
+    own default, 10000, takes hours on this CPU); ``aimet_path``: where aimet-torch was installed
+    with ``--no-deps`` (see ``peers.load_aimet``)."""
     import peers
 
     wl = peers.Workload(
@@ -106,7 +147,9 @@ def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
     )
     cache: dict = {}
     out = []
-    for m in peers.methods(tools, 0, None):
+    if "aimet" in tools:
+        aimet_register_shortcut(aimet_path)
+    for m in peers.methods(tools, adaround_iters, aimet_path):
         for s in settings:
             if m.settings is not None and s not in m.settings:
                 continue
@@ -117,7 +160,12 @@ def peer_rows(tools, depth, model, calib, xe, ye, settings) -> list[dict]:
             row = peers.evaluate(wl, m.tool, None, m.config, m.runner, wb, ab, cache)
             name = f"{s}/4bit/{m.tool} {m.config}"
             rec = {"depth": depth, "recipe": name, "setting": s, "ends": "4bit"}
-            rec |= {"preset": f"{m.label} ({peers.method_version(m)})", "kwargs": row.kwargs}
+            label = m.label
+            if m.tool == "aimet" and "adaround" in m.config:
+                label += f", {adaround_iters} iterations/layer"
+            rec |= {"preset": f"{label} ({peers.method_version(m)})", "kwargs": row.kwargs}
+            if row.notes:
+                rec |= {"notes": row.notes}
             rec |= {"calib_seconds": row.calib_seconds, "extra_macs_fraction": 0.0}
             if row.top1 is None:
                 rec |= {"refused": row.refused}
@@ -182,7 +230,18 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--guard-db", default="3")
     ap.add_argument(
-        "--peers", default="", help="brevitas,nncf: benchmarks/peers.py's recipes, all layers 4-bit"
+        "--peers",
+        default="",
+        help="brevitas,nncf,aimet: benchmarks/peers.py's recipes, all layers 4-bit (run aimet "
+        "without nncf: NNCF's torch patches break AIMET's QuantSim in the same process)",
+    )
+    ap.add_argument(
+        "--adaround-iters", type=int, default=1000, help="AIMET AdaRound iterations per layer"
+    )
+    ap.add_argument(
+        "--aimet-path",
+        default=os.environ.get("OMSE_AIMET_PATH"),
+        help="directory holding aimet_torch installed with --no-deps (env OMSE_AIMET_PATH)",
     )
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -263,7 +322,17 @@ def main(argv=None) -> int:
                     )
                     merge_rows(args.out, head, rows, key)
         if args.peers:
-            rows += peer_rows(args.peers.split(","), depth, model, calib, xe, ye, settings)
+            rows += peer_rows(
+                args.peers.split(","),
+                depth,
+                model,
+                calib,
+                xe,
+                ye,
+                settings,
+                args.adaround_iters,
+                args.aimet_path,
+            )
         merge_rows(args.out, head, rows, key)
     result = merge_rows(args.out, head, rows, key)
     print()
