@@ -46,3 +46,25 @@ def test_merge_keeps_other_rows_of_the_same_protocol(tmp_path):
     assert [r["recipe"] for r in json.loads(path.read_text())["rows"]] == ["c"]
     row = heldout.counts(90, 100)
     assert row["top1"] == 0.9 and row["ci95"][0] < 0.9 < row["ci95"][1]
+
+
+def test_cifar_peer_rows_aimet_missing_is_a_refused_row(tmp_path):
+    """``--peers aimet`` without aimet-torch: a refused row per setting, labelled with its
+    AdaRound iterations, and no exception (the shortcut registration is skipped)."""
+    import importlib.util
+
+    import torch
+
+    cifar = load_benchmark("cifar_resnets")
+    peers = load_benchmark("peers")
+    if peers._AIMET or importlib.util.find_spec("aimet_torch") is not None:
+        pytest.skip("aimet_torch importable here")
+    from omse.zoo.labelled import CifarResNet
+
+    model = CifarResNet(8).eval()
+    calib = [torch.rand(4, 3, 32, 32)]
+    xe, ye = torch.rand(6, 3, 32, 32), torch.zeros(6, dtype=torch.long)
+    rows = cifar.peer_rows(["aimet"], 8, model, calib, xe, ye, ["W4A8"], 7, str(tmp_path))
+    assert [r["setting"] for r in rows] == ["W4A8", "W4A8"]
+    assert all("top1" not in r and "not installed" in r["refused"] for r in rows)
+    assert any("7 iterations/layer" in r["preset"] for r in rows)
