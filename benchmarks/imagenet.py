@@ -86,7 +86,8 @@ def _weights(r: dict) -> str:
     cfg = r.get("config") or {}
     if cfg.get("budget"):
         return "per layer (plan not recorded)"
-    return f"{cfg.get('weight_bits', '?')}-bit"
+    bits = cfg.get("weight_bits", (cfg.get("weights") or {}).get("bits", "?"))  # version 5: parts
+    return f"{bits}-bit"
 
 
 def table(result: dict) -> str:
