@@ -108,6 +108,37 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict) -> str:
+    """Recipes by model: top-1 [95% CI] and agreement with FP32 per cell; a cell measured with
+    an older config version than the newest in the file names its version."""
+    models = sorted({r["model"] for r in result["rows"]})
+    first = ("fp32", "default", "b060-noguard", "w8a8")
+    names = {r["recipe"] for r in result["rows"]}
+    recipes = [n for n in first if n in names] + sorted(names - set(first))
+    newest = max(((r.get("config") or {}).get("version") or 0 for r in result["rows"]), default=0)
+    cells = {(r["model"], r["recipe"]): r for r in result["rows"]}
+    lines = [
+        "| recipe | " + " | ".join(m.replace("efficientnet-", "") for m in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for name in recipes:
+        out = []
+        for m in models:
+            r = cells.get((m, name))
+            if r is None:
+                out.append("-")
+                continue
+            cell = pct(r)
+            if name != "fp32":
+                cell += f", {100 * r['agreement']:.1f}%"
+                v = (r.get("config") or {}).get("version")
+                if v and v != newest:
+                    cell += f" (v{v})"
+            out.append(cell)
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def merge_files(out: Path, others: list[Path]) -> dict:
     """Add the rows of ``others`` (result files of ``out``'s protocol) to ``out``: a row of
     ``out`` wins over one with the same model and recipe, unless their config versions differ,
@@ -159,7 +190,7 @@ def main(argv=None) -> int:
         result = (
             merge_files(args.out, args.merge) if args.merge else json.loads(args.out.read_text())
         )
-        print(table(result))
+        print(summary(result) + "\n\n" + table(result))
         return 0
     try:
         recipes = dict(parse_recipe(s) for s in args.recipes)

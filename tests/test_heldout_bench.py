@@ -68,6 +68,9 @@ def test_imagenet_merge_keeps_rows_of_another_config_version(tmp_path):
     text = imagenet.table(json.loads(out.read_text()))
     assert "| m | default | v4 | 1 at 4, 2 at 8, 0.60x |" in text and "| v3 | 4-bit |" in text
     assert "| m | w8a8 | v5 | 8-bit |" in text
+    grid = imagenet.summary(json.loads(out.read_text())).splitlines()
+    assert grid[0] == "| recipe | m |" and grid[2].startswith("| fp32 | 80.00 [50.0, 90.0] |")
+    assert "90.0% (v3)" in imagenet.summary(json.loads(out.read_text()))  # older version named
     (tmp_path / "other.json").write_text(json.dumps({"protocol": {"calib": 32}, "rows": []}))
     with pytest.raises(SystemExit):
         imagenet.merge_files(out, [tmp_path / "other.json"])
