@@ -1185,9 +1185,10 @@ def _heldout_vs_8bit(qmodel, cal, cfg, inputs, pre, ref, out, bar) -> dict[str, 
     }
 
 
-def _warn_heldout(vs8: dict[str, Any] | None, m: dict[str, Any]) -> None:
-    """One warning when the held-out output SQNR is more than :data:`HELDOUT_GAP_DB` below the
-    8-bit-weight version's (:func:`_heldout_vs_8bit`), with the task's figure for both."""
+def _warn_heldout(vs8: dict[str, Any] | None, m: dict[str, Any], held_out: bool = True) -> None:
+    """One warning when the output SQNR on the evaluation inputs (``held_out``: inputs the
+    calibration never saw) is more than :data:`HELDOUT_GAP_DB` below the 8-bit-weight version's
+    (:func:`_heldout_vs_8bit`), with the task's figure for both."""
     if vs8 is None or vs8["gap_db"] <= HELDOUT_GAP_DB:
         return
     extra = ""
@@ -1196,7 +1197,8 @@ def _warn_heldout(vs8: dict[str, Any] | None, m: dict[str, Any]) -> None:
     elif "det_recall_8bit" in vs8:
         extra = f" (detections kept {m['det_recall']:.0%} against {vs8['det_recall_8bit']:.0%})"
     warnings.warn(
-        f"on the held-out inputs the output SQNR ({vs8['sqnr_db']:.1f} dB) is "
+        f"on the {'held-out' if held_out else 'evaluation'} inputs the output SQNR "
+        f"({vs8['sqnr_db']:.1f} dB) is "
         f"{vs8['gap_db']:.1f} dB below its 8-bit-weight version's ({vs8['sqnr_8bit_db']:.1f} "
         f"dB){extra}; the layers whose bits cost most: "
         f"{', '.join(vs8['costliest']) or '(set by overrides)'}; a larger --budget or "
@@ -1254,7 +1256,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "float_fallback": {n: round(db, 2) for n, db in cal.fallback.items()},
         "heldout_vs_8bit": vs8,
     }
-    _warn_heldout(vs8, m)
+    _warn_heldout(vs8, m, held_out)
     if fb is not None:
         res["tflite_budget"] = vars(fb)
     return (model, qmodel, pre, batches, ev_x), res
