@@ -66,9 +66,11 @@ def demo_configs(quick: bool = False) -> list[tuple[str, QuantConfig]]:
             plain(weight_bits=4, act_bits=4, overrides=LITE0_FIRST_LAST),
         )
     )
-    for wb, ab in [(4, None), (4, 8), (4, 4)]:
-        cfg = QuantConfig(weight_bits=wb, act_bits=ab, extra_mac_budget=0.10)
+    for wb, ab in [(4, None), (4, 8), (4, 4)]:  # every layer at 4 bits (no per-layer budget)
+        cfg = QuantConfig(weight_bits=wb, act_bits=ab, extra_mac_budget=0.10, budget=None)
         out.append(("+ residuals at 10% MACs + bias correction", cfg))
+    # the default recipe: each layer at 4 or 8 bits within the budget (as its guard grew it)
+    out.append(("the default recipe, QuantConfig()", QuantConfig()))
     return out
 
 
@@ -104,6 +106,11 @@ def run_demo(
         desc = f"W{w.bits}A{act_bits or 32}"
         out = predict(q, views, pre, batch_size=8, progress=progress, desc=desc)
         a = compare_logits(ref, out, labels)
+        plan = cal.precision
+        if plan is not None and plan.bits:  # the widths the per-layer plan chose
+            n8 = sum(b >= 8 for b in plan.bits.values())
+            share = plan.bytes / max(plan.bytes_8bit, 1)
+            note += f" ({n8} of {len(plan.bits)} layers 8-bit, {share:.2f}x the 8-bit bytes)"
         row = DemoRow(
             getattr(w.method, "name", str(w.method)),
             w.bits,
