@@ -165,7 +165,8 @@ def demo_report(
     task = get_task("efficientnet-lite0")
     model = task.build()
     batches = list(task.calibration(calib_size).split(8))
-    cfg = QuantConfig(weight_bits=4, act_bits=4, extra_mac_budget=budget)
+    # every layer at 4 bits (no per-layer budget): the report is of the W4A4 recipe
+    cfg = QuantConfig(weight_bits=4, act_bits=4, extra_mac_budget=budget, budget=None)
     q = quantize(model, batches, cfg)
     rows = layer_reports(q, batches)
     title = f"EfficientNet-Lite0 W4A4, MMSE + residuals at {budget:.0%} MACs + bias correction"
