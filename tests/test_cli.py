@@ -1083,6 +1083,37 @@ def test_float_fallback_is_said_in_one_line_and_recorded(cli, work):
     assert rc == 0 and not [w for w in caught if "float fallback" in str(w.message)]
 
 
+def test_range_choice_is_said_in_one_line_and_switched_off_by_its_flag(cli, work, monkeypatch):
+    """--range-choice on (the default) records the layers whose activation quantizers took the
+    min-max step in the JSON (``min_max_ranges``) and says how many in one line; off keeps every
+    MMSE step and says nothing. The estimate is stubbed to prefer every min-max step (what it
+    measures is tested in tests/transforms/test_range_choice.py)."""
+    import omse.transforms.pipeline as pipeline
+
+    def prefer_min_max(model, layers, candidates, batches, probes=1, seed=0):
+        return {
+            n: {(max(len(i) - 1, 0), max(len(o) - 1, 0)): 1e-9} for n, (i, o) in candidates.items()
+        }
+
+    monkeypatch.setattr(pipeline, "range_errors", prefer_min_max)
+    (work / "omse_clistem.py").write_text(STEM_NET)
+    argv = ["omse_clistem:build", "--calib", "imgs", "--input-size", "16", "--target", "int8"]
+    runs = {}
+    for flag in ("on", "off"):
+        path = work / f"ranges_{flag}.json"
+        rc, out, err = cli("quantize", *argv, "--range-choice", flag, "--json", path, "--force")
+        assert rc == 0, err
+        runs[flag] = (json.loads(path.read_text()), out + err)
+    on, off = runs["on"][0], runs["off"][0]
+    assert on["config"]["activations"]["choose_range"] is True
+    assert off["config"]["activations"]["choose_range"] is False
+    assert off["min_max_ranges"] == {} and "activation ranges" not in runs["off"][1]
+    said = [ln for ln in runs["on"][1].splitlines() if "activation ranges" in ln]
+    assert on["min_max_ranges"] and set(on["min_max_ranges"]) <= set(on["precision"]["bits"])
+    assert len(said) == 1
+    assert f"{len(on['min_max_ranges'])} layer(s) take the min-max step" in said[0]
+
+
 def test_heldout_check_against_the_8bit_weight_version_warns_on_a_collapse():
     """--eval: the quantized model's output SQNR on held-out inputs against its 8-bit-weight
     version's; a gap over HELDOUT_GAP_DB is one warning naming the layers that cost most (here

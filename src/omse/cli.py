@@ -169,6 +169,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "JSON's float_fallback lists them); 'off' for none (default: 20)",
     )
     r.add_argument(
+        "--range-choice",
+        choices=["on", "off"],
+        help="on: each 8-bit activation quantizer keeps its MMSE step or takes the min-max "
+        "step, whichever has the smaller estimated effect on the model's output (the float "
+        "fallback's pass; the JSON's min_max_ranges lists the layers); off (default): every "
+        "step MMSE",
+    )
+    r.add_argument(
         "--residual-criterion",
         choices=["output", "weight", "network"],
         help="how kernels are ranked for the budget: layer-output error (recipe), weight MSE, or "
@@ -535,6 +543,11 @@ def _config_from_args(args) -> Any:
             except ValueError:
                 raise OmseError(f"--float-fallback {text!r}: use a number of dB or 'off'") from None
         cfg = replace(cfg, activations=replace(cfg.activations, fallback_db=db))
+    choice = getattr(args, "range_choice", None)
+    if choice is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, activations=replace(cfg.activations, choose_range=choice == "on"))
     return cfg
 
 
@@ -1254,6 +1267,7 @@ def _quantize_and_eval(args) -> tuple[Any, dict[str, Any]]:
         "float_share": cal.float_share,
         "precision": _precision_json(cal.precision),
         "float_fallback": {n: round(db, 2) for n, db in cal.fallback.items()},
+        "min_max_ranges": cal.corrections.get("min_max_ranges", {}),
         "heldout_vs_8bit": vs8,
     }
     _warn_heldout(vs8, m, held_out)
@@ -1502,6 +1516,12 @@ def cmd_quantize(args) -> int:
     _print_float_weights(res, args)
     if res.get("precision"):
         _info(res["precision"]["summary"])
+    if res.get("min_max_ranges"):
+        _info(
+            f"activation ranges: {len(res['min_max_ranges'])} layer(s) take the min-max step, "
+            "estimated to cost the output less than the MMSE one (JSON min_max_ranges; "
+            "--range-choice off keeps every MMSE step)"
+        )
     if args.out and is_main() and _is_tflite_out(args):
         res["tflite"] = _export_tflite(qmodel, batches, args, res)
     elif args.out and is_main() and _is_onnx_path(args.out):

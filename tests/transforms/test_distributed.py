@@ -67,6 +67,10 @@ CONFIGS = {
     "reconstructed": _config(
         rounding="learned", rounding_scope="block", rounding_iters=10, bias_correction=True
     ),
+    # the activation range choice: its estimate over the first global batches, both ranks
+    "ranges": _config(
+        target="int8", activations=omse.ActQuant(choose_range=True), extra_mac_budget=0.0
+    ),
 }
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import LayerConfig
 from ..core.grids import Grid
-from ..core.ranges import fit_affine, make_range_setter
+from ..core.ranges import MinMax, fit_affine, make_range_setter
 from ..core.stats import HistogramStats
 from ..distributed import gather
 from ..nn.layers import (
@@ -516,6 +516,13 @@ def _fit(method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor
     kind = "full" if kind == "auto" else kind
     grid = Grid(bits, "unsigned" if st.nonnegative else kind)  # type: ignore[arg-type]
     return setter.fit(st, grid), grid
+
+
+def min_max_quantizer(cfg: LayerConfig, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+    """The step and grid :func:`set_activation_scales` would fit to ``st`` with the min-max
+    range (nothing clipped) in place of ``cfg``'s ``act_method``, on the same kind of grid: the
+    other candidate of ``ActQuant.choose_range``."""
+    return _fit(MinMax(), cfg.act_grid, st, bits)
 
 
 def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:

@@ -24,6 +24,10 @@ model transform that works in place and records what it did in :class:`Calibrati
 5. ``plan``: for ``target="int8"`` and ``"tflite"``, where output and shared quantizers go (a
    trace, no pass);
 6. ``activations``: one pass of input (and output) histograms, then the scales;
+6b. ``ranges`` (``ActQuant.choose_range``, opt-in): each layer's own 8-bit activation
+   quantizers keep the method's step or take the min-max step, by the estimated effect of each on
+   the model's output (one forward and backward pass over 16 samples, shared with the float
+   fallback; later rounds reuse the first round's choice);
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
 
 The budget's guard (:func:`_guard`, after the last step): one pass measures the calibrated
@@ -62,7 +66,7 @@ from torch import nn
 from ..config import GPTQ, INTEGER_TARGETS, LayerConfig, LearnedRounding, Nearest, QuantConfig
 from ..core.granularity import PerTensor
 from ..core.stats import HistogramStats
-from ..distributed import broadcast, gather, is_main, run_checked
+from ..distributed import broadcast, gather, is_main, run_checked, world
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer
 from ..nn.ops import op_quantizers
@@ -71,10 +75,12 @@ from ..runtime import progress as progress_bar
 from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
+    OUTPUT_BITS,
     cap_activation_scales,
     gather_site_stats,
     int8_weight_grid,
     keep_first_layer_8bit,
+    min_max_quantizer,
     observe_sites,
     plan_op_quantizers,
     plan_output_quantizers,
@@ -96,6 +102,7 @@ from .precision import (
     choose,
     eight_bit_weights,
     output_errors,
+    range_errors,
     relative_errors,
     scaled_error,
     weight_bytes,
@@ -254,6 +261,9 @@ class _Run:
     learned_act: dict[str, torch.Tensor] = field(default_factory=dict)
     plan: PrecisionPlan | None = None  # the guard's next round: the widths to apply, estimates
     w8: dict[str, torch.Tensor] = field(default_factory=dict)  # 8-bit weights of <8-bit layers
+    site_stats: dict = field(default_factory=dict)  # op quantizer sites' histograms
+    act_errors: dict[str, float] | None = None  # the range choice's estimates, for the fallback
+    ranges: dict[str, tuple[int, int]] | None = None  # the range choice, kept across rounds
 
 
 def _fold(r: _Run) -> None:
@@ -564,6 +574,90 @@ def _activations(r: _Run) -> None:
     share_scales(r.layers, r.shares)
     if ops is not None:
         set_op_scales(ops, r.layers, site_stats, r.config.base_layer())
+    r.site_stats = site_stats
+
+
+def _scored(r: _Run) -> dict[str, QuantizedLayer]:
+    """The layers whose activation quantizers the range choice and the float fallback score:
+    those with an input or output quantizer and 8-bit activations (fewer bits are the
+    configuration's own choice)."""
+    return {
+        n: q
+        for n, q in r.layers.items()
+        if ((q.act_scale is not None and q.a_grid is not None) or q.out_grid is not None)
+        and (q.cfg.act_bits or 0) >= 8
+    }
+
+
+def _first_samples(batches: list, samples: int) -> list:
+    """This rank's share of the first global batches that hold at least ``samples`` samples
+    (all if fewer): rank ``r``'s ``i``-th batch is global batch ``i * size + r``, so under
+    ``torch.distributed`` the ranks together read what one process given every batch reads."""
+    rank, size = world()
+    sizes = (
+        gather([_samples([b]) for b in batches]) if size > 1 else [[_samples([b]) for b in batches]]
+    )
+    order = sorted((i * size + r, n) for r, part in enumerate(sizes) for i, n in enumerate(part))
+    count, seen = 0, 0
+    for _, n in order:
+        if seen >= samples:
+            break
+        count += 1
+        seen += n
+    return [b for i, b in enumerate(batches) if i * size + rank < count]
+
+
+def _range_candidates(r: _Run, n: str, q: QuantizedLayer) -> tuple[list, list]:
+    """A scored layer's input and output quantizers: as calibrated first, then the min-max one
+    (:func:`~omse.transforms.calibration.min_max_quantizer`) where the layer owns the quantizer:
+    not an input it reads from another layer or an op site, that a ReLU6 caps, or that block
+    reconstruction learned."""
+    ops = op_quantizers(r.qmodel)
+    elsewhere = n in r.shares or n in r.caps or n in r.learned_act
+    elsewhere = elsewhere or (ops is not None and n in ops.shared)
+    ins = [(q.act_scale, q.a_grid)] if q.act_scale is not None and q.a_grid is not None else []
+    st = r.cal.stats.get(n)
+    if ins and not elsewhere and st is not None and st.n > 0:
+        ins.append(min_max_quantizer(q.cfg, st, q.cfg.act_bits))
+    outs = [(q.out_scale, q.out_grid)] if q.out_scale is not None and q.out_grid is not None else []
+    st = r.cal.output_stats.get(n)
+    if outs and st is not None and st.n > 0:
+        outs.append(min_max_quantizer(q.cfg, st, OUTPUT_BITS))
+    return ins, outs
+
+
+def _ranges(r: _Run) -> None:
+    """``ActQuant.choose_range``: each scored layer's own activation quantizers
+    (:func:`_scored`, :func:`_range_candidates`) keep the calibrated step or take the min-max
+    one, the pair of least estimated output error (:func:`range_errors`, one forward and
+    backward pass over the first :data:`FALLBACK_SAMPLES` samples; a tie keeps the calibrated
+    steps); readers of a changed quantizer follow it. The first round chooses (its errors are
+    what the float fallback reads); :func:`quantize`'s later rounds apply the same choices
+    without the pass (``r.ranges``). ``Calibration.corrections["min_max_ranges"]`` lists the
+    layers whose quantizers took the min-max step."""
+    candidates = {n: _range_candidates(r, n, q) for n, q in _scored(r).items()}
+    if r.ranges is None:
+        batches = _first_samples(r.batches, FALLBACK_SAMPLES)
+        errors = range_errors(r.qmodel, r.layers, candidates, batches, probes=1)
+        r.act_errors, r.ranges = {}, {}
+        for n, errs in errors.items():
+            r.ranges[n] = min(errs, key=lambda k: (errs[k], k))
+            r.act_errors[n] = errs[r.ranges[n]]
+    changed = {}
+    for n, (i, j) in r.ranges.items():
+        ins, outs = candidates.get(n, ([], []))
+        if 0 < i < len(ins):
+            r.layers[n].set_act(*ins[i])
+            changed[n] = "input"
+        if 0 < j < len(outs):
+            r.layers[n].set_output(*outs[j])
+            changed[n] = "input and output" if n in changed else "output"
+    r.cal.corrections["min_max_ranges"] = changed
+    if changed:  # readers of a changed quantizer take it again
+        share_scales(r.layers, r.shares)
+        ops = op_quantizers(r.qmodel)
+        if ops is not None:
+            set_op_scales(ops, r.layers, r.site_stats, r.config.base_layer())
 
 
 def _bias(r: _Run) -> None:
@@ -586,6 +680,8 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     if config.target in INTEGER_TARGETS:
         steps.append(_plan)
     steps.append(_activations)
+    if config.activations.choose_range and config.activations.bits is not None:
+        steps.append(_ranges)
     if config.bias_correction:
         steps.append(_bias)
     return steps
@@ -701,22 +797,13 @@ def _fallback(r: _Run) -> list[str]:
     acts = r.config.activations
     if acts.bits is None or acts.fallback_db is None or r.config.target == "tflite":
         return []
-    scored = {  # 8-bit activations: fewer bits per layer are the configuration's own choice
-        n: q
-        for n, q in r.layers.items()
-        if ((q.act_scale is not None and q.a_grid is not None) or q.out_grid is not None)
-        and (q.cfg.act_bits or 0) >= 8
-    }
+    scored = _scored(r)
     if not scored:
         return []
-    batches, samples = [], 0
-    for b in r.batches:
-        if samples >= FALLBACK_SAMPLES:
-            break
-        batches.append(b)
-        samples += _samples([b])
-    errors = activation_errors(r.qmodel, r.layers, batches, probes=1)  # every layer float
-    errors = {n: e for n, e in errors.items() if n in scored}
+    if r.act_errors is None:  # no range choice ran: the fallback's own pass
+        batches = _first_samples(r.batches, FALLBACK_SAMPLES)
+        r.act_errors = activation_errors(r.qmodel, r.layers, batches, probes=1)  # every layer float
+    errors = {n: e for n, e in r.act_errors.items() if n in scored}
     limit = 10 ** (-acts.fallback_db / 10)
     total = sum(q.macs for q in r.layers.values())
     cap, used = acts.fallback_macs * total, 0
@@ -840,15 +927,17 @@ def quantize(
         )
     progress = progress and is_main()
     example = broadcast(batches[0])
-    plan, fallback = None, None
+    plan, fallback, ranges = None, None, None
     # one round, unless the float fallback gives layers float activations (once, first) or the
     # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
         fresh = Calibration()
         qmodel = _fresh_copy(model, batches, fresh)
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
+        run.ranges = ranges
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
             step(run)
+        ranges = run.ranges
         if fallback is None:
             fallback = fresh.fallback
             chosen = _fallback(run)

@@ -58,6 +58,7 @@ __all__ = [
     "weight_bytes",
     "output_errors",
     "activation_errors",
+    "range_errors",
     "scaled_error",
     "choose",
     "cheapest",
@@ -356,26 +357,70 @@ def activation_errors(
 ) -> dict[str, float]:
     """``{layer: E}``: the estimated relative output error of the model with only that layer's
     activation quantizers on (its input's and, where it has one, its output's, at the steps
-    calibration set), weights and everything else in float: ``E = sum <g, dy>^2 / sum ||f||^2``
-    as in :func:`output_errors`, with ``dy = F(fq(x) - x, W)`` for the input (the layer is
-    linear in its input; ``F`` without the bias) plus ``fq(y) - y`` for the output (their cross
-    term left in). The :func:`omse.quantize` step that gives float activations (8-bit weights)
-    to the layers whose 8-bit activations alone cost the model most (``ActQuant.fallback_db``)
-    reads it."""
+    calibration set), weights and everything else in float: :func:`range_errors` with each
+    quantizer's calibrated step as its one candidate. The :func:`omse.quantize` step that gives
+    float activations (8-bit weights) to the layers whose 8-bit activations alone cost the model
+    most (``ActQuant.fallback_db``) reads it."""
+    candidates = {n: _as_calibrated(q) for n, q in layers.items()}
+    errors = range_errors(model, layers, candidates, batches, probes, seed)
+    return {n: e[(0, 0)] for n, e in errors.items()}
+
+
+Quantizer = tuple[torch.Tensor, Grid]
+"""A step and its grid."""
+
+
+def _as_calibrated(q: QuantizedLayer) -> tuple[list[Quantizer], list[Quantizer]]:
+    """A layer's input and output quantizers as calibration set them (an empty list: none)."""
+    ins = [(q.act_scale, q.a_grid)] if q.act_scale is not None and q.a_grid is not None else []
+    outs = [(q.out_scale, q.out_grid)] if q.out_scale is not None and q.out_grid is not None else []
+    return ins, outs
+
+
+def range_errors(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    candidates: dict[str, tuple[list[Quantizer], list[Quantizer]]],
+    batches: Iterable,
+    probes: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[tuple[int, int], float]]:
+    """``{layer: {(i, j): E}}``: the estimated relative output error of the model with only that
+    layer's activation quantizers on, its input quantized by candidate ``i`` of its input list
+    and its output by candidate ``j`` of its output list (``candidates[layer] = (inputs,
+    outputs)``, each a list of ``(step, grid)``; an empty list: that quantizer is off, index 0),
+    weights and everything else in float. ``E = sum <g, dy>^2 / sum ||f||^2`` as in
+    :func:`output_errors`, with ``dy = F(fq_i(x) - x, W)`` for the input (the layer is linear in
+    its input; ``F`` without the bias) plus ``fq_j(y) - y`` for the output (their cross term
+    left in: each pair is scored whole). One forward and ``probes`` backward passes per batch
+    score every pair of every layer (the same probes for all, so the pairs of one layer compare
+    on the same noise). The float fallback (:func:`activation_errors`) and the range choice of
+    :func:`omse.quantize` (``ActQuant.choose_range``) read it."""
 
     def measure(n: str, x: torch.Tensor, y: torch.Tensor, gs: list[torch.Tensor]):
         q = layers[n]
-        dy = torch.zeros_like(y)  # a layer without activation quantizers: 0
-        if q.act_scale is not None and q.a_grid is not None:
-            dx = fake_quantize(x, q.act_scale, q.a_grid) - x
-            dy = dy + _delta_output(q, dx, q.float_weight)
-        if q.out_scale is not None and q.out_grid is not None:
-            dy = dy + (fake_quantize(y, q.out_scale, q.out_grid) - y)
-        return {"act": _probe_sum(gs, dy)}
+        ins, outs = candidates[n]
+        dys_in = [_delta_output(q, fake_quantize(x, s, g) - x, q.float_weight) for s, g in ins] or [
+            None
+        ]
+        dys_out = [fake_quantize(y, s, g) - y for s, g in outs] or [None]
+        res = {}
+        for i, di in enumerate(dys_in):
+            for j, do in enumerate(dys_out):
+                dy = torch.zeros_like(y)  # a layer without activation quantizers: 0
+                if di is not None:
+                    dy = dy + di
+                if do is not None:
+                    dy = dy + do
+                res[(i, j)] = _probe_sum(gs, dy)
+        return res
 
-    keys = {n: ["act"] for n in layers}
+    keys = {
+        n: [(i, j) for i in range(max(len(c[0]), 1)) for j in range(max(len(c[1]), 1))]
+        for n, c in candidates.items()
+    }
     errors, _ = _probe_passes(model, layers, keys, batches, probes, seed, measure)
-    return {n: e["act"] for n, e in errors.items()}
+    return errors
 
 
 def scaled_error(
