@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import onnx
 import torch
 from torch import nn
 
@@ -40,6 +42,7 @@ from .graph import (
     input_groups,
     layer_routes,
     marker_attrs,
+    rewrite_markers,
     shared_input_candidates,
     trace,
 )
@@ -47,6 +50,8 @@ from .statistics import first_row, run_model
 
 __all__ = [
     "OUTPUT_BITS",
+    "PlanTrace",
+    "plan_trace",
     "int8_weight_grid",
     "keep_first_layer_8bit",
     "plan_output_quantizers",
@@ -100,11 +105,107 @@ TFLITE_PASSTHROUGH_SITE_OPS = ("Pad",)
 _REFORMS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Transpose"}
 
 
+@dataclass
+class PlanTrace:
+    """One trace of a wrapped model (:func:`plan_trace`) that both plans read: the graph with
+    the op quantizers' site markers (``kind="op"``) and a ``"mod"`` marker on the output of each
+    module a quantized layer reads directly (``modules[idx]``), i.e. where
+    :func:`plan_output_quantizers` may attach a shared input quantizer."""
+
+    proto: onnx.ModelProto
+    names: list[str]  # quantized layers in marker-index order
+    modules: list[str]  # "mod" marker idx -> module name
+    producers: dict[str, str]  # layer -> the module whose output is its input
+    signature: tuple  # the model's structure, for reuse on a copy of the same model
+
+    def output_graph(self) -> onnx.ModelProto | None:
+        """The graph :func:`plan_output_quantizers` traces (no op quantizers, no shared input
+        quantizers): every ``"op"`` and ``"mod"`` marker removed (None: see
+        :func:`~omse.transforms.graph.rewrite_markers`)."""
+        return rewrite_markers(
+            self.proto, lambda kind, idx: None if kind in ("op", "mod") else (kind, idx)
+        )
+
+    def op_graph(self, layers: dict[str, QuantizedLayer]) -> onnx.ModelProto | None:
+        """The graph :func:`plan_op_quantizers` traces once the shared input quantizers are
+        attached (``layer.input_from``): the ``"mod"`` marker of a module that carries layer
+        ``L``'s input quantizer becomes ``("tq", L's marker index)``, the others are removed."""
+        index = {n: i for i, n in enumerate(self.names)}
+        carried = {layers[n].input_from: index[n] for n in self.names if layers[n].input_from}
+        modules = self.modules
+        if not set(carried) <= set(modules):
+            return None  # a quantizer on a module the trace did not mark
+
+        def edit(kind, idx):
+            if kind != "mod":
+                return kind, idx
+            module = modules[idx]
+            return ("tq", carried[module]) if module in carried else None
+
+        return rewrite_markers(self.proto, edit)
+
+
+def _signature(qmodel: nn.Module, layers: dict[str, QuantizedLayer]) -> tuple | None:
+    """What a trace for the plans depends on: the module tree (types; a GraphModule's code),
+    or None where a layer has an activation quantizer, a learner or a shared input quantizer
+    already (state the trace reads: no reuse then)."""
+    for ql in layers.values():
+        if ql.act_scale is not None or ql.out_scale is not None or ql.learner is not None:
+            return None
+        if ql.input_from:
+            return None
+    code = getattr(qmodel, "code", None)  # a GraphModule copy has a class of its own: by name
+    return (
+        code,
+        tuple((n, type(m).__module__, type(m).__qualname__) for n, m in qmodel.named_modules()),
+    )
+
+
+def plan_trace(
+    qmodel: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    example,
+    reuse: PlanTrace | None = None,
+) -> PlanTrace | None:
+    """For ``target="int8"`` and ``"tflite"``: attach :class:`~omse.nn.ops.OpQuantizers` to
+    ``qmodel`` and trace it once for both plans (:class:`PlanTrace`), or return ``reuse`` (a
+    trace of an identical copy of the model: the fresh copy of a later calibration round) when
+    its signature matches. Returns None, attaching nothing, for a weight-only model, a model
+    with op quantizers or activation quantizers already, and where the one trace could differ
+    from the two (a marker on a constant): the plans then trace the model themselves."""
+    if all(ql.cfg.act_bits is None for ql in layers.values()):
+        return None
+    if op_quantizers(qmodel) is not None:
+        return None
+    signature = _signature(qmodel, layers)
+    if signature is None:
+        return None
+    if reuse is not None and reuse.signature == signature and set(reuse.names) == set(layers):
+        return reuse
+    example = first_row(example)
+    producers = _producer_modules(qmodel, example, list(layers))
+    inside = tuple(n + "." for n in layers)  # a wrapped layer's own modules carry no quantizer
+    modules = sorted({m for m in producers.values() if not m.startswith(inside)})
+    ops = op_quantizers(qmodel, create=True)
+    ops.extra_sites = any(ql.cfg.target == "tflite" for ql in layers.values())
+    try:
+        proto, qls = trace(qmodel, example, marks=modules)
+    except BaseException:
+        detach_op_quantizers(qmodel)
+        raise
+    traced = PlanTrace(proto, [ql.name for ql in qls], modules, producers, signature)
+    if set(traced.names) != set(layers) or traced.output_graph() is None:
+        detach_op_quantizers(qmodel)
+        return None
+    return traced
+
+
 def plan_op_quantizers(
     qmodel: nn.Module,
     layers: dict[str, QuantizedLayer],
     example,
     out_plan: dict[str, tuple[float, float]],
+    traced: PlanTrace | None = None,
 ) -> OpQuantizers | None:
     """For ``target="int8"``: attach :class:`~omse.nn.ops.OpQuantizers` to ``qmodel`` and plan
     each site (see :mod:`omse.nn.ops`) on the traced graph, in graph order. A tensor is
@@ -116,7 +217,8 @@ def plan_op_quantizers(
     follows (which then gets ``"own"`` on an unsigned grid: onnxruntime folds the Relu into the
     quantizer), else ``"own"``; a site of :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets
     ``"same"`` (or ``"none"`` before a quantized input). Returns None (nothing attached) for a
-    model without sites or without activation quantizers."""
+    model without sites or without activation quantizers. ``traced``: the model's
+    :func:`plan_trace` (its :meth:`PlanTrace.op_graph` stands in for the trace)."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
         return None
     example = first_row(example)
@@ -125,7 +227,11 @@ def plan_op_quantizers(
     ops.extra_sites = tflite
     integer_ops = INTEGER_SITE_OPS + (TFLITE_INTEGER_SITE_OPS if tflite else ())
     passthrough_ops = PASSTHROUGH_SITE_OPS + (TFLITE_PASSTHROUGH_SITE_OPS if tflite else ())
-    proto, qls = trace(qmodel, example)
+    proto = traced.op_graph(layers) if traced is not None else None
+    if proto is not None:
+        qls = [layers[n] for n in traced.names]
+    else:
+        proto, qls = trace(qmodel, example)
     g = proto.graph
     routes = layer_routes(proto)
     readers = consumers(g)
@@ -371,7 +477,10 @@ def keep_first_layer_8bit(qmodel: nn.Module, layers: dict[str, QuantizedLayer], 
 
 
 def plan_output_quantizers(
-    qmodel: nn.Module, layers: dict[str, QuantizedLayer], example
+    qmodel: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    example,
+    traced: PlanTrace | None = None,
 ) -> tuple[dict[str, tuple[float, float]], dict[str, Share], dict[str, float]]:
     """For ``target="int8"``: the layers that need an output quantizer, with the ``(lo, hi)``
     range the ``Relu``/``Clip`` after them impose (see :func:`omse.transforms.graph.layer_routes`):
@@ -391,18 +500,29 @@ def plan_output_quantizers(
     ``Add`` -> ``LayerNormalization``, ``Gelu``, the attention ``MatMul``) it gets no output
     quantizer: 8-bit per-tensor steps there would only round away the residual stream's outlier
     channels, which the runtime dequantizes at once. The same holds for a module output that
-    only float ops read besides its quantized readers: no shared quantizer is attached to it."""
+    only float ops read besides its quantized readers: no shared quantizer is attached to it.
+
+    ``traced``: the model's :func:`plan_trace`, read instead of a trace and a forward pass
+    (its :meth:`PlanTrace.output_graph` and producers)."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
         return {}, {}, {}  # weight-only: no activation quantizer to place
     example = first_row(example)
-    proto, qls = trace(qmodel, example)
+    proto = traced.output_graph() if traced is not None else None
+    if proto is not None:
+        qls = [layers[n] for n in traced.names]
+    else:
+        proto, qls = trace(qmodel, example)
     routes = layer_routes(proto)
     names = [ql.name for ql in qls]
     carriers: dict[str, str] = {}  # module -> the layer whose input quantizer it carries
     shares: dict[str, Share] = {}
-    for layer, module in _producer_modules(
-        qmodel, example, [names[i] for i in shared_input_candidates(proto)]
-    ).items():
+    wanted = [names[i] for i in shared_input_candidates(proto)]
+    if traced is not None:  # in the order the layers ran, as _producer_modules finds them
+        chosen = set(wanted)
+        producers = {n: m for n, m in traced.producers.items() if n in chosen}
+    else:
+        producers = _producer_modules(qmodel, example, wanted)
+    for layer, module in producers.items():
         if layers[layer].cfg.act_bits != OUTPUT_BITS:
             continue  # a narrower input grid stays that layer's own (the skip path keeps 8 bits)
         first = carriers.get(module)

@@ -72,6 +72,7 @@ __all__ = [
     "TRACE_OPSET",
     "Route",
     "trace",
+    "rewrite_markers",
     "example_args",
     "io_spec",
     "IOSpec",
@@ -398,6 +399,7 @@ def trace(
     input_names=None,
     output_names=None,
     dynamic_axes=None,
+    marks=(),
 ) -> tuple[onnx.ModelProto, list[QuantizedLayer]]:
     """The marked ONNX graph of ``qmodel`` traced on ``example_input`` and its quantized layers
     in marker-index order; ``qmodel`` itself is not changed.
@@ -406,7 +408,10 @@ def trace(
     :func:`example_args`); ``input_names``, ``output_names``, ``dynamic_axes``: see
     :func:`io_spec` (default: the batch axis of every input and output is dynamic). The graph's
     inputs carry the dynamic axes as ``dim_param``. ``twin(ql, idx) -> nn.Module``
-    makes each layer's stand-in (default: :class:`TracedLayer` with unmarked weights). Raises
+    makes each layer's stand-in (default: :class:`TracedLayer` with unmarked weights).
+    ``marks``: names of modules (not quantized layers) whose floating-point output, at every
+    call, gets a marker ``kind="mod"``, ``idx`` = the name's position in ``marks`` (where a
+    shared input quantizer would mark it ``"tq"``: see :func:`rewrite_markers`). Raises
     :class:`UnsupportedLayerError` naming the module the exporter failed in, and
     :class:`ConfigError` for bad names or axes.
     """
@@ -425,6 +430,8 @@ def trace(
         ql.trace_idx = i  # shared input quantizers (module hooks) mark their tensor with it
         parent, _, child = names[ql].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, make(ql, i))
+    for k, name in enumerate(marks):
+        model.get_submodule(name).register_forward_hook(_module_mark(k))
     tensors = [(a, k) for a, k in zip(args, keywords, strict=True) if isinstance(a, torch.Tensor)]
     outputs = _flat_tensors(model(*args))
     spec = io_spec(
@@ -487,6 +494,66 @@ def trace(
     proto = onnx.load_from_string(buf.getvalue())
     _declare_io_shapes(proto, spec)
     return proto, qls
+
+
+def _module_mark(k: int):
+    """The forward hook of :func:`trace`'s ``marks``: the module's floating-point output marked
+    ``kind="mod"``, ``idx=k`` (as :class:`~omse.nn.layers.SharedInputQuantizer` marks it)."""
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        return Marker.apply(output, output, "mod", k, 0)
+
+    return hook
+
+
+def rewrite_markers(model: onnx.ModelProto, edit) -> onnx.ModelProto | None:
+    """A copy of ``model`` (a graph from :func:`trace`) in which every ``omse::Marker`` node is
+    kept, retagged or removed: ``edit(kind, idx)`` returns ``(kind, idx)`` for the node to
+    carry, or None to remove it (each reader of its output, and a graph output, then takes its
+    input). Returns None where a removed marker reads a value that no graph input reaches (a
+    constant: without the marker the exporter would have folded the ops that made it), or the
+    graph has subgraphs: the copy could then differ from a trace without those markers."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in g.node for a in n.attribute):  # fmt: skip
+        return None
+    live = {i.name for i in g.input} - {t.name for t in g.initializer}
+    for n in g.node:
+        if any(i in live for i in n.input if i):
+            live.update(o for o in n.output if o)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    alias: dict[str, str] = {}
+    for n in g.node:
+        node = out.graph.node.add()
+        node.CopyFrom(n)
+        for j, i in enumerate(node.input):
+            if i in alias:
+                node.input[j] = alias[i]
+        if n.domain != DOMAIN:
+            continue
+        kind, idx, term = marker_attrs(n)
+        new = edit(kind, idx)
+        if new is None:
+            if n.input[0] not in live:
+                return None
+            alias[n.output[0]] = node.input[0]
+            del out.graph.node[-1]
+        elif new != (kind, idx):
+            del node.attribute[:]
+            node.attribute.extend(
+                [
+                    helper.make_attribute("kind", new[0]),
+                    helper.make_attribute("idx", new[1]),
+                    helper.make_attribute("term", term),
+                ]
+            )
+    for o in out.graph.output:
+        o.name = alias.get(o.name, o.name)
+    return out
 
 
 def _declare_io_shapes(model: onnx.ModelProto, spec: IOSpec) -> None:

@@ -76,6 +76,7 @@ from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     OUTPUT_BITS,
+    PlanTrace,
     cap_activation_scales,
     gather_site_stats,
     int8_weight_grid,
@@ -84,6 +85,7 @@ from .calibration import (
     observe_sites,
     plan_op_quantizers,
     plan_output_quantizers,
+    plan_trace,
     set_activation_scales,
     set_op_scales,
     set_output_scales,
@@ -264,6 +266,7 @@ class _Run:
     site_stats: dict = field(default_factory=dict)  # op quantizer sites' histograms
     act_errors: dict[str, float] | None = None  # the range choice's estimates, for the fallback
     ranges: dict[str, tuple[int, int]] | None = None  # the range choice, kept across rounds
+    traced: PlanTrace | None = None  # the plans' trace; a later round reuses it (same model)
 
 
 def _fold(r: _Run) -> None:
@@ -549,9 +552,12 @@ def _weights(r: _Run) -> None:
 
 
 def _plan(r: _Run) -> None:
-    r.out_clamp, r.shares, r.caps = plan_output_quantizers(r.qmodel, r.layers, r.example)
+    """Output, shared and op quantizers (:mod:`omse.transforms.calibration`), from one trace of
+    the model (:func:`plan_trace`), the previous round's when the model is the same."""
+    r.traced = plan_trace(r.qmodel, r.layers, r.example, reuse=r.traced)
+    r.out_clamp, r.shares, r.caps = plan_output_quantizers(r.qmodel, r.layers, r.example, r.traced)
     r.cal.output_quantized = sorted(r.out_clamp)
-    plan_op_quantizers(r.qmodel, r.layers, r.example, r.out_clamp)  # between the layers
+    plan_op_quantizers(r.qmodel, r.layers, r.example, r.out_clamp, r.traced)  # between the layers
 
 
 def _activations(r: _Run) -> None:
@@ -927,7 +933,7 @@ def quantize(
         )
     progress = progress and is_main()
     example = broadcast(batches[0])
-    plan, fallback, ranges = None, None, None
+    plan, fallback, ranges, traced = None, None, None, None
     # one round, unless the float fallback gives layers float activations (once, first) or the
     # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
@@ -935,9 +941,10 @@ def quantize(
         qmodel = _fresh_copy(model, batches, fresh)
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
         run.ranges = ranges
+        run.traced = traced  # the same model each round: its plans' trace carries over
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
             step(run)
-        ranges = run.ranges
+        ranges, traced = run.ranges, run.traced
         if fallback is None:
             fallback = fresh.fallback
             chosen = _fallback(run)
