@@ -259,7 +259,8 @@ class ActQuant:
             less (YOLOX-nano: mAP@0.5 0.476 -> 0.497, docs/benchmarks/detection.md). Not the
             default: it left NanoDet-m and EfficientNet-Lite0 level, and OpenVINO's CPU plugin
             moves from omse's simulation by about 5 output steps (median) on the Fashion-MNIST
-            MobileNetV2 with the steps it chooses (onnxruntime runs the same file exactly).
+            MobileNetV2 with the steps it chooses (onnxruntime runs the same file exactly;
+            docs/concepts/precision.md).
     """
 
     bits: int | None = 8

@@ -518,11 +518,17 @@ def test_ocr_models_quantize_and_export_int8(tmp_path, name, first, second, matm
 
 
 @pytest.mark.skipif(_ocr_models() is None, reason="rapidocr-onnxruntime is not installed")
-def test_default_int8_export_of_an_onnx_model_equals_the_integer_simulation(tmp_path):
+def test_default_int8_export_of_an_onnx_model_agrees_with_the_integer_simulation(tmp_path):
     """The default recipe for int8 (per-layer precision: 8-bit weights, 7-bit codes outside
     depthwise and the stem) on the OCR direction classifier: onnxruntime computes what omse's
-    integer mode computes (float-mode simulation differs by summation-order code flips, which
-    8-bit weights' larger accumulators make more frequent: measured 0.005 of the softmax)."""
+    integer mode computes up to codes that flip where a value falls within float rounding of a
+    rounding tie, in the graph as ONNX defines it (without onnxruntime's QDQ fusions) and in the
+    fused one (QLinearConv, QLinearAdd requantize in their own float order): the same classes,
+    within a hundredth of the softmax. Which form meets a tie depends on the steps: with these
+    the fused graph was equal and the unfused one 0.005 off on one image; with one input step
+    scaled by 1.01 the other way round (0.009). (Float-mode simulation differs by
+    summation-order code flips, which 8-bit weights' larger accumulators make more frequent:
+    measured 0.005 of the softmax.)"""
     g = torch.Generator().manual_seed(0)
     calib = [torch.rand(2, 3, 48, 192, generator=g) for _ in range(2)]
     cfg = QuantConfig(target="int8", bias_correction=False, extra_mac_budget=0.0)
@@ -536,7 +542,13 @@ def test_default_int8_export_of_an_onnx_model_equals_the_integer_simulation(tmp_
     omse.set_integer(q, True)
     with torch.no_grad():
         sim = q(x).numpy()
-    assert np.abs(_ort(out, x) - sim).max() <= 1e-6
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no QDQ fusion
+    sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    unfused = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    for got in (unfused, _ort(out, x)):
+        assert np.abs(got - sim).max() <= 1e-2
+        assert (got.argmax(-1) == sim.argmax(-1)).all()
 
 
 def test_numpy_helper_roundtrip_of_constants_is_exact():
