@@ -796,7 +796,7 @@ def _fallback(r: _Run) -> list[str]:
     """The float fallback (``ActQuant.fallback_db``): each layer's activation quantizers scored
     by their estimated effect on the output alone (:func:`activation_errors`, one forward and
     backward pass over the first :data:`FALLBACK_SAMPLES` samples, the activations as
-    calibrated); returns the layers below ``fallback_db`` dB, worst first, within
+    calibrated; with ``ActQuant.choose_range`` the range choice's pass, its chosen steps); returns the layers below ``fallback_db`` dB, worst first, within
     ``fallback_macs`` of the model's MACs (recorded in ``Calibration.fallback``, one warning
     names them), or ``[]``. :func:`quantize` then calibrates again with those layers' activations
     float and their weights at 8 bits."""
