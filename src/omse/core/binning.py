@@ -7,11 +7,16 @@ and sum, and the four moments ``sum v``, ``sum v^2``, ``sum |v|``, ``sum v^4``.
 
 - Counts are integers held in float64: exact, equal to the torch path's.
 - Per-bin sums are added in the values' order, one value at a time, as ``index_add_`` on a 1-D
-  CPU tensor does: equal bit for bit.
+  CPU tensor does: equal bit for bit (zeros, which leave a sum unchanged, are only counted: see
+  :func:`_bins`).
 - The moments are summed in a second, vectorised loop (float additions reassociated into SIMD
   lanes within blocks of :data:`_BLOCK` values, the blocks' sums then added in order): within float64 rounding of torch's pairwise sums (relative differences about ``1e-15``
   measured up to ``2 * 10^7`` values), not bit for bit; the lanes depend on the CPU's vector
   width, as torch's reductions do.
+
+:func:`absorb_bins` adds one histogram's bins to another's (:meth:`~omse.core.stats.
+HistogramStats.absorb`): the same float operations as the torch path, in place, without its
+temporary tensors (pairwise merges on range doubling, then one addition per bin).
 
 Values are read in their own dtype (float32 or float64: one compiled signature each, no float64
 copy) and widened exactly. Range, extremes and finiteness are the caller's
@@ -23,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["bin_values"]
+__all__ = ["bin_values", "absorb_bins"]
 
 
 _BLOCK = 1 << 12  # values per partial sum of the moments
@@ -56,20 +61,52 @@ def _moments(v, moments):
     moments[3] += t4
 
 
+_CHUNK = 2048  # values per index pass of the binning (its bin indices stay in the L1 cache)
+_SPARE = 8  # extra slots the zeros' additions rotate over (no chain of stores on one bin)
+
+
 @numba.njit(cache=True, nogil=True)
 def _bins(v, radius, counts, sums):
     """Count and sum every value of ``v [n]`` into its bin of ``counts``/``sums [bins]`` over
-    ``[-radius, radius]``, one value at a time in order (no reassociation: exact bins)."""
+    ``[-radius, radius]``; each bin's sum adds its values one at a time in their order (no
+    reassociation: exact bins, equal to the torch path's ``index_add_``).
+
+    Per chunk of :data:`_CHUNK` values, a vectorised pass computes the bin indices, then a serial
+    pass adds. Zeros (either sign) belong to the middle bin; their additions go to one of
+    :data:`_SPARE` spare slots instead (a chain of read-modify-writes on one bin is what a ReLU's
+    zeros cost): counts are integers, so the middle bin's count is the same whichever slot a zero
+    was counted in, and adding a zero leaves a bin sum unchanged, because a bin sum is never
+    ``-0.0`` (every sum starts at ``+0.0``, and a round-to-nearest sum is ``-0.0`` only when both
+    addends are). Should the middle bin's sum be ``-0.0`` anyway, zeros are added as values."""
     bins = counts.shape[0]
     half = bins // 2
     fhalf = float(half)
-    for i in range(v.shape[0]):
-        x = np.float64(v[i])
-        # R and half are powers of two: x / R * half is exact (two steps, as the torch path)
-        j = int(np.floor((x / radius) * fhalf)) + half
-        j = min(max(j, 0), bins - 1)  # defensive, as the torch path's clamp
-        counts[j] += 1.0
-        sums[j] += x
+    spare = not (sums[half] == 0.0 and np.signbit(sums[half]))
+    cnt = np.empty(bins + _SPARE)
+    sm = np.empty(bins + _SPARE)
+    cnt[:bins] = counts
+    sm[:bins] = sums
+    cnt[bins:] = 0.0
+    sm[bins:] = 0.0
+    idx = np.empty(_CHUNK, np.int32)
+    for lo in range(0, v.shape[0], _CHUNK):
+        w = v[lo : lo + _CHUNK]
+        for i in range(w.shape[0]):
+            x = np.float64(w[i])
+            # R and half are powers of two: x / R * half is exact (two steps, as the torch path)
+            j = np.int32(np.floor((x / radius) * fhalf)) + np.int32(half)
+            j = min(max(j, np.int32(0)), np.int32(bins - 1))  # defensive, as the torch path
+            idx[i] = np.int32(bins) + np.int32(i % _SPARE) if spare and x == 0.0 else j
+        for i in range(w.shape[0]):
+            j = idx[i]
+            cnt[j] += 1.0
+            sm[j] += np.float64(w[i])
+    counts[:] = cnt[:bins]
+    sums[:] = sm[:bins]
+    zeros = 0.0
+    for k in range(bins, bins + _SPARE):
+        zeros += cnt[k]
+    counts[half] += zeros
 
 
 @numba.njit(cache=True, nogil=True)
@@ -79,3 +116,47 @@ def bin_values(v, radius, counts, sums, moments):
     ``[-radius, radius]``, and ``sum v, sum v^2, sum |v|, sum v^4`` into ``moments [4]``."""
     _moments(v, moments)
     _bins(v, radius, counts, sums)
+
+
+@numba.njit(cache=True, nogil=True)
+def _double(counts, sums):
+    """Double the range of ``counts``/``sums [bins]`` once, in place: new bin ``bins/4 + m`` is
+    old bin ``2m`` plus old bin ``2m + 1`` (``m < bins/2``), the outer quarters empty (the torch
+    path's ``view(-1, 2).sum(1)`` into zeros)."""
+    b = counts.shape[0]
+    c = counts.copy()
+    s = sums.copy()
+    counts[:] = 0.0
+    sums[:] = 0.0
+    q = b // 4
+    for m in range(b // 2):
+        counts[q + m] = c[2 * m] + c[2 * m + 1]
+        sums[q + m] = s[2 * m] + s[2 * m + 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def absorb_bins(counts, sums, radius, other_counts, other_sums, other_radius):
+    """Add ``other_counts``/``other_sums`` (range ``other_radius``) to ``counts``/``sums`` (range
+    ``radius``; all float64 ``[bins]``, radii powers of two or 0 for a zero-only histogram) in
+    place, the other side untouched; returns the common range ``max(radius, other_radius)``.
+
+    Each side is first brought to the common range by pairwise doubling (:func:`_double`; a
+    zero-only side just takes the range), then every bin adds ``self + other``: the float
+    operations of :meth:`omse.core.stats.HistogramStats.absorb`'s torch path, in its order."""
+    target = max(radius, other_radius)
+    if radius == 0.0:
+        radius = target
+    while radius < target:
+        _double(counts, sums)
+        radius *= 2.0
+    oc, osum = other_counts, other_sums
+    if 0.0 < other_radius < target:
+        oc, osum = other_counts.copy(), other_sums.copy()
+        r = other_radius
+        while r < target:
+            _double(oc, osum)
+            r *= 2.0
+    for k in range(counts.shape[0]):
+        counts[k] += oc[k]
+        sums[k] += osum[k]
+    return target
