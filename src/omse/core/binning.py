@@ -142,21 +142,43 @@ def absorb_bins(counts, sums, radius, other_counts, other_sums, other_radius):
 
     Each side is first brought to the common range by pairwise doubling (:func:`_double`; a
     zero-only side just takes the range), then every bin adds ``self + other``: the float
-    operations of :meth:`omse.core.stats.HistogramStats.absorb`'s torch path, in its order."""
+    operations of :meth:`omse.core.stats.HistogramStats.absorb`'s torch path, in its order. The
+    other side is doubled on a copy of its occupied bins only (``[first, last]`` non-empty: an
+    empty bin's sum is ``+0.0``, and adding ``+0.0`` to a bin sum, never ``-0.0``, changes
+    nothing, so the bins outside need no operation)."""
+    b = counts.shape[0]
     target = max(radius, other_radius)
     if radius == 0.0:
         radius = target
     while radius < target:
         _double(counts, sums)
         radius *= 2.0
-    oc, osum = other_counts, other_sums
-    if 0.0 < other_radius < target:
-        oc, osum = other_counts.copy(), other_sums.copy()
-        r = other_radius
-        while r < target:
-            _double(oc, osum)
-            r *= 2.0
-    for k in range(counts.shape[0]):
-        counts[k] += oc[k]
-        sums[k] += osum[k]
+    first = 0
+    while first < b and other_counts[first] == 0.0:
+        first += 1
+    if first == b:  # nothing to add
+        return target
+    last = b - 1
+    while other_counts[last] == 0.0:
+        last -= 1
+    c = other_counts[first : last + 1].copy()
+    s = other_sums[first : last + 1].copy()
+    r = other_radius
+    while 0.0 < r < target:  # old bin j -> new bin b/4 + j // 2, pairs (2m, 2m + 1) added
+        lo, hi = b // 4 + first // 2, b // 4 + last // 2
+        nc = np.zeros(hi - lo + 1)
+        ns = np.zeros(hi - lo + 1)
+        for j in range(first, last + 1):
+            k = b // 4 + j // 2 - lo
+            if j % 2 == 0:
+                nc[k] = c[j - first]
+                ns[k] = s[j - first]
+            else:  # old 2m + 1 after old 2m (0.0 where 2m is outside: 0.0 + x is x here)
+                nc[k] = nc[k] + c[j - first]
+                ns[k] = ns[k] + s[j - first]
+        c, s, first, last = nc, ns, lo, hi
+        r *= 2.0
+    for k in range(first, last + 1):
+        counts[k] += c[k - first]
+        sums[k] += s[k - first]
     return target

@@ -132,8 +132,8 @@ class HistogramStats:
         return (
             c.dtype is torch.float64
             and s.dtype is torch.float64
-            and c.device.type == "cpu"
-            and s.device.type == "cpu"
+            and c.is_cpu
+            and s.is_cpu
             and c.is_contiguous()
             and s.is_contiguous()
         )
