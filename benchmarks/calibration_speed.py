@@ -116,15 +116,25 @@ def _old_absorb(self: HistogramStats, other: HistogramStats) -> HistogramStats:
     return self
 
 
+def _old_plain(self: HistogramStats) -> bool:
+    return all(
+        t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
+        for t in (self.counts, self.sums)
+    )
+
+
 @contextlib.contextmanager
 def old_implementation():
     """The binning and merging of commit 1a53d9c (restored on exit)."""
-    saved = HistogramStats._bin_compiled, HistogramStats.absorb
-    HistogramStats._bin_compiled, HistogramStats.absorb = _old_bin_compiled, _old_absorb
+    names = ("_bin_compiled", "absorb", "_plain")
+    saved = [getattr(HistogramStats, n) for n in names]
+    for n, f in zip(names, (_old_bin_compiled, _old_absorb, _old_plain), strict=True):
+        setattr(HistogramStats, n, f)
     try:
         yield
     finally:
-        HistogramStats._bin_compiled, HistogramStats.absorb = saved
+        for n, f in zip(names, saved, strict=True):
+            setattr(HistogramStats, n, f)
 
 
 # -- measuring ----------------------------------------------------------------------------------

@@ -576,3 +576,26 @@ def test_absorb_of_itself_doubles_every_bin():
     ref = _torch_absorb(_copy(h), _copy(h))
     assert _bit_equal(h.absorb(h), ref)
     assert h.n == 8 and h.counts.sum() == 8
+
+
+@pytest.mark.parametrize(
+    "scale,radius",
+    [
+        (1e-310, 2.0**-1027),  # 1/R overflows: the serial loop bins
+        (1e-300, 2.0**-995),
+        (1e307, 2.0**1023),  # 1/R = 2^-1023, subnormal and exact
+        (3.0, 4.0),
+    ],
+)
+def test_kernel_at_the_extremes_of_the_range_equals_the_previous_kernel(scale, radius):
+    from omse.core.binning import bin_values
+
+    rng = np.random.default_rng(3)
+    x = np.clip(rng.standard_normal(5000) * scale / 4, -radius / 2, radius / 2)
+    x[::3] = 0.0
+    c, s, m = np.zeros(64), np.zeros(64), np.zeros(4)
+    bin_values(x, radius, c, s, m)
+    c0, s0 = np.zeros(64), np.zeros(64)
+    _bins_1a53d9c(x, radius, c0, s0)
+    assert np.array_equal(c, c0) and np.array_equal(_bits(s), _bits(s0))
+    assert c.sum() == 5000 and c[32] >= 5000 // 3

@@ -1,6 +1,6 @@
 """The binning step of :meth:`omse.core.stats.HistogramStats.update`, compiled for the CPU (numba).
 
-Two reads of the values do what the torch path does in six (a float64 copy, four reductions, a
+One call does what the torch path does in six passes (a float64 copy, four reductions, a
 bincount and an ``index_add_``): per value, its bin ``floor(v / R * half) + half`` in float64
 (the torch path's operations, in its order, so the index is the same bit for bit), the bin's count
 and sum, and the four moments ``sum v``, ``sum v^2``, ``sum |v|``, ``sum v^4``.
@@ -62,26 +62,47 @@ def _moments(v, moments):
 
 
 _CHUNK = 2048  # values per index pass of the binning (its bin indices stay in the L1 cache)
-_SPARE = 8  # extra slots the zeros' additions rotate over (no chain of stores on one bin)
+_SPARE = 8  # extra slots the zeros' additions rotate over (no chain of stores on one bin); 2^k
+
+
+@numba.njit(cache=True, nogil=True)
+def _bins_serial(v, radius, counts, sums):
+    """Count and sum every value of ``v [n]`` into its bin of ``counts``/``sums [bins]`` over
+    ``[-radius, radius]``, one value at a time in order (no reassociation: exact bins). The
+    binning of commit 1a53d9c; :func:`_bins` falls back on it where its shortcuts do not hold."""
+    bins = counts.shape[0]
+    half = bins // 2
+    fhalf = float(half)
+    for i in range(v.shape[0]):
+        x = np.float64(v[i])
+        # R and half are powers of two: x / R * half is exact (two steps, as the torch path)
+        j = int(np.floor((x / radius) * fhalf)) + half
+        j = min(max(j, 0), bins - 1)  # defensive, as the torch path's clamp
+        counts[j] += 1.0
+        sums[j] += x
 
 
 @numba.njit(cache=True, nogil=True)
 def _bins(v, radius, counts, sums):
-    """Count and sum every value of ``v [n]`` into its bin of ``counts``/``sums [bins]`` over
-    ``[-radius, radius]``; each bin's sum adds its values one at a time in their order (no
-    reassociation: exact bins, equal to the torch path's ``index_add_``).
+    """:func:`_bins_serial`'s counts and per-bin sums, bit for bit, faster: each bin's sum still
+    adds its values one at a time in their order.
 
     Per chunk of :data:`_CHUNK` values, a vectorised pass computes the bin indices, then a serial
-    pass adds. Zeros (either sign) belong to the middle bin; their additions go to one of
+    pass adds. ``x / R`` is computed as ``x * (1/R)``: ``R = 2^k``, so ``1/R`` is exact (where it
+    does not overflow: else the serial loop bins) and both are the rounded value of the same real
+    number. Zeros (either sign) belong to the middle bin; their additions go to one of
     :data:`_SPARE` spare slots instead (a chain of read-modify-writes on one bin is what a ReLU's
     zeros cost): counts are integers, so the middle bin's count is the same whichever slot a zero
     was counted in, and adding a zero leaves a bin sum unchanged, because a bin sum is never
     ``-0.0`` (every sum starts at ``+0.0``, and a round-to-nearest sum is ``-0.0`` only when both
-    addends are). Should the middle bin's sum be ``-0.0`` anyway, zeros are added as values."""
+    addends are). Should the middle bin's sum be ``-0.0`` anyway, the serial loop bins."""
     bins = counts.shape[0]
     half = bins // 2
     fhalf = float(half)
-    spare = not (sums[half] == 0.0 and np.signbit(sums[half]))
+    inv = 1.0 / radius
+    if not inv < np.inf or (sums[half] == 0.0 and np.signbit(sums[half])):
+        _bins_serial(v, radius, counts, sums)
+        return
     cnt = np.empty(bins + _SPARE)
     sm = np.empty(bins + _SPARE)
     cnt[:bins] = counts
@@ -93,10 +114,11 @@ def _bins(v, radius, counts, sums):
         w = v[lo : lo + _CHUNK]
         for i in range(w.shape[0]):
             x = np.float64(w[i])
-            # R and half are powers of two: x / R * half is exact (two steps, as the torch path)
-            j = np.int32(np.floor((x / radius) * fhalf)) + np.int32(half)
+            j = np.int32(np.floor((x * inv) * fhalf)) + np.int32(
+                half
+            )  # two steps, as the torch path
             j = min(max(j, np.int32(0)), np.int32(bins - 1))  # defensive, as the torch path
-            idx[i] = np.int32(bins) + np.int32(i % _SPARE) if spare and x == 0.0 else j
+            idx[i] = np.int32(bins) + np.int32(i & (_SPARE - 1)) if x == 0.0 else j
         for i in range(w.shape[0]):
             j = idx[i]
             cnt[j] += 1.0
