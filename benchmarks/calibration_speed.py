@@ -12,15 +12,18 @@ NanoDet-m from their ONNX files (32 batch-1 COCO images, preprocessed as
 interleaved in every repeat:
 
 - ``forward``: the FP32 model over the calibration batches (``torch.no_grad``);
+- ``qforward``: the wrapped model over the same batches in the state the pass runs it, without
+  its observers (what the pass costs before any statistics: wrappers, op-quantizer sites);
 - ``stats``: the statistics pass as it is now;
 - ``stats_old``: the same pass with the implementation before this benchmark's last change
   (commit 1a53d9c: the serial binning loop of :mod:`omse.core.binning` that adds zeros like any
   value, and ``HistogramStats.absorb`` by torch), restored here verbatim.
 
 The histograms of ``stats`` and ``stats_old`` are compared (counts, per-bin sums and moments
-equal bit for bit) on every model. Reported: median seconds, the ratios ``stats / forward`` and
-``stats_old / forward`` of wall-clock and of CPU-time medians, and a cProfile top-15 (cumulative
-time) of one ``stats`` pass on ``--profile``. Writes ``results/calibration_speed.json``.
+equal bit for bit) on every model. Reported: median seconds, the ratios ``stats / forward``,
+``stats_old / forward`` and ``qforward / forward`` of wall-clock and of CPU-time medians, and a
+cProfile top-15 (cumulative time) of one ``stats`` pass on ``--profile``. Writes
+``results/calibration_speed.json``.
 
     OMP_NUM_THREADS=2 python benchmarks/calibration_speed.py --repeats 5 --threads 2 \
         [--data ../shared/data]
@@ -55,6 +58,7 @@ import omse.transforms.pipeline as pipeline  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
 from omse.core.stats import HistogramStats  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
+from omse.nn.ops import OPS_ATTR  # noqa: E402
 from omse.transforms import statistics as st  # noqa: E402
 from omse.transforms.onnx_import import load_onnx  # noqa: E402
 from omse.transforms.pipeline import quantize  # noqa: E402
@@ -224,8 +228,21 @@ def measure(name: str, c: tuple, repeats: int, profile: bool) -> dict:
             with old_implementation():
                 return run()
 
-        forward(), run(), old()  # warm-up: compiled kernels, allocator
-        fns = {"forward": forward, "stats": run, "stats_old": old}
+        def qforward():  # the wrapped model as the pass runs it, no observer
+            ops = getattr(qmodel, OPS_ATTR, None)
+            saved = None if ops is None else ops.observer
+            if ops is not None:
+                ops.observer = None
+            try:
+                with torch.no_grad():
+                    for b in bs:
+                        st.run_model(qmodel, b)
+            finally:
+                if ops is not None:
+                    ops.observer = saved
+
+        forward(), qforward(), run(), old()  # warm-up: compiled kernels, allocator
+        fns = {"forward": forward, "qforward": qforward, "stats": run, "stats_old": old}
         wall: dict[str, list[float]] = {k: [] for k in fns}
         cpu: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):  # interleaved
@@ -256,6 +273,8 @@ def measure(name: str, c: tuple, repeats: int, profile: bool) -> dict:
     out.update(
         cpu_ratio_stats_forward=cpu_s["stats"] / cpu_s["forward"],
         cpu_ratio_old_forward=cpu_s["stats_old"] / cpu_s["forward"],
+        cpu_ratio_qforward_forward=cpu_s["qforward"] / cpu_s["forward"],
+        ratio_qforward_forward=sec["qforward"] / sec["forward"],
         model=name,
         images=n_images,
         batch=batch,
@@ -298,15 +317,18 @@ def tables(result: dict) -> str:
     lines = [
         "Wall-clock medians; in brackets the ratios of CPU time (process_time) medians.",
         "",
-        "| model | images | layers (output hist.) | values / pass | forward (s) | statistics (s) "
+        "| model | images | layers (output hist.) | values / pass | forward (s) "
+        "| wrapped forward / forward | statistics (s) "
         "| statistics / forward | before (s) | before / forward | speed-up | bit-equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         s = r["seconds"]
         lines.append(
             f"| {r['model']} | {r['images']} | {r['layers']} ({r['output_histograms']}) "
-            f"| {r['values_per_pass'] / 1e6:.1f} M | {s['forward']:.3f} | {s['stats']:.3f} "
+            f"| {r['values_per_pass'] / 1e6:.1f} M | {s['forward']:.3f} "
+            f"| {r['ratio_qforward_forward']:.2f}x ({r['cpu_ratio_qforward_forward']:.2f}x) "
+            f"| {s['stats']:.3f} "
             f"| {r['ratio_stats_forward']:.2f}x ({r['cpu_ratio_stats_forward']:.2f}x) "
             f"| {s['stats_old']:.3f} "
             f"| {r['ratio_old_forward']:.2f}x ({r['cpu_ratio_old_forward']:.2f}x) "
@@ -358,7 +380,8 @@ def main(argv=None) -> int:
         print(
             f"{name}: statistics/forward {r['ratio_stats_forward']:.2f}x, CPU time "
             f"{r['cpu_ratio_stats_forward']:.2f}x (before {r['ratio_old_forward']:.2f}x, "
-            f"{r['cpu_ratio_old_forward']:.2f}x)",
+            f"{r['cpu_ratio_old_forward']:.2f}x; wrapped forward "
+            f"{r['ratio_qforward_forward']:.2f}x, {r['cpu_ratio_qforward_forward']:.2f}x)",
             flush=True,
         )
     result = {"machine": cpu(), "repeats": args.repeats, "models": rows, "skipped": skipped}
