@@ -1,23 +1,32 @@
 """Calibration at the cost of an inference pass: the statistics pass against a float forward pass.
 
 For each model, the activation statistics pass of :func:`omse.quantize` (``collect`` with
-``Needs(input_histograms=True)`` and the output histograms of ``target="int8"``) is timed on the
-wrapped model, in the state calibration runs it (the pass is captured inside ``quantize``),
-against a float forward pass of the FP32 model over the same batches. Candidates, interleaved in
-every repeat:
+``Needs(input_histograms=True)`` and the output histograms of ``target="int8"``, the op-quantizer
+sites' observers attached as ``quantize`` attaches them) is timed on the wrapped model, in the
+state calibration runs it (the pass is captured inside ``quantize``), against a float forward
+pass of the FP32 model over the same batches. Models: EfficientNet-Lite0 (32 images at 224x224,
+batches of 8), the Fashion-MNIST zoo nets (256 images, batches of 8), and YOLOX-nano and
+NanoDet-m from their ONNX files (32 batch-1 COCO images, preprocessed as
+``benchmarks/detection.py`` does; the forward is the FP32 module ``omse.load_onnx`` makes) from
+``--data`` (the project's ``../shared/data``; skipped, and said so, without it). Candidates,
+interleaved in every repeat:
 
 - ``forward``: the FP32 model over the calibration batches (``torch.no_grad``);
-- ``stats``: the statistics pass as it is now (compiled binning, :mod:`omse.core.binning`);
-- ``stats_old``: the same pass with the implementation before it (``HistogramStats.update``
-  through a float64 copy, four reductions, ``bincount`` and ``index_add_``; the observer's own
-  ``isfinite`` pass and the output clamp copy), restored here verbatim.
+- ``qforward``: the wrapped model over the same batches in the state the pass runs it, without
+  its observers (what the pass costs before any statistics: wrappers, op-quantizer sites);
+- ``stats``: the statistics pass as it is now;
+- ``stats_old``: the same pass with the implementation before this benchmark's last change
+  (commit 1a53d9c: the serial binning loop of :mod:`omse.core.binning` that adds zeros like any
+  value, and ``HistogramStats.absorb`` by torch), restored here verbatim.
 
-The histograms of ``stats`` and ``stats_old`` are compared (counts and per-bin sums equal, moments
-to float64 rounding) on every model. Reported: median seconds, the ratios ``stats / forward`` and
-``stats_old / stats``, and a cProfile top-15 (cumulative time) of one ``stats`` pass on
-EfficientNet-Lite0. Writes ``results/calibration_speed.json``.
+The histograms of ``stats`` and ``stats_old`` are compared (counts, per-bin sums and moments
+equal bit for bit) on every model. Reported: median seconds, the ratios ``stats / forward``,
+``stats_old / forward`` and ``qforward / forward`` of wall-clock and of CPU-time medians, and a
+cProfile top-15 (cumulative time) of one ``stats`` pass on ``--profile``. Writes
+``results/calibration_speed.json``.
 
-    OMP_NUM_THREADS=2 python benchmarks/calibration_speed.py --repeats 5
+    OMP_NUM_THREADS=2 python benchmarks/calibration_speed.py --repeats 5 --threads 2 \
+        [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -27,94 +36,109 @@ import contextlib
 import cProfile
 import io
 import json
-import math
+import os
 import platform
 import pstats
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
 
-import omse.transforms.pipeline as pipeline
-from omse.config import QuantConfig
-from omse.core.stats import HistogramStats
-from omse.errors import CalibrationError
-from omse.io import atomic_write_text
-from omse.transforms import statistics as st
-from omse.transforms.pipeline import quantize
-from omse.zoo.tasks import get_task
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-MODELS = ("efficientnet-lite0", "fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg")
+sys.path.insert(0, str(Path(__file__).parent))
+import detection  # noqa: E402
+
+import omse.transforms.pipeline as pipeline  # noqa: E402
+from omse.config import QuantConfig  # noqa: E402
+from omse.core.stats import HistogramStats  # noqa: E402
+from omse.io import atomic_write_text  # noqa: E402
+from omse.nn.ops import OPS_ATTR  # noqa: E402
+from omse.transforms import statistics as st  # noqa: E402
+from omse.transforms.onnx_import import load_onnx  # noqa: E402
+from omse.transforms.pipeline import quantize  # noqa: E402
+from omse.zoo.tasks import get_task  # noqa: E402
+
+ZOO = ("efficientnet-lite0", "fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg")
+DETECTORS = ("yolox", "nanodet")
+MODELS = ZOO + DETECTORS
 
 
-# -- the implementation before this benchmark's change (commit cbf1438), for the old timing ------
-def _old_update(self: HistogramStats, x: torch.Tensor) -> HistogramStats:
-    v = x.detach().reshape(-1).to(torch.float64)
-    if v.numel() == 0:
-        return self
-    lo, hi = torch.aminmax(v)
-    vmin, vmax = float(lo), float(hi)
-    if not (math.isfinite(vmin) and math.isfinite(vmax)):
-        raise CalibrationError("calibration values contain NaN or Inf")
-    amax = max(abs(vmin), abs(vmax))
-    if amax >= self.radius:
-        self._grow_to(amax)
-    self.n += v.numel()
-    self.min, self.max = min(self.min, vmin), max(self.max, vmax)
-    self.sum += float(v.sum())
-    v2 = v * v
-    self.sum_sq += float(v2.sum())
-    self.sum_abs += float(v.abs().sum())
-    self.sum_4 += float((v2 * v2).sum())
-    if self.radius > 0:
-        half = self.bins // 2
-        idx = (v / self.radius).mul_(half).floor_().long().add_(half)
-        idx = idx.clamp_(0, self.bins - 1)
-        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
-        self.sums.index_add_(0, idx, v)
-    else:
+# -- the implementation before this benchmark's change (commit 1a53d9c), for the old timing ------
+@numba.njit(cache=True, nogil=True)
+def _old_bins(v, radius, counts, sums):
+    bins = counts.shape[0]
+    half = bins // 2
+    fhalf = float(half)
+    for i in range(v.shape[0]):
+        x = np.float64(v[i])
+        j = int(np.floor((x / radius) * fhalf)) + half
+        j = min(max(j, 0), bins - 1)
+        counts[j] += 1.0
+        sums[j] += x
+
+
+def _old_bin_compiled(self: HistogramStats, kernel, v: torch.Tensor) -> None:  # noqa: ARG001
+    from omse.core.binning import _moments
+
+    if self.radius == 0.0:
         self.counts[self.bins // 2] += v.numel()
+        return
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.to(torch.float32)
+    a = v.resolve_conj().resolve_neg().contiguous().numpy()
+    m = np.zeros(4)
+    _moments(a, m)  # unchanged since 1a53d9c
+    _old_bins(a, self.radius, self.counts.numpy(), self.sums.numpy())
+    self.sum += float(m[0])
+    self.sum_sq += float(m[1])
+    self.sum_abs += float(m[2])
+    self.sum_4 += float(m[3])
+
+
+def _old_absorb(self: HistogramStats, other: HistogramStats) -> HistogramStats:
+    if other.bins != self.bins:
+        raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+    radius = max(self.radius, other.radius)
+    self._double_to(radius)
+    oc, osum = other.counts, other.sums
+    if 0.0 < other.radius < radius:
+        tmp = HistogramStats(other.bins, other.radius, oc.clone(), osum.clone())
+        tmp._double_to(radius)
+        oc, osum = tmp.counts, tmp.sums
+    self.counts += oc
+    self.sums += osum
+    self.n += other.n
+    self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+    self.sum, self.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
+    self.sum_abs, self.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
     return self
 
 
-def _old_input(self, q, x: torch.Tensor) -> None:
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise CalibrationError(
-            f"layer {q.name!r} got NaN or Inf inputs on calibration batch {self.batch}"
-        )
-    s = self.stats[q.name]
-    s.extra["input_numel"] = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
-    if self.needs.input_histograms:
-        if s.input is None:
-            s.input = HistogramStats(self.needs.bins)
-        s.input.update(x)
-
-
-def _old_output(self, q, y: torch.Tensor) -> None:
-    s = self.stats[q.name]
-    per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
-    s.macs = q.macs_per_sample(s.extra.get("input_numel", 0), per_sample)
-    if q.name in self.clamp:
-        lo, hi = self.clamp[q.name]
-        if s.output is None:
-            s.output = HistogramStats(self.needs.bins)
-        s.output.update(y.clamp(lo, hi))
+def _old_plain(self: HistogramStats) -> bool:
+    return all(
+        t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
+        for t in (self.counts, self.sums)
+    )
 
 
 @contextlib.contextmanager
 def old_implementation():
-    """``HistogramStats.update`` and the observer's callbacks as they were (restored on exit)."""
-    saved = HistogramStats.update, st._Observer.input, st._Observer.output
-    HistogramStats.update, st._Observer.input, st._Observer.output = (
-        _old_update,
-        _old_input,
-        _old_output,
-    )
+    """The binning and merging of commit 1a53d9c (restored on exit)."""
+    names = ("_bin_compiled", "absorb", "_plain")
+    saved = [getattr(HistogramStats, n) for n in names]
+    for n, f in zip(names, (_old_bin_compiled, _old_absorb, _old_plain), strict=True):
+        setattr(HistogramStats, n, f)
     try:
         yield
     finally:
-        HistogramStats.update, st._Observer.input, st._Observer.output = saved
+        for n, f in zip(names, saved, strict=True):
+            setattr(HistogramStats, n, f)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -146,7 +170,8 @@ def _time(fn) -> tuple[float, float]:
 
 
 def _same(new: dict, old: dict) -> dict:
-    """Counts and per-bin sums equal; the largest relative moment difference."""
+    """Counts, per-bin sums and moments equal bit for bit; the largest relative moment
+    difference (0 when they are)."""
     equal, worst = True, 0.0
     for name, s in new.items():
         for f in ("input", "output"):
@@ -157,14 +182,37 @@ def _same(new: dict, old: dict) -> dict:
             equal &= (a.n, a.min, a.max, a.radius) == (b.n, b.min, b.max, b.radius)
             for m in ("sum", "sum_sq", "sum_abs", "sum_4"):
                 x, y = getattr(a, m), getattr(b, m)
+                equal &= x == y
                 worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
-    return {"counts_and_bin_sums_equal": bool(equal), "moments_max_rel_diff": worst}
+    return {"histograms_bit_equal": bool(equal), "moments_max_rel_diff": worst}
 
 
-def measure(name: str, n_images: int, batch: int, repeats: int, profile: bool) -> dict:
-    task = get_task(name)
-    model = task.build().eval()
-    batches = list(task.calibration(n_images).split(batch))
+def case(name: str, args) -> tuple | None:
+    """``(FP32 model, what quantize takes, batches, images, batch size)`` of a model, or None
+    (said on stderr) when its weights or data are missing."""
+    if name in DETECTORS:
+        data = Path(args.data)
+        m = detection.models(data)[name]
+        folder = data / "detection" / "coco_mini" / "calib_unannotated"
+        if not m.path.is_file() or not folder.is_dir():
+            print(f"skip {name}: {m.path} or {folder} missing", file=sys.stderr)
+            return None
+        images = detection.load_images(folder, args.detector_images)
+        batches = [torch.from_numpy(m.preprocess(im)[0]) for _, im in images]
+        return load_onnx(m.path), str(m.path), batches, len(batches), 1
+    n = args.images if name == "efficientnet-lite0" else args.fmnist_images
+    try:
+        task = get_task(name)
+        model = task.build().eval()
+        batches = list(task.calibration(n).split(args.batch))
+    except Exception as e:  # weights or data missing: say so, run the others
+        print(f"skip {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return model, model, batches, n, args.batch
+
+
+def measure(name: str, c: tuple, repeats: int, profile: bool) -> dict:
+    model, source, batches, n_images, batch = c
     config = QuantConfig.preset("fast", target="int8", weight_bits=8, act_bits=8)
     out: dict = {}
 
@@ -180,8 +228,21 @@ def measure(name: str, n_images: int, batch: int, repeats: int, profile: bool) -
             with old_implementation():
                 return run()
 
-        forward(), run(), old()  # warm-up: compiled kernels, allocator
-        fns = {"forward": forward, "stats": run, "stats_old": old}
+        def qforward():  # the wrapped model as the pass runs it, no observer
+            ops = getattr(qmodel, OPS_ATTR, None)
+            saved = None if ops is None else ops.observer
+            if ops is not None:
+                ops.observer = None
+            try:
+                with torch.no_grad():
+                    for b in bs:
+                        st.run_model(qmodel, b)
+            finally:
+                if ops is not None:
+                    ops.observer = saved
+
+        forward(), qforward(), run(), old()  # warm-up: compiled kernels, allocator
+        fns = {"forward": forward, "qforward": qforward, "stats": run, "stats_old": old}
         wall: dict[str, list[float]] = {k: [] for k in fns}
         cpu: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):  # interleaved
@@ -205,12 +266,15 @@ def measure(name: str, n_images: int, batch: int, repeats: int, profile: bool) -
             prof.disable()
             out["profile"] = top(prof, 15)
 
-    with inside_activation_pass(hook):
-        quantize(model, batches, config)
+    with inside_activation_pass(hook), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ONNX import's and the fallback's lines
+        quantize(source, batches, config)
     sec, cpu_s = out["seconds"], out["cpu_seconds"]
     out.update(
         cpu_ratio_stats_forward=cpu_s["stats"] / cpu_s["forward"],
         cpu_ratio_old_forward=cpu_s["stats_old"] / cpu_s["forward"],
+        cpu_ratio_qforward_forward=cpu_s["qforward"] / cpu_s["forward"],
+        ratio_qforward_forward=sec["qforward"] / sec["forward"],
         model=name,
         images=n_images,
         batch=batch,
@@ -253,20 +317,23 @@ def tables(result: dict) -> str:
     lines = [
         "Wall-clock medians; in brackets the ratios of CPU time (process_time) medians.",
         "",
-        "| model | images | layers (output hist.) | values / pass | forward (s) | statistics (s) "
-        "| statistics / forward | before (s) | before / forward | speed-up | histograms equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | images | layers (output hist.) | values / pass | forward (s) "
+        "| wrapped forward / forward | statistics (s) "
+        "| statistics / forward | before (s) | before / forward | speed-up | bit-equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         s = r["seconds"]
         lines.append(
             f"| {r['model']} | {r['images']} | {r['layers']} ({r['output_histograms']}) "
-            f"| {r['values_per_pass'] / 1e6:.1f} M | {s['forward']:.3f} | {s['stats']:.3f} "
+            f"| {r['values_per_pass'] / 1e6:.1f} M | {s['forward']:.3f} "
+            f"| {r['ratio_qforward_forward']:.2f}x ({r['cpu_ratio_qforward_forward']:.2f}x) "
+            f"| {s['stats']:.3f} "
             f"| {r['ratio_stats_forward']:.2f}x ({r['cpu_ratio_stats_forward']:.2f}x) "
             f"| {s['stats_old']:.3f} "
             f"| {r['ratio_old_forward']:.2f}x ({r['cpu_ratio_old_forward']:.2f}x) "
             f"| {r['speedup']:.1f}x "
-            f"| {'yes' if r['check']['counts_and_bin_sums_equal'] else 'NO'} "
+            f"| {'yes' if r['check']['histograms_bit_equal'] else 'NO'} "
             f"(moments {r['check']['moments_max_rel_diff']:.0e}) |"
         )
     for r in result["models"]:
@@ -289,24 +356,35 @@ def tables(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--images", type=int, default=32, help="Lite0 calibration images (224x224)")
     ap.add_argument("--fmnist-images", type=int, default=256)
+    ap.add_argument("--detector-images", type=int, default=32, help="batch-1 COCO images")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--profile", default="efficientnet-lite0", help="the model to profile")
+    ap.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
+    )
     ap.add_argument("--out", default="results/calibration_speed.json")
     args = ap.parse_args(argv)
-    rows = []
+    torch.set_num_threads(args.threads)
+    rows, skipped = [], []
     for name in args.models.split(","):
-        n = args.images if name == "efficientnet-lite0" else args.fmnist_images
-        r = measure(name, n, args.batch, args.repeats, profile=name == "efficientnet-lite0")
+        c = case(name, args)
+        if c is None:
+            skipped.append(name)
+            continue
+        r = measure(name, c, args.repeats, profile=name == args.profile)
         rows.append(r)
         print(
             f"{name}: statistics/forward {r['ratio_stats_forward']:.2f}x, CPU time "
             f"{r['cpu_ratio_stats_forward']:.2f}x (before {r['ratio_old_forward']:.2f}x, "
-            f"{r['cpu_ratio_old_forward']:.2f}x)",
+            f"{r['cpu_ratio_old_forward']:.2f}x; wrapped forward "
+            f"{r['ratio_qforward_forward']:.2f}x, {r['cpu_ratio_qforward_forward']:.2f}x)",
             flush=True,
         )
-    result = {"machine": cpu(), "repeats": args.repeats, "models": rows}
+    result = {"machine": cpu(), "repeats": args.repeats, "models": rows, "skipped": skipped}
     atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n", force=True)
     m = result["machine"]
     print(

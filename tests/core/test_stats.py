@@ -3,6 +3,8 @@ moments, bounded memory and clear errors."""
 
 import math
 
+import numba
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -410,3 +412,190 @@ def test_update_equals_the_torch_reference_property(shapes, scales, dtype, nonne
         new.update(x)
         _reference_update(ref, x)
     assert_same(new, ref)
+
+
+# -- the compiled kernels against the implementations they replaced ------------------------------
+
+
+@numba.njit(nogil=True, fastmath={"reassoc"})
+def _moments_1a53d9c(v, moments):
+    """``omse.core.binning._moments`` as of commit 1a53d9c, verbatim (unchanged since)."""
+    n = v.shape[0]
+    t1 = t2 = ta = t4 = 0.0
+    for lo in range(0, n, 1 << 12):
+        w = v[lo : lo + (1 << 12)]
+        s1 = s2 = sa = s4 = 0.0
+        for i in range(w.shape[0]):
+            x = np.float64(w[i])
+            x2 = x * x
+            s1 += x
+            s2 += x2
+            sa += abs(x)
+            s4 += x2 * x2
+        t1 += s1
+        t2 += s2
+        ta += sa
+        t4 += s4
+    moments[0] += t1
+    moments[1] += t2
+    moments[2] += ta
+    moments[3] += t4
+
+
+@numba.njit(nogil=True)
+def _bins_1a53d9c(v, radius, counts, sums):
+    """The serial binning loop of commit 1a53d9c, verbatim: every value, zeros included, one at
+    a time into its bin."""
+    bins = counts.shape[0]
+    half = bins // 2
+    fhalf = float(half)
+    for i in range(v.shape[0]):
+        x = np.float64(v[i])
+        j = int(np.floor((x / radius) * fhalf)) + half
+        j = min(max(j, 0), bins - 1)
+        counts[j] += 1.0
+        sums[j] += x
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.int64)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.sampled_from([1, 2, 7, 2047, 2048, 2049, 4096, 5000, 20_000]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    zeros=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+    negative_zeros=st.booleans(),
+    bins=st.sampled_from([4, 64, 4096]),
+    prior=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_the_previous_kernel_bit_for_bit(
+    n, dtype, zeros, negative_zeros, bins, prior, seed
+):
+    """``bin_values`` (chunked index pass, zeros only counted) gives the counts, per-bin sums and
+    moments of the previous serial kernel, bit for bit: on ReLU-like data with runs of zeros of
+    either sign, onto empty histograms and onto histograms already holding values."""
+    from omse.core.binning import bin_values
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4)
+    x[rng.random(n) < zeros] = -0.0 if negative_zeros else 0.0
+    x = x.astype(dtype)
+    amax = float(np.abs(x).max())
+    radius = math.ldexp(1.0, math.frexp(amax)[1]) if amax > 0 else 1.0
+    start_c = np.zeros(bins)
+    start_s = np.zeros(bins)
+    if prior:  # values of earlier batches in every bin, the middle one included
+        start_c[:] = rng.integers(1, 5, bins)
+        start_s[:] = rng.standard_normal(bins)
+    c, s, m = start_c.copy(), start_s.copy(), np.zeros(4)
+    bin_values(x, radius, c, s, m)
+    c0, s0, m0 = start_c.copy(), start_s.copy(), np.zeros(4)
+    _moments_1a53d9c(x, m0)
+    _bins_1a53d9c(x, radius, c0, s0)
+    assert np.array_equal(c, c0)
+    assert np.array_equal(_bits(s), _bits(s0))
+    assert np.array_equal(_bits(m), _bits(m0))
+
+
+def test_zeros_are_counted_in_the_middle_bin_and_leave_its_sum():
+    from omse.core.binning import bin_values
+
+    x = np.array([0.0, -0.0, 0.25, 0.0, -0.25, -0.0, 0.0], np.float32)
+    c, s, m = np.zeros(8), np.zeros(8), np.zeros(4)
+    bin_values(x, 1.0, c, s, m)  # bins of width 1/4: 0.25 -> bin 5, -0.25 -> bin 3
+    assert c.tolist() == [0, 0, 0, 1, 5, 1, 0, 0]
+    assert s.tolist() == [0, 0, 0, -0.25, 0, 0.25, 0, 0]
+    assert not np.signbit(s[4])
+    assert m.tolist() == [0.0, 0.125, 0.5, 2 * 0.25**4]
+    # a middle-bin sum of -0.0 (never reached by adding values: set by hand) is left to the
+    # serial additions, which turn it into +0.0 as the torch path does
+    c, s = np.zeros(8), np.zeros(8)
+    s[4] = -0.0
+    bin_values(np.array([0.0], np.float32), 1.0, c, s, np.zeros(4))
+    assert c[4] == 1 and not np.signbit(s[4])
+
+
+def _torch_absorb(a: HistogramStats, b: HistogramStats) -> HistogramStats:
+    """``a.absorb(b)`` by the torch path."""
+    a._absorb_bins_torch(b)
+    a.n += b.n
+    a.min, a.max = min(a.min, b.min), max(a.max, b.max)
+    a.sum, a.sum_sq = a.sum + b.sum, a.sum_sq + b.sum_sq
+    a.sum_abs, a.sum_4 = a.sum_abs + b.sum_abs, a.sum_4 + b.sum_4
+    return a
+
+
+def _copy(h: HistogramStats) -> HistogramStats:
+    out = HistogramStats(h.bins, h.radius, h.counts.clone(), h.sums.clone())
+    out.n, out.min, out.max = h.n, h.min, h.max
+    out.sum, out.sum_sq, out.sum_abs, out.sum_4 = h.sum, h.sum_sq, h.sum_abs, h.sum_4
+    return out
+
+
+def _bit_equal(a: HistogramStats, b: HistogramStats) -> bool:
+    return (
+        torch.equal(a.counts, b.counts)
+        and torch.equal(a.sums.view(torch.int64), b.sums.view(torch.int64))
+        and (a.radius, a.n, a.min, a.max) == (b.radius, b.n, b.min, b.max)
+        and (a.sum, a.sum_sq, a.sum_abs, a.sum_4) == (b.sum, b.sum_sq, b.sum_abs, b.sum_4)
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scales=st.lists(st.sampled_from([0.0, 1e-3, 1.0, 7.0, 1e3]), min_size=2, max_size=5),
+    bins=st.sampled_from([4, 64, 4096]),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_absorb_equals_the_torch_absorb(scales, bins, seed):
+    """Folding per-batch histograms into a total (as ``collect`` does, in batch order) with the
+    compiled merge gives the torch path's total bit for bit: ranges growing and shrinking,
+    zero-only and empty histograms on either side; the absorbed histogram is left untouched."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for k, scale in enumerate(scales):
+        h = HistogramStats(bins)
+        if k % 3 != 2 or scale == 0.0:  # some empty ones
+            h.update(torch.randn(300, generator=g) * scale)
+        parts.append(h)
+    compiled, reference = HistogramStats(bins), HistogramStats(bins)
+    for p in parts:
+        before = _copy(p)
+        compiled.absorb(p)
+        _torch_absorb(reference, p)
+        assert _bit_equal(p, before)
+    assert _bit_equal(compiled, reference)
+    assert compiled.counts.sum() == sum(p.n for p in parts)
+
+
+def test_absorb_of_itself_doubles_every_bin():
+    h = single(torch.tensor([-1.5, 0.25, 0.25, 3.0]), 16)
+    ref = _torch_absorb(_copy(h), _copy(h))
+    assert _bit_equal(h.absorb(h), ref)
+    assert h.n == 8 and h.counts.sum() == 8
+
+
+@pytest.mark.parametrize(
+    "scale,radius",
+    [
+        (1e-310, 2.0**-1027),  # 1/R overflows: the serial loop bins
+        (1e-300, 2.0**-995),
+        (1e307, 2.0**1023),  # 1/R = 2^-1023, subnormal and exact
+        (3.0, 4.0),
+    ],
+)
+def test_kernel_at_the_extremes_of_the_range_equals_the_previous_kernel(scale, radius):
+    from omse.core.binning import bin_values
+
+    rng = np.random.default_rng(3)
+    x = np.clip(rng.standard_normal(5000) * scale / 4, -radius / 2, radius / 2)
+    x[::3] = 0.0
+    c, s, m = np.zeros(64), np.zeros(64), np.zeros(4)
+    bin_values(x, radius, c, s, m)
+    c0, s0 = np.zeros(64), np.zeros(64)
+    _bins_1a53d9c(x, radius, c0, s0)
+    assert np.array_equal(c, c0) and np.array_equal(_bits(s), _bits(s0))
+    assert c.sum() == 5000 and c[32] >= 5000 // 3

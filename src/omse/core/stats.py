@@ -13,6 +13,8 @@ the range and finiteness, then the compiled kernel of :mod:`omse.core.binning` f
 and the bins (about 2.5 ns per value on one core, against about 20 for the torch path it
 replaced, which other devices still take). Both paths give the same counts and per-bin sums bit
 for bit (``tests/core/test_stats.py`` keeps the old one as the reference).
+:meth:`HistogramStats.absorb` merges CPU histograms with the compiled
+:func:`~omse.core.binning.absorb_bins`: the torch path's float operations, in place.
 
 Sharded calibration (:mod:`omse.distributed`): :meth:`HistogramStats.absorb` adds one histogram
 to another in a fixed order of float operations, :func:`merge_in_order` folds a list that way and
@@ -117,18 +119,23 @@ class HistogramStats:
             self._grow_to(amax)
         self.n += v.numel()
         self.min, self.max = min(self.min, vmin), max(self.max, vmax)
-        kernel = _kernel() if v.device.type == "cpu" else None
-        if kernel is not None and self._plain():
-            self._bin_compiled(kernel, v)
+        kernels = _kernels() if v.device.type == "cpu" else None
+        if kernels is not None and self._plain():
+            self._bin_compiled(kernels.bin_values, v)
         else:
             self._bin_torch(v.to(torch.float64))
         return self
 
     def _plain(self) -> bool:
-        """True when ``counts`` and ``sums`` are contiguous float64 CPU tensors (the kernel's)."""
-        return all(
-            t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
-            for t in (self.counts, self.sums)
+        """True when ``counts`` and ``sums`` are contiguous float64 CPU tensors (the kernels')."""
+        c, s = self.counts, self.sums
+        return (
+            c.dtype is torch.float64
+            and s.dtype is torch.float64
+            and c.is_cpu
+            and s.is_cpu
+            and c.is_contiguous()
+            and s.is_contiguous()
         )
 
     def _bin_compiled(self, kernel, v: torch.Tensor) -> None:
@@ -172,9 +179,32 @@ class HistogramStats:
 
         Both histograms are brought to the larger range by exact pairwise doubling, then counts,
         per-bin sums and moments are added: ``self`` op ``other``, in that order, so a sequence
-        of absorbs is one fixed sequence of float additions."""
+        of absorbs is one fixed sequence of float additions. CPU float64 bins are merged in place
+        by :func:`omse.core.binning.absorb_bins` (the same operations, no temporary tensors),
+        others by torch."""
         if other.bins != self.bins:
             raise CalibrationError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        kernels = _kernels()
+        if kernels is not None and self._plain() and other._plain():
+            self.radius = kernels.absorb_bins(
+                self.counts.numpy(),
+                self.sums.numpy(),
+                self.radius,
+                other.counts.numpy(),
+                other.sums.numpy(),
+                other.radius,
+            )
+        else:
+            self._absorb_bins_torch(other)
+        self.n += other.n
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.sum, self.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
+        self.sum_abs, self.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
+        return self
+
+    def _absorb_bins_torch(self, other: HistogramStats) -> None:
+        """``other``'s counts and per-bin sums added to ``self``'s, by torch (any device): both
+        brought to the larger range by pairwise doubling, then added bin by bin."""
         radius = max(self.radius, other.radius)
         self._double_to(radius)  # a zero-only histogram keeps its counts in the middle bin
         oc, osum = other.counts, other.sums
@@ -184,11 +214,6 @@ class HistogramStats:
             oc, osum = tmp.counts, tmp.sums
         self.counts += oc
         self.sums += osum
-        self.n += other.n
-        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
-        self.sum, self.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
-        self.sum_abs, self.sum_4 = self.sum_abs + other.sum_abs, self.sum_4 + other.sum_4
-        return self
 
     def merge(self, other: HistogramStats) -> HistogramStats:
         """Combine two statistics of the same bin count into a new one (inputs untouched)."""
@@ -243,19 +268,26 @@ class HistogramStats:
         return self.counts.element_size() * self.counts.numel() * 2 + 8 * 8
 
 
-_KERNEL: list = []  # [bin_values or None], filled on first use
+_KERNEL: list = []  # [the module omse.core.binning, or None], filled on first use
+
+
+def _kernels():
+    """The compiled kernels (the module :mod:`omse.core.binning`), or None where numba cannot be
+    imported (the torch paths then bin and merge). Imported (and compiled, cached on disk) on
+    first use, as the sweep is."""
+    if not _KERNEL:
+        try:
+            from . import binning
+        except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back
+            binning = None
+        _KERNEL.append(binning)
+    return _KERNEL[0]
 
 
 def _kernel():
-    """:func:`omse.core.binning.bin_values`, or None where numba cannot be imported (the torch
-    path then bins). Imported (and compiled, cached on disk) on first use, as the sweep is."""
-    if not _KERNEL:
-        try:
-            from .binning import bin_values
-        except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back
-            bin_values = None
-        _KERNEL.append(bin_values)
-    return _KERNEL[0]
+    """:func:`omse.core.binning.bin_values`, or None without the compiled kernels."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.bin_values
 
 
 def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:
