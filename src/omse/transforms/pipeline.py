@@ -30,9 +30,7 @@ model transform that works in place and records what it did in :class:`Calibrati
    fallback; later rounds reuse the first round's choice);
 7. ``bias``: bias correction from one pass of patch means with the activations quantized.
 
-The float fallback (:func:`_fallback`, first round, after ``activations`` and before ``bias``):
-when it gives layers float activations the round stops there and calibration starts again with
-them. The budget's guard (:func:`_guard`, after the last step): one pass measures the calibrated
+The budget's guard (:func:`_guard`, after the last step): one pass measures the calibrated
 model's output error and that of its 8-bit-weight version; when the plan's output SQNR is more
 than ``Budget.guard_db`` below, the budget grows and the steps run again on a fresh copy (at
 most :data:`GUARD_ROUNDS` calibrations), with a warning that says so.
@@ -269,8 +267,6 @@ class _Run:
     act_errors: dict[str, float] | None = None  # the range choice's estimates, for the fallback
     ranges: dict[str, tuple[int, int]] | None = None  # the range choice, kept across rounds
     traced: PlanTrace | None = None  # the plans' trace; a later round reuses it (same model)
-    check_fallback: bool = False  # the first round: the float fallback's check runs
-    restart: list[str] = field(default_factory=list)  # the fallback's layers: calibrate again
 
 
 def _fold(r: _Run) -> None:
@@ -690,11 +686,8 @@ def _steps(config: QuantConfig, fold_bn: bool, keyword_inputs: bool) -> list[Cal
     if config.target in INTEGER_TARGETS:
         steps.append(_plan)
     steps.append(_activations)
-    acts = config.activations
-    if acts.choose_range and acts.bits is not None:
+    if config.activations.choose_range and config.activations.bits is not None:
         steps.append(_ranges)
-    if acts.bits is not None and acts.fallback_db is not None and config.target != "tflite":
-        steps.append(_fallback_check)
     if config.bias_correction:
         steps.append(_bias)
     return steps
@@ -846,15 +839,6 @@ def _fallback(r: _Run) -> list[str]:
     return chosen
 
 
-def _fallback_check(r: _Run) -> None:
-    """The float fallback's check (:func:`_fallback`) in the first round, before bias correction
-    (the estimate runs the layers float: a bias corrected for quantized weights has no place
-    there); layers it chooses go to ``r.restart``, and :func:`quantize` calibrates again at once,
-    without the rest of this round."""
-    if r.check_fallback:
-        r.restart = _fallback(r)
-
-
 def _is_onnx(model) -> bool:
     """An ``onnx.ModelProto``, or a path that names an ``.onnx`` file or an existing file (a
     string such as a model's name is neither: :func:`quantize` refuses it as a bad type)."""
@@ -958,16 +942,15 @@ def quantize(
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
         run.ranges = ranges
         run.traced = traced  # the same model each round: its plans' trace carries over
-        run.check_fallback = fallback is None
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
             step(run)
-            if run.restart:  # the fallback chose layers: the rest of this round is moot
-                break
         ranges, traced = run.ranges, run.traced
         if fallback is None:
             fallback = fresh.fallback
-            if run.restart:
-                config = config.with_float_activations(run.restart)
+            chosen = _fallback(run)
+            if chosen:
+                fallback = run.cal.fallback
+                config = config.with_float_activations(chosen)
                 plan = None
                 continue
         plan = _guard(run)
