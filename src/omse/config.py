@@ -256,7 +256,7 @@ class ActQuant:
             the float fallback's forward and backward pass over the first calibration samples,
             which it then shares). An MMSE step minimises the tensor's own squared error and
             clips its tail; where the tail carries the output the min-max step costs the output
-            less (YOLOX-nano: mAP@0.5 0.489 -> 0.497 at 2.9 points less recall against FP32,
+            less (YOLOX-nano: mAP@0.5 0.476 -> 0.497 at 1.3 points less recall against FP32,
             docs/benchmarks/detection.md). Not the default: it left NanoDet-m and
             EfficientNet-Lite0 level, and OpenVINO's CPU plugin
             moves from omse's simulation by about 5 output steps (median) on the Fashion-MNIST
