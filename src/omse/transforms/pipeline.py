@@ -99,6 +99,7 @@ from .precision import (
     Choice,
     PrecisionPlan,
     activation_errors,
+    calibrated_quantizers,
     candidate_weight,
     cheapest,
     choose,
@@ -621,11 +622,10 @@ def _range_candidates(r: _Run, n: str, q: QuantizedLayer) -> tuple[list, list]:
     ops = op_quantizers(r.qmodel)
     elsewhere = n in r.shares or n in r.caps or n in r.learned_act
     elsewhere = elsewhere or (ops is not None and n in ops.shared)
-    ins = [(q.act_scale, q.a_grid)] if q.act_scale is not None and q.a_grid is not None else []
+    ins, outs = calibrated_quantizers(q)
     st = r.cal.stats.get(n)
     if ins and not elsewhere and st is not None and st.n > 0:
         ins.append(min_max_quantizer(q.cfg, st, q.cfg.act_bits))
-    outs = [(q.out_scale, q.out_grid)] if q.out_scale is not None and q.out_grid is not None else []
     st = r.cal.output_stats.get(n)
     if outs and st is not None and st.n > 0:
         outs.append(min_max_quantizer(q.cfg, st, OUTPUT_BITS))

@@ -59,6 +59,7 @@ __all__ = [
     "output_errors",
     "activation_errors",
     "range_errors",
+    "calibrated_quantizers",
     "scaled_error",
     "choose",
     "cheapest",
@@ -361,7 +362,7 @@ def activation_errors(
     quantizer's calibrated step as its one candidate. The :func:`omse.quantize` step that gives
     float activations (8-bit weights) to the layers whose 8-bit activations alone cost the model
     most (``ActQuant.fallback_db``) reads it."""
-    candidates = {n: _as_calibrated(q) for n, q in layers.items()}
+    candidates = {n: calibrated_quantizers(q) for n, q in layers.items()}
     errors = range_errors(model, layers, candidates, batches, probes, seed)
     return {n: e[(0, 0)] for n, e in errors.items()}
 
@@ -370,7 +371,7 @@ Quantizer = tuple[torch.Tensor, Grid]
 """A step and its grid."""
 
 
-def _as_calibrated(q: QuantizedLayer) -> tuple[list[Quantizer], list[Quantizer]]:
+def calibrated_quantizers(q: QuantizedLayer) -> tuple[list[Quantizer], list[Quantizer]]:
     """A layer's input and output quantizers as calibration set them (an empty list: none)."""
     ins = [(q.act_scale, q.a_grid)] if q.act_scale is not None and q.a_grid is not None else []
     outs = [(q.out_scale, q.out_grid)] if q.out_scale is not None and q.out_grid is not None else []
