@@ -258,10 +258,9 @@ class ActQuant:
             clips its tail; where the tail carries the output the min-max step costs the output
             less (YOLOX-nano: mAP@0.5 0.476 -> 0.497 at 1.3 points less recall against FP32,
             docs/benchmarks/detection.md). Not the default: it left NanoDet-m and
-            EfficientNet-Lite0 level, and OpenVINO's CPU plugin
-            moves from omse's simulation by about 5 output steps (median) on the Fashion-MNIST
-            MobileNetV2 with the steps it chooses (onnxruntime runs the same file exactly;
-            docs/concepts/precision.md).
+            EfficientNet-Lite0 level, and with the steps it chooses on the Fashion-MNIST
+            MobileNetV2 OpenVINO's CPU plugin fails the parity test against omse's simulation
+            (onnxruntime runs the same file exactly; docs/concepts/precision.md).
     """
 
     bits: int | None = 8

@@ -614,14 +614,12 @@ def _first_samples(batches: list, samples: int) -> list:
     return [b for i, b in enumerate(batches) if i * size + rank < count]
 
 
-def _range_candidates(r: _Run, n: str, q: QuantizedLayer) -> tuple[list, list]:
+def _range_candidates(r: _Run, n: str, q: QuantizedLayer, op_shared: set) -> tuple[list, list]:
     """A scored layer's input and output quantizers: as calibrated first, then the min-max one
     (:func:`~omse.transforms.calibration.min_max_quantizer`) where the layer owns the quantizer:
     not an input it reads from another layer or an op site, that a ReLU6 caps, or that block
     reconstruction learned."""
-    ops = op_quantizers(r.qmodel)
-    elsewhere = n in r.shares or n in r.caps or n in r.learned_act
-    elsewhere = elsewhere or (ops is not None and n in ops.shared)
+    elsewhere = n in r.shares or n in r.caps or n in r.learned_act or n in op_shared
     ins, outs = calibrated_quantizers(q)
     st = r.cal.stats.get(n)
     if ins and not elsewhere and st is not None and st.n > 0:
@@ -641,7 +639,9 @@ def _ranges(r: _Run) -> None:
     what the float fallback reads); :func:`quantize`'s later rounds apply the same choices
     without the pass (``r.ranges``). ``Calibration.corrections["min_max_ranges"]`` lists the
     layers whose quantizers took the min-max step."""
-    candidates = {n: _range_candidates(r, n, q) for n, q in _scored(r).items()}
+    ops = op_quantizers(r.qmodel)
+    op_shared = set(ops.shared) if ops is not None else set()
+    candidates = {n: _range_candidates(r, n, q, op_shared) for n, q in _scored(r).items()}
     if r.ranges is None:
         batches = _first_samples(r.batches, FALLBACK_SAMPLES)
         errors = range_errors(r.qmodel, r.layers, candidates, batches, probes=1)
@@ -661,7 +661,6 @@ def _ranges(r: _Run) -> None:
     r.cal.corrections["min_max_ranges"] = changed
     if changed:  # readers of a changed quantizer take it again
         share_scales(r.layers, r.shares)
-        ops = op_quantizers(r.qmodel)
         if ops is not None:
             set_op_scales(ops, r.layers, r.site_stats, r.config.base_layer())
 
