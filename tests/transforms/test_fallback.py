@@ -20,9 +20,9 @@ from omse.transforms.precision import activation_errors, relative_errors
 
 
 def _w8a8(**kw) -> QuantConfig:
+    kw.setdefault("weights", WeightQuant(bits=8))
     return QuantConfig(
         target="int8",
-        weights=WeightQuant(bits=8),
         budget=None,
         residuals=None,
         bias_correction=False,
@@ -279,3 +279,74 @@ def test_fallback_model_round_trips_through_a_checkpoint(tmp_path):
         assert torch.equal(q(x), r(x))
     layers = dict(quantized_layers(r))
     assert all(layers[n].cfg.act_bits is None and layers[n].act_scale is None for n in cal.fallback)
+
+
+class _StemSiLU(_Stem):
+    """The collapsing stem with a SiLU after ``tail`` too: its op quantizers stay when the
+    fallback takes the stem's."""
+
+    def forward(self, x):
+        x = torch.relu(self.body(nn.functional.silu(self.stem(x))))
+        return self.head(nn.functional.silu(self.tail(x)))
+
+
+def test_second_round_reuses_the_first_rounds_activation_statistics(monkeypatch):
+    """On 8-bit weights the fallback's layers keep the weights they had, so the second round's
+    activation pass would see the same model: it reuses the first's statistics and fits (one
+    pass fewer) and gives the model a second pass gives, bit for bit. With 4-bit weights the
+    fallback's layers change (to 8 bits), and on the plain stem the op quantizers go with the
+    fallback (the pass would compute the SiLU another way): the pass runs again."""
+    from omse.nn.ops import op_quantizers
+    from omse.transforms import pipeline, statistics
+
+    def run(config, net=_StemSiLU):
+        model = net(spread=2000.0).eval()
+        torch.manual_seed(1)
+        calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+        before = statistics.PASSES[0]
+        q, cal, _ = _quantize(model, calib, config)
+        assert cal.fallback, "the stem's activations collapse: the fallback fires"
+        return q, cal, statistics.PASSES[0] - before
+
+    q, cal, passes = run(_w8a8())
+    assert passes == 1  # the first round's; the fallback's estimate is no statistics pass
+    with monkeypatch.context() as m:
+        m.setattr(pipeline._StatsMemo, "reuse", lambda self, *a: None)
+        q2, cal2, passes2 = run(_w8a8())
+    assert passes2 == 2 and cal2.fallback == cal.fallback
+    s, s2 = q.state_dict(), q2.state_dict()
+    assert s.keys() == s2.keys()
+    for k, v in s.items():
+        assert not torch.is_tensor(v) or torch.equal(v, s2[k]), k
+    for n, st in cal.stats.items():  # the statistics themselves, as Calibration reports them
+        assert torch.equal(st.counts, cal2.stats[n].counts) and st.sums.equal(cal2.stats[n].sums)
+    o, o2 = op_quantizers(q), op_quantizers(q2)
+    assert o is not None and o.kinds == o2.kinds and o.scales.keys() == o2.scales.keys()
+    assert all(torch.equal(o.scales[k], o2.scales[k]) for k in o.scales)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert run(_w8a8(weights=WeightQuant(bits=4)))[2] == 2
+    assert run(_w8a8(), net=_Stem)[2] == 2
+
+
+def test_state_fingerprint_sees_every_parameter_and_buffer():
+    import copy
+
+    from omse.transforms.statistics import state_fingerprint
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    fp = state_fingerprint(model)
+    assert state_fingerprint(copy.deepcopy(model)) == fp
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # one ulp of one weight
+        w = other[0].weight.view(-1)
+        w[5] = torch.nextafter(w[5], torch.tensor(float("inf")))
+    assert state_fingerprint(other) != fp
+    other = copy.deepcopy(model)
+    other[1].running_mean[2] += 1.0  # a buffer
+    assert state_fingerprint(other) != fp
+    other = copy.deepcopy(model)
+    other[0].weight.data = other[0].weight.data.double()  # the same values in another dtype
+    assert state_fingerprint(other) != fp

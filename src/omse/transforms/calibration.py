@@ -62,6 +62,7 @@ __all__ = [
     "INTEGER_SITE_OPS",
     "PASSTHROUGH_SITE_OPS",
     "set_activation_scales",
+    "FitCache",
     "cap_activation_scales",
     "set_output_scales",
     "share_scales",
@@ -381,13 +382,15 @@ def set_op_scales(
     layers: dict[str, QuantizedLayer],
     stats: dict[int, HistogramStats],
     cfg: LayerConfig,
+    fits: FitCache | None = None,
 ) -> None:
     """Each ``"own"`` site's step and grid from its output histogram (MMSE, or ``cfg``'s
     ``act_method``, on :data:`OUTPUT_BITS`; unsigned for non-negative outputs, ``cfg``'s
     ``act_grid`` otherwise); a layer that reads a site's tensor beside other readers takes that
     quantizer as its input quantizer (one per tensor); each ``"fused"`` site takes its layer's
     input quantizer, each ``"same"`` site its input's (for the export: the simulation leaves
-    those values as they are)."""
+    those values as they are). ``fits`` (optional) keeps and reuses the fitted steps."""
+    fit = fits or _fit
     for site, kind in ops.kinds.items():
         if kind == "own" and ops.extra_sites and ops.ops.get(site) in TFLITE_FIXED_OUTPUT:
             # TFLite's int8 LOGISTIC / SOFTMAX write this grid: no requantization after them
@@ -395,7 +398,7 @@ def set_op_scales(
                 site, torch.tensor(TFLITE_FIXED_OUTPUT[ops.ops[site]]), Grid(8, "unsigned")
             )
         elif kind == "own" and site in stats and stats[site].n > 0:
-            ops.set_quantizer(site, *_fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
+            ops.set_quantizer(site, *fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
         elif kind == "own":
             ops.set_quantizer(site, None, None)
     for name, site in ops.shared.items():
@@ -626,6 +629,29 @@ def _skewed(st: HistogramStats) -> bool:
     return st.min < 0.0 < st.max and SKEW * -st.min <= st.max
 
 
+class FitCache:
+    """Steps already fitted to histograms that no longer change, by histogram identity and
+    settings (method, grid kind, bits): a later round of :func:`omse.quantize` that reuses a
+    round's statistics (the float fallback's) reuses their fits instead of solving them again.
+    Holds its histograms, so an identity stays theirs while it lives; a method that cannot be
+    hashed is fitted every time."""
+
+    def __init__(self) -> None:
+        self._fits: dict[tuple, tuple[HistogramStats, torch.Tensor, Grid]] = {}
+
+    def __call__(self, method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+        try:
+            key = (id(st), method, kind, bits)
+            hash(key)
+        except TypeError:
+            return _fit(method, kind, st, bits)
+        hit = self._fits.get(key)
+        if hit is None:
+            hit = (st, *_fit(method, kind, st, bits))
+            self._fits[key] = hit
+        return hit[1].clone(), hit[2]
+
+
 def _fit(method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
     """Step and grid of one activation tensor: unsigned for non-negative values; affine (the
     zero point fitted with the step, :func:`fit_affine`) for ``"affine"`` and, with ``"auto"``,
@@ -645,33 +671,41 @@ def min_max_quantizer(cfg: LayerConfig, st: HistogramStats, bits: int) -> tuple[
     return _fit(MinMax(), cfg.act_grid, st, bits)
 
 
-def set_output_scales(layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]) -> None:
+def set_output_scales(
+    layers: dict[str, QuantizedLayer],
+    stats: dict[str, HistogramStats],
+    fits: FitCache | None = None,
+) -> None:
     """MMSE (the layer's ``act_method``) output scales for the layers that have output stats, on
     8-bit grids (:data:`OUTPUT_BITS`: what an int8 kernel's requantized output holds, whatever
     the input grids are); unsigned grids for non-negative outputs, affine ones (a fitted zero
     point) for the others with ``act_grid="affine"`` and for skewed ones with ``"auto"``
-    (:data:`SKEW`)."""
+    (:data:`SKEW`). ``fits`` (optional) keeps and reuses the fitted steps."""
+    fit = fits or _fit
     for name, st in stats.items():
         layer = layers[name]
         cfg = layer.cfg
         if st.n == 0:
             continue
-        layer.set_output(*_fit(cfg.act_method, cfg.act_grid, st, OUTPUT_BITS))
+        layer.set_output(*fit(cfg.act_method, cfg.act_grid, st, OUTPUT_BITS))
 
 
 def set_activation_scales(
-    layers: dict[str, QuantizedLayer], stats: dict[str, HistogramStats]
+    layers: dict[str, QuantizedLayer],
+    stats: dict[str, HistogramStats],
+    fits: FitCache | None = None,
 ) -> None:
     """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs,
     affine grids (a fitted zero point) for the others with ``act_grid="affine"`` and for skewed
-    ones with ``"auto"`` (:data:`SKEW`)."""
+    ones with ``"auto"`` (:data:`SKEW`). ``fits`` (optional) keeps and reuses the fitted steps."""
+    fit = fits or _fit
     for name, layer in layers.items():
         cfg = layer.cfg
         st = stats.get(name)
         if cfg.act_bits is None or st is None or st.n == 0:
             layer.set_act(None, None)
             continue
-        layer.set_act(*_fit(cfg.act_method, cfg.act_grid, st, cfg.act_bits))
+        layer.set_act(*fit(cfg.act_method, cfg.act_grid, st, cfg.act_bits))
 
 
 def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, Share]) -> None:

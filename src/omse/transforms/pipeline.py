@@ -66,7 +66,7 @@ from torch import nn
 from ..config import GPTQ, INTEGER_TARGETS, LayerConfig, LearnedRounding, Nearest, QuantConfig
 from ..core.granularity import PerTensor
 from ..core.stats import HistogramStats
-from ..distributed import broadcast, gather, is_main, run_checked, world
+from ..distributed import all_max, broadcast, gather, is_main, run_checked, world
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
 from ..nn.layers import WRAPPABLE, QuantizedLayer
 from ..nn.ops import op_quantizers
@@ -76,6 +76,7 @@ from . import functional
 from .bias_correction import bias_correction
 from .calibration import (
     OUTPUT_BITS,
+    FitCache,
     PlanTrace,
     cap_activation_scales,
     gather_site_stats,
@@ -114,7 +115,7 @@ from .reconstruct import find_blocks, reconstruct
 from .residuals import select_residuals
 from .rounding import gptq_terms
 from .sensitivity import network_errors
-from .statistics import Needs, collect, first_row, run_model
+from .statistics import LayerStatistics, Needs, collect, first_row, run_model, state_fingerprint
 from .tflite_import import is_tflite, load_tflite
 
 __all__ = ["quantize", "Calibration", "prepare_batches", "UNSUPPORTED"]
@@ -268,6 +269,46 @@ class _Run:
     act_errors: dict[str, float] | None = None  # the range choice's estimates, for the fallback
     ranges: dict[str, tuple[int, int]] | None = None  # the range choice, kept across rounds
     traced: PlanTrace | None = None  # the plans' trace; a later round reuses it (same model)
+    memo: _StatsMemo | None = None  # the activations pass's statistics; a later round may reuse
+
+
+@dataclass
+class _StatsMemo:
+    """One round's activation statistics (:func:`_activations`) and the steps fitted to them,
+    for the next round of the same :func:`quantize` call. The pass runs before any activation
+    quantizer is set, so it is a function of the model's parameters and buffers alone: a round
+    whose model has the same :func:`state_fingerprint` (the float fallback's second round on
+    ``target="int8"``, where the fallback's layers keep the 8-bit weights they had) and asks for
+    no histogram the first did not make (output clamps equal, op sites a subset) reuses them,
+    bit for bit what its own pass would give."""
+
+    state: bytes
+    sites_mode: tuple | None  # how the op sites run the forward (None: no op quantizers)
+    bins: int
+    clamp: dict[str, tuple[float, float]]
+    stats: dict[str, LayerStatistics]
+    site_stats: dict[int, HistogramStats]
+    fits: FitCache = field(default_factory=FitCache)
+
+    def reuse(
+        self, state: bytes, sites_mode: tuple | None, needs: Needs, sites: set[int]
+    ) -> tuple[dict[str, LayerStatistics], dict[int, HistogramStats]] | None:
+        """The statistics a pass for ``needs`` and the op sites ``sites`` would gather, from
+        these, or None when that pass would see or bin anything else."""
+        clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
+        if (
+            state != self.state
+            or sites_mode != self.sites_mode
+            or needs.bins != self.bins
+            or any(self.clamp.get(n) != c for n, c in clamp.items())
+            or not sites <= set(self.site_stats)
+        ):
+            return None
+        stats = {
+            n: replace(st, output=st.output if n in clamp else None)
+            for n, st in self.stats.items()
+        }
+        return stats, {k: self.site_stats[k] for k in sites}
 
 
 def _fold(r: _Run) -> None:
@@ -568,19 +609,31 @@ def _activations(r: _Run) -> None:
         bins=r.config.activations.bins,
     )
     ops = op_quantizers(r.qmodel)
-    with observe_sites(ops, r.config.activations.bins) as site_stats:
-        stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
-    site_stats = gather_site_stats(site_stats) if ops is not None else {}
+    sites = {k for k, v in ops.kinds.items() if v == "own"} if ops is not None else set()
+    state = state_fingerprint(r.qmodel)
+    mode = None if ops is None else (ops.extra_sites,)
+    kept = r.memo.reuse(state, mode, needs, sites) if r.memo is not None else None
+    if all_max(int(kept is None)):  # every rank passes when one must (they agree in practice)
+        with observe_sites(ops, r.config.activations.bins) as site_stats:
+            stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+        site_stats = gather_site_stats(site_stats) if ops is not None else {}
+        clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
+        r.memo = _StatsMemo(state, mode, needs.bins, clamp, stats, site_stats)
+    else:
+        stats, site_stats = kept
+        for n, q in r.layers.items():
+            q.macs = stats[n].macs
+    fits = r.memo.fits
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
-    set_activation_scales(r.layers, r.cal.stats)
+    set_activation_scales(r.layers, r.cal.stats, fits)
     for n, s in r.learned_act.items():  # steps block reconstruction learned
         r.layers[n].set_act(s, r.layers[n].a_grid)
     cap_activation_scales(r.layers, r.caps)
-    set_output_scales(r.layers, r.cal.output_stats)
+    set_output_scales(r.layers, r.cal.output_stats, fits)
     share_scales(r.layers, r.shares)
     if ops is not None:
-        set_op_scales(ops, r.layers, site_stats, r.config.base_layer())
+        set_op_scales(ops, r.layers, site_stats, r.config.base_layer(), fits)
     r.site_stats = site_stats
 
 
@@ -932,18 +985,18 @@ def quantize(
         )
     progress = progress and is_main()
     example = broadcast(batches[0])
-    plan, fallback, ranges, traced = None, None, None, None
+    plan, fallback, ranges, traced, memo = None, None, None, None, None
     # one round, unless the float fallback gives layers float activations (once, first) or the
     # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
         fresh = Calibration()
         qmodel = _fresh_copy(model, batches, fresh)
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
-        run.ranges = ranges
+        run.ranges, run.memo = ranges, memo
         run.traced = traced  # the same model each round: its plans' trace carries over
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
             step(run)
-        ranges, traced = run.ranges, run.traced
+        ranges, traced, memo = run.ranges, run.traced, run.memo
         if fallback is None:
             fallback = fresh.fallback
             chosen = _fallback(run)
