@@ -49,7 +49,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
+# torch's OpenMP threads wait as in a user's process (libgomp's default: spin briefly, then
+# sleep) unless --omp-passive asks them to sleep at once (OMP_WAIT_POLICY=PASSIVE, as the latency
+# benchmarks run; read when torch loads OpenMP, so taken from argv before the import). An
+# OMP_WAIT_POLICY in the environment wins either way.
+if "--omp-passive" in sys.argv[1:]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -216,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
     )
+    ap.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="torch's idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE; default: "
+        "libgomp's own policy, as a user's process runs)",
+    )
     ap.add_argument("--out", default="results/calibration_time.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "torch_threads": args.threads,
             "onnxruntime": detection.ort.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
         },
         "repeats": args.repeats,
         "models": [],

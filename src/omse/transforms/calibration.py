@@ -353,9 +353,10 @@ def observe_sites(ops: OpQuantizers | None, bins: int) -> Iterator[dict[int, His
 
     def see(site: int, y: torch.Tensor) -> None:
         if ops.kinds.get(site) == "own":
-            if site not in stats:
-                stats[site] = HistogramStats(bins)
-            stats[site].update(y.detach())
+            with torch._C.DisableTorchFunction():  # the histogram's ops: no mode sees them
+                if site not in stats:
+                    stats[site] = HistogramStats(bins)
+                stats[site].update(y.detach())
 
     ops.observer = see
     try:

@@ -358,6 +358,10 @@ class _Observer:
         """Checks ``x`` is finite (a NaN or Inf names the layer and batch), notes its size and
         adds it to the layer's input histogram where one is asked for (whose own check of the
         extremes is then the only read of ``x`` for finiteness)."""
+        with torch._C.DisableTorchFunction():  # the statistics' own ops: no mode sees them
+            self._input(q, x)
+
+    def _input(self, q: QuantizedLayer, x: torch.Tensor) -> None:
         st = self.stats[q.name]
         st.extra["input_numel"] = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
         try:
@@ -381,6 +385,10 @@ class _Observer:
             yield
 
     def _patches(self, q: QuantizedLayer, x: torch.Tensor, conv_args) -> None:
+        with torch._C.DisableTorchFunction():  # the statistics' own ops: no mode sees them
+            self._patch_stats(q, x, conv_args)
+
+    def _patch_stats(self, q: QuantizedLayer, x: torch.Tensor, conv_args) -> None:
         st = self.stats[q.name]
         if not self.needs.patch_moments:  # the sums alone (bias correction)
             total, n = patch_sums(q.layer, x.detach(), conv_args)
@@ -404,6 +412,10 @@ class _Observer:
         """Sets the layer's MACs and adds ``y`` clamped to the layer's output range to its
         output histogram, for the layers that have one (no clamp for ``(-inf, inf)``: the same
         values)."""
+        with torch._C.DisableTorchFunction():  # the statistics' own ops: no mode sees them
+            self._output(q, y)
+
+    def _output(self, q: QuantizedLayer, y: torch.Tensor) -> None:
         st = self.stats[q.name]
         per_sample = y.numel() // max(y.shape[0], 1) if y.dim() > 1 else y.numel()
         key = (q.name, st.extra.get("input_numel", 0), per_sample)
