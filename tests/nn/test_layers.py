@@ -112,6 +112,34 @@ def test_merged_kernel_is_kept_until_its_inputs_change():
     assert torch.equal(ql.merged_term()[0], q1.to(torch.int16))
 
 
+def test_effective_bias_is_kept_with_the_merged_kernel():
+    """The int32-rounded bias an integer-target layer adds is computed once per state (the
+    merged kernel's key: terms, bias, input step), equals the rounding done afresh after each
+    change, and is not kept where a step carries a graph (learned steps)."""
+    ql = _two_term_layer("int8")
+    ql.set_act(torch.tensor(0.05), Grid(8, "full"))
+
+    def fresh():
+        return ql._rounded_bias(ql.layer.bias, ql.bias_scale())
+
+    first = ql.effective_bias()
+    assert ql.effective_bias() is first and torch.equal(first, fresh())
+    with torch.no_grad():  # bias correction adds in place: a new version
+        ql.layer.bias += 0.37
+    moved = ql.effective_bias()
+    assert moved is not first and torch.equal(moved, fresh()) and not torch.equal(moved, first)
+    ql.set_act(torch.tensor(0.5), Grid(8, "full"))  # a new input step: a new bias grid
+    coarse = ql.effective_bias()
+    assert coarse is not moved and torch.equal(coarse, fresh())
+    with torch.no_grad():
+        ql.w_codes0[1].add_(1)  # the kernel in place
+    assert torch.equal(ql.effective_bias(), fresh())
+    learned = torch.tensor(0.25, requires_grad=True)
+    ql.act_scale = learned
+    a, b = ql.effective_bias(), ql.effective_bias()
+    assert a is not b and a.requires_grad and torch.equal(a, b)
+
+
 def test_unmergeable_terms_are_refused_by_name():
     ql = _two_term_layer("int4")
     q1, s1, _ = ql.terms()[0]

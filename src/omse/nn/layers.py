@@ -22,7 +22,9 @@ import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..config import INTEGER_TARGETS, LayerConfig
 from ..core.granularity import Granularity
@@ -359,6 +361,12 @@ class QuantizedLayer(nn.Module):
         until a term's tensors, the bias or the input step are replaced or changed in place
         (their identity and version counters are the key).
         """
+        return self._integer_state()[0]
+
+    def _integer_state(self) -> list:
+        """``[merged_term result, effective bias, bias step]`` (the last two None until
+        :meth:`effective_bias` / :meth:`bias_scale` compute them), kept until a term's tensors,
+        the bias or the input step are replaced or changed in place (see :meth:`merged_term`)."""
         state = (*(t for term in self.terms() for t in term), getattr(self.layer, "bias", None))
         state = (*state, self.act_scale)
         versions = tuple(-1 if t is None else t._version for t in state)
@@ -370,9 +378,9 @@ class QuantizedLayer(nn.Module):
             and cached[1] == versions
         ):
             return cached[2]
-        result = self._merge_terms()
-        self.__dict__["_merged_cache"] = (state, versions, result)
-        return result
+        entry = [self._merge_terms(), None, None]
+        self.__dict__["_merged_cache"] = (state, versions, entry)
+        return entry
 
     def _merge_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`merged_term`, computed."""
@@ -482,9 +490,16 @@ class QuantizedLayer(nn.Module):
             or getattr(layer, "bias", None) is None
         ):
             return None
-        _, s = self.merged_term()
-        s = s.reshape(-1).to(torch.float32)
-        return (self.act_scale.to(torch.float32) * s).expand(layer.bias.shape[0])
+        if self.act_scale.requires_grad:  # a graph to keep (learned steps): computed each time
+            _, s = self.merged_term()
+            return (self.act_scale.to(torch.float32) * s.reshape(-1).to(torch.float32)).expand(
+                layer.bias.shape[0]
+            )
+        entry = self._integer_state()
+        if entry[2] is None or entry[2].shape[0] != layer.bias.shape[0]:
+            s = entry[0][1].reshape(-1).to(torch.float32)
+            entry[2] = (self.act_scale.to(torch.float32) * s).expand(layer.bias.shape[0])
+        return entry[2]
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias the layer adds: rounded to the int32 grid of :meth:`bias_scale` where that
@@ -495,6 +510,15 @@ class QuantizedLayer(nn.Module):
         sb = self.bias_scale()
         if sb is None:
             return b
+        if sb.requires_grad:  # a graph to keep (learned steps): computed each time
+            return self._rounded_bias(b, sb)
+        entry = self._integer_state()  # its key holds the bias and the steps sb is made of
+        if entry[1] is None or entry[1].dtype != b.dtype:
+            entry[1] = self._rounded_bias(b, sb)
+        return entry[1]
+
+    @staticmethod
+    def _rounded_bias(b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
         codes = torch.round(b.detach().to(torch.float64) / sb.to(torch.float64))
         codes = torch.nan_to_num(codes, nan=0.0).clamp(-(2**31) + 2**8, 2**31 - 2**8)
         return (codes.to(torch.float32) * sb).to(b.dtype)
@@ -581,13 +605,36 @@ class QuantizedLayer(nn.Module):
                 w = layer_weight(self.layer, self.learner.weight(self))
                 y = torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
             elif self.quant_enabled and self.bias_scale() is not None:
-                params = {"weight": self.layer.weight, "bias": self.effective_bias()}
-                y = torch.func.functional_call(self.layer, params, (x, *args), kwargs)
+                y = self._with_bias(x, self.effective_bias(), args, kwargs)
             else:
                 y = self.layer(x, *args, **kwargs)
         if obs is not None:
             obs.output(self, y)
         return self.quantize_output(y)
+
+    def _with_bias(self, x: torch.Tensor, bias: torch.Tensor, args: tuple, kwargs: dict):
+        """The wrapped layer's forward with ``bias`` in place of its own: a plain ``nn.Conv1d/
+        2d/3d`` or ``nn.Linear`` without hooks computes it directly (the same call its forward
+        makes), any other through ``torch.func.functional_call``."""
+        layer = self.layer
+        plain = not (
+            args
+            or kwargs
+            or layer._forward_hooks
+            or layer._forward_pre_hooks
+            or layer._backward_hooks
+            or layer._backward_pre_hooks
+            or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks
+        )
+        if plain and type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return layer._conv_forward(x, layer.weight, bias)
+        if plain and type(layer) is nn.Linear:
+            return F.linear(x, layer.weight, bias)
+        params = {"weight": layer.weight, "bias": bias}
+        return torch.func.functional_call(layer, params, (x, *args), kwargs)
 
     def extra_repr(self) -> str:
         a = str(self.a_grid) if self.a_grid is not None else "float"
