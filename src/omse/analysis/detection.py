@@ -41,6 +41,9 @@ __all__ = [
     "anchor_count",
     "box_iou",
     "coco_map",
+    "ImageMatches",
+    "image_matches",
+    "map_of_matches",
     "decode",
     "decode_nanodet",
     "decode_ssd",
@@ -524,6 +527,49 @@ def _average_precision(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:
     )
 
 
+ImageMatches = dict[int, tuple[np.ndarray, np.ndarray, int]]
+"""One image's detections matched per class (:func:`image_matches`): ``{class: (scores [K],
+codes [T, K] per IoU threshold as :func:`coco_map` matches them, labelled boxes)}``."""
+
+
+def image_matches(
+    d: Detections,
+    g: GroundTruth,
+    thresholds: Sequence[float],
+    max_detections: int = MAX_DETECTIONS,
+) -> ImageMatches:
+    """The per-image half of :func:`coco_map` (matching is per image, per class and per IoU
+    threshold): every class the image has a label or a detection of, its detections by
+    descending score (at most ``max_detections``), their codes (1 true positive, 0 false
+    positive, -1 absorbed by a crowd label) and its number of non-crowd labels. Images drawn
+    again (a bootstrap) reuse these instead of matching again (:func:`map_of_matches`)."""
+    thresholds = np.asarray(thresholds, np.float64)
+    out: ImageMatches = {}
+    for c in sorted({int(c) for c in g.classes} | {int(c) for c in d.classes}):
+        gm, dm = g.classes == c, np.flatnonzero(d.classes == c)
+        dm = dm[np.argsort(-d.scores[dm], kind="mergesort")][:max_detections]
+        codes = _match_image(d.boxes[dm], g.boxes[gm], g.crowd[gm], thresholds)
+        out[c] = (d.scores[dm], codes, int((gm & ~g.crowd).sum()))
+    return out
+
+
+def map_of_matches(parts: Sequence[ImageMatches], n_thresholds: int) -> np.ndarray:
+    """``[n_thresholds]`` mAP of images matched by :func:`image_matches` (with that many
+    thresholds): per threshold, the 101-point AP of every class some image labels (a crowd
+    label alone does not count), averaged over those classes (0 where there are none)."""
+    classes = sorted({c for p in parts for c, (_, _, n) in p.items() if n > 0})
+    ap = np.zeros((n_thresholds, len(classes)))
+    for k, c in enumerate(classes):
+        hit = [p[c] for p in parts if c in p]
+        s = np.concatenate([h[0] for h in hit])
+        code = np.concatenate([h[1] for h in hit], 1)
+        n_gt = sum(h[2] for h in hit)
+        for t in range(n_thresholds):
+            keep = code[t] >= 0
+            ap[t, k] = _average_precision(s[keep], code[t][keep] == 1, n_gt)
+    return np.array([ap[t].mean() if classes else 0.0 for t in range(n_thresholds)])
+
+
 def coco_map(
     dets: Sequence[Detections],
     gts: Sequence[GroundTruth],
@@ -535,26 +581,14 @@ def coco_map(
     label of highest IoU (crowd labels absorb detections, which then count for nothing), the
     101-point interpolated AP; averaged over the classes that have labels, then over ``ious``.
     At most ``max_detections`` per image and class. -> ``{"map50", "map50_95", "classes"}``
-    (``map50`` is the AP at IoU 0.5, whether or not 0.5 is in ``ious``)."""
+    (``map50`` is the AP at IoU 0.5, whether or not 0.5 is in ``ious``). The images are
+    matched one by one (:func:`image_matches`), then pooled (:func:`map_of_matches`)."""
     ious = np.asarray(ious, np.float64)
     thresholds = np.unique(np.concatenate([ious, [0.5]]))
-    classes = sorted(
-        {int(c) for g in gts for c, cr in zip(g.classes, g.crowd, strict=True) if not cr}
-    )
-    ap = np.zeros((len(thresholds), len(classes)))
-    for k, c in enumerate(classes):
-        scores, codes, n_gt = [], [], 0
-        for d, g in zip(dets, gts, strict=True):
-            gm, dm = g.classes == c, np.flatnonzero(d.classes == c)
-            dm = dm[np.argsort(-d.scores[dm], kind="mergesort")][:max_detections]
-            n_gt += int((gm & ~g.crowd).sum())
-            codes.append(_match_image(d.boxes[dm], g.boxes[gm], g.crowd[gm], thresholds))
-            scores.append(d.scores[dm])
-        s, code = np.concatenate(scores), np.concatenate(codes, 1)
-        for t in range(len(thresholds)):
-            keep = code[t] >= 0
-            ap[t, k] = _average_precision(s[keep], code[t][keep] == 1, n_gt)
-    at = {round(float(t), 2): ap[i].mean() if classes else 0.0 for i, t in enumerate(thresholds)}
+    parts = [image_matches(d, g, thresholds, max_detections) for d, g in zip(dets, gts, strict=True)]
+    per = map_of_matches(parts, len(thresholds))
+    at = {round(float(t), 2): per[i] for i, t in enumerate(thresholds)}
+    classes = {c for p in parts for c, (_, _, n) in p.items() if n > 0}
     return {
         "map50": float(at[0.5]),
         "map50_95": float(np.mean([at[round(float(t), 2)] for t in ious])),
