@@ -39,6 +39,8 @@ Passes over the calibration data (:mod:`omse.transforms.statistics`): one per st
 statistics must see the stage before: ``weights`` (the float activations of the wrapped model; a
 second one when GPTQ rounding precedes residuals, since it changes every layer's input),
 ``activations`` (after the weights are final) and ``bias`` (after the activations are quantized).
+A later round (the float fallback's, the guard's) reuses the activations pass of the round
+before when it would see the same model and make no new histogram (:class:`_StatsMemo`).
 
 Sharded calibration: under an initialised ``torch.distributed`` process group, call
 :func:`quantize` on every rank with that rank's batches (:func:`omse.distributed.shard`, or a
@@ -276,11 +278,13 @@ class _Run:
 class _StatsMemo:
     """One round's activation statistics (:func:`_activations`) and the steps fitted to them,
     for the next round of the same :func:`quantize` call. The pass runs before any activation
-    quantizer is set, so it is a function of the model's parameters and buffers alone: a round
-    whose model has the same :func:`state_fingerprint` (the float fallback's second round on
-    ``target="int8"``, where the fallback's layers keep the 8-bit weights they had) and asks for
-    no histogram the first did not make (output clamps equal, op sites a subset) reuses them,
-    bit for bit what its own pass would give."""
+    quantizer is set, so it is a function of the model's parameters and buffers and of whether
+    op quantizers run (their site mode computes a SiLU as ``x * sigmoid(x)``, in float another
+    rounding than ``silu``): a round whose model has the same :func:`state_fingerprint` and
+    site mode (the float fallback's second round on ``target="int8"``, where the fallback's
+    layers keep the 8-bit weights they had) and asks for no histogram the first did not make
+    (output clamps equal, op sites a subset) reuses them, bit for bit what its own pass would
+    give."""
 
     state: bytes
     sites_mode: tuple | None  # how the op sites run the forward (None: no op quantizers)
