@@ -473,78 +473,78 @@ def _bias(g: _Graph, op: Any, channels: int) -> np.ndarray:
     return np.zeros(channels, np.int64)
 
 
+def _window_taps(g: _Graph, op: Any, xa: np.ndarray, kh: int, kw: int) -> list[np.ndarray]:
+    """The ``kh * kw`` taps of a CONV_2D / DEPTHWISE_CONV_2D window over the int8 input ``xa
+    [N, H, W, C]`` less its zero point, each ``[N, OH, OW, C]`` float64 (exact integers), with
+    the op's padding, strides and dilations."""
+    o = _opts(op)
+    x, y = int(op.inputs[0]), int(op.outputs[0])
+    _, zp_in = g.q1(x)
+    _, h, wd, _ = xa.shape
+    pad = (
+        _padding(o.padding, h, kh, o.strideH, o.dilationHFactor),
+        _padding(o.padding, wd, kw, o.strideW, o.dilationWFactor),
+    )
+    return _taps(
+        (xa - zp_in).astype(np.float64),
+        tuple(g.shape(y)[1:3]),
+        (kh, kw),
+        (o.strideH, o.strideW),
+        (o.dilationHFactor, o.dilationWFactor),
+        pad,
+    )
+
+
+def _conv_output(g: _Graph, op: Any, acc: np.ndarray) -> None:
+    """A convolution's exact sums ``acc [N, OH, OW, Cout]`` (float64 integers) as TFLM ends it:
+    int32 accumulation, the int32 bias, per-channel requantization, the fused activation's
+    clamp; stored as the op's output."""
+    x, w, y = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
+    cout = acc.shape[-1]
+    acc = _wrap32(acc.astype(np.int64))  # TFLM accumulates in int32
+    acc = _wrap32(acc + _bias(g, op, cout))
+    mult, shift = _conv_multipliers(g, x, w, y, cout)
+    s_out, zp_out = g.q1(y)
+    lo, hi = _activation_range(_opts(op).fusedActivationFunction, s_out, zp_out)
+    g.values[y] = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
+
+
 def _conv2d(g: _Graph, op: Any) -> None:
     x, w, y = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
-    o = _opts(op)
     xa = g.get(x).astype(np.int64)
     wa = g.get(w).astype(np.int64)  # [Cout, KH, KW, Cin]
     cout, kh, kw, cin = wa.shape
-    _, zp_in = g.q1(x)
-    s_out, zp_out = g.q1(y)
-    n, h, wd, c = xa.shape
+    n, _, _, c = xa.shape
     if c % cin:
         raise UnsupportedLayerError(f"CONV_2D with {c} input channels and filters of depth {cin}")
     if c != cin:
         raise UnsupportedLayerError("grouped CONV_2D is not supported")
     oh, ow = g.shape(y)[1:3]
-    pad = (
-        _padding(o.padding, h, kh, o.strideH, o.dilationHFactor),
-        _padding(o.padding, wd, kw, o.strideW, o.dilationWFactor),
-    )
-    taps = _taps(
-        (xa - zp_in).astype(np.float64),
-        (oh, ow),
-        (kh, kw),
-        (o.strideH, o.strideW),
-        (o.dilationHFactor, o.dilationWFactor),
-        pad,
-    )
+    taps = _window_taps(g, op, xa, kh, kw)
     wt = wa.transpose(1, 2, 3, 0).reshape(kh * kw, cin, cout).astype(np.float64)
     acc = np.zeros((n * oh * ow, cout), np.float64)  # exact: |sums| < 2^53
     for tap, wk in zip(taps, wt):
         acc += tap.reshape(n * oh * ow, cin) @ wk
-    acc = _wrap32(acc.astype(np.int64))  # TFLM accumulates in int32
-    acc = _wrap32(acc.reshape(n, oh, ow, cout) + _bias(g, op, cout))
-    mult, shift = _conv_multipliers(g, x, w, y, cout)
-    lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
-    g.values[y] = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
+    _conv_output(g, op, acc.reshape(n, oh, ow, cout))
 
 
 def _depthwise(g: _Graph, op: Any) -> None:
     x, w, y = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
-    o = _opts(op)
     xa = g.get(x).astype(np.int64)
     wa = g.get(w).astype(np.int64)  # [1, KH, KW, Cout]
     _, kh, kw, cout = wa.shape
-    n, h, wd, cin = xa.shape
+    n, _, _, cin = xa.shape
     mult_d = cout // cin
     if mult_d * cin != cout:
         raise ConfigError(f"DEPTHWISE_CONV_2D: {cout} output channels for {cin} input channels")
-    _, zp_in = g.q1(x)
-    s_out, zp_out = g.q1(y)
     oh, ow = g.shape(y)[1:3]
-    pad = (
-        _padding(o.padding, h, kh, o.strideH, o.dilationHFactor),
-        _padding(o.padding, wd, kw, o.strideW, o.dilationWFactor),
-    )
-    taps = _taps(
-        (xa - zp_in).astype(np.float64),
-        (oh, ow),
-        (kh, kw),
-        (o.strideH, o.strideW),
-        (o.dilationHFactor, o.dilationWFactor),
-        pad,
-    )
+    taps = _window_taps(g, op, xa, kh, kw)
     wt = wa[0].reshape(kh * kw, cout).astype(np.float64)
     acc = np.zeros((n, oh, ow, cout), np.float64)
     for tap, wk in zip(taps, wt):
         # output channel oc reads input channel oc // depth_multiplier
         acc += (np.repeat(tap, mult_d, axis=-1) if mult_d > 1 else tap) * wk
-    acc = _wrap32(acc.astype(np.int64))  # TFLM accumulates in int32
-    acc = _wrap32(acc + _bias(g, op, cout))
-    mult, shift = _conv_multipliers(g, x, w, y, cout)
-    lo, hi = _activation_range(o.fusedActivationFunction, s_out, zp_out)
-    g.values[y] = _requantize_acc(acc, mult, shift, zp_out, lo, hi)
+    _conv_output(g, op, acc)
 
 
 def _fully_connected(g: _Graph, op: Any) -> None:
