@@ -26,6 +26,7 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -417,35 +418,52 @@ def _op_version(code: str, in_types: list[str | None], options: dict[str, Any], 
 # -- reading --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _bounded_vectors() -> Iterator[None]:
-    """While a flatbuffer is unpacked, a vector whose length field claims more elements than
-    the bytes after it hold is an error, not a loop of millions of reads (a corrupt length would
-    otherwise make the object API build lists until memory runs out)."""
+_VECTOR_BUDGET = threading.local()
+"""This thread's ``[elements read, limit]`` while :func:`_bounded_vectors` is active."""
+
+
+def _bounded_vector_len(original):
+    """``flatbuffers.table.Table.VectorLen`` that checks each length against the buffer while
+    this thread is inside :func:`_bounded_vectors` (and is ``original`` elsewhere)."""
     from flatbuffers import encode, number_types
-    from flatbuffers.table import Table
 
-    original = Table.VectorLen
-    total = [0]  # elements of every vector read so far
-
-    def bounded(self, off):
+    def vector_len(self, off):
         n = original(self, off)
+        budget = getattr(_VECTOR_BUDGET, "state", None)
+        if budget is None:
+            return n
         start = self.Pos + off
         start += encode.Get(number_types.UOffsetTFlags.packer_type, self.Bytes, start)
         if n < 0 or start + 4 + n > len(self.Bytes):
             raise ValueError(f"a vector of {n} elements at byte {start} overruns the buffer")
         # a well-formed file's vectors hold distinct bytes (each length is read a few times):
         # more elements than that are corrupt offsets pointing vectors at each other
-        total[0] += n
-        if total[0] > 4 * len(self.Bytes) + 4096:
+        budget[0] += n
+        if budget[0] > budget[1]:
             raise ValueError("vectors hold more elements than the file has bytes")
         return n
 
-    Table.VectorLen = bounded
+    vector_len.omse_bounded = True
+    return vector_len
+
+
+@contextlib.contextmanager
+def _bounded_vectors(size: int) -> Iterator[None]:
+    """While a flatbuffer of ``size`` bytes is unpacked on this thread, a vector whose length
+    field claims more elements than the bytes after it hold is an error, not a loop of millions
+    of reads (a corrupt length would otherwise make the object API build lists until memory
+    runs out). ``Table.VectorLen`` is wrapped once per process; the wrapper checks only on a
+    thread inside this block, so other threads' flatbuffers read as before."""
+    from flatbuffers.table import Table
+
+    if not getattr(Table.VectorLen, "omse_bounded", False):
+        Table.VectorLen = _bounded_vector_len(Table.VectorLen)
+    outer = getattr(_VECTOR_BUDGET, "state", None)
+    _VECTOR_BUDGET.state = [0, 4 * size + 4096]
     try:
         yield
     finally:
-        Table.VectorLen = original
+        _VECTOR_BUDGET.state = outer
 
 
 def read_model(source: str | Path | bytes | bytearray) -> Any:
@@ -474,7 +492,7 @@ def read_model(source: str | Path | bytes | bytearray) -> Any:
     if root + 4 > len(data):
         raise CheckpointError(f"{label}: truncated or corrupt TFLite flatbuffer (root offset)")
     try:
-        with _bounded_vectors():
+        with _bounded_vectors(len(data)):
             model = schema.ModelT.InitFromPackedBuf(data, 0)
     except (MemoryError, RecursionError) as e:
         raise CheckpointError(f"{label}: corrupt TFLite flatbuffer ({type(e).__name__})") from e

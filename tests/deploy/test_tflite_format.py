@@ -196,3 +196,37 @@ def test_byte_flips_never_crash(flips):
     for pos, val in flips:
         data[pos] = val
     _read_or_refuse(bytes(data))
+
+
+def test_vector_bounds_apply_on_the_reading_thread_only():
+    """The length check wraps flatbuffers' ``Table.VectorLen`` once; it counts and checks only
+    on a thread inside ``read_model``, so another thread's flatbuffers read as before (and
+    outside a read nothing is counted)."""
+    import threading
+
+    from flatbuffers.table import Table
+
+    import omse.tflite_format as ft
+
+    data, _ = _model(np.random.default_rng(0))
+    ft.read_model(data)
+    assert getattr(Table.VectorLen, "omse_bounded", False)
+    assert getattr(ft._VECTOR_BUDGET, "state", None) is None
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def reader():
+        with ft._bounded_vectors(len(data)):
+            inside.set()
+            done.wait(5)
+            seen["reader"] = list(ft._VECTOR_BUDGET.state)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    inside.wait(5)
+    for _ in range(3):  # this thread reads while the other is inside: nothing counted there
+        ft.read_model(data)
+    seen["main"] = getattr(ft._VECTOR_BUDGET, "state", None)
+    done.set()
+    t.join()
+    assert seen["reader"][0] == 0 and seen["main"] is None
