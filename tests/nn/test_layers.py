@@ -134,6 +134,9 @@ def test_effective_bias_is_kept_with_the_merged_kernel():
     with torch.no_grad():
         ql.w_codes0[1].add_(1)  # the kernel in place
     assert torch.equal(ql.effective_bias(), fresh())
+    with torch.no_grad():  # new storage behind the same parameter (module.to, .half)
+        ql.layer.bias.data = ql.layer.bias.data * 2
+    assert torch.equal(ql.effective_bias(), fresh())
     learned = torch.tensor(0.25, requires_grad=True)
     ql.act_scale = learned
     a, b = ql.effective_bias(), ql.effective_bias()

@@ -359,7 +359,7 @@ class QuantizedLayer(nn.Module):
 
         Every forward of an integer-target layer reads it (its bias step): the result is kept
         until a term's tensors, the bias or the input step are replaced or changed in place
-        (their identity and version counters are the key).
+        (their identity, version counters and storage are the key).
         """
         return self._integer_state()[0]
 
@@ -369,7 +369,10 @@ class QuantizedLayer(nn.Module):
         the bias or the input step are replaced or changed in place (see :meth:`merged_term`)."""
         state = (*(t for term in self.terms() for t in term), getattr(self.layer, "bias", None))
         state = (*state, self.act_scale)
-        versions = tuple(-1 if t is None else t._version for t in state)
+        # in-place changes move the version; `.data = ...` (module.to(), .half()) the storage
+        versions = tuple(
+            None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in state
+        )
         cached = self.__dict__.get("_merged_cache")
         if (
             cached is not None
