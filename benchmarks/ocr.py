@@ -136,6 +136,10 @@ ROWS["default recipe 0.6x held"] = {
     **ROWS["default recipe 0.6x + guard"],
     "budget": Budget(0.6, guard_db=None),
 }
+ROWS["best recipe 0.6x held"] = {  # QuantConfig.preset("best"): + learned rounding (minutes)
+    **ROWS["default recipe 0.6x held"],
+    "rounding": "learned",
+}
 DEFAULT_ROWS = ("W8A8 recipe", "W4A8 recipe", "W4A4 recipe", "W4A8 MMSE")
 TARGETS = ("int4", "int8")
 
