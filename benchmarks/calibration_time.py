@@ -23,11 +23,15 @@ batches of 16, as ``benchmarks/latency.py``), YOLOX-nano and NanoDet-m from ``--
 project's ``../shared/data``; see ``benchmarks/detection.py`` for where a user gets them; 32
 unannotated COCO images, batches of 1 as their ONNX files take them). Missing models are
 skipped. One untimed warm-up run of each candidate first (imports, numba's cache, onnxruntime's
-first session), so the medians are what a process quantizing a second model pays. Threads: ``--threads`` for torch; onnxruntime's calibration session takes its default
-(one per core), so on this 2-core machine both sides use both cores by default.
+first session), so the medians are what a process quantizing a second model pays. Threads:
+``--threads`` for torch; onnxruntime's calibration session takes its default (one per core), so
+on this 2-core machine both sides use both cores by default. torch's OpenMP threads wait as
+libgomp has them by default (a user's process); ``--omp-passive`` makes them sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``), which costs omse's many small parallel regions far more than
+onnxruntime's calibration (its own pool spins by default either way).
 
     python benchmarks/calibration_time.py [--models ...] [--repeats 3] [--threads 2]
-        [--data ../shared/data]
+        [--omp-passive] [--data ../shared/data]
 
 Prints a markdown table and writes ``results/calibration_time.json`` (``--out``).
 """
