@@ -553,11 +553,16 @@ def image_matches(
     return out
 
 
+def _labelled_classes(parts: Sequence[ImageMatches]) -> list[int]:
+    """The classes some image labels with a non-crowd box, sorted."""
+    return sorted({c for p in parts for c, (_, _, n) in p.items() if n > 0})
+
+
 def map_of_matches(parts: Sequence[ImageMatches], n_thresholds: int) -> np.ndarray:
     """``[n_thresholds]`` mAP of images matched by :func:`image_matches` (with that many
     thresholds): per threshold, the 101-point AP of every class some image labels (a crowd
     label alone does not count), averaged over those classes (0 where there are none)."""
-    classes = sorted({c for p in parts for c, (_, _, n) in p.items() if n > 0})
+    classes = _labelled_classes(parts)
     ap = np.zeros((n_thresholds, len(classes)))
     for k, c in enumerate(classes):
         hit = [p[c] for p in parts if c in p]
@@ -588,7 +593,7 @@ def coco_map(
     parts = [image_matches(d, g, thresholds, max_detections) for d, g in zip(dets, gts, strict=True)]
     per = map_of_matches(parts, len(thresholds))
     at = {round(float(t), 2): per[i] for i, t in enumerate(thresholds)}
-    classes = {c for p in parts for c, (_, _, n) in p.items() if n > 0}
+    classes = _labelled_classes(parts)
     return {
         "map50": float(at[0.5]),
         "map50_95": float(np.mean([at[round(float(t), 2)] for t in ious])),

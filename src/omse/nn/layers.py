@@ -493,16 +493,15 @@ class QuantizedLayer(nn.Module):
             or getattr(layer, "bias", None) is None
         ):
             return None
-        if self.act_scale.requires_grad:  # a graph to keep (learned steps): computed each time
-            _, s = self.merged_term()
-            return (self.act_scale.to(torch.float32) * s.reshape(-1).to(torch.float32)).expand(
-                layer.bias.shape[0]
-            )
         entry = self._integer_state()
-        if entry[2] is None or entry[2].shape[0] != layer.bias.shape[0]:
-            s = entry[0][1].reshape(-1).to(torch.float32)
-            entry[2] = (self.act_scale.to(torch.float32) * s).expand(layer.bias.shape[0])
-        return entry[2]
+        learned = self.act_scale.requires_grad  # a learned step's graph is built anew each time
+        if entry[2] is not None and not learned:
+            return entry[2]
+        s = entry[0][1].reshape(-1).to(torch.float32)
+        sb = (self.act_scale.to(torch.float32) * s).expand(layer.bias.shape[0])
+        if not learned:
+            entry[2] = sb
+        return sb
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias the layer adds: rounded to the int32 grid of :meth:`bias_scale` where that
@@ -513,10 +512,10 @@ class QuantizedLayer(nn.Module):
         sb = self.bias_scale()
         if sb is None:
             return b
-        if sb.requires_grad:  # a graph to keep (learned steps): computed each time
+        if sb.requires_grad:  # a learned step's graph is built anew each time
             return self._rounded_bias(b, sb)
         entry = self._integer_state()  # its key holds the bias and the steps sb is made of
-        if entry[1] is None or entry[1].dtype != b.dtype:
+        if entry[1] is None:
             entry[1] = self._rounded_bias(b, sb)
         return entry[1]
 

@@ -288,8 +288,7 @@ class _StatsMemo:
 
     state: bytes
     sites_mode: tuple | None  # how the op sites run the forward (None: no op quantizers)
-    bins: int
-    clamp: dict[str, tuple[float, float]]
+    needs: Needs
     stats: dict[str, LayerStatistics]
     site_stats: dict[int, HistogramStats]
     fits: FitCache = field(default_factory=FitCache)
@@ -299,13 +298,13 @@ class _StatsMemo:
     ) -> tuple[dict[str, LayerStatistics], dict[int, HistogramStats]] | None:
         """The statistics a pass for ``needs`` and the op sites ``sites`` would gather, from
         these, or None when that pass would see or bin anything else."""
-        clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
+        clamp, had = needs.clamps, self.needs.clamps
         if (
             state != self.state
             or sites_mode != self.sites_mode
-            or needs.bins != self.bins
-            or any(self.clamp.get(n) != c for n, c in clamp.items())
-            or not sites <= set(self.site_stats)
+            or needs.bins != self.needs.bins
+            or any(had.get(n) != c for n, c in clamp.items())
+            or not sites <= self.site_stats.keys()
         ):
             return None
         stats = {
@@ -621,8 +620,7 @@ def _activations(r: _Run) -> None:
         with observe_sites(ops, r.config.activations.bins) as site_stats:
             stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
         site_stats = gather_site_stats(site_stats) if ops is not None else {}
-        clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
-        r.memo = _StatsMemo(state, mode, needs.bins, clamp, stats, site_stats)
+        r.memo = _StatsMemo(state, mode, needs, stats, site_stats)
     else:
         stats, site_stats = kept
         for n, q in r.layers.items():

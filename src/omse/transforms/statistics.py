@@ -119,6 +119,11 @@ class Needs:
     def patches(self) -> bool:
         return self.patch_moments or self.patch_means
 
+    @property
+    def clamps(self) -> dict[str, tuple[float, float]]:
+        """``output_clamp`` by layer: ``{name: (lo, hi)}``."""
+        return {n: (lo, hi) for n, lo, hi in self.output_clamp}
+
 
 @dataclass
 class LayerStatistics:
@@ -350,7 +355,7 @@ class _Observer:
     def __init__(self, needs: Needs, stats: dict[str, LayerStatistics]):
         self.needs = needs
         self.stats = stats
-        self.clamp = {n: (lo, hi) for n, lo, hi in needs.output_clamp}
+        self.clamp = needs.clamps
         self.batch = 0
         self._macs: dict[tuple[str, int, int], int] = {}  # (layer, in, out per sample) -> MACs
 
