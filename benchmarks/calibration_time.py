@@ -16,7 +16,10 @@ MinMax's of the same run:
   ``end to end`` adds ``omse.export_onnx`` (the file a user deploys, as ``quantize_static``
   writes one); for the default, ``report`` times ``omse.report`` on the same batches after
   it (the per-layer report: two passes over the batches, no statistics recomputed). PyTorch models are quantized as modules; detectors from their ONNX files (import
-  and onnxruntime check included).
+  and onnxruntime check included);
+- ``float forward``: the float model omse calibrates (the ONNX file as omse imports it) run
+  over the same batches (torch, no gradients): the unit of the ``statistics pass`` column, the
+  activation statistics pass of each omse recipe's last round (``Calibration.timings``).
 
 Models: EfficientNet-Lite0 and the Fashion-MNIST zoo (``omse.zoo``; 32 calibration images in
 batches of 16, as ``benchmarks/latency.py``), YOLOX-nano and NanoDet-m from ``--data`` (the
@@ -68,6 +71,7 @@ import detection  # noqa: E402
 import omse  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 from omse.runtime import cpu_name  # noqa: E402
+from omse.transforms.onnx_import import load_onnx  # noqa: E402
 
 ZOO = ("efficientnet-lite0", "fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg")
 DETECTORS = ("yolox", "nanodet")
@@ -125,23 +129,39 @@ def candidates(src: Path, model, batches: list, work: Path) -> dict[str, Callabl
 
     def ours(config: omse.QuantConfig, report: bool = False):
         def run():
+            cal = omse.Calibration()
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the fallback's and the guard's lines
-                q = omse.quantize(model if model is not None else str(src), batches, config)
+                q = omse.quantize(
+                    model if model is not None else str(src), batches, config, calibration=cal
+                )
                 t1 = time.perf_counter()
                 omse.export_onnx(q, batches[0], str(work / "omse.onnx"), force=True)
                 t2 = time.perf_counter()
                 if report:
                     omse.report(q, batches, work / "report", force=True)
             times = {"calibration": t1 - t, "end_to_end": t2 - t}
+            if "statistics pass" in cal.timings:
+                times["statistics_pass"] = cal.timings["statistics pass"]
             if report:
                 times["report"] = time.perf_counter() - t2
             return times
 
         return run
 
+    # the float model omse calibrates (the ONNX file imported as omse imports it)
+    floats = model if model is not None else load_onnx(str(src), sample=batches[0])
+
+    def forward():
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                floats(b)
+        return {"forward": time.perf_counter() - t}
+
     return {
+        "float forward": forward,
         "ort MinMax": ort("MinMax"),
         "ort Percentile": ort("Percentile"),
         "omse fast": ours(omse.QuantConfig.preset("fast", target="int8")),
@@ -170,17 +190,24 @@ def bench(name: str, case, repeats: int, work: Path, seed: int) -> dict:
     med = {
         k: {
             key: statistics.median(t[key] for t in ts if key in t)
-            for key in ("calibration", "end_to_end", "report")
+            for key in ("calibration", "end_to_end", "report", "statistics_pass", "forward")
             if any(key in t for t in ts)
         }
         for k, ts in times.items()
     }
     ref = med["ort MinMax"].get("calibration")
+    fwd = med["float forward"].get("forward")
     rows = []
     for k, m in med.items():
         row = {"candidate": k, "median_seconds": {a: round(b, 2) for a, b in m.items()}}
         if ref:
-            row["vs_ort_minmax"] = {a: round(b / ref, 2) for a, b in m.items()}
+            row["vs_ort_minmax"] = {
+                a: round(b / ref, 2)
+                for a, b in m.items()
+                if a in ("calibration", "end_to_end", "report")
+            }
+        if fwd and "statistics_pass" in m:
+            row["statistics_pass_vs_float_forward"] = round(m["statistics_pass"] / fwd, 2)
         errors = [t["error"] for t in times[k] if "error" in t]
         if errors:
             row["errors"] = errors
@@ -192,8 +219,9 @@ def bench(name: str, case, repeats: int, work: Path, seed: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         "| model | candidate | calibration s (median) | x `quantize_static` MinMax | "
-        "end to end s | x MinMax | `omse.report` s (x calibration) |",
-        "|---|---|---|---|---|---|---|",
+        "end to end s | x MinMax | `omse.report` s (x calibration) | statistics pass s "
+        "(x float forward) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
         for r in m["rows"]:
@@ -209,6 +237,14 @@ def table(result: dict) -> str:
                 + (
                     f"{s['report']:.1f} ({s['report'] / s['calibration']:.2f})"
                     if "report" in s and s.get("calibration")
+                    else "-"
+                )
+                + " | "
+                + (
+                    f"{s['statistics_pass']:.2f} ({r['statistics_pass_vs_float_forward']:.2f})"
+                    if "statistics_pass_vs_float_forward" in r
+                    else f"{s['forward']:.2f} (float forward)"
+                    if "forward" in s
                     else "-"
                 )
                 + " |"

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omse.core.stats import DEFAULT_BINS, HistogramStats, merge_in_order
-from omse.errors import CalibrationError
+import omse.core.stats as stats_module
+from omse.core.stats import DEFAULT_BINS, DeferredBinning, HistogramStats, merge_in_order
+from omse.errors import CalibrationError, NonFiniteError
 
 torch.set_num_threads(1)
 
@@ -599,3 +600,136 @@ def test_kernel_at_the_extremes_of_the_range_equals_the_previous_kernel(scale, r
     _bins_1a53d9c(x, radius, c0, s0)
     assert np.array_equal(c, c0) and np.array_equal(_bits(s), _bits(s0))
     assert c.sum() == 5000 and c[32] >= 5000 // 3
+
+
+# -- deferred binning -----------------------------------------------------------------------------
+
+
+def _state(h: HistogramStats) -> tuple:
+    """Everything a histogram holds, bit for bit (floats by their bits)."""
+    return (
+        h.radius,
+        h.n,
+        h.min,
+        h.max,
+        h.sum.hex(),
+        h.sum_sq.hex(),
+        h.sum_abs.hex(),
+        h.sum_4.hex(),
+        h.counts.numpy().tobytes(),
+        h.sums.numpy().tobytes(),
+    )
+
+
+def _passes(seed: int, n_hists: int = 5, n_passes: int = 3) -> list[list[tuple[int, torch.Tensor]]]:
+    """Per pass, updates ``(histogram index, values)``: several per histogram, ranges that grow
+    within and across passes, float32 and float64, zeros, a non-contiguous view."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in range(n_passes):
+        ups = []
+        for k in range(n_hists * 3):
+            x = torch.randn(int(torch.randint(1, 5000, (1,), generator=gen)), generator=gen)
+            x = x * 10.0 ** float(torch.randint(-3, 4, (1,), generator=gen)) * (p + 1)
+            if k % 4 == 1:
+                x = x.double()
+            if k % 5 == 2:
+                x = torch.relu(x)
+            if k % 7 == 3:
+                x = torch.randn(40, 30, generator=gen).t()
+            ups.append((k % n_hists, x))
+        out.append(ups)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deferred_binning_equals_updates_in_order_bit_for_bit(workers, seed):
+    passes = _passes(seed)
+    ref = [HistogramStats(256) for _ in range(5)]
+    for ups in passes:
+        for i, x in ups:
+            ref[i].update(x)
+    got = [HistogramStats(256) for _ in range(5)]
+    with DeferredBinning(workers) as d:
+        for ups in passes:
+            for i, x in ups:
+                got[i].update(x)
+            assert all(h.n == 0 for h in got) or d._futures == []  # nothing binned during a pass
+            assert d.submit()
+            d.wait()
+    assert [_state(h) for h in got] == [_state(h) for h in ref]
+
+
+def test_deferred_values_changed_in_place_make_the_pass_run_again():
+    x = torch.randn(1000)
+    h, ref = HistogramStats(128), HistogramStats(128).update(x.clone())
+    with DeferredBinning(2) as d:
+        h.update(x)
+        x.mul_(2.0)  # the model changes the observed tensor after it was queued (exactly)
+        assert not d.submit()
+        assert h.n == 0  # nothing of the pass was binned
+        x.div_(2.0)
+        with d.paused():
+            h.update(x)  # bins at once
+            assert h.n == 1000
+        assert d.submit()
+    assert _state(h) == _state(ref)
+
+
+def test_deferred_binning_past_its_memory_bound_bins_the_rest_at_once():
+    passes = _passes(3, n_passes=1)
+    ref = [HistogramStats(256) for _ in range(5)]
+    got = [HistogramStats(256) for _ in range(5)]
+    for i, x in passes[0]:
+        ref[i].update(x)
+    with DeferredBinning(2, max_bytes=20_000) as d:
+        for k, (i, x) in enumerate(passes[0]):
+            got[i].update(x)
+            if k == len(passes[0]) - 1:
+                assert d._mode == "direct"
+        assert d.submit()
+    assert [_state(h) for h in got] == [_state(h) for h in ref]
+
+
+def test_deferred_binning_past_its_bound_with_a_changed_value_drops_the_pass():
+    x, y = torch.randn(3000), torch.randn(3000)
+    h = HistogramStats(64)
+    with DeferredBinning(1, max_bytes=16_000) as d:
+        h.update(x)
+        x.mul_(2.0)
+        h.update(y)  # past the bound: the queue is checked, x changed
+        h.update(y)  # dropped: the pass runs again
+        assert h.n == 0 and not d.submit()
+
+
+def test_deferred_non_finite_values_raise_at_once():
+    h = HistogramStats(64)
+    with DeferredBinning(2) as d:
+        h.update(torch.ones(3))
+        with pytest.raises(NonFiniteError):
+            h.update(torch.tensor([1.0, float("nan")]))
+        assert d.submit()
+    assert h.n == 3
+
+
+def test_inference_tensors_and_other_threads_bin_at_once():
+    import threading
+
+    h, g = HistogramStats(64), HistogramStats(64)
+    with DeferredBinning(2) as d:
+        with torch.inference_mode():
+            h.update(torch.randn(10))
+        assert h.n == 10
+        t = threading.Thread(target=lambda: g.update(torch.randn(7)))
+        t.start()
+        t.join()
+        assert g.n == 7
+        assert d.submit()
+
+
+def test_deferred_binning_blocks_do_not_nest():
+    outer = DeferredBinning(1)
+    with outer, pytest.raises(CalibrationError, match="nest"), DeferredBinning(1):
+        pass
+    assert getattr(stats_module._DEFERRED, "active", None) is None  # the outer block ended

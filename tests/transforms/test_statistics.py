@@ -212,6 +212,89 @@ def test_histograms_of_a_pass_equal_the_torch_paths(monkeypatch):
     assert new["a"].output.min == 0.0  # the clamp applied
 
 
+def test_deferred_binning_of_a_pass_equals_binning_each_update_at_once(monkeypatch):
+    """The pass bins its histograms after each batch, on worker threads (DeferredBinning): the
+    same histograms bit for bit as binning each update as it comes, also when the model changes
+    an observed tensor in place after it was observed (that batch runs again, the later ones
+    bin at once)."""
+    import math
+
+    import omse.core.stats as stats
+
+    torch.manual_seed(0)
+    cfg = LayerConfig(weight_bits=8, act_bits=None)
+    layers = {
+        "a": QuantizedLayer(nn.Conv2d(3, 8, 3, padding=1), "a", cfg),
+        "b": QuantizedLayer(nn.Conv2d(8, 4, 1), "b", cfg),
+    }
+
+    class Net(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.a, self.b, self.inplace, self.calls = layers["a"], layers["b"], inplace, 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = torch.relu(self.a(x))
+            z = self.b(h)  # b's input histogram holds h
+            if self.inplace:
+                h.mul_(0.5)  # after it was observed, as a residual's `out += x`
+            return z.sum() + h.sum()
+
+    batches = [torch.randn(2, 3, 9, 9) * 10.0**k for k in (-2, 0, 1)]
+    needs = Needs(input_histograms=True, output_clamp=(("b", -math.inf, math.inf),), bins=256)
+    for inplace in (False, True):
+        net = Net(inplace).eval()
+        new = collect(net, layers, batches, needs)
+        assert net.calls == len(batches) + inplace  # the first batch again, the others once
+        with monkeypatch.context() as m:
+            m.setattr(stats.DeferredBinning, "take", lambda self, *a: False)
+            ref = collect(net, layers, batches, needs)
+        for name in layers:
+            for f in ("input", "output"):
+                a, b = getattr(new[name], f), getattr(ref[name], f)
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert torch.equal(a.counts, b.counts) and torch.equal(a.sums, b.sums)
+                    assert (a.n, a.min, a.max, a.radius) == (b.n, b.min, b.max, b.radius)
+                    assert (a.sum, a.sum_sq, a.sum_abs, a.sum_4) == (
+                        b.sum,
+                        b.sum_sq,
+                        b.sum_abs,
+                        b.sum_4,
+                    )
+
+
+def test_deferred_binning_leaves_an_int8_calibration_unchanged(monkeypatch):
+    """A whole int8 calibration with op quantizers (SiLU as Sigmoid and Mul, a global pool):
+    every layer's and op site's step equal with the deferred binning and without."""
+    import omse
+    import omse.core.stats as stats
+    from omse.transforms.calibration import op_quantizers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    batches = [torch.randn(4, 3, 10, 10) for _ in range(3)]
+    config = omse.QuantConfig.preset("fast", target="int8", weight_bits=8)
+
+    def steps():
+        q = omse.quantize(model, batches, config)
+        ops = op_quantizers(q)
+        assert ops is not None and ops.scales
+        layers = {
+            n: (ql.act_scale.item(), None if ql.out_scale is None else ql.out_scale.item())
+            for n, ql in omse.quantized_layers(q).items()
+        }
+        return layers, {k: v.item() for k, v in ops.scales.items()}
+
+    new = steps()
+    monkeypatch.setattr(stats.DeferredBinning, "take", lambda self, *a: False)
+    assert steps() == new
+
+
 SUM_CASES = [
     (nn.Conv2d(4, 6, 3, padding=1), (2, 4, 9, 8)),
     (nn.Conv2d(4, 6, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), (3, 4, 11, 10)),

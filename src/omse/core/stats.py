@@ -12,7 +12,11 @@ Speed: :meth:`HistogramStats.update` reads a CPU tensor in its own dtype: ``torc
 the range and finiteness, then the compiled kernel of :mod:`omse.core.binning` for the moments
 and the bins (about 2.5 ns per value on one core, against about 20 for the torch path it
 replaced, which other devices still take). Both paths give the same counts and per-bin sums bit
-for bit (``tests/core/test_stats.py`` keeps the old one as the reference).
+for bit (``tests/core/test_stats.py`` keeps the old one as the reference). The kernel runs on one
+core per histogram; a calibration pass (:func:`omse.transforms.statistics.collect`) holds its
+updates in a :class:`DeferredBinning` block and bins a batch's histograms side by side on
+``torch.get_num_threads()`` threads after its forward pass: bit for bit the same histograms, and
+binning no longer the serial part of a pass on a machine with many cores.
 :meth:`HistogramStats.absorb` merges CPU histograms with the compiled
 :func:`~omse.core.binning.absorb_bins`: the torch path's float operations, in place.
 
@@ -24,7 +28,11 @@ so that every rank holds the same histogram bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +40,13 @@ import torch
 
 from ..errors import CalibrationError, NonFiniteError
 
-__all__ = ["HistogramStats", "DEFAULT_BINS", "merge_in_order", "all_reduce_histogram"]
+__all__ = [
+    "HistogramStats",
+    "DEFAULT_BINS",
+    "DeferredBinning",
+    "merge_in_order",
+    "all_reduce_histogram",
+]
 
 DEFAULT_BINS = 4096
 _MAX_MAGNITUDE = 2.0**1022
@@ -104,7 +118,9 @@ class HistogramStats:
         Raises :class:`~omse.errors.NonFiniteError` for NaN or Inf values (``self`` untouched).
         A CPU tensor is binned by the compiled kernel of :mod:`omse.core.binning` (one read, no
         float64 copy), others by torch; both give the same counts and per-bin sums bit for bit
-        and the same moments up to float64 rounding (see there)."""
+        and the same moments up to float64 rounding (see there). Inside a
+        :class:`DeferredBinning` block on this thread a CPU tensor's values are checked here and
+        binned when the block flushes (the same operations, in the same order per histogram)."""
         v = x.detach().reshape(-1)
         if not v.is_floating_point():
             v = v.to(torch.float64)
@@ -114,6 +130,14 @@ class HistogramStats:
         vmin, vmax = float(lo), float(hi)
         if not (math.isfinite(vmin) and math.isfinite(vmax)):
             raise NonFiniteError("calibration values contain NaN or Inf")
+        deferred = getattr(_DEFERRED, "active", None)
+        if deferred is None or not deferred.take(self, v, vmin, vmax):
+            self._add(v, vmin, vmax)
+        return self
+
+    def _add(self, v: torch.Tensor, vmin: float, vmax: float) -> None:
+        """Add the finite values ``v [n]`` (extremes ``vmin``, ``vmax``): range, count, extremes,
+        moments and bins."""
         amax = max(abs(vmin), abs(vmax))
         if amax >= self.radius:
             self._grow_to(amax)
@@ -124,7 +148,6 @@ class HistogramStats:
             self._bin_compiled(kernels.bin_values, v)
         else:
             self._bin_torch(v.to(torch.float64))
-        return self
 
     def _plain(self) -> bool:
         """True when ``counts`` and ``sums`` are contiguous float64 CPU tensors (the kernels')."""
@@ -288,6 +311,124 @@ def _kernel():
     """:func:`omse.core.binning.bin_values`, or None without the compiled kernels."""
     kernels = _kernels()
     return None if kernels is None else kernels.bin_values
+
+
+DEFERRED_BYTES = 1 << 30
+"""The most bytes of values a :class:`DeferredBinning` block holds unbinned in one pass (tensors
+of the pass, referenced, not copied); past it, the pass's later updates bin at once."""
+
+_DEFERRED = threading.local()  # .active: the DeferredBinning of this thread's block, if any
+
+
+class DeferredBinning:
+    """Histogram updates of CPU tensors held (by reference) while a forward pass runs, then
+    binned on worker threads: several histograms at once, each one's values in the order they
+    came, so every histogram ends bit for bit as :meth:`HistogramStats.update` alone leaves it.
+
+    - ``with DeferredBinning(workers) as d:`` on the thread that runs the model: each
+      :meth:`HistogramStats.update` of a CPU tensor on that thread reads the extremes (NaN or
+      Inf raise there, as always) and queues the values; other threads' updates bin at once.
+    - :meth:`submit`, after the pass: returns False, binning nothing and dropping the queue,
+      when a queued tensor was changed in place since it was queued (its version counter: an
+      in-place op of the model, such as a residual ``out += x``, on a tensor observed earlier);
+      the caller then runs the pass again outside the block. Otherwise starts binning the queue
+      in the background and returns True. It first waits for the previous submission, so one
+      histogram's updates keep their order across passes.
+    - :meth:`wait`: blocks until the submitted bins are in (re-raising a worker's error). A
+      histogram with queued values is not read, absorbed or updated elsewhere before then.
+    - Past ``max_bytes`` of queued values in one pass the queue is checked and binned at once,
+      and the pass's later updates bin as they come (memory stays bounded).
+
+    Inference tensors (``torch.inference_mode``) have no version counter: they bin at once.
+    """
+
+    def __init__(self, workers: int, max_bytes: int = DEFERRED_BYTES):
+        self.workers = max(1, int(workers))
+        self.max_bytes = max_bytes
+        self._queue: list[tuple[HistogramStats, torch.Tensor, float, float, int]] = []
+        self._bytes = 0
+        self._mode = "queue"  # "queue", "direct" (past max_bytes) or "stale" (pass to rerun)
+        self._futures: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> DeferredBinning:
+        if getattr(_DEFERRED, "active", None) is not None:
+            raise CalibrationError("DeferredBinning blocks do not nest")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="omse-binning")
+        _DEFERRED.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEFERRED.active = None
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._queue.clear()
+            assert self._pool is not None
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Updates on this thread bin at once inside the block (after the submitted bins)."""
+        self.wait()
+        _DEFERRED.active = None
+        try:
+            yield
+        finally:
+            _DEFERRED.active = self
+
+    def take(self, hist: HistogramStats, v: torch.Tensor, vmin: float, vmax: float) -> bool:
+        """Queue the finite values ``v [n]`` for ``hist`` (True), or False: bin them now."""
+        if self._mode == "stale":
+            return True  # the pass runs again: its values are dropped
+        if (
+            self._mode == "direct"
+            or v.device.type != "cpu"
+            or v.is_inference()
+            or _kernels() is None
+            or not hist._plain()
+        ):
+            return False
+        self._queue.append((hist, v, vmin, vmax, v._version))
+        self._bytes += v.numel() * v.element_size()
+        if self._bytes > self.max_bytes:
+            self._mode = "direct" if self._start() else "stale"
+            self.wait()
+        return True
+
+    def submit(self) -> bool:
+        """End of a pass: start binning its queue (True), or False when the pass must run again
+        (see the class docstring)."""
+        mode, self._mode = self._mode, "queue"
+        if mode == "stale":
+            return False
+        return self._start()
+
+    def _start(self) -> bool:
+        self.wait()
+        queue, self._queue, self._bytes = self._queue, [], 0
+        if any(v._version != version for _, v, _, _, version in queue):
+            return False
+        groups: dict[int, list] = {}
+        for hist, v, vmin, vmax, _ in queue:
+            groups.setdefault(id(hist), []).append((hist, v, vmin, vmax))
+        # the largest first: the workers finish together
+        order = sorted(groups.values(), key=lambda g: -sum(v.numel() for _, v, _, _ in g))
+        assert self._pool is not None
+        self._futures = [self._pool.submit(_add_in_order, g) for g in order]
+        return True
+
+    def wait(self) -> None:
+        """Block until the submitted bins are in."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+
+def _add_in_order(group: list) -> None:
+    for hist, v, vmin, vmax in group:
+        hist._add(v, vmin, vmax)
 
 
 def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:

@@ -153,6 +153,10 @@ class Calibration:
     precision: PrecisionPlan | None = None
     """Each layer's weight width, its candidates' bytes and estimated errors, the budget and
     the guard's measurements (``QuantConfig.budget``; None without a budget)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of each step of the last calibration round (``"wrap"``, ``"plan"``,
+    ``"activations"``, ...), and of its activation statistics pass alone (``"statistics
+    pass"``, when the round made one rather than reusing the first round's)."""
     fallback: dict[str, float] = field(default_factory=dict)
     """The layers the float fallback (``ActQuant.fallback_db``) runs with float activations
     (their weights stay quantized, at 8 bits: :meth:`QuantConfig.with_float_activations`), each
@@ -308,8 +312,7 @@ class _StatsMemo:
         ):
             return None
         stats = {
-            n: replace(st, output=st.output if n in clamp else None)
-            for n, st in self.stats.items()
+            n: replace(st, output=st.output if n in clamp else None) for n, st in self.stats.items()
         }
         return stats, {k: self.site_stats[k] for k in sites}
 
@@ -617,8 +620,10 @@ def _activations(r: _Run) -> None:
     mode = None if ops is None else (ops.extra_sites,)
     kept = r.memo.reuse(state, mode, needs, sites) if r.memo is not None else None
     if all_max(int(kept is None)):  # every rank passes when one must (they agree in practice)
+        t = time.perf_counter()
         with observe_sites(ops, r.config.activations.bins) as site_stats:
             stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+        r.cal.timings["statistics pass"] = time.perf_counter() - t
         site_stats = gather_site_stats(site_stats) if ops is not None else {}
         r.memo = _StatsMemo(state, mode, needs, stats, site_stats)
     else:
@@ -997,7 +1002,9 @@ def quantize(
         run.ranges, run.memo = ranges, memo
         run.traced = traced  # the same model each round: its plans' trace carries over
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
+            t = time.perf_counter()
             step(run)
+            fresh.timings[step.__name__.lstrip("_")] = time.perf_counter() - t
         ranges, traced, memo = run.ranges, run.traced, run.memo
         if fallback is None:
             fallback = fresh.fallback

@@ -48,7 +48,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.stats import HistogramStats
+from ..core.stats import DeferredBinning, HistogramStats
 from ..distributed import all_max, gather, world
 from ..errors import CalibrationError, NonFiniteError, model_forward_errors
 from ..nn.layers import QuantizedLayer
@@ -453,8 +453,10 @@ def collect(
     desc: str = "calibrating",
 ) -> dict[str, LayerStatistics]:
     """One pass over ``batches``: the statistics ``needs`` asks for, per layer (and each layer's
-    ``macs`` set). Raises :class:`CalibrationError` naming the batch the model fails on, or the
-    layer that gets NaN/Inf inputs."""
+    ``macs`` set). Each batch's histogram updates are binned after its forward pass, side by side
+    on ``torch.get_num_threads()`` threads (:class:`~omse.core.stats.DeferredBinning`; bit for
+    bit what binning each update at once gives). Raises :class:`CalibrationError` naming the
+    batch the model fails on, or the layer that gets NaN/Inf inputs."""
     stats = {n: LayerStatistics() for n in layers}
     obs = _Observer(needs, stats)
     for q in layers.values():
@@ -462,28 +464,45 @@ def collect(
     PASSES[0] += 1
     rank, size = world()
     steps = all_max(len(batches)) if size > 1 else len(batches)
+
+    inplace = [False]  # the model changed an observed tensor in place: later batches bin at once
+
+    def run(i: int, binner: DeferredBinning) -> dict[str, LayerStatistics]:
+        """Batch ``i``'s statistics: the forward pass, then its histograms binned on
+        ``binner``'s threads; where the model changed an observed tensor in place, the batch
+        again with every update binned at once (as the later batches then are)."""
+        for deferred in (not inplace[0], False):
+            obs.batch, obs.stats = i * size + rank, {n: LayerStatistics() for n in layers}
+            mode = contextlib.nullcontext() if deferred else binner.paused()
+            with mode, model_forward_errors(obs.batch, batches[i]):
+                run_model(model, batches[i])
+            if not deferred or binner.submit():
+                break
+            inplace[0] = True
+        binner.wait()
+        return obs.stats
+
     try:
-        for i in progress_bar(
-            range(steps), desc=desc, disable=not progress or rank > 0, leave=False
-        ):
-            part = None  # this rank's partial of global batch i * size + rank (None: no batch)
-            if i < len(batches):
-                obs.batch = i * size + rank
-                obs.stats = {n: LayerStatistics() for n in layers}
-                try:
-                    with model_forward_errors(obs.batch, batches[i]):
-                        run_model(model, batches[i])
-                except Exception as e:
-                    if size == 1:
+        with DeferredBinning(torch.get_num_threads()) as binner:
+            for i in progress_bar(
+                range(steps), desc=desc, disable=not progress or rank > 0, leave=False
+            ):
+                part = None  # this rank's partial of global batch i * size + rank (None: no batch)
+                if i < len(batches):
+                    try:
+                        part = run(i, binner)
+                    except Exception as e:
+                        if size == 1:
+                            raise
+                        gather(
+                            f"{type(e).__name__}: {e}"
+                        )  # the other ranks stop too, then re-raise
                         raise
-                    gather(f"{type(e).__name__}: {e}")  # the other ranks stop too, then re-raise
-                    raise
-                part = obs.stats
-            for r, p in enumerate(gather(part)):  # rank order = global batch order
-                if isinstance(p, str):
-                    raise CalibrationError(f"rank {r} failed on its calibration batch {i}: {p}")
-                for name, st in (p or {}).items():
-                    stats[name].absorb(st)
+                for r, p in enumerate(gather(part)):  # rank order = global batch order
+                    if isinstance(p, str):
+                        raise CalibrationError(f"rank {r} failed on its calibration batch {i}: {p}")
+                    for name, st in (p or {}).items():
+                        stats[name].absorb(st)
     finally:
         for q in layers.values():
             q.observer = None
