@@ -331,6 +331,74 @@ def test_second_round_reuses_the_first_rounds_activation_statistics(monkeypatch)
     assert run(_w8a8(), net=_Stem)[2] == 2
 
 
+class _Branches(nn.Module):
+    """Two branches of very different ranges concatenated and read by one layer: its 8-bit
+    input rounds the small branch away, so the fallback takes that layer alone, and in the
+    second round the Concat, no longer read by a quantized layer, needs its own quantizer."""
+
+    def __init__(self, spread: float = 300.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.small = nn.Conv2d(3, 8, 3, padding=1)
+        self.large = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.large.weight.mul_(spread)
+            self.large.bias.mul_(spread)
+            self.body.weight[:, 8:].div_(spread)
+
+    def forward(self, x):
+        c = torch.cat([nn.functional.silu(self.small(x)), nn.functional.silu(self.large(x))], 1)
+        return self.head(nn.functional.silu(self.body(c)))
+
+
+def test_second_round_bins_only_the_histograms_the_first_did_not_make(monkeypatch):
+    """The fallback's second round plans a quantizer the first did not have (the Concat's):
+    it reuses the first round's statistics and runs a pass that bins that site alone, and the
+    model equals the one two full passes give, bit for bit."""
+    from omse.core import stats as core_stats
+    from omse.nn.ops import op_quantizers
+    from omse.transforms import pipeline, statistics
+
+    updates = []
+    update = core_stats.HistogramStats.update
+
+    def counted(self, x):
+        updates.append(statistics.PASSES[0])
+        return update(self, x)
+
+    monkeypatch.setattr(core_stats.HistogramStats, "update", counted)
+
+    def run():
+        torch.manual_seed(1)
+        calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+        before = statistics.PASSES[0]
+        updates.clear()
+        q, cal, _ = _quantize(_Branches().eval(), calib, _w8a8())
+        assert list(cal.fallback) == ["body"]
+        per_pass = [updates.count(p) for p in range(before + 1, statistics.PASSES[0] + 1)]
+        return q, cal, per_pass
+
+    q, cal, per_pass = run()
+    assert len(per_pass) == 2 and per_pass[1] == 4  # the top-up: one site, four batches
+    assert cal.timings["statistics pass"] > 0
+    with monkeypatch.context() as m:
+        m.setattr(pipeline._StatsMemo, "reuse", lambda self, *a: None)
+        q2, cal2, per_pass2 = run()
+    assert len(per_pass2) == 2 and per_pass2[1] > 4 * 4
+    o, o2 = op_quantizers(q), op_quantizers(q2)
+    assert o is not None and o.kinds == o2.kinds and o.scales.keys() == o2.scales.keys()
+    assert all(torch.equal(o.scales[k], o2.scales[k]) for k in o.scales)
+    s, s2 = q.state_dict(), q2.state_dict()
+    assert s.keys() == s2.keys()
+    for k, v in s.items():
+        assert not torch.is_tensor(v) or torch.equal(v, s2[k]), k
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
 def test_state_fingerprint_sees_every_parameter_and_buffer():
     import copy
 

@@ -367,20 +367,21 @@ class QuantizedLayer(nn.Module):
         """``[merged_term result, effective bias, bias step]`` (the last two None until
         :meth:`effective_bias` / :meth:`bias_scale` compute them), kept until a term's tensors,
         the bias or the input step are replaced or changed in place (see :meth:`merged_term`)."""
-        state = (*(t for term in self.terms() for t in term), getattr(self.layer, "bias", None))
-        state = (*state, self.act_scale)
-        # in-place changes move the version; `.data = ...` (module.to(), .half()) the storage
-        versions = tuple(
-            None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in state
-        )
-        cached = self.__dict__.get("_merged_cache")
-        if (
-            cached is not None
-            and len(cached[0]) == len(state)
-            and all(a is b for a, b in zip(cached[0], state, strict=True))
-            and cached[1] == versions
-        ):
-            return cached[2]
+        with torch._C.DisableTorchFunction():  # bookkeeping, once per forward: no mode sees it
+            state = (*(t for term in self.terms() for t in term), getattr(self.layer, "bias", None))
+            state = (*state, self.act_scale)
+            # in-place changes move the version; `.data = ...` (module.to(), .half()) the storage
+            versions = tuple(
+                None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in state
+            )
+            cached = self.__dict__.get("_merged_cache")
+            if (
+                cached is not None
+                and len(cached[0]) == len(state)
+                and all(a is b for a, b in zip(cached[0], state, strict=True))
+                and cached[1] == versions
+            ):
+                return cached[2]
         entry = [self._merge_terms(), None, None]
         self.__dict__["_merged_cache"] = (state, versions, entry)
         return entry
@@ -602,12 +603,15 @@ class QuantizedLayer(nn.Module):
         ):
             return self.integer_forward(x)
         x = self.quantize_input(x)
+        bias = None  # the int32-grid bias, computed outside the capture (no mode sees it)
+        if self.learner is None and self.quant_enabled and self.bias_scale() is not None:
+            bias = self.effective_bias()
         with contextlib.nullcontext() if obs is None else obs.capture(self):
             if self.learner is not None:
                 w = layer_weight(self.layer, self.learner.weight(self))
                 y = torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
-            elif self.quant_enabled and self.bias_scale() is not None:
-                y = self._with_bias(x, self.effective_bias(), args, kwargs)
+            elif bias is not None:
+                y = self._with_bias(x, bias, args, kwargs)
             else:
                 y = self.layer(x, *args, **kwargs)
         if obs is not None:

@@ -343,16 +343,18 @@ def plan_op_quantizers(
 
 
 @contextlib.contextmanager
-def observe_sites(ops: OpQuantizers | None, bins: int) -> Iterator[dict[int, HistogramStats]]:
-    """While the block runs, the output histograms of ``ops``' ``"own"`` sites (filled in
-    place; empty for ``ops=None``)."""
+def observe_sites(
+    ops: OpQuantizers | None, bins: int, only: set[int] | None = None
+) -> Iterator[dict[int, HistogramStats]]:
+    """While the block runs, the output histograms of ``ops``' ``"own"`` sites (those of
+    ``only``, if given; filled in place; empty for ``ops=None``)."""
     stats: dict[int, HistogramStats] = {}
     if ops is None:
         yield stats
         return
 
     def see(site: int, y: torch.Tensor) -> None:
-        if ops.kinds.get(site) == "own":
+        if ops.kinds.get(site) == "own" and (only is None or site in only):
             with torch._C.DisableTorchFunction():  # the histogram's ops: no mode sees them
                 if site not in stats:
                     stats[site] = HistogramStats(bins)
@@ -640,7 +642,9 @@ class FitCache:
     def __init__(self) -> None:
         self._fits: dict[tuple, tuple[HistogramStats, torch.Tensor, Grid]] = {}
 
-    def __call__(self, method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
+    def __call__(
+        self, method, kind: str, st: HistogramStats, bits: int
+    ) -> tuple[torch.Tensor, Grid]:
         try:
             key = (id(st), method, kind, bits)
             hash(key)

@@ -286,9 +286,9 @@ class _StatsMemo:
     op quantizers run (their site mode computes a SiLU as ``x * sigmoid(x)``, in float another
     rounding than ``silu``): a round whose model has the same :func:`state_fingerprint` and
     site mode (the float fallback's second round on ``target="int8"``, where the fallback's
-    layers keep the 8-bit weights they had) and asks for no histogram the first did not make
-    (output clamps equal, op sites a subset) reuses them, bit for bit what its own pass would
-    give."""
+    layers keep the 8-bit weights they had) reuses them, bit for bit what its own pass would
+    give; the histograms the first round did not make (a new or other output clamp, an op site
+    the new plan quantizes) come from a pass that bins only those (:meth:`top_up`)."""
 
     state: bytes
     sites_mode: tuple | None  # how the op sites run the forward (None: no op quantizers)
@@ -299,22 +299,43 @@ class _StatsMemo:
 
     def reuse(
         self, state: bytes, sites_mode: tuple | None, needs: Needs, sites: set[int]
-    ) -> tuple[dict[str, LayerStatistics], dict[int, HistogramStats]] | None:
+    ) -> tuple[dict[str, LayerStatistics], dict[int, HistogramStats], Needs, set[int]] | None:
         """The statistics a pass for ``needs`` and the op sites ``sites`` would gather, from
-        these, or None when that pass would see or bin anything else."""
-        clamp, had = needs.clamps, self.needs.clamps
-        if (
-            state != self.state
-            or sites_mode != self.sites_mode
-            or needs.bins != self.needs.bins
-            or any(had.get(n) != c for n, c in clamp.items())
-            or not sites <= self.site_stats.keys()
-        ):
+        these, and what they lack: ``(stats, site_stats, needs of the missing output
+        histograms, missing sites)``; None when the pass would see other values."""
+        if state != self.state or sites_mode != self.sites_mode or needs.bins != self.needs.bins:
             return None
+        clamp, had = needs.clamps, self.needs.clamps
         stats = {
-            n: replace(st, output=st.output if n in clamp else None) for n, st in self.stats.items()
+            n: replace(st, output=st.output if had.get(n) == clamp.get(n) else None)
+            for n, st in self.stats.items()
         }
-        return stats, {k: self.site_stats[k] for k in sites}
+        missing = tuple((n, lo, hi) for n, lo, hi in needs.output_clamp if had.get(n) != (lo, hi))
+        site_stats = {k: self.site_stats[k] for k in sites if k in self.site_stats}
+        return (
+            stats,
+            site_stats,
+            Needs(output_clamp=missing, bins=needs.bins),
+            sites - site_stats.keys(),
+        )
+
+    def top_up(
+        self,
+        needs: Needs,
+        stats: dict[str, LayerStatistics],
+        site_stats: dict[int, HistogramStats],
+        more: dict[str, LayerStatistics],
+        more_sites: dict[int, HistogramStats],
+    ) -> None:
+        """Add a pass's missing output histograms (``more``, for ``needs.output_clamp``) and
+        site histograms (``more_sites``) to ``stats``/``site_stats`` and to the memo."""
+        for n, lo, hi in needs.output_clamp:
+            stats[n] = replace(stats[n], output=more[n].output)
+            self.stats[n] = replace(self.stats[n], output=more[n].output)
+        clamps = {**self.needs.clamps, **needs.clamps}
+        self.needs = replace(self.needs, output_clamp=tuple((n, *c) for n, c in clamps.items()))
+        site_stats.update(more_sites)
+        self.site_stats.update(more_sites)
 
 
 def _fold(r: _Run) -> None:
@@ -627,7 +648,14 @@ def _activations(r: _Run) -> None:
         site_stats = gather_site_stats(site_stats) if ops is not None else {}
         r.memo = _StatsMemo(state, mode, needs, stats, site_stats)
     else:
-        stats, site_stats = kept
+        stats, site_stats, lack, lack_sites = kept
+        if all_max(int(bool(lack.output_clamp or lack_sites))):  # the histograms it lacks
+            t = time.perf_counter()
+            with observe_sites(ops, r.config.activations.bins, only=lack_sites) as more_sites:
+                more = collect(r.qmodel, r.layers, r.batches, lack, r.progress, "top-up")
+            r.cal.timings["statistics pass"] = time.perf_counter() - t
+            more_sites = gather_site_stats(more_sites) if ops is not None else {}
+            r.memo.top_up(lack, stats, site_stats, more, more_sites)
         for n, q in r.layers.items():
             q.macs = stats[n].macs
     fits = r.memo.fits
