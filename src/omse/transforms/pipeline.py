@@ -329,7 +329,7 @@ class _StatsMemo:
     ) -> None:
         """Add a pass's missing output histograms (``more``, for ``needs.output_clamp``) and
         site histograms (``more_sites``) to ``stats``/``site_stats`` and to the memo."""
-        for n, lo, hi in needs.output_clamp:
+        for n in needs.clamps:
             stats[n] = replace(stats[n], output=more[n].output)
             self.stats[n] = replace(self.stats[n], output=more[n].output)
         clamps = {**self.needs.clamps, **needs.clamps}
