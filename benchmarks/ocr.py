@@ -450,7 +450,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="8/16 lines, 2/4 pages")
     ap.add_argument("--models", default="det,cls,rec")
-    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of: {', '.join(ROWS)}")
+    ap.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"of: {', '.join(ROWS)}".replace("%", "%%")
+    )
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument(
         "--int8-rows", default="", help="rows also quantized for target int8 (default: all)"
