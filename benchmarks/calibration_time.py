@@ -269,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="results/calibration_time.json")
     args = ap.parse_args(argv)
+    if args.omp_passive and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # libgomp reads the policy when torch loads it: only the command line's flag, read at
+        # import, or the environment can set it
+        ap.error("--omp-passive takes effect from the command line or OMP_WAIT_POLICY=PASSIVE")
     torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
     unknown = sorted(set(names) - set(ZOO + DETECTORS))
