@@ -234,8 +234,7 @@ class ActQuant:
             ``[-0.375, 6]``, where a signed grid spends half its codes on the small negative
             side).
         bins: histogram bins of the streaming activation statistics (a power of two >= 256).
-        fallback_db: float fallback, chosen by measurement: after calibration (before bias
-            correction: the estimate's float model keeps its own biases), each layer's
+        fallback_db: float fallback, chosen by measurement: after calibration, each layer's
             activation quantizers (its input's, and its output's where the integer kernel
             requantizes it) are scored by their estimated effect on the model's output alone
             (:func:`omse.transforms.precision.activation_errors`, one forward and backward pass);

@@ -883,10 +883,7 @@ def _fallback(r: _Run) -> list[str]:
     """The float fallback (``ActQuant.fallback_db``): each layer's activation quantizers scored
     by their estimated effect on the output alone (:func:`activation_errors`, one forward and
     backward pass over the first :data:`FALLBACK_SAMPLES` samples, the activations as
-    calibrated; with ``ActQuant.choose_range`` the range choice's pass, its chosen steps), in
-    the first round before bias correction (:func:`quantize`: a round the fallback redoes
-    needs none, and the estimate's float model keeps the model's own biases, not biases
-    shifted for weights it does not quantize); returns the layers below ``fallback_db`` dB, worst first, within
+    calibrated; with ``ActQuant.choose_range`` the range choice's pass, its chosen steps); returns the layers below ``fallback_db`` dB, worst first, within
     ``fallback_macs`` of the model's MACs (recorded in ``Calibration.fallback``, one warning
     names them), or ``[]``. :func:`quantize` then calibrates again with those layers' activations
     float and their weights at 8 bits."""
@@ -1032,26 +1029,19 @@ def quantize(
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
         run.ranges, run.memo = ranges, memo
         run.traced = traced  # the same model each round: its plans' trace carries over
-        chosen: list[str] = []
         for step in _steps(config, fold_bn, isinstance(run.example, dict)):
-            if step is _bias and fallback is None:
-                # the fallback decides first: a round it redoes needs no bias correction, and
-                # its estimate's float model keeps the model's own biases
-                chosen = _fallback(run)
-                fallback = run.cal.fallback
-                if chosen:
-                    break
             t = time.perf_counter()
             step(run)
             fresh.timings[step.__name__.lstrip("_")] = time.perf_counter() - t
         ranges, traced, memo = run.ranges, run.traced, run.memo
-        if fallback is None:  # no bias correction: the fallback decides after the round
+        if fallback is None:
+            fallback = fresh.fallback
             chosen = _fallback(run)
-            fallback = run.cal.fallback
-        if chosen:
-            config = config.with_float_activations(chosen)
-            plan = None
-            continue
+            if chosen:
+                fallback = run.cal.fallback
+                config = config.with_float_activations(chosen)
+                plan = None
+                continue
         plan = _guard(run)
         if plan is None:
             break
