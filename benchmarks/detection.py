@@ -130,8 +130,11 @@ def weight_bytes(path: str | Path) -> int:
     )
 
 
-def ort_static(src: Path, dst: Path, calib: list[np.ndarray], method: str) -> None:
-    """onnxruntime's quantize_static: QDQ, int8 weights per channel and activations."""
+def ort_static(
+    src: Path, dst: Path, calib: list[np.ndarray], method: str, activations: str = "QInt8"
+) -> None:
+    """onnxruntime's quantize_static: QDQ, int8 weights per channel, ``activations`` (its
+    ``QuantType`` name: ``"QInt8"``, or ``"QUInt8"``, onnxruntime's own default)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -162,7 +165,7 @@ def ort_static(src: Path, dst: Path, calib: list[np.ndarray], method: str) -> No
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        activation_type=getattr(QuantType, activations),
         weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method),
     )

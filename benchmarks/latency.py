@@ -12,7 +12,8 @@ skipped), one run per model builds every candidate first, then times them **inte
   graph after ``quant_pre_process``: the peer to beat on its own runtime;
 - ``ort_omse_<recipe>_<target>``: ``export_onnx(quantize(model, calib, QuantConfig(...,
   target=T)), ..., target=T)`` for the recipes W8A8, W4A8 (plain) and W4A8 default (residual
-  budget 0.1 + bias correction), T in ``int8``/``int4``;
+  budget 0.1 + bias correction), T in ``int8``/``int4``, and ``default``: ``QuantConfig(target=
+  T)`` itself (per-layer precision, residuals, bias correction, the float fallback);
 - ``ov_*``: the FP32 graph, onnxruntime's graph and every omse graph in OpenVINO.
 
 Timing: batch 1 and 32, ``--threads`` threads in every runtime (torch ``set_num_threads`` with
@@ -88,6 +89,8 @@ RECIPES: dict[str, tuple[str, dict]] = {
         "W4A8 default (residual budget 0.1, bias correction)",
         {"weight_bits": 4, "act_bits": 8, "extra_mac_budget": 0.1, "bias_correction": True},
     ),
+    # None: QuantConfig(target=T) itself, the recipe `omse quantize` runs without options
+    "default": ("the default recipe, QuantConfig(target=T)", None),
 }
 TARGETS = ("int8", "int4")
 RUNTIMES = ("torch", "ort", "openvino")
@@ -231,6 +234,9 @@ class Api:
 
     def config(self, recipe: str, target: str) -> QuantConfig:
         kw = RECIPES[recipe][1]
+        if kw is None:
+            self.config_target = True
+            return QuantConfig(target=target)
         if self.config_target is not False:
             try:
                 cfg = QuantConfig.preset("fast", **kw, target=target)
@@ -959,7 +965,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="warm-up runs per candidate (>= 2)")
     ap.add_argument("--threads", type=int, default=2, help="threads in every runtime")
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument(
+        "--recipes", nargs="+", default=["w8a8", "w4a8", "w4a8def"], choices=list(RECIPES)
+    )
     ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     ap.add_argument(
         "--ov-precision",
