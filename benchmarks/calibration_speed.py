@@ -17,7 +17,9 @@ interleaved in every repeat:
 - ``stats``: the statistics pass as it is now;
 - ``stats_old``: the same pass with the implementation before this benchmark's last change
   (commit 1a53d9c: the serial binning loop of :mod:`omse.core.binning` that adds zeros like any
-  value, and ``HistogramStats.absorb`` by torch), restored here verbatim.
+  value, and ``HistogramStats.absorb`` by torch), restored here verbatim, each update binned as
+  it comes (before :class:`~omse.core.stats.DeferredBinning` bins a batch's histograms side by
+  side after its forward pass).
 
 The histograms of ``stats`` and ``stats_old`` are compared (counts, per-bin sums and moments
 equal bit for bit) on every model. Reported: median seconds, the ratios ``stats / forward``,
@@ -56,7 +58,7 @@ import detection  # noqa: E402
 
 import omse.transforms.pipeline as pipeline  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
-from omse.core.stats import HistogramStats  # noqa: E402
+from omse.core.stats import DeferredBinning, HistogramStats  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 from omse.nn.ops import OPS_ATTR  # noqa: E402
 from omse.transforms import statistics as st  # noqa: E402
@@ -129,16 +131,20 @@ def _old_plain(self: HistogramStats) -> bool:
 
 @contextlib.contextmanager
 def old_implementation():
-    """The binning and merging of commit 1a53d9c (restored on exit)."""
+    """The binning and merging of commit 1a53d9c, each update binned as it comes (no
+    :class:`~omse.core.stats.DeferredBinning`; restored on exit)."""
     names = ("_bin_compiled", "absorb", "_plain")
     saved = [getattr(HistogramStats, n) for n in names]
+    take = DeferredBinning.take
     for n, f in zip(names, (_old_bin_compiled, _old_absorb, _old_plain), strict=True):
         setattr(HistogramStats, n, f)
+    DeferredBinning.take = lambda self, *a: False
     try:
         yield
     finally:
         for n, f in zip(names, saved, strict=True):
             setattr(HistogramStats, n, f)
+        DeferredBinning.take = take
 
 
 # -- measuring ----------------------------------------------------------------------------------
