@@ -494,9 +494,8 @@ def collect(
                     except Exception as e:
                         if size == 1:
                             raise
-                        gather(
-                            f"{type(e).__name__}: {e}"
-                        )  # the other ranks stop too, then re-raise
+                        # the other ranks stop too, then re-raise
+                        gather(f"{type(e).__name__}: {e}")
                         raise
                 for r, p in enumerate(gather(part)):  # rank order = global batch order
                     if isinstance(p, str):
