@@ -40,7 +40,8 @@ statistics must see the stage before: ``weights`` (the float activations of the 
 second one when GPTQ rounding precedes residuals, since it changes every layer's input),
 ``activations`` (after the weights are final) and ``bias`` (after the activations are quantized).
 A later round (the float fallback's, the guard's) reuses the activations pass of the round
-before when it would see the same model and make no new histogram (:class:`_StatsMemo`).
+before when it would see the same model, and bins only the histograms that pass did not make
+(:class:`_StatsMemo`).
 
 Sharded calibration: under an initialised ``torch.distributed`` process group, call
 :func:`quantize` on every rank with that rank's batches (:func:`omse.distributed.shard`, or a
@@ -322,19 +323,15 @@ class _StatsMemo:
     def top_up(
         self,
         needs: Needs,
-        stats: dict[str, LayerStatistics],
-        site_stats: dict[int, HistogramStats],
         more: dict[str, LayerStatistics],
         more_sites: dict[int, HistogramStats],
     ) -> None:
-        """Add a pass's missing output histograms (``more``, for ``needs.output_clamp``) and
-        site histograms (``more_sites``) to ``stats``/``site_stats`` and to the memo."""
+        """Add the output histograms of a pass for ``needs`` (``more``: the clamps
+        :meth:`reuse` found missing) and its site histograms (``more_sites``) to the memo."""
         for n in needs.clamps:
-            stats[n] = replace(stats[n], output=more[n].output)
             self.stats[n] = replace(self.stats[n], output=more[n].output)
         clamps = {**self.needs.clamps, **needs.clamps}
         self.needs = replace(self.needs, output_clamp=tuple((n, *c) for n, c in clamps.items()))
-        site_stats.update(more_sites)
         self.site_stats.update(more_sites)
 
 
@@ -648,14 +645,15 @@ def _activations(r: _Run) -> None:
         site_stats = gather_site_stats(site_stats) if ops is not None else {}
         r.memo = _StatsMemo(state, mode, needs, stats, site_stats)
     else:
-        stats, site_stats, lack, lack_sites = kept
+        _, _, lack, lack_sites = kept
         if all_max(int(bool(lack.output_clamp or lack_sites))):  # the histograms it lacks
             t = time.perf_counter()
             with observe_sites(ops, r.config.activations.bins, only=lack_sites) as more_sites:
                 more = collect(r.qmodel, r.layers, r.batches, lack, r.progress, "top-up")
             r.cal.timings["statistics pass"] = time.perf_counter() - t
-            more_sites = gather_site_stats(more_sites) if ops is not None else {}
-            r.memo.top_up(lack, stats, site_stats, more, more_sites)
+            r.memo.top_up(lack, more, gather_site_stats(more_sites) if ops is not None else {})
+            kept = r.memo.reuse(state, mode, needs, sites)  # now lacking nothing
+        stats, site_stats, _, _ = kept
         for n, q in r.layers.items():
             q.macs = stats[n].macs
     fits = r.memo.fits

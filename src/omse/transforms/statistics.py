@@ -465,20 +465,23 @@ def collect(
     rank, size = world()
     steps = all_max(len(batches)) if size > 1 else len(batches)
 
-    inplace = [False]  # the model changed an observed tensor in place: later batches bin at once
+    inplace = False  # the model changed an observed tensor in place: later batches bin at once
 
-    def run(i: int, binner: DeferredBinning) -> dict[str, LayerStatistics]:
+    def forward(i: int, deferred: bool) -> None:
+        obs.batch, obs.stats = i * size + rank, {n: LayerStatistics() for n in layers}
+        mode = contextlib.nullcontext() if deferred else binner.paused()
+        with mode, model_forward_errors(obs.batch, batches[i]):
+            run_model(model, batches[i])
+
+    def run(i: int) -> dict[str, LayerStatistics]:
         """Batch ``i``'s statistics: the forward pass, then its histograms binned on
         ``binner``'s threads; where the model changed an observed tensor in place, the batch
         again with every update binned at once (as the later batches then are)."""
-        for deferred in (not inplace[0], False):
-            obs.batch, obs.stats = i * size + rank, {n: LayerStatistics() for n in layers}
-            mode = contextlib.nullcontext() if deferred else binner.paused()
-            with mode, model_forward_errors(obs.batch, batches[i]):
-                run_model(model, batches[i])
-            if not deferred or binner.submit():
-                break
-            inplace[0] = True
+        nonlocal inplace
+        forward(i, deferred=not inplace)
+        if not inplace and not binner.submit():
+            inplace = True
+            forward(i, deferred=False)
         binner.wait()
         return obs.stats
 
@@ -490,7 +493,7 @@ def collect(
                 part = None  # this rank's partial of global batch i * size + rank (None: no batch)
                 if i < len(batches):
                     try:
-                        part = run(i, binner)
+                        part = run(i)
                     except Exception as e:
                         if size == 1:
                             raise
