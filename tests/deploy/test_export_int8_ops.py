@@ -116,6 +116,39 @@ class SEClassifier(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class ShuffleFpn(nn.Module):
+    """A NanoDet-shaped body: conv - LeakyReLU - max pool read by two branches, ShuffleNetV2
+    units (concat, channel shuffle as view - transpose - view, chunk: one half passes, the other
+    is convolved), and a PAN neck that upsamples bilinearly and adds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.a, self.b = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, 1, 1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.unit1, self.unit2 = nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.down = nn.Conv2d(16, 16, 3, 2, 1)
+        self.lat1, self.lat2 = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 6, 1)
+
+    @staticmethod
+    def _shuffle(x):
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def _unit(self, x, conv):
+        keep, work = self._shuffle(x).chunk(2, 1)
+        return torch.cat([keep, F.leaky_relu(conv(work), 0.1)], 1)
+
+    def forward(self, x):
+        x = self.pool(F.leaky_relu(self.stem(x), 0.1))
+        x = torch.cat([F.leaky_relu(self.a(x), 0.1), F.leaky_relu(self.b(x), 0.1)], 1)
+        p3 = self._unit(self._unit(x, self.unit1), self.unit2)
+        p4 = F.leaky_relu(self.down(p3), 0.1)
+        up = F.interpolate(self.lat2(p4), scale_factor=2, mode="bilinear", align_corners=False)
+        return self.head(self.lat1(p3) + up)
+
+
 def _model(cls):
     torch.manual_seed(0)
     m = cls().eval()
@@ -195,6 +228,35 @@ def test_pooling_leaky_relu_and_squeeze_excitation_run_on_integers(se, tmp_path)
     assert got["QLinearGlobalAveragePool"] == 2 and got["QGemm"] == 1, got
     assert got["QuantizeLinear"] == 1 and got["DequantizeLinear"] <= 1, got
     _agrees(se, sess, float(quantized_layers(se)["fc"].out_scale))
+
+
+def test_channel_shuffles_shared_pools_and_bilinear_necks_run_on_integers(tmp_path):
+    """Sites reached through reshapes keep their quantizer (the split after a channel shuffle
+    passes codes through, the convolution reading it shares them), the activation before a max
+    pool read by two convolutions takes their shared quantizer (the pool runs on its codes), and
+    a bilinear upsampling's output gets a quantizer so that the add after it is integer: only
+    that ``Resize`` stays float, between a ``DequantizeLinear`` and a ``QuantizeLinear``, as
+    onnxruntime's own ``quantize_static`` leaves it (NanoDet-m's graph)."""
+    q = _quantize(ShuffleFpn)
+    ops = op_quantizers(q)
+    kinds = collections.Counter((ops.ops[k], v) for k, v in ops.kinds.items())
+    assert kinds[("Resize", "own")] == 1 and kinds[("Add", "own")] == 0, kinds  # add: fused
+    path = export_onnx(q, _data(1, 0), tmp_path / "shuffle.onnx")
+    sess, got = _optimized(path, tmp_path)
+    assert got["QLinearConv"] == 9 and got["QLinearConcat"] == 3 and got["QLinearAdd"] == 1, got
+    assert got["QLinearLeakyRelu"] == 6 and got["NhwcMaxPool"] == 1, got
+    assert not {"LeakyRelu", "MaxPool", "Conv", "FusedConv", "Split"} & set(got), got
+    # float values only at the input, around the Resize and at the output (the Adds and
+    # Concats left are the reshapes' int64 shape arithmetic, on dequantized values' Shape)
+    graph = onnx.load(str(tmp_path / "shuffle.opt.onnx")).graph
+    readers = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            readers[i].append(n.op_type)
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    computed = [n for n in dq if set(readers[n.output[0]]) - {"Shape"} or not readers[n.output[0]]]
+    assert got["Resize"] == 1 and got["QuantizeLinear"] == 2 and len(computed) == 2, got
+    _agrees(q, sess, float(quantized_layers(q)["head"].out_scale))
 
 
 def test_op_quantizers_survive_a_checkpoint(yolo, tmp_path):

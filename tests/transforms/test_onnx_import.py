@@ -20,6 +20,7 @@ import omse
 from omse import QuantConfig
 from omse.config import ActQuant
 from omse.errors import CalibrationError, ConfigError, UnsupportedLayerError
+from omse.nn.ops import op_quantizers
 from omse.transforms.onnx_import import (
     TORCHVISION_MESSAGE,
     SizedResize,
@@ -364,6 +365,10 @@ def test_sizes_computed_from_the_input_stay_computed_after_the_round_trip(tmp_pa
     calib = [torch.rand(4, 3, 32, 32) for _ in range(2)]
     q = omse.quantize(src, calib, QuantConfig.preset("fast", target=target))
     assert sum(isinstance(m, SizedResize) for m in q.modules()) == (net != "fullyconv")
+    if target == "int8" and net != "fullyconv":  # the node SizedResize exports is an op site
+        ops = op_quantizers(q)
+        site = next(k for k, op in ops.ops.items() if op == "Resize")
+        assert ops.kinds[site] == ("own" if net == "bilinear" else "same")  # codes kept: same
     out = tmp_path / "q.onnx"
     omse.export_onnx(q, calib[0][:1], out)
     for n, h, w in [(1, 32, 32), (3, 32, 32), (2, 48, 40), (1, 25, 37)]:

@@ -41,6 +41,7 @@ from .layers import Marker, layer_depth
 
 __all__ = [
     "OpQuantizers",
+    "as_site",
     "op_quantizers",
     "detach_op_quantizers",
     "SITE_KINDS",
@@ -72,6 +73,9 @@ _UNARY = {
     "interpolate": "Resize",
     "softmax": "Softmax",
 }
+_RESIZE_MODES = ("nearest", "linear", "bilinear", "trilinear")
+"""``interpolate`` modes that are sites: ``"nearest"`` passes codes through, the linear ones
+may get a quantizer (:data:`omse.transforms.calibration.REQUANT_SITE_OPS`)."""
 _BINARY = {"add": "Add", "__add__": "Add", "__radd__": "Add", "mul": "Mul", "__mul__": "Mul"}
 _BINARY.update({"__rmul__": "Mul"})
 _SPLIT = {"chunk": "Split", "split": "Split", "tensor_split": "Split"}
@@ -115,12 +119,15 @@ def _site_op(func, args, kwargs, extra: bool = False) -> str | None:
         return op if isinstance(seq, list | tuple) and all(_activation(t) for t in seq) else None
     if op == "Resize":
         mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
-        return op if mode == "nearest" and _activation(args[0]) else None
+        return op if mode in _RESIZE_MODES and _activation(args[0]) else None
     if op == "GlobalAveragePool":
         size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
         sizes = size if isinstance(size, list | tuple) else (size,)
         return op if all(s == 1 for s in sizes) and _activation(args[0]) else None
     return op if _activation(args[0]) else None  # in place too: the site returns a new tensor
+
+
+_ACTIVE = threading.local()  # .modes: the site modes entered on this thread, innermost last
 
 
 class _SiteMode(TorchFunctionMode):
@@ -130,6 +137,14 @@ class _SiteMode(TorchFunctionMode):
         super().__init__()
         self.ops = ops
         self.k = 0
+
+    def __enter__(self):
+        _ACTIVE.modes = [*getattr(_ACTIVE, "modes", []), self]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.modes.pop()
+        return super().__exit__(*exc)
 
     def _next(self) -> int:
         self.k += 1
@@ -148,6 +163,21 @@ class _SiteMode(TorchFunctionMode):
         if op == "Split":  # one site per part (Slice / Split outputs in the graph)
             return type(y)(self.ops.at(self._next(), t) for t in y)
         return self.ops.at(self._next(), y)
+
+
+def as_site(func, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+    """``y``, the output of ``func(*args, **kwargs)`` computed where the site mode does not
+    see it (a module's own ONNX export of the op, run with torch functions disabled), as the
+    active site mode would have returned it: the same site number as the call would have taken
+    in an eager forward, its quantizer and marker on ``y``. ``y`` itself outside a site mode,
+    inside a quantized layer, or for a call that is not a site."""
+    modes = getattr(_ACTIVE, "modes", [])
+    if not modes or layer_depth():
+        return y
+    mode = modes[-1]
+    if _site_op(func, args, kwargs, mode.ops.extra_sites) is None:
+        return y
+    return mode.ops.at(mode._next(), y)
 
 
 class OpQuantizers:

@@ -61,6 +61,7 @@ __all__ = [
     "gather_site_stats",
     "INTEGER_SITE_OPS",
     "PASSTHROUGH_SITE_OPS",
+    "REQUANT_SITE_OPS",
     "set_activation_scales",
     "FitCache",
     "cap_activation_scales",
@@ -95,7 +96,12 @@ not model its integer kernel."""
 PASSTHROUGH_SITE_OPS = ("MaxPool", "Resize", "Slice", "Split")
 """Ops whose output codes are input codes: onnxruntime drops ``DequantizeLinear -> op ->
 QuantizeLinear`` with equal parameters and runs them on the 8-bit tensor (``Tensor.chunk`` /
-``split`` trace to ``Slice`` or ``Split``)."""
+``split`` trace to ``Slice`` or ``Split``; ``Resize`` in its ``"nearest"`` mode only)."""
+REQUANT_SITE_OPS = ("Resize",)
+"""Float ops of ``target="int8"`` (a linear ``Resize``: no integer kernel in onnxruntime) whose
+output gets a quantizer when their input has one, so that the integer op reading them runs as
+one (``DequantizeLinear -> Resize -> QuantizeLinear -> QLinearAdd``, as ``quantize_static``
+writes an upsampling path)."""
 TFLITE_INTEGER_SITE_OPS = ("HardSwish", "Tanh", "Softmax")
 """Further :data:`INTEGER_SITE_OPS` of ``target="tflite"`` (int8 kernels in LiteRT and TFLM)."""
 TFLITE_FIXED_OUTPUT = {"Sigmoid": 1.0 / 256.0, "Softmax": 1.0 / 256.0}
@@ -249,8 +255,18 @@ def plan_op_quantizers(
     def quantized_input(n) -> bool:
         return is_marker(n, ("act", "tq")) and qls[marker_attrs(n)[1]].cfg.act_bits is not None
 
+    def nearest(n) -> bool:
+        """``n``'s output codes are its input codes (a passthrough op, a ``Resize`` only in its
+        ``"nearest"`` mode)."""
+        if n.op_type not in passthrough_ops:
+            return False
+        mode = next((a.s for a in n.attribute if a.name == "mode"), b"nearest")
+        return n.op_type != "Resize" or mode == b"nearest"
+
     def reached_layer(t: str) -> str | None:
-        """The layer whose quantized input ``t`` reaches through reshapes only, if any."""
+        """The layer whose quantized input ``t`` reaches through reshapes and one-output
+        passthrough ops only (``MaxPool`` of the quantized values is the quantized ``MaxPool``),
+        if any."""
         while True:
             users = reads(t)
             if len(users) != 1:
@@ -258,7 +274,10 @@ def plan_op_quantizers(
             u = users[0]
             if quantized_input(u):
                 return qls[marker_attrs(u)[1]].name
-            if not (u.domain == "" and u.op_type in _REFORMS) and not is_marker(u, ("op",)):
+            moves = u.domain == "" and (
+                u.op_type in _REFORMS or (nearest(u) and len(u.output) == 1)
+            )
+            if not moves and not is_marker(u, ("op",)):
                 return None
             t = u.output[0]
 
@@ -282,6 +301,8 @@ def plan_op_quantizers(
                 # a layer's output quantizer is calibrated on the clamped values: the clamp
                 # keeps the tensor on that grid (the export drops it where it is redundant)
                 quant[node.output[0]] = src
+            elif node.op_type in _REFORMS and src is not None:
+                quant[node.output[0]] = src  # the same values, moved (a channel shuffle)
             continue
         kind, idx, _ = marker_attrs(node)
         out = node.output[0]
@@ -312,9 +333,13 @@ def plan_op_quantizers(
         users = reads(out)
         direct = to_quantizer(out)
         site = "none"
-        if op in passthrough_ops and p.input[0] in quant:
+        moves = op != "?" and nearest(p)
+        requant = op in REQUANT_SITE_OPS and not tflite and not moves
+        if moves and p.input[0] in quant:
             site = "none" if direct else "same"
-        elif op in integer_ops and all(i in quant for i in p.input if i):
+        elif (requant and p.input[0] in quant) or (
+            op in integer_ops and all(i in quant for i in p.input if i)
+        ):
             target = None if direct else reached_layer(out)
             relu = len(users) == 1 and users[0].op_type == "Relu" and users[0].domain == ""
             after = reads(users[0].output[0]) if relu else []
@@ -328,12 +353,16 @@ def plan_op_quantizers(
         elif op == "Relu" and idx in deferred:
             site = "none" if direct else "own"
         ops.kinds[idx] = site
-        if site == "none" and node.input[0] in quant:
+        if site == "none" and moves and p.input[0] in quant:
+            quant[out] = quant[p.input[0]]  # codes passed through: the reader shares them
+        elif site == "none" and node.input[0] in quant:
             quant[out] = quant[node.input[0]]  # nothing between: the same tensor
         elif site == "same":
             src = quant[p.input[0]]
             ops.sources[idx] = src
             quant[out] = src
+        elif site == "fused":
+            quant[out] = ("act", ops.fused[idx])  # that layer's quantizer: one per tensor
         elif site != "none":
             quant[out] = ("site", idx)
     if all(k == "none" for k in ops.kinds.values()):

@@ -55,8 +55,10 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, first_line
+from ..nn.ops import as_site
 
 __all__ = [
     "OnnxImport",
@@ -569,13 +571,13 @@ class SizedResize(nn.Module):
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)  # the values only: the node below is the graph's
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch._C.DisableTorchFunction():  # no op site: see below
                 y = run()
         finally:
             torch._C._set_tracing_state(state)
 
         empty = torch.zeros(0, dtype=torch.float32)
-        return DefaultExportToOnnx.export(
+        out = DefaultExportToOnnx.export(
             lambda: y.detach(),
             "Resize",
             input_tensor,
@@ -584,6 +586,8 @@ class SizedResize(nn.Module):
             sizes.long(),
             self._onnx_attrs(),
         )
+        # the op site the eager forward's interpolate is (target="int8"), on the graph's node
+        return as_site(F.interpolate, (input_tensor,), {"mode": self.inner.onnx_mode}, out)
 
 
 def _sized_resizes(module: nn.Module) -> int:
