@@ -590,7 +590,9 @@ def coco_map(
     matched one by one (:func:`image_matches`), then pooled (:func:`map_of_matches`)."""
     ious = np.asarray(ious, np.float64)
     thresholds = np.unique(np.concatenate([ious, [0.5]]))
-    parts = [image_matches(d, g, thresholds, max_detections) for d, g in zip(dets, gts, strict=True)]
+    parts = [
+        image_matches(d, g, thresholds, max_detections) for d, g in zip(dets, gts, strict=True)
+    ]
     per = map_of_matches(parts, len(thresholds))
     at = {round(float(t), 2): per[i] for i, t in enumerate(thresholds)}
     classes = _labelled_classes(parts)
