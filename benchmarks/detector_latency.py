@@ -10,6 +10,8 @@ For YOLOX-nano and NanoDet-m (``--data``, the project's ``../shared/data``; see
   :func:`detection.ort_static`), calibrated on the same images as omse;
 - ``omse_default_int8``: ``omse.export_onnx(omse.quantize(path, calib, QuantConfig(target=
   "int8")))``, the default recipe and export (default weight type);
+- with ``--no-fallback``, ``omse_no_fallback_int8``: the same without the float fallback
+  (``ActQuant(fallback_db=None)``), which shows what the fallback's float layers cost;
 
 then times them interleaved as ``benchmarks/latency.py`` does (its session settings: ``--threads``
 intra-op threads, no spin-waiting, one inter-op thread; OpenVINO CPU with its f32 hint and one
@@ -23,7 +25,7 @@ onnxruntime's int8 arithmetic is (an x86 CPU without VNNI runs the u8s8 kernels 
 weight codes the default writes; a VNNI CPU too; AVX2 without VNNI saturates pairs beyond +-64).
 
     python benchmarks/detector_latency.py --data ../shared/data [--models yolox,nanodet]
-        [--threads 2] [--rounds 60] [--calib 32] [--images 8]
+        [--threads 2] [--rounds 60] [--calib 32] [--images 8] [--no-fallback]
 
 Prints a markdown table and writes ``results/detector_latency.json`` (``--out``).
 """
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 # torch's OpenMP workers sleep at once, as benchmarks/latency.py times (read when torch loads)
@@ -74,15 +77,26 @@ def bench(name: str, data: Path, args, work: Path, ovr) -> dict:
     detection.ort_static(m.path, work / f"{name}.ortq.onnx", calib, "MinMax", "QUInt8")
     paths["ortq_w8a8"] = work / f"{name}.ortq.onnx"
     seconds = {"ortq_w8a8": round(time.perf_counter() - t, 2)}
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback's line
-        q = omse.quantize(
-            str(m.path), [torch.from_numpy(x) for x in calib], omse.QuantConfig(target="int8")
-        )
-    omse.export_onnx(q, torch.from_numpy(calib[0]), str(work / f"{name}.omse.onnx"), force=True)
-    paths["omse_default_int8"] = work / f"{name}.omse.onnx"
-    seconds["omse_default_int8"] = round(time.perf_counter() - t, 2)
+    default = omse.QuantConfig(target="int8")
+    configs = {"omse_default_int8": default}
+    if args.no_fallback:
+        off = replace(default.activations, fallback_db=None)
+        configs["omse_no_fallback_int8"] = replace(default, activations=off)
+    fallback = {}
+    for g, cfg in configs.items():
+        t = time.perf_counter()
+        cal = omse.Calibration()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's line
+            qg = omse.quantize(
+                str(m.path), [torch.from_numpy(x) for x in calib], cfg, calibration=cal
+            )
+        omse.export_onnx(qg, torch.from_numpy(calib[0]), str(work / f"{name}.{g}.onnx"), force=True)
+        paths[g] = work / f"{name}.{g}.onnx"
+        seconds[g] = round(time.perf_counter() - t, 2)
+        fallback[g] = sorted(cal.fallback)
+        if g == "omse_default_int8":
+            q = qg
 
     graphs, sessions, compiled = {}, {}, {}
     for g, p in paths.items():
@@ -117,6 +131,7 @@ def bench(name: str, data: Path, args, work: Path, ovr) -> dict:
         "calib_images": len(calib),
         "held_out_images": len(held),
         "quantize_seconds": seconds,
+        "float_fallback_layers": fallback,
         "latency": timing,
         "graphs": graphs,
         "omse_vs_simulation_max_abs": max(diffs),
@@ -131,7 +146,7 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for g in ("fp32", "ortq_w8a8", "omse_default_int8"):
+        for g in r["graphs"]:
             o, v, k = r["latency"].get(f"ort_{g}"), r["latency"].get(f"ov_{g}"), r["graphs"][g]
             between = [f"{b['op']} {b['name']}" for b in k.get("float_between_integer_kernels", [])]
             lines.append(
@@ -161,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="time the default without its float fallback as well (omse_no_fallback_int8: every "
+        "layer's activations at 8 bits), the fallback's price in latency",
+    )
     ap.add_argument("--out", default="results/detector_latency.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
