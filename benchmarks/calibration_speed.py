@@ -199,12 +199,12 @@ def case(name: str, args) -> tuple | None:
     if name in DETECTORS:
         data = Path(args.data)
         m = detection.models(data)[name]
-        folder = data / "detection" / "coco_mini" / "calib_unannotated"
+        folder = data / detection.CALIB_DIR
         if not m.path.is_file() or not folder.is_dir():
             print(f"skip {name}: {m.path} or {folder} missing", file=sys.stderr)
             return None
-        images = detection.load_images(folder, args.detector_images)
-        batches = [torch.from_numpy(m.preprocess(im)[0]) for _, im in images]
+        calib = detection.calibration_inputs(m, data, args.detector_images)
+        batches = [torch.from_numpy(x) for x in calib]
         return load_onnx(m.path), str(m.path), batches, len(batches), 1
     n = args.images if name == "efficientnet-lite0" else args.fmnist_images
     try:

@@ -107,11 +107,11 @@ def _zoo_case(name: str, work: Path):
 
 def _detector_case(name: str, data: Path):
     m = detection.models(data)[name]
-    folder = data / "detection" / "coco_mini" / "calib_unannotated"
+    folder = data / detection.CALIB_DIR
     if not m.path.is_file() or not folder.is_dir():
         print(f"skip {name}: {m.path} or {folder} missing", file=sys.stderr)
         return None
-    calib = [m.preprocess(im)[0] for _, im in detection.load_images(folder, CALIB)]
+    calib = detection.calibration_inputs(m, data, CALIB)
     return m.path, None, [torch.from_numpy(x) for x in calib]
 
 

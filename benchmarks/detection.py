@@ -97,9 +97,21 @@ def models(data: Path) -> dict[str, Model]:
     }
 
 
+CALIB_DIR = Path("detection", "coco_mini", "calib_unannotated")
+"""Under the data folder: the unannotated COCO val2017 images that calibrate."""
+EVAL_DIR = Path("detection", "coco_mini", "val2017")
+"""Under the data folder: the annotated images that evaluate (never calibration)."""
+
+
 def load_images(folder: Path, limit: int | None = None) -> list[tuple[str, Image.Image]]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return [(p.name, Image.open(p).convert("RGB")) for p in files[:limit]]
+
+
+def calibration_inputs(m: Model, data: Path, limit: int | None = None) -> list[np.ndarray]:
+    """``m``'s preprocessed inputs (``[1, 3, S, S]`` float32) of the first ``limit`` images of
+    ``data / CALIB_DIR``, in name order."""
+    return [m.preprocess(im)[0] for _, im in load_images(data / CALIB_DIR, limit)]
 
 
 def run_onnx(path: str | Path, inputs: list[np.ndarray], threads: int) -> list[list[np.ndarray]]:
@@ -201,15 +213,13 @@ def parse_recipes(items: list[str]) -> dict[str, dict]:
 def bench_model(m: Model, args, recipes: dict[str, dict], tmp: Path) -> list[dict]:
     data = Path(args.data) / "detection" / "coco_mini"
     gts_by_name, _ = det.load_coco(data / "annotations" / "instances_val2017.json")
-    val = load_images(data / "val2017", args.eval_size)
+    val = load_images(Path(args.data) / EVAL_DIR, args.eval_size)
     val = [(n, im) for n, im in val if n in gts_by_name]
     gts = [gts_by_name[n] for n, _ in val]
     prepped = [m.preprocess(im) for _, im in val]
     xs, scales = [p[0] for p in prepped], [p[1] for p in prepped]
     sizes = [im.size for _, im in val]
-    calib = [
-        m.preprocess(im)[0] for _, im in load_images(data / "calib_unannotated", args.calib_size)
-    ]
+    calib = calibration_inputs(m, Path(args.data), args.calib_size)
 
     def score(path: Path) -> dict:
         outs = run_onnx(path, xs, args.threads)

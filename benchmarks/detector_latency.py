@@ -57,20 +57,15 @@ import latency as L  # noqa: E402
 import omse  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
 
-CALIB_FOLDER = ("detection", "coco_mini", "calib_unannotated")
-EVAL_FOLDER = ("detection", "coco_mini", "val2017")  # the annotated images: never calibration
-
 
 def _eval_images(data: Path, m, n: int) -> list[np.ndarray]:
-    return [m.preprocess(im)[0] for _, im in detection.load_images(data.joinpath(*EVAL_FOLDER), n)]
+    """The first ``n`` annotated images (never calibration), preprocessed for ``m``."""
+    return [m.preprocess(im)[0] for _, im in detection.load_images(data / detection.EVAL_DIR, n)]
 
 
 def bench(name: str, data: Path, args, work: Path, ovr) -> dict:
     m = detection.models(data)[name]
-    calib = [
-        m.preprocess(im)[0]
-        for _, im in detection.load_images(data.joinpath(*CALIB_FOLDER), args.calib)
-    ]
+    calib = detection.calibration_inputs(m, data, args.calib)
     held = _eval_images(data, m, args.images)
     paths = {"fp32": m.path}
     t = time.perf_counter()
@@ -192,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="omse-detlat-") as tmp:
         for name in [n for n in args.models.split(",") if n]:
             m = detection.models(data).get(name)
-            if m is None or not m.path.is_file() or not data.joinpath(*CALIB_FOLDER).is_dir():
+            if m is None or not m.path.is_file() or not (data / detection.CALIB_DIR).is_dir():
                 print(
-                    f"skip {name}: model or {Path(*CALIB_FOLDER)} missing under {data}",
+                    f"skip {name}: model or {detection.CALIB_DIR} missing under {data}",
                     file=sys.stderr,
                 )
                 skipped.append(name)
