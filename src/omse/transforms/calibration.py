@@ -217,13 +217,16 @@ def plan_op_quantizers(
     """For ``target="int8"``: attach :class:`~omse.nn.ops.OpQuantizers` to ``qmodel`` and plan
     each site (see :mod:`omse.nn.ops`) on the traced graph, in graph order. A tensor is
     *quantized* when a Q/DQ produces it in the export: a layer output with an output quantizer
-    (``out_plan``) or a requantization for its reader, a quantized input, a planned site. A
-    site of :data:`INTEGER_SITE_OPS` whose inputs are all quantized gets ``"none"`` when its
-    output goes straight to a quantized layer's input (that quantizer is its output quantizer),
-    ``"fused"`` when it reaches one through reshapes only, ``"none"`` when a ``Relu`` site
-    follows (which then gets ``"own"`` on an unsigned grid: onnxruntime folds the Relu into the
-    quantizer), else ``"own"``; a site of :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets
-    ``"same"`` (or ``"none"`` before a quantized input). Returns None (nothing attached) for a
+    (``out_plan``) or a requantization for its reader, a quantized input, a planned site, and a
+    reshape of a quantized tensor (the same values, moved). A site of :data:`INTEGER_SITE_OPS`
+    whose inputs are all quantized (or of :data:`REQUANT_SITE_OPS` whose input is) gets
+    ``"none"`` when its output goes straight to a quantized layer's input (that quantizer is its
+    output quantizer), ``"fused"`` when it reaches one through reshapes and one-output
+    passthrough ops only, ``"none"`` when a ``Relu`` site follows (which then gets ``"own"`` on
+    an unsigned grid: onnxruntime folds the Relu into the quantizer), else ``"own"``; a site of
+    :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets ``"same"`` (or ``"none"`` before a
+    quantized input, which then shares the site quantizer its input has: one quantizer per
+    tensor, so that the runtime runs the op on the codes). Returns None (nothing attached) for a
     model without sites or without activation quantizers. ``traced``: the model's
     :func:`plan_trace` (its :meth:`PlanTrace.op_graph` stands in for the trace)."""
     if all(ql.cfg.act_bits is None for ql in layers.values()):
@@ -255,7 +258,7 @@ def plan_op_quantizers(
     def quantized_input(n) -> bool:
         return is_marker(n, ("act", "tq")) and qls[marker_attrs(n)[1]].cfg.act_bits is not None
 
-    def nearest(n) -> bool:
+    def passes_codes(n) -> bool:
         """``n``'s output codes are its input codes (a passthrough op, a ``Resize`` only in its
         ``"nearest"`` mode)."""
         if n.op_type not in passthrough_ops:
@@ -275,7 +278,7 @@ def plan_op_quantizers(
             if quantized_input(u):
                 return qls[marker_attrs(u)[1]].name
             moves = u.domain == "" and (
-                u.op_type in _REFORMS or (nearest(u) and len(u.output) == 1)
+                u.op_type in _REFORMS or (passes_codes(u) and len(u.output) == 1)
             )
             if not moves and not is_marker(u, ("op",)):
                 return None
@@ -333,9 +336,9 @@ def plan_op_quantizers(
         users = reads(out)
         direct = to_quantizer(out)
         site = "none"
-        moves = op != "?" and nearest(p)
-        requant = op in REQUANT_SITE_OPS and not tflite and not moves
-        if moves and p.input[0] in quant:
+        passes = op != "?" and passes_codes(p)
+        requant = op in REQUANT_SITE_OPS and not tflite and not passes
+        if passes and p.input[0] in quant:
             site = "none" if direct else "same"
         elif (requant and p.input[0] in quant) or (
             op in integer_ops and all(i in quant for i in p.input if i)
@@ -353,7 +356,7 @@ def plan_op_quantizers(
         elif op == "Relu" and idx in deferred:
             site = "none" if direct else "own"
         ops.kinds[idx] = site
-        if site == "none" and moves and p.input[0] in quant:
+        if site == "none" and passes and p.input[0] in quant:
             quant[out] = quant[p.input[0]]  # codes passed through: the reader shares them
         elif site == "none" and node.input[0] in quant:
             quant[out] = quant[node.input[0]]  # nothing between: the same tensor
