@@ -217,6 +217,11 @@ def test_yolo_like_net_runs_as_integer_kernels_end_to_end(yolo, tmp_path):
     # no float compute between integer kernels: dequantized only at the graph's output
     assert got["QuantizeLinear"] == 1 and got["DequantizeLinear"] == 1, got
     assert not {"Sigmoid", "Conv", "FusedConv", "Concat"} & set(got), got
+    # SPPF's concat of a tensor and its three max pools: one quantizer, its codes copied
+    graph = onnx.load(str(tmp_path / "yolo.opt.onnx")).graph
+    consts = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer if not t.dims}
+    spp = [n for n in graph.node if n.op_type == "QLinearConcat" and len(n.input) == 14]
+    assert len(spp) == 1 and len({consts[n] for n in spp[0].input[0::3]}) == 1
     _agrees(yolo, sess, float(quantized_layers(yolo)["head"].out_scale))
 
 

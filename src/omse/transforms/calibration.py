@@ -224,7 +224,8 @@ def plan_op_quantizers(
     output quantizer), ``"fused"`` when it reaches one through reshapes and one-output
     passthrough ops only, ``"none"`` when a ``Relu`` site follows (which then gets ``"own"`` on
     an unsigned grid: onnxruntime folds the Relu into the quantizer), else ``"own"``; a site of
-    :data:`PASSTHROUGH_SITE_OPS` on a quantized input gets ``"same"`` (or ``"none"`` before a
+    :data:`PASSTHROUGH_SITE_OPS` on a quantized input, and a ``Concat`` whose inputs all carry
+    one quantizer, gets ``"same"`` (or ``"none"`` before a
     quantized input, which then shares the site quantizer its input has: one quantizer per
     tensor, so that the runtime runs the op on the codes). Returns None (nothing attached) for a
     model without sites or without activation quantizers. ``traced``: the model's
@@ -265,6 +266,16 @@ def plan_op_quantizers(
             return False
         mode = next((a.s for a in n.attribute if a.name == "mode"), b"nearest")
         return n.op_type != "Resize" or mode == b"nearest"
+
+    def one_source(n) -> bool:
+        """``n`` is a ``Concat`` whose inputs all carry one quantizer (an SPP block's input and
+        its max pools): its output is on that grid already, as the input codes put together."""
+        ins = [i for i in n.input if i]
+        return (
+            n.op_type == "Concat"
+            and all(i in quant for i in ins)
+            and len({quant[i] for i in ins}) == 1
+        )
 
     def reached_layer(t: str) -> str | None:
         """The layer whose quantized input ``t`` reaches through reshapes and one-output
@@ -336,7 +347,7 @@ def plan_op_quantizers(
         users = reads(out)
         direct = to_quantizer(out)
         site = "none"
-        passes = op != "?" and passes_codes(p)
+        passes = op != "?" and (passes_codes(p) or one_source(p))
         requant = op in REQUANT_SITE_OPS and not tflite and not passes
         if passes and p.input[0] in quant:
             site = "none" if direct else "same"
