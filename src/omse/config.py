@@ -256,7 +256,7 @@ class ActQuant:
             the float fallback's forward and backward pass over the first calibration samples,
             which it then shares). An MMSE step minimises the tensor's own squared error and
             clips its tail; where the tail carries the output the min-max step costs the output
-            less (YOLOX-nano: mAP@0.5 0.477 -> 0.496 at 1.1 points less recall against FP32,
+            less (YOLOX-nano: mAP@0.5 0.476 -> 0.499 at 1.6 points less precision against FP32,
             docs/benchmarks/detection.md). Not the default: it left NanoDet-m and
             EfficientNet-Lite0 level, and with the steps it chooses on the Fashion-MNIST
             MobileNetV2 OpenVINO's CPU plugin fails the parity test against omse's simulation
