@@ -85,6 +85,7 @@ bench: $(STAMP) fmnist $(AIMET)/.installed
 	  benchmarks/detection.py --data ../shared/data --threads $(THREADS); \
 	  else echo "benchmarks/detection.py skipped: no ../shared/data/detection"; fi
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/calibration_speed.py --repeats 5
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/calibration_profile.py --threads $(THREADS)
 	$(BIN)/python benchmarks/render_readme.py
 
 lint: $(STAMP)

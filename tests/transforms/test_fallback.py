@@ -383,6 +383,10 @@ def test_second_round_bins_only_the_histograms_the_first_did_not_make(monkeypatc
     q, cal, per_pass = run()
     assert len(per_pass) == 2 and per_pass[1] == 4  # the top-up: one site, four batches
     assert cal.timings["statistics pass"] > 0
+    # every round's steps, each ended by the measurement that decided the next
+    assert len(cal.rounds) == 2 and cal.rounds[-1] is cal.timings
+    assert cal.rounds[0]["fallback"] > 0 and "guard" in cal.rounds[1]
+    assert cal.rounds[0]["activations"] > 0 and cal.rounds[1]["activations"] > 0
     with monkeypatch.context() as m:
         m.setattr(pipeline._StatsMemo, "reuse", lambda self, *a: None)
         q2, cal2, per_pass2 = run()

@@ -158,6 +158,11 @@ class Calibration:
     """Seconds of each step of the last calibration round (``"wrap"``, ``"plan"``,
     ``"activations"``, ...), and of its activation statistics pass alone (``"statistics
     pass"``, when the round made one rather than reusing the first round's)."""
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Every calibration round's :attr:`timings`, in order, each with the seconds of the
+    measurement that ended it: ``"fallback"`` (the float fallback's estimate, after the first
+    round) and ``"guard"`` (the budget guard's check). Where the time of a whole
+    :func:`quantize` call went (``benchmarks/calibration_profile.py``)."""
     fallback: dict[str, float] = field(default_factory=dict)
     """The layers the float fallback (``ActQuant.fallback_db``) runs with float activations
     (their weights stay quantized, at 8 bits: :meth:`QuantConfig.with_float_activations`), each
@@ -1019,6 +1024,7 @@ def quantize(
     progress = progress and is_main()
     example = broadcast(batches[0])
     plan, fallback, ranges, traced, memo = None, None, None, None, None
+    rounds: list[dict[str, float]] = []
     # one round, unless the float fallback gives layers float activations (once, first) or the
     # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
@@ -1032,18 +1038,24 @@ def quantize(
             step(run)
             fresh.timings[step.__name__.lstrip("_")] = time.perf_counter() - t
         ranges, traced, memo = run.ranges, run.traced, run.memo
+        rounds.append(fresh.timings)
         if fallback is None:
             fallback = fresh.fallback
+            t = time.perf_counter()
             chosen = _fallback(run)
+            fresh.timings["fallback"] = time.perf_counter() - t
             if chosen:
                 fallback = run.cal.fallback
                 config = config.with_float_activations(chosen)
                 plan = None
                 continue
+        t = time.perf_counter()
         plan = _guard(run)
+        fresh.timings["guard"] = time.perf_counter() - t
         if plan is None:
             break
     fresh.fallback = fallback or {}
+    fresh.rounds = rounds
     cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
