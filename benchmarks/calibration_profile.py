@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import platform
-import pstats
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import calibration_time as CT  # noqa: E402
+from profiling import top  # noqa: E402
 
 import omse  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
@@ -82,17 +81,6 @@ def case(name: str, data: Path, work: Path):
     raise SystemExit(f"calibration_profile.py: unknown model {name!r} (use {', '.join(MODELS)})")
 
 
-def top(prof: cProfile.Profile, k: int) -> list[dict]:
-    """The ``k`` functions of most self time."""
-    s = pstats.Stats(prof, stream=io.StringIO())
-    rows = []
-    for (file, line, fn), (_cc, nc, tt, ct, _callers) in s.stats.items():
-        where = f"{Path(file).name}:{line}({fn})" if line else fn
-        rows.append({"function": where, "calls": nc, "tottime": tt, "cumtime": ct})
-    rows.sort(key=lambda r: -r["tottime"])
-    return rows[:k]
-
-
 def profile(name: str, model, batches: list, k: int) -> dict:
     cfg = omse.QuantConfig(target="int8")
     with warnings.catch_warnings():
@@ -117,7 +105,7 @@ def profile(name: str, model, batches: list, k: int) -> dict:
         "steps": {
             s: {"seconds": round(v, 3), "share": round(v / wall, 3)} for s, v in steps.items()
         },
-        "functions": top(prof, k),
+        "functions": top(prof, k, by="tottime"),
     }
 
 

@@ -36,11 +36,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import io
 import json
 import os
 import platform
-import pstats
 import statistics
 import sys
 import time
@@ -55,6 +53,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import detection  # noqa: E402
+from profiling import top  # noqa: E402
 
 import omse.transforms.pipeline as pipeline  # noqa: E402
 from omse.config import QuantConfig  # noqa: E402
@@ -290,17 +289,6 @@ def measure(name: str, c: tuple, repeats: int, profile: bool) -> dict:
         speedup=sec["stats_old"] / sec["stats"],
     )
     return out
-
-
-def top(prof: cProfile.Profile, k: int) -> list[dict]:
-    """The ``k`` functions of most cumulative time."""
-    s = pstats.Stats(prof, stream=io.StringIO())
-    rows = []
-    for (file, line, fn), (_cc, nc, tt, ct, _callers) in s.stats.items():
-        where = f"{Path(file).name}:{line}({fn})" if line else fn
-        rows.append({"function": where, "calls": nc, "tottime": tt, "cumtime": ct})
-    rows.sort(key=lambda r: -r["cumtime"])
-    return rows[:k]
 
 
 def cpu() -> dict:
