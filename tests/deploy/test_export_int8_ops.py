@@ -245,7 +245,7 @@ def test_channel_shuffles_shared_pools_and_bilinear_necks_run_on_integers(tmp_pa
     q = _quantize(ShuffleFpn)
     ops = op_quantizers(q)
     kinds = collections.Counter((ops.ops[k], v) for k, v in ops.kinds.items())
-    assert kinds[("Resize", "own")] == 1 and kinds[("Add", "own")] == 0, kinds  # add: fused
+    assert kinds[("Resize", "own")] == 1 and kinds[("Add", "none")] == 1, kinds  # add -> head
     path = export_onnx(q, _data(1, 0), tmp_path / "shuffle.onnx")
     sess, got = _optimized(path, tmp_path)
     assert got["QLinearConv"] == 9 and got["QLinearConcat"] == 3 and got["QLinearAdd"] == 1, got

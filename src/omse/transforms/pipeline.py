@@ -156,8 +156,9 @@ class Calibration:
     the guard's measurements (``QuantConfig.budget``; None without a budget)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of each step of the last calibration round (``"wrap"``, ``"plan"``,
-    ``"activations"``, ...), and of its activation statistics pass alone (``"statistics
-    pass"``, when the round made one rather than reusing the first round's)."""
+    ``"activations"``, ...), of its activation statistics pass alone (``"statistics pass"``,
+    when the round made one rather than reusing the first round's), and of the measurement
+    that ended it (``"fallback"``, ``"guard"``: see :attr:`rounds`)."""
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Every calibration round's :attr:`timings`, in order, each with the seconds of the
     measurement that ended it: ``"fallback"`` (the float fallback's estimate, after the first
