@@ -77,7 +77,7 @@ def bench(name: str, data: Path, args, work: Path, ovr) -> dict:
     if args.no_fallback:
         off = replace(default.activations, fallback_db=None)
         configs["omse_no_fallback_int8"] = replace(default, activations=off)
-    fallback = {}
+    fallback, quantized = {}, {}
     for g, cfg in configs.items():
         t = time.perf_counter()
         cal = omse.Calibration()
@@ -89,9 +89,8 @@ def bench(name: str, data: Path, args, work: Path, ovr) -> dict:
         omse.export_onnx(qg, torch.from_numpy(calib[0]), str(work / f"{name}.{g}.onnx"), force=True)
         paths[g] = work / f"{name}.{g}.onnx"
         seconds[g] = round(time.perf_counter() - t, 2)
-        fallback[g] = sorted(cal.fallback)
-        if g == "omse_default_int8":
-            q = qg
+        fallback[g], quantized[g] = sorted(cal.fallback), qg
+    q = quantized["omse_default_int8"]  # its file is compared with the simulation below
 
     graphs, sessions, compiled = {}, {}, {}
     for g, p in paths.items():
