@@ -32,7 +32,6 @@ import cProfile
 import json
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -41,7 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import calibration_time as CT  # noqa: E402
+import detection  # noqa: E402
+from heldout import DEFAULT_DATA  # noqa: E402
 from profiling import top  # noqa: E402
 
 import omse  # noqa: E402
@@ -49,6 +49,7 @@ from omse.io import atomic_write_text  # noqa: E402
 from omse.runtime import cpu_name  # noqa: E402
 
 MODELS = ("lite0", "nanodet", "yolox", "rec")
+CALIB = 32  # calibration images (lines for the recognizer), as benchmarks/calibration_time.py
 
 
 def _rec_case():
@@ -63,19 +64,32 @@ def _rec_case():
     except Exception as e:
         print(f"skip rec: {type(e).__name__}: {e}", file=sys.stderr)
         return None
-    lines = ocr.text_lines(CT.CALIB, "calib", 0)
+    lines = ocr.text_lines(CALIB, "calib", 0)
     task = O._rec_task(path, lines, lines[:8], 8)
     return str(path), [torch.from_numpy(x) for x in task.calib]
 
 
-def case(name: str, data: Path, work: Path):
+def case(name: str, data: Path):
     """(what ``quantize`` takes, batches), or None (said on stderr)."""
     if name == "lite0":
-        c = CT._zoo_case("efficientnet-lite0", work)
-        return None if c is None else (c[1], c[2])
-    if name in CT.DETECTORS:
-        c = CT._detector_case(name, data)
-        return None if c is None else (str(c[0]), c[2])
+        from omse.zoo.models import get_model
+        from omse.zoo.tasks import get_task
+
+        try:
+            model = get_model("efficientnet-lite0").build().eval()
+            calib = get_task("efficientnet-lite0").calibration(CALIB).contiguous()
+        except Exception as e:  # weights or data missing: say so, run the others
+            print(f"skip lite0: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+        return model, list(calib.split(16))
+    if name in ("nanodet", "yolox"):
+        m = detection.models(data)[name]
+        if not m.path.is_file() or not (data / detection.CALIB_DIR).is_dir():
+            print(f"skip {name}: {m.path} or {data / detection.CALIB_DIR} missing", file=sys.stderr)
+            return None
+        return str(m.path), [
+            torch.from_numpy(x) for x in detection.calibration_inputs(m, data, CALIB)
+        ]
     if name == "rec":
         return _rec_case()
     raise SystemExit(f"calibration_profile.py: unknown model {name!r} (use {', '.join(MODELS)})")
@@ -135,21 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=8)
-    ap.add_argument(
-        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
-    )
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default="results/calibration_profile.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results, skipped = [], []
-    with tempfile.TemporaryDirectory(prefix="omse-calprof-") as tmp:
-        for name in [m for m in args.models.split(",") if m]:
-            c = case(name, Path(args.data), Path(tmp))
-            if c is None:
-                skipped.append(name)
-                continue
-            results.append(profile(name, *c, args.top))
-            print(f"{name}: {results[-1]['wall_seconds']:.1f} s", file=sys.stderr)
+    for name in [m for m in args.models.split(",") if m]:
+        c = case(name, Path(args.data))
+        if c is None:
+            skipped.append(name)
+            continue
+        results.append(profile(name, *c, args.top))
+        print(f"{name}: {results[-1]['wall_seconds']:.1f} s", file=sys.stderr)
     print(tables(results))
     out = {
         "benchmark": "calibration_profile",

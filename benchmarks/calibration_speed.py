@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import detection  # noqa: E402
+from heldout import DEFAULT_DATA  # noqa: E402
 from profiling import top  # noqa: E402
 
 import omse.transforms.pipeline as pipeline  # noqa: E402
@@ -357,9 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--profile", default="efficientnet-lite0", help="the model to profile")
-    ap.add_argument(
-        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
-    )
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default="results/calibration_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -67,6 +67,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import detection  # noqa: E402
+from heldout import DEFAULT_DATA  # noqa: E402
 
 import omse  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
@@ -258,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
-    )
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument(
         "--omp-passive",
         action="store_true",

@@ -53,6 +53,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import detection  # noqa: E402
 import latency as L  # noqa: E402
+from heldout import DEFAULT_DATA  # noqa: E402
 
 import omse  # noqa: E402
 from omse.io import atomic_write_text  # noqa: E402
@@ -159,9 +160,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
-    )
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--models", default="yolox,nanodet")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=60)

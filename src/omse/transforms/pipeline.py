@@ -154,21 +154,23 @@ class Calibration:
     precision: PrecisionPlan | None = None
     """Each layer's weight width, its candidates' bytes and estimated errors, the budget and
     the guard's measurements (``QuantConfig.budget``; None without a budget)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds of each step of the last calibration round (``"wrap"``, ``"plan"``,
-    ``"activations"``, ...), of its activation statistics pass alone (``"statistics pass"``,
-    when the round made one rather than reusing the first round's), and of the measurement
-    that ended it (``"fallback"``, ``"guard"``: see :attr:`rounds`)."""
     rounds: list[dict[str, float]] = field(default_factory=list)
-    """Every calibration round's :attr:`timings`, in order, each with the seconds of the
-    measurement that ended it: ``"fallback"`` (the float fallback's estimate, after the first
-    round) and ``"guard"`` (the budget guard's check). Where the time of a whole
-    :func:`quantize` call went (``benchmarks/calibration_profile.py``)."""
+    """Every calibration round's seconds, in order: of each step (``"wrap"``, ``"plan"``,
+    ``"activations"``, ...), of its activation statistics pass alone (``"statistics pass"``,
+    when the round made one rather than reusing the first round's), and of the measurement that
+    ended it (``"fallback"``: the float fallback's estimate, after the first round; ``"guard"``:
+    the budget guard's check). Where the time of a whole :func:`quantize` call went
+    (``benchmarks/calibration_profile.py``)."""
     fallback: dict[str, float] = field(default_factory=dict)
     """The layers the float fallback (``ActQuant.fallback_db``) runs with float activations
     (their weights stay quantized, at 8 bits: :meth:`QuantConfig.with_float_activations`), each
     with the estimated output SQNR (dB) of the model with only that layer's activations
     quantized."""
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The last round's :attr:`rounds` entry (the round in progress while one runs)."""
+        return self.rounds[-1] if self.rounds else {}
 
     @property
     def float_share(self) -> float:
@@ -1030,6 +1032,8 @@ def quantize(
     # budget's guard asks for a larger budget (at most GUARD_ROUNDS - 1 times)
     for _ in range(GUARD_ROUNDS + 1):
         fresh = Calibration()
+        rounds.append({})
+        fresh.rounds = rounds  # fresh.timings: this round's entry
         qmodel = _fresh_copy(model, batches, fresh)
         run = _Run(qmodel, batches, config, fresh, progress, example=example, plan=plan)
         run.ranges, run.memo = ranges, memo
@@ -1039,7 +1043,6 @@ def quantize(
             step(run)
             fresh.timings[step.__name__.lstrip("_")] = time.perf_counter() - t
         ranges, traced, memo = run.ranges, run.traced, run.memo
-        rounds.append(fresh.timings)
         if fallback is None:
             fallback = fresh.fallback
             t = time.perf_counter()
@@ -1056,7 +1059,6 @@ def quantize(
         if plan is None:
             break
     fresh.fallback = fallback or {}
-    fresh.rounds = rounds
     cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
