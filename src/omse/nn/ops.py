@@ -150,9 +150,13 @@ class _SiteMode(TorchFunctionMode):
         self.k += 1
         return self.k - 1
 
+    def site_op(self, func, args: tuple, kwargs: dict) -> str | None:
+        """The op the call is a site of (None: not a site, or inside a quantized layer)."""
+        return None if layer_depth() else _site_op(func, args, kwargs, self.ops.extra_sites)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        op = None if layer_depth() else _site_op(func, args, kwargs, self.ops.extra_sites)
+        op = self.site_op(func, args, kwargs)
         if op is None:
             return func(*args, **kwargs)
         if op == "Sigmoid+Mul":  # silu(x) = x * sigmoid(x), as the exporter writes it
@@ -170,14 +174,11 @@ def as_site(func, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     see it (a module's own ONNX export of the op, run with torch functions disabled), as the
     active site mode would have returned it: the same site number as the call would have taken
     in an eager forward, its quantizer and marker on ``y``. ``y`` itself outside a site mode,
-    inside a quantized layer, or for a call that is not a site."""
+    inside a quantized layer, or for a call that is not a site. A one-output op only."""
     modes = getattr(_ACTIVE, "modes", [])
-    if not modes or layer_depth():
+    if not modes or modes[-1].site_op(func, args, kwargs) is None:
         return y
-    mode = modes[-1]
-    if _site_op(func, args, kwargs, mode.ops.extra_sites) is None:
-        return y
-    return mode.ops.at(mode._next(), y)
+    return modes[-1].ops.at(modes[-1]._next(), y)
 
 
 class OpQuantizers:
