@@ -703,14 +703,60 @@ def test_deferred_binning_past_its_bound_with_a_changed_value_drops_the_pass():
         assert h.n == 0 and not d.submit()
 
 
-def test_deferred_non_finite_values_raise_at_once():
-    h = HistogramStats(64)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_deferred_non_finite_values_raise_from_wait_after_every_bin_is_in(bad):
+    """The workers check finiteness as they bin (the calling thread reads nothing): the error
+    comes from ``wait``, once every other histogram of the submission is binned."""
+    h, g = HistogramStats(64), HistogramStats(64)
     with DeferredBinning(2) as d:
         h.update(torch.ones(3))
-        with pytest.raises(NonFiniteError):
-            h.update(torch.tensor([1.0, float("nan")]))
+        h.update(torch.tensor([1.0, bad]))  # queued, not read
+        g.update(torch.ones(5))
+        assert h.n == 0
         assert d.submit()
-    assert h.n == 3
+        with pytest.raises(NonFiniteError, match="NaN or Inf"):
+            d.wait()
+        assert g.n == 5 and d._futures == []
+    # the clamp does not hide a NaN (torch.clamp keeps it), and bounds an Inf as torch does
+    with DeferredBinning(1) as d:
+        h2 = HistogramStats(64)
+        h2.update(torch.tensor([1.0, bad]), (-2.0, 2.0))
+        assert d.submit()
+        if bad != bad:
+            with pytest.raises(NonFiniteError):
+                d.wait()
+        else:
+            d.wait()
+            assert h2.n == 2
+            assert (h2.min, h2.max) == ((1.0, 2.0) if bad > 0 else (-2.0, 1.0))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_deferred_clamps_equal_torch_clamp_bit_for_bit(workers):
+    """``update(x, (lo, hi))`` bins what ``update(x.clamp(lo, hi))`` bins, deferred or not:
+    float32 values against bounds float32 cannot hold (rounded as torch rounds them), float64
+    values, one-sided bounds, a non-contiguous view."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [
+        (torch.randn(5000, generator=gen) * 3, (-0.1, 6.0)),
+        (torch.randn(3000, generator=gen).double() * 3, (-0.1, 6.0)),
+        (torch.randn(4000, generator=gen) * 1e3, (0.0, float("inf"))),
+        (torch.randn(4000, generator=gen), (-float("inf"), 1.0 / 3.0)),
+        (torch.randn(60, 50, generator=gen).t() * 7, (-6.0, 6.0)),
+    ]
+    ref = [HistogramStats(256) for _ in cases]
+    direct = [HistogramStats(256) for _ in cases]
+    got = [HistogramStats(256) for _ in cases]
+    for h, (x, c) in zip(ref, cases, strict=True):
+        h.update(x.clamp(*c))
+    for h, (x, c) in zip(direct, cases, strict=True):
+        h.update(x, c)
+    with DeferredBinning(workers) as d:
+        for h, (x, c) in zip(got, cases, strict=True):
+            h.update(x, c)
+        assert all(h.n == 0 for h in got)
+        assert d.submit()
+    assert [_state(h) for h in got] == [_state(h) for h in ref] == [_state(h) for h in direct]
 
 
 def test_inference_tensors_and_other_threads_bin_at_once():

@@ -112,28 +112,49 @@ class HistogramStats:
             new_s[b // 4 : 3 * b // 4] = self.sums.view(-1, 2).sum(1)
             self.counts, self.sums, self.radius = new_c, new_s, self.radius * 2.0
 
-    def update(self, x: torch.Tensor) -> HistogramStats:
-        """Add every value of ``x`` (any shape, dtype and device). Returns ``self``.
+    def update(
+        self, x: torch.Tensor, clamp: tuple[float, float] | None = None
+    ) -> HistogramStats:
+        """Add every value of ``x`` (any shape, dtype and device), clamped to ``clamp = (lo,
+        hi)`` first where given (the values ``x.clamp(lo, hi)`` holds). Returns ``self``.
 
         Raises :class:`~omse.errors.NonFiniteError` for NaN or Inf values (``self`` untouched).
         A CPU tensor is binned by the compiled kernel of :mod:`omse.core.binning` (one read, no
         float64 copy), others by torch; both give the same counts and per-bin sums bit for bit
         and the same moments up to float64 rounding (see there). Inside a
-        :class:`DeferredBinning` block on this thread a CPU tensor's values are checked here and
-        binned when the block flushes (the same operations, in the same order per histogram)."""
+        :class:`DeferredBinning` block on this thread a float32/float64 CPU tensor is queued as
+        it is: its clamp, extremes and finiteness are computed with its bins, on the block's
+        worker threads (the same values, operations and order per histogram; a NaN or Inf then
+        raises from :meth:`DeferredBinning.wait`)."""
         v = x.detach().reshape(-1)
         if not v.is_floating_point():
             v = v.to(torch.float64)
         if v.numel() == 0:
             return self
+        deferred = getattr(_DEFERRED, "active", None)
+        if deferred is not None and deferred.take(self, v, clamp):
+            return self
+        if clamp is not None:
+            v = v.clamp(*clamp)
         lo, hi = torch.aminmax(v)  # NaN propagates to both; exact in any float dtype
         vmin, vmax = float(lo), float(hi)
         if not (math.isfinite(vmin) and math.isfinite(vmax)):
             raise NonFiniteError("calibration values contain NaN or Inf")
-        deferred = getattr(_DEFERRED, "active", None)
-        if deferred is None or not deferred.take(self, v, vmin, vmax):
-            self._add(v, vmin, vmax)
+        self._add(v, vmin, vmax)
         return self
+
+    def _add_queued(self, v: torch.Tensor, clamp: tuple[float, float] | None) -> None:
+        """:meth:`update`'s work for a float32/float64 CPU tensor ``v [n]`` that a
+        :class:`DeferredBinning` queued, on a worker thread (numpy's reductions and the compiled
+        kernel release the GIL): the clamp (bounds rounded to ``v``'s dtype, as ``torch.clamp``
+        rounds them), the extremes (NaN propagates, as in ``torch.aminmax``), then :meth:`_add`."""
+        a = v.resolve_conj().resolve_neg().contiguous().numpy()
+        if clamp is not None:
+            a = np.clip(a, a.dtype.type(clamp[0]), a.dtype.type(clamp[1]))
+        vmin, vmax = float(a.min()), float(a.max())
+        if not (math.isfinite(vmin) and math.isfinite(vmax)):
+            raise NonFiniteError("calibration values contain NaN or Inf")
+        self._add(torch.from_numpy(a), vmin, vmax)
 
     def _add(self, v: torch.Tensor, vmin: float, vmax: float) -> None:
         """Add the finite values ``v [n]`` (extremes ``vmin``, ``vmax``): range, count, extremes,
@@ -326,16 +347,21 @@ class DeferredBinning:
     came, so every histogram ends bit for bit as :meth:`HistogramStats.update` alone leaves it.
 
     - ``with DeferredBinning(workers) as d:`` on the thread that runs the model: each
-      :meth:`HistogramStats.update` of a CPU tensor on that thread reads the extremes (NaN or
-      Inf raise there, as always) and queues the values; other threads' updates bin at once.
+      :meth:`HistogramStats.update` of a float32/float64 CPU tensor on that thread queues the
+      values (by reference, with the clamp asked for); the workers compute the clamp, extremes
+      and finiteness with the bins (the calling thread reads nothing). Other threads' updates,
+      and other dtypes, bin at once.
     - :meth:`submit`, after the pass: returns False, binning nothing and dropping the queue,
       when a queued tensor was changed in place since it was queued (its version counter: an
       in-place op of the model, such as a residual ``out += x``, on a tensor observed earlier);
       the caller then runs the pass again outside the block. Otherwise starts binning the queue
       in the background and returns True. It first waits for the previous submission, so one
       histogram's updates keep their order across passes.
-    - :meth:`wait`: blocks until the submitted bins are in (re-raising a worker's error). A
-      histogram with queued values is not read, absorbed or updated elsewhere before then.
+    - :meth:`wait`: blocks until the submitted bins are in, then re-raises a worker's error
+      (:class:`~omse.errors.NonFiniteError` for NaN or Inf values; the caller that wants the
+      first tensor named runs the pass again with updates binned at once, as
+      :func:`omse.transforms.statistics.collect` does). A histogram with queued values is not
+      read, absorbed or updated elsewhere before then.
     - Past ``max_bytes`` of queued values in one pass the queue is checked and binned at once,
       and the pass's later updates bin as they come (memory stays bounded).
 
@@ -345,7 +371,7 @@ class DeferredBinning:
     def __init__(self, workers: int, max_bytes: int = DEFERRED_BYTES):
         self.workers = max(1, int(workers))
         self.max_bytes = max_bytes
-        self._queue: list[tuple[HistogramStats, torch.Tensor, float, float, int]] = []
+        self._queue: list[tuple[HistogramStats, torch.Tensor, tuple | None, int]] = []
         self._bytes = 0
         self._mode = "queue"  # "queue", "direct" (past max_bytes) or "stale" (pass to rerun)
         self._futures: list[Future] = []
@@ -378,23 +404,31 @@ class DeferredBinning:
         finally:
             _DEFERRED.active = self
 
-    def take(self, hist: HistogramStats, v: torch.Tensor, vmin: float, vmax: float) -> bool:
-        """Queue the finite values ``v [n]`` for ``hist`` (True), or False: bin them now."""
+    def take(
+        self, hist: HistogramStats, v: torch.Tensor, clamp: tuple[float, float] | None = None
+    ) -> bool:
+        """Queue the values ``v [n]`` (clamped to ``clamp`` when binned) for ``hist`` (True), or
+        False: bin them now."""
         if self._mode == "stale":
             return True  # the pass runs again: its values are dropped
         if (
             self._mode == "direct"
             or v.device.type != "cpu"
+            or v.dtype not in (torch.float32, torch.float64)
             or v.is_inference()
             or _kernels() is None
             or not hist._plain()
         ):
             return False
-        self._queue.append((hist, v, vmin, vmax, v._version))
+        self._queue.append((hist, v, clamp, v._version))
         self._bytes += v.numel() * v.element_size()
         if self._bytes > self.max_bytes:
-            self._mode = "direct" if self._start() else "stale"
-            self.wait()
+            try:
+                ok = self._start()
+                self.wait()
+            except NonFiniteError:  # the pass runs again, binning at once: that names the tensor
+                ok = False
+            self._mode = "direct" if ok else "stale"
         return True
 
     def submit(self) -> bool:
@@ -408,27 +442,30 @@ class DeferredBinning:
     def _start(self) -> bool:
         self.wait()
         queue, self._queue, self._bytes = self._queue, [], 0
-        if any(v._version != version for _, v, _, _, version in queue):
+        if any(v._version != version for _, v, _, version in queue):
             return False
         groups: dict[int, list] = {}
-        for hist, v, vmin, vmax, _ in queue:
-            groups.setdefault(id(hist), []).append((hist, v, vmin, vmax))
+        for hist, v, clamp, _ in queue:
+            groups.setdefault(id(hist), []).append((hist, v, clamp))
         # the largest first: the workers finish together
-        order = sorted(groups.values(), key=lambda g: -sum(v.numel() for _, v, _, _ in g))
+        order = sorted(groups.values(), key=lambda g: -sum(v.numel() for _, v, _ in g))
         assert self._pool is not None
         self._futures = [self._pool.submit(_add_in_order, g) for g in order]
         return True
 
     def wait(self) -> None:
-        """Block until the submitted bins are in."""
+        """Block until the submitted bins are all in, then raise the first error of a worker
+        (in submission order), if any."""
         futures, self._futures = self._futures, []
-        for f in futures:
-            f.result()
+        errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
 
 
 def _add_in_order(group: list) -> None:
-    for hist, v, vmin, vmax in group:
-        hist._add(v, vmin, vmax)
+    for hist, v, clamp in group:
+        hist._add_queued(v, clamp)
 
 
 def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:

@@ -432,7 +432,7 @@ class _Observer:
             if st.output is None:
                 st.output = HistogramStats(self.needs.bins)
             unbounded = lo == -math.inf and hi == math.inf
-            st.output.update(y if unbounded else y.clamp(lo, hi))
+            st.output.update(y, None if unbounded else (lo, hi))
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -476,13 +476,21 @@ def collect(
     def run(i: int) -> dict[str, LayerStatistics]:
         """Batch ``i``'s statistics: the forward pass, then its histograms binned on
         ``binner``'s threads; where the model changed an observed tensor in place, the batch
-        again with every update binned at once (as the later batches then are)."""
+        again with every update binned at once (as the later batches then are). Where the
+        binning found NaN or Inf values, the batch again binning at once, whose first update of
+        such values raises naming its layer."""
         nonlocal inplace
         forward(i, deferred=not inplace)
         if not inplace and not binner.submit():
             inplace = True
             forward(i, deferred=False)
-        binner.wait()
+        try:
+            binner.wait()
+        except NonFiniteError:
+            forward(i, deferred=False)
+            raise CalibrationError(
+                f"calibration batch {obs.batch} gave NaN or Inf values to a histogram"
+            ) from None
         return obs.stats
 
     try:
