@@ -703,12 +703,14 @@ def test_deferred_binning_past_its_bound_with_a_changed_value_drops_the_pass():
         assert h.n == 0 and not d.submit()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_deferred_non_finite_values_raise_from_wait_after_every_bin_is_in(bad):
+def test_deferred_non_finite_values_raise_from_wait_after_every_bin_is_in(bad, workers):
     """The workers check finiteness as they bin (the calling thread reads nothing): the error
-    comes from ``wait``, once every other histogram of the submission is binned."""
+    comes from ``wait``, once every other histogram of the submission is binned (the worker
+    that met it goes on with the others)."""
     h, g = HistogramStats(64), HistogramStats(64)
-    with DeferredBinning(2) as d:
+    with DeferredBinning(workers) as d:
         h.update(torch.ones(3))
         h.update(torch.tensor([1.0, bad]))  # queued, not read
         g.update(torch.ones(5))

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 
 import numpy as np
 import torch
@@ -112,9 +113,7 @@ class HistogramStats:
             new_s[b // 4 : 3 * b // 4] = self.sums.view(-1, 2).sum(1)
             self.counts, self.sums, self.radius = new_c, new_s, self.radius * 2.0
 
-    def update(
-        self, x: torch.Tensor, clamp: tuple[float, float] | None = None
-    ) -> HistogramStats:
+    def update(self, x: torch.Tensor, clamp: tuple[float, float] | None = None) -> HistogramStats:
         """Add every value of ``x`` (any shape, dtype and device), clamped to ``clamp = (lo,
         hi)`` first where given (the values ``x.clamp(lo, hi)`` holds). Returns ``self``.
 
@@ -447,10 +446,14 @@ class DeferredBinning:
         groups: dict[int, list] = {}
         for hist, v, clamp, _ in queue:
             groups.setdefault(id(hist), []).append((hist, v, clamp))
-        # the largest first: the workers finish together
-        order = sorted(groups.values(), key=lambda g: -sum(v.numel() for _, v, _ in g))
+        # the largest first, each taken by the next free worker: the workers finish together,
+        # and a pass's hundreds of histograms cost one task per worker, not one each
+        todo: SimpleQueue = SimpleQueue()
+        for g in sorted(groups.values(), key=lambda g: -sum(v.numel() for _, v, _ in g)):
+            todo.put(g)
         assert self._pool is not None
-        self._futures = [self._pool.submit(_add_in_order, g) for g in order]
+        n = min(self.workers, len(groups))
+        self._futures = [self._pool.submit(_drain, todo) for _ in range(n)]
         return True
 
     def wait(self) -> None:
@@ -466,6 +469,23 @@ class DeferredBinning:
 def _add_in_order(group: list) -> None:
     for hist, v, clamp in group:
         hist._add_queued(v, clamp)
+
+
+def _drain(todo: SimpleQueue) -> None:
+    """A worker's task: bin the queued groups (one histogram's updates each) until none is
+    left; a group's error does not stop the others (the first is raised at the end)."""
+    error: BaseException | None = None
+    while True:
+        try:
+            group = todo.get_nowait()
+        except Empty:
+            break
+        try:
+            _add_in_order(group)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other groups
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def merge_in_order(parts: list[HistogramStats]) -> HistogramStats:
