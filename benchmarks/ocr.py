@@ -140,6 +140,10 @@ ROWS["best recipe 0.6x held"] = {  # QuantConfig.preset("best"): + learned round
     **ROWS["default recipe 0.6x held"],
     "rounding": "learned",
 }
+ROWS["default recipe 0.6x held + GPTQ"] = {  # output-aware (GPTQ) rounding of the 4-bit layers
+    **ROWS["default recipe 0.6x held"],
+    "rounding": "gptq",
+}
 DEFAULT_ROWS = ("W8A8 recipe", "W4A8 recipe", "W4A4 recipe", "W4A8 MMSE")
 TARGETS = ("int4", "int8")
 
