@@ -242,7 +242,8 @@ def test_deferred_binning_of_a_pass_equals_binning_each_update_at_once(monkeypat
             return z.sum() + h.sum()
 
     batches = [torch.randn(2, 3, 9, 9) * 10.0**k for k in (-2, 0, 1)]
-    needs = Needs(input_histograms=True, output_clamp=(("b", -math.inf, math.inf),), bins=256)
+    clamps = (("b", -math.inf, math.inf), ("a", -0.1, 1.0 / 3.0))  # a's clamped on the workers
+    needs = Needs(input_histograms=True, output_clamp=clamps, bins=256)
     for inplace in (False, True):
         net = Net(inplace).eval()
         new = collect(net, layers, batches, needs)
@@ -254,6 +255,39 @@ def test_deferred_binning_of_a_pass_equals_binning_each_update_at_once(monkeypat
             for f in ("input", "output"):
                 assert _state(getattr(new[name], f)) == _state(getattr(ref[name], f)), (name, f)
         assert new["b"].input is not None and new["b"].output is not None
+        assert new["a"].output.max == pytest.approx(1.0 / 3.0)
+
+
+def test_non_finite_values_found_while_binning_name_the_layer_or_the_batch():
+    """NaN or Inf are found by the binning workers after the forward: the batch runs again
+    binning each update at once, whose check names the layer; a batch that does not fail again
+    (a model that is not deterministic) is named with what was seen."""
+    from omse.errors import CalibrationError
+
+    cfg = LayerConfig(weight_bits=8, act_bits=None)
+    layers = {"a": QuantizedLayer(nn.Linear(4, 4), "a", cfg)}
+
+    class Net(nn.Module):
+        def __init__(self, bad_calls):
+            super().__init__()
+            self.a, self.bad_calls, self.calls = layers["a"], bad_calls, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x * float("nan") if self.calls in self.bad_calls else x)
+
+    batches = [torch.randn(2, 4), torch.randn(2, 4)]
+    needs = Needs(input_histograms=True, bins=64)
+    net = Net({2, 3})  # batch 1, and its run again
+    with pytest.raises(
+        CalibrationError, match=r"layer 'a' got NaN or Inf inputs on calibration batch 1"
+    ):
+        collect(net, layers, batches, needs)
+    assert net.calls == 3
+    net = Net({2})  # batch 1 only: its run again is finite
+    with pytest.raises(CalibrationError, match="calibration batch 1 gave NaN or Inf values"):
+        collect(net, layers, batches, needs)
+    assert net.calls == 3
 
 
 def _state(h) -> tuple | None:
