@@ -645,25 +645,27 @@ def _activations(r: _Run) -> None:
     state = state_fingerprint(r.qmodel)
     mode = None if ops is None else (ops.extra_sites,)
     kept = r.memo.reuse(state, mode, needs, sites) if r.memo is not None else None
-    if all_max(int(kept is None)):  # every rank passes when one must (they agree in practice)
+    # every rank passes when one must (they agree in practice): a whole pass when the memo is of
+    # no use, else one that bins only the histograms it lacks (None: every site)
+    fresh = bool(all_max(int(kept is None)))
+    lack, lack_sites = (needs, None) if fresh or kept is None else (kept[2], kept[3])
+    if fresh or all_max(int(bool(lack.output_clamp or lack_sites))):
         t = time.perf_counter()
-        with observe_sites(ops, r.config.activations.bins) as site_stats:
-            stats = collect(r.qmodel, r.layers, r.batches, needs, r.progress)
+        with observe_sites(ops, r.config.activations.bins, only=lack_sites) as got:
+            desc = "calibrating" if fresh else "top-up"
+            more = collect(r.qmodel, r.layers, r.batches, lack, r.progress, desc)
         r.cal.timings["statistics pass"] = time.perf_counter() - t
-        site_stats = gather_site_stats(site_stats) if ops is not None else {}
-        r.memo = _StatsMemo(state, mode, needs, stats, site_stats)
-    else:
-        _, _, lack, lack_sites = kept
-        if all_max(int(bool(lack.output_clamp or lack_sites))):  # the histograms it lacks
-            t = time.perf_counter()
-            with observe_sites(ops, r.config.activations.bins, only=lack_sites) as more_sites:
-                more = collect(r.qmodel, r.layers, r.batches, lack, r.progress, "top-up")
-            r.cal.timings["statistics pass"] = time.perf_counter() - t
-            r.memo.top_up(lack, more, gather_site_stats(more_sites) if ops is not None else {})
+        got = gather_site_stats(got) if ops is not None else {}
+        if fresh:
+            r.memo = _StatsMemo(state, mode, needs, more, got)
+            kept = (more, got, lack, set())
+        else:
+            r.memo.top_up(lack, more, got)
             kept = r.memo.reuse(state, mode, needs, sites)  # now lacking nothing
-        stats, site_stats, _, _ = kept
-        for n, q in r.layers.items():
-            q.macs = stats[n].macs
+    assert kept is not None
+    stats, site_stats, _, _ = kept
+    for n, q in r.layers.items():
+        q.macs = stats[n].macs
     fits = r.memo.fits
     r.cal.stats = {n: st.input for n, st in stats.items() if st.input is not None}
     r.cal.output_stats = {n: st.output for n, st in stats.items() if st.output is not None}
