@@ -18,10 +18,13 @@ with FP32 and calibration seconds, quantized models evaluated in torch (simulate
 Settings: ``W4A32`` (float activations), ``W4A8``, ``W4A4``. ``--ends 8bit`` gives ``conv1`` and
 ``linear`` 8-bit weights (and 8-bit input activations where the others are quantized), as the
 literature does; ``--ends 4bit`` leaves every layer at the setting's bits. Recipes are omse's
-presets (``QuantConfig.preset(p, weight_bits=.., act_bits=.., overrides=..)``).
+presets (``QuantConfig.preset(p, weight_bits=.., act_bits=.., overrides=..)``); ``--uniform``
+keeps every layer at the setting's bits (``budget=None``, no float fallback), the shape of the
+literature's tables and the peers' rows.
 
     python benchmarks/cifar_resnets.py [--data ../shared/data] [--depths 20] [--settings W4A8]
-        [--ends 8bit,4bit] [--presets fast,default] [--calib 256] [--seed 0] [--threads 2]
+        [--ends 8bit,4bit] [--presets fast,default] [--budget F [--guard-db D|off] | --uniform]
+        [--calib 256] [--seed 0] [--threads 2]
         [--peers brevitas,nncf,aimet] [--adaround-iters 1000] [--aimet-path DIR]
         [--out results/cifar_resnets.json]
 
@@ -203,9 +206,12 @@ def tables(result: dict) -> str:
                     f"{r.get('refused', '')[:80]} | - | - | - |"
                 )
                 continue
+            label = r["preset"]
+            if r["recipe"].endswith("@uniform"):
+                label += " (`--uniform`: every layer at the setting's bits)"
             out.append(
                 f"| {r['setting']} | {'8-bit' if r['ends'] == '8bit' else '4-bit'} | "
-                f"{r['preset']} | {pct(r)} | {100 * r['agreement']:.1f}% | "
+                f"{label} | {pct(r)} | {100 * r['agreement']:.1f}% | "
                 f"{100 * r['extra_macs_fraction']:.1f}% | {r['calib_seconds']:.0f} |"
             )
         out.append("")
@@ -229,6 +235,13 @@ def main(argv=None) -> int:
         "bytes), with --guard-db (a number, or off); rows named PRESET@BUDGETx[-noguard]",
     )
     ap.add_argument("--guard-db", default="3")
+    ap.add_argument(
+        "--uniform",
+        action="store_true",
+        help="every layer at the setting's bits, as the literature's tables and the peers: no "
+        "per-layer precision (budget=None) and no float fallback (fallback_db=None); rows named "
+        "PRESET@uniform",
+    )
     ap.add_argument(
         "--peers",
         default="",
@@ -255,6 +268,8 @@ def main(argv=None) -> int:
     presets = [p for p in args.presets.split(",") if p]
     if bad := [s for s in settings if s not in SETTINGS]:
         ap.error(f"--settings: unknown {bad}; use {list(SETTINGS)}")
+    if args.uniform and args.budget is not None:
+        ap.error("--uniform and --budget: choose one")
     if bad := [e for e in ends if e not in ("8bit", "4bit")]:
         ap.error(f"--ends: unknown {bad}; use 8bit, 4bit")
     torch.set_num_threads(args.threads)
@@ -308,6 +323,10 @@ def main(argv=None) -> int:
                         guard = None if args.guard_db == "off" else float(args.guard_db)
                         kw["budget"] = {"weight_bytes": args.budget, "guard_db": guard}
                         name += f"@{args.budget:g}x" + ("-noguard" if guard is None else "")
+                    elif args.uniform:
+                        kw["budget"] = None
+                        kw["activations"] = {"bits": kw["act_bits"], "fallback_db": None}
+                        name += "@uniform"
                     q, info = quantize_recipe(model, calib, kw)
                     r, _ = evaluate(q, xe, ye, cifar_normalize, args.batch, name, ref)
                     rows.append(
