@@ -703,6 +703,18 @@ def test_deferred_binning_past_its_bound_with_a_changed_value_drops_the_pass():
         assert h.n == 0 and not d.submit()
 
 
+def test_deferred_binning_past_its_bound_with_a_nan_drops_the_pass():
+    """Past the memory bound the queue bins at once; a NaN met there makes the pass run again
+    (binning at once, where the first NaN raises in the forward's order), not an error from an
+    unrelated later update."""
+    h = HistogramStats(64)
+    with DeferredBinning(1, max_bytes=16_000) as d:
+        h.update(torch.tensor([1.0, float("nan")]))
+        h.update(torch.randn(5000))  # past the bound: the queue is binned, the NaN found
+        h.update(torch.randn(10))  # dropped: the pass runs again
+        assert not d.submit()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_deferred_non_finite_values_raise_from_wait_after_every_bin_is_in(bad, workers):
