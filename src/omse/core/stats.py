@@ -466,11 +466,6 @@ class DeferredBinning:
                 raise e
 
 
-def _add_in_order(group: list) -> None:
-    for hist, v, clamp in group:
-        hist._add_queued(v, clamp)
-
-
 def _drain(todo: SimpleQueue) -> None:
     """A worker's task: bin the queued groups (one histogram's updates each) until none is
     left; a group's error does not stop the others (the first is raised at the end)."""
@@ -481,7 +476,8 @@ def _drain(todo: SimpleQueue) -> None:
         except Empty:
             break
         try:
-            _add_in_order(group)
+            for hist, v, clamp in group:  # one histogram's updates, in their order
+                hist._add_queued(v, clamp)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other groups
             error = error or e
     if error is not None:
