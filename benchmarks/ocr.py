@@ -50,6 +50,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
+from omse.analysis.metrics import wilson_interval
 from omse.config import Budget, QuantConfig
 from omse.deploy.export import export_onnx
 from omse.io import atomic_write_text
@@ -160,7 +161,7 @@ class Task:
     evaluation: list[np.ndarray]
     summarize: Callable[[list[np.ndarray]], object]
     compare: Callable[[object, object], dict]
-    truth: Callable[[object], dict]
+    truth: Callable[..., dict]  # (summary, FP32's summary or None) -> metrics vs the truth
     weights: int = 0  # float weight elements (rank >= 2) in the ONNX file
     module: torch.nn.Module | None = None  # the float model, imported once
 
@@ -191,14 +192,26 @@ def _rec_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
             "cer": float(np.mean([ocr.char_error_rate(a, b) for a, b in zip(texts, ref)])),
         }
 
-    def truth(texts):
+    def truth(texts, ref=None):
         stripped = [t.strip() for t in texts]
-        return {
-            "exact_vs_rendered": float(np.mean([a == b for a, b in zip(stripped, truth_text)])),
+        exact = [a == b for a, b in zip(stripped, truth_text)]
+        out = {
+            "exact_vs_rendered": float(np.mean(exact)),
             "cer_vs_rendered": float(
                 np.mean([ocr.char_error_rate(a, b) for a, b in zip(stripped, truth_text)])
             ),
         }
+        if ref is not None:  # of the lines FP32 reads exactly, those this model reads exactly too
+            fp32 = [a.strip() == b for a, b in zip(ref, truth_text)]
+            kept = sum(e and f for e, f in zip(exact, fp32))
+            n = sum(fp32)
+            out["fp32_exact_kept"] = {
+                "kept": kept,
+                "of": n,
+                "share": kept / max(n, 1),
+                "interval95": list(wilson_interval(kept, n)) if n else None,
+            }
+        return out
 
     pre = [x.bgr() for x in calib_lines], [x.bgr() for x in eval_lines]
     return Task(
@@ -222,7 +235,7 @@ def _cls_task(path: Path, calib_lines, eval_lines, batch: int) -> Task:
     def compare(pred, ref):
         return {"top1_agreement": float((pred == ref).mean())}
 
-    def truth(pred):
+    def truth(pred, ref=None):
         return {"accuracy_vs_labels": float((pred == labels).mean())}
 
     return Task(
@@ -249,7 +262,7 @@ def _det_task(path: Path, calib_pages, eval_pages, batch: int, side: int) -> Tas
         ious = [ocr.mask_iou(a, b) for a, b in zip(m, ref)]
         return {"iou": float(np.mean(ious)), "iou_min": float(np.min(ious))}
 
-    def truth(m):
+    def truth(m, ref=None):
         inside = [float(a[b].sum() / max(a.sum(), 1)) for a, b in zip(m, masks)]
         covered = [float(a[b].mean()) for a, b in zip(m, masks)]
         return {
@@ -349,7 +362,7 @@ def run_row(
     row["left_float"] = list(cal.left_float)
     sim = task.summarize(_run_torch(q, task.evaluation))
     row["sim_vs_fp32"] = task.compare(sim, ref)
-    row["sim_vs_truth"] = task.truth(sim)
+    row["sim_vs_truth"] = task.truth(sim, ref)
     try:
         path = export_onnx(
             q,
@@ -360,6 +373,7 @@ def run_row(
         )
         outs = task.summarize(_run_ort(path, task.evaluation, args.threads))
         row["ort_vs_fp32"] = task.compare(outs, ref)
+        row["ort_vs_truth"] = task.truth(outs, ref)
         row["ort_vs_sim"] = task.compare(outs, sim)
     except Exception as e:  # recorded
         row["export_error"] = _err(e)
@@ -378,6 +392,17 @@ def _cell(task: str, m: dict | None) -> str:
     if task == "det":
         return f"IoU {m['iou']:.3f}"
     return f"{m['top1_agreement']:.1%}"
+
+
+def _kept(m: dict | None) -> str:
+    """The recognizer's share of FP32's exact texts kept, with its 95% interval ('' if none)."""
+    k = (m or {}).get("fp32_exact_kept")
+    if not k or not k["of"]:
+        return ""
+    lo, hi = k["interval95"]
+    return (
+        f"; FP32's exact texts kept {k['kept']}/{k['of']} = {k['share']:.1%} [{lo:.1%}, {hi:.1%}]"
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -401,7 +426,10 @@ def table(rows: list[dict]) -> str:
                 ort_c += f" ({_cell(model, r['ort_vs_sim'])})"
             elif "export_error" in r:
                 ort_c = f"export failed: {r['export_error'][:80]}"
-            cells += [_cell(model, r.get("sim_vs_fp32")), ort_c]
+            cells += [
+                _cell(model, r.get("sim_vs_fp32")) + _kept(r.get("sim_vs_truth")),
+                ort_c + _kept(r.get("ort_vs_truth")),
+            ]
         secs = " / ".join(
             f"{by[t]['quantize_seconds']:.0f}" if "quantize_seconds" in by.get(t, {}) else "-"
             for t in TARGETS
@@ -559,8 +587,9 @@ def main(argv=None) -> int:
                         f"{task.name} {label} {target}: "
                         + (
                             r.get("error")
-                            or f"sim {_cell(task.name, r['sim_vs_fp32'])}, ORT "
-                            f"{_cell(task.name, r.get('ort_vs_fp32'))} {r.get('export_error', '')}"
+                            or f"sim {_cell(task.name, r['sim_vs_fp32'])}"
+                            f"{_kept(r['sim_vs_truth'])}, ORT {_cell(task.name, r.get('ort_vs_fp32'))}"
+                            f"{_kept(r.get('ort_vs_truth'))} {r.get('export_error', '')}"
                             f" ({r['quantize_seconds']:.0f} s)"
                         ),
                         flush=True,

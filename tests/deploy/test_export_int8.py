@@ -19,7 +19,7 @@ from torch import nn
 
 from omse.config import QuantConfig
 from omse.deploy.checkpoint import load, save
-from omse.deploy.export import export_onnx
+from omse.deploy.export import export_onnx, weight_types
 from omse.errors import ConfigError, UnsupportedLayerError
 from omse.nn.layers import quantized_layers
 from omse.transforms.pipeline import quantize
@@ -373,3 +373,39 @@ def test_lite0_recipe_runs_as_integer_kernels(tmp_path):
         sim = torch.cat([q(b) for b in x.split(25)]).numpy()
     out = np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in x.split(25)])
     assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.models
+@pytest.mark.parametrize("budget", ["default", "0.6x held"])
+def test_lite0_default_export_is_bit_equal_to_its_uint8_form(tmp_path, budget):
+    """EfficientNet-Lite0 quantized by the default recipe for ``target="int8"`` (and its plan
+    held at 0.6x of the 8-bit weight bytes: 4-bit layers, merged residual kernels, 8-bit ones),
+    exported with the default weight type (``int8_weights="auto"``): onnxruntime's outputs are
+    bit for bit those of the same model written with UINT8 weights everywhere (``"u8"``: u8u8
+    kernels, exact on every x86 CPU). On a CPU without VNNI, where u8s8 kernels add product
+    pairs in saturating int16, this is the check that no INT8 layer of the default file
+    saturates (CI runs it on one); on a VNNI CPU all three weight types agree."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("foolbox")
+    from omse.config import Budget
+    from omse.zoo.data import calibration_images, imagenet_views
+    from omse.zoo.models import get_model
+
+    spec = get_model("efficientnet-lite0")
+    cfg = QuantConfig(target="int8")
+    if budget != "default":
+        cfg = QuantConfig(target="int8", budget=Budget(0.6, guard_db=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(spec.build(), spec.preprocess(calibration_images(16)).split(8), cfg)
+    x = spec.preprocess(imagenet_views(32)[0])
+    outs = {}
+    for wt in ("auto", "u8"):
+        path = export_onnx(q, x[:1], tmp_path / f"{wt}.onnx", int8_weights=wt)
+        sess = _session(path, tmp_path / f"opt_{wt}.onnx")
+        outs[wt] = np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in x.split(16)])
+        if wt == "auto":  # both weight types in the file: INT8 (7-bit codes) and UINT8
+            types = weight_types(path)
+            assert types["INT8"] and types["UINT8"], types
+    np.testing.assert_array_equal(outs["auto"], outs["u8"])
