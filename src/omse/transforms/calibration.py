@@ -14,7 +14,8 @@ grid ``target="int8"`` gives 8-bit weights (:func:`int8_weight_grid`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import onnx
@@ -436,7 +437,7 @@ def set_op_scales(
     quantizer as its input quantizer (one per tensor); each ``"fused"`` site takes its layer's
     input quantizer, each ``"same"`` site its input's (for the export: the simulation leaves
     those values as they are). ``fits`` (optional) keeps and reuses the fitted steps."""
-    fit = fits or _fit
+    todo: dict[int, FitJob] = {}
     for site, kind in ops.kinds.items():
         if kind == "own" and ops.extra_sites and ops.ops.get(site) in TFLITE_FIXED_OUTPUT:
             # TFLite's int8 LOGISTIC / SOFTMAX write this grid: no requantization after them
@@ -444,9 +445,11 @@ def set_op_scales(
                 site, torch.tensor(TFLITE_FIXED_OUTPUT[ops.ops[site]]), Grid(8, "unsigned")
             )
         elif kind == "own" and site in stats and stats[site].n > 0:
-            ops.set_quantizer(site, *fit(cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS))
+            todo[site] = (cfg.act_method, cfg.act_grid, stats[site], OUTPUT_BITS)
         elif kind == "own":
             ops.set_quantizer(site, None, None)
+    for site, fitted in zip(todo, fit_all(fits or _fit, list(todo.values())), strict=True):
+        ops.set_quantizer(site, *fitted)
     for name, site in ops.shared.items():
         if site in ops.scales and layers[name].cfg.act_bits == OUTPUT_BITS:
             layers[name].set_act(ops.scales[site], ops.grids[site])
@@ -700,6 +703,25 @@ class FitCache:
         return hit[1].clone(), hit[2]
 
 
+FitJob = tuple[object, str, HistogramStats, int]
+"""The arguments of one fit: ``(act_method, act_grid kind, histogram, bits)``."""
+
+
+def fit_all(
+    fit: Callable[..., tuple[torch.Tensor, Grid]], jobs: list[FitJob]
+) -> list[tuple[torch.Tensor, Grid]]:
+    """``[fit(*job) for job in jobs]``, the jobs shared by ``torch.get_num_threads()`` threads:
+    each fit is independent (its histogram's points, the compiled sweep, which releases the GIL,
+    and small tensor ops), so the results are the loop's, bit for bit and in order; the first
+    job (in order) that raises raises here."""
+    threads = min(torch.get_num_threads(), len(jobs))
+    if threads <= 1:
+        return [fit(*job) for job in jobs]
+    # a pool of its own: the sweep's pool (which a fit may use) must not wait behind these
+    with ThreadPoolExecutor(threads, thread_name_prefix="omse-fit") as pool:
+        return list(pool.map(lambda job: fit(*job), jobs))
+
+
 def _fit(method, kind: str, st: HistogramStats, bits: int) -> tuple[torch.Tensor, Grid]:
     """Step and grid of one activation tensor: unsigned for non-negative values; affine (the
     zero point fitted with the step, :func:`fit_affine`) for ``"affine"`` and, with ``"auto"``,
@@ -729,13 +751,10 @@ def set_output_scales(
     the input grids are); unsigned grids for non-negative outputs, affine ones (a fitted zero
     point) for the others with ``act_grid="affine"`` and for skewed ones with ``"auto"``
     (:data:`SKEW`). ``fits`` (optional) keeps and reuses the fitted steps."""
-    fit = fits or _fit
-    for name, st in stats.items():
-        layer = layers[name]
-        cfg = layer.cfg
-        if st.n == 0:
-            continue
-        layer.set_output(*fit(cfg.act_method, cfg.act_grid, st, OUTPUT_BITS))
+    todo = {n: layers[n].cfg for n, st in stats.items() if st.n > 0}
+    jobs = [(cfg.act_method, cfg.act_grid, stats[n], OUTPUT_BITS) for n, cfg in todo.items()]
+    for name, fitted in zip(todo, fit_all(fits or _fit, jobs), strict=True):
+        layers[name].set_output(*fitted)
 
 
 def set_activation_scales(
@@ -746,14 +765,16 @@ def set_activation_scales(
     """MMSE (or the configured method) input scales; unsigned grids for non-negative inputs,
     affine grids (a fitted zero point) for the others with ``act_grid="affine"`` and for skewed
     ones with ``"auto"`` (:data:`SKEW`). ``fits`` (optional) keeps and reuses the fitted steps."""
-    fit = fits or _fit
+    todo: dict[str, FitJob] = {}
     for name, layer in layers.items():
         cfg = layer.cfg
         st = stats.get(name)
         if cfg.act_bits is None or st is None or st.n == 0:
             layer.set_act(None, None)
             continue
-        layer.set_act(*fit(cfg.act_method, cfg.act_grid, st, cfg.act_bits))
+        todo[name] = (cfg.act_method, cfg.act_grid, st, cfg.act_bits)
+    for name, fitted in zip(todo, fit_all(fits or _fit, list(todo.values())), strict=True):
+        layers[name].set_act(*fitted)
 
 
 def share_scales(layers: dict[str, QuantizedLayer], shares: dict[str, Share]) -> None:
