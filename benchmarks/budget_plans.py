@@ -58,13 +58,13 @@ import imagenet  # noqa: E402
 from heldout import (  # noqa: E402
     DEFAULT_DATA,
     ROOT,
-    _split_top,
     evaluate,
     machine,
     merge_rows,
     parse_recipe,
     pct,
     quantize_recipe,
+    split_top,
 )
 
 from omse.nn.layers import quantized_layers  # noqa: E402
@@ -459,7 +459,7 @@ def _parse_extra(spec: str) -> tuple[str, dict]:
     allowed (not QuantConfig fields)."""
     name, _, rest = spec.partition(":")
     extra, parts = {}, []
-    for item in _split_top(rest):
+    for item in split_top(rest):
         k, _, v = item.partition("=")
         if k.strip() == "probe_samples":
             extra["probe_samples"] = int(v)

@@ -52,6 +52,7 @@ import onnx
 import onnx.version_converter
 import onnxruntime as ort
 import torch
+from heldout import split_top
 from onnx import numpy_helper
 from PIL import Image
 
@@ -199,7 +200,7 @@ def parse_recipes(items: list[str]) -> dict[str, dict]:
     for it in items:
         name, _, body = it.partition(":")
         fields = {}
-        for kv in filter(None, body.split(",")):
+        for kv in split_top(body):  # commas inside {...} / [...] belong to the value
             k, _, v = kv.partition("=")
             try:
                 fields[k.strip()] = ast.literal_eval(v.strip())

@@ -57,7 +57,7 @@ def parse_value(text: str) -> Any:
     return t
 
 
-def _split_top(text: str) -> list[str]:
+def split_top(text: str) -> list[str]:
     """Split at commas outside brackets and braces."""
     out, depth, cur = [], 0, ""
     for ch in text:
@@ -80,7 +80,7 @@ def parse_recipe(spec: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name:
         raise ValueError(f"recipe {spec!r}: use NAME:k=v,k=v (NAME: alone for QuantConfig())")
     kwargs = {}
-    for item in _split_top(rest):
+    for item in split_top(rest):
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"recipe {spec!r}: {item!r} is not k=v")
