@@ -27,6 +27,7 @@ from omse.transforms.precision import (
     choose,
     output_errors,
     relative_errors,
+    residual_bytes,
     scaled_error,
     weight_bytes,
 )
@@ -371,3 +372,47 @@ def test_the_report_writes_the_precision_table_and_front(tmp_path):
         a >= b - 1e-12 for a, b in zip(errs, errs[1:], strict=False)
     )  # more bytes, less error
     assert (tmp_path / "precision.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("target", ["int4", "int8"])
+def test_residual_bytes_are_what_the_onnx_file_adds(tmp_path, target):
+    """The plan's ``residual_bytes``: on int4 each residual term is a whole INT4 tensor of its
+    layer's shape in the ONNX file (its scales counted as the plan counts scales); on int8 the
+    terms are one merged kernel, nothing beyond the plan's bytes. The summary says it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from omse.core.primitives import SCALE_DTYPES
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    ).eval()  # fmt: skip
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    cal = Calibration()
+    # on int8 every layer takes 8 bits under a budget (4 bits save no byte there): no budget
+    budget = Budget(0.8, None) if target == "int4" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(net, batches, QuantConfig(budget=budget, target=target), calibration=cal)
+    layers = quantized_layers(q)
+    two = [ql for ql in layers.values() if ql.n_terms == 2]
+    assert two, "the recipe bought a residual term"
+    if target == "int8":
+        assert all(residual_bytes(ql, "int8") == 0 for ql in two)
+        return
+    plan = cal.precision
+    path = omse.export_onnx(q, batches[0][:1], tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    second = [n for n in inits if n.endswith(".w1.w_codes")]
+    assert second, sorted(inits)
+    per_scale = SCALE_DTYPES[QuantConfig().weights.scale_dtype].itemsize
+    expected = sum(
+        (inits[n].size + 1) // 2 + inits[n.replace("w_codes", "scale")].size * per_scale
+        for n in second
+    )
+    assert plan.residual_bytes == expected
+    total = plan.bytes + plan.residual_bytes
+    assert f"residual tensors add {plan.residual_bytes:,} bytes" in plan.summary()
+    assert f"{total:,} = {total / plan.bytes_8bit:.2f}x" in plan.summary()

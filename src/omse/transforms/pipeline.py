@@ -111,6 +111,7 @@ from .precision import (
     output_errors,
     range_errors,
     relative_errors,
+    residual_bytes,
     scaled_error,
     weight_bytes,
 )
@@ -568,6 +569,9 @@ def _residuals(r: _Run) -> None:
     r.cal.corrections["residual_kernels"] = select_residuals(
         layers, stats, res.extra_mac_budget, res.criterion, res.max_terms, sens
     )
+    if r.cal.precision is not None:  # what the terms add to the file, beyond the plan's bytes
+        target = r.config.target
+        r.cal.precision.residual_bytes = sum(residual_bytes(q, target) for q in layers.values())
 
 
 def _reconstruct(r: _Run) -> None:

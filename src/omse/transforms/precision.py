@@ -93,6 +93,9 @@ class PrecisionPlan:
     bytes: int = 0
     bytes_8bit: int = 0
     guard: list[dict] = field(default_factory=list)
+    residual_bytes: int = 0
+    """Bytes the residual terms the recipe added after the plan take in the target's ONNX file,
+    beyond :attr:`bytes` (:func:`residual_bytes`; the budget does not hold them)."""
 
     def estimated_error(self, bits: dict[str, int] | None = None) -> float:
         """Sum of the chosen candidates' estimated errors (``bits`` or the plan's)."""
@@ -113,10 +116,17 @@ class PrecisionPlan:
             counts[b] = counts.get(b, 0) + 1
         parts = ", ".join(f"{counts[b]} at {b}-bit" for b in sorted(counts))
         share = self.bytes / max(self.bytes_8bit, 1)
-        return (
+        line = (
             f"weights: {parts}; {self.bytes:,} bytes = {share:.2f}x the 8-bit model "
             f"(budget {self.budget_bytes / max(self.bytes_8bit, 1):.2f}x)"
         )
+        if self.residual_bytes:
+            total = self.bytes + self.residual_bytes
+            line += (
+                f"; residual tensors add {self.residual_bytes:,} bytes in the ONNX file: "
+                f"{total:,} = {total / max(self.bytes_8bit, 1):.2f}x"
+            )
+        return line
 
 
 def candidate_weight(q: QuantizedLayer, bits: int) -> torch.Tensor:
@@ -179,6 +189,23 @@ def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
     scale_bytes = n_scales * (TFLITE_CHANNEL_BYTES if target == "tflite" else per_scale)
     bias = getattr(q.layer, "bias", None)
     return codes + scale_bytes + (0 if bias is None else 4 * bias.numel())
+
+
+def residual_bytes(q: QuantizedLayer, target: str) -> int:
+    """Bytes a layer's terms past the first add to its ONNX file: on ``target="int4"`` each is an
+    INT4 tensor of the layer's whole weight shape (the kernels without a residual hold zeros) with
+    one scale per kernel in ``scale_dtype``; on ``"int8"`` the terms are one merged 8-bit kernel
+    (:meth:`~omse.nn.layers.QuantizedLayer.merged_term`), which :func:`weight_bytes` counts at a
+    byte per code already; 0 for one term. (``omse.save`` packs only the kernels a residual term
+    selects, with a mask.)"""
+    if q.n_terms <= 1 or target not in PACKED_INT4_TARGETS or target == "tflite":
+        return 0
+    per_scale = SCALE_DTYPES[q.cfg.scale_dtype].itemsize  # as :func:`weight_bytes` counts
+    code_bits = 4 if q.w_grid.bits <= 4 else 8
+    return sum(
+        math.ceil(codes.numel() * code_bits / 8) + scale.numel() * per_scale
+        for codes, scale, _ in q.terms()[1:]
+    )
 
 
 def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
