@@ -32,6 +32,16 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test (work shared by torch's threads; the process settings a
+    recording was made with)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 def _has(pkg: str) -> bool:
     import importlib.util
 

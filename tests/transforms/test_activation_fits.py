@@ -29,14 +29,6 @@ def _histograms(n: int = 12) -> list[HistogramStats]:
     return out
 
 
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("kind", ["auto", "affine", "full"])
 def test_fit_all_is_the_loop_bit_for_bit_in_order(two_threads, kind):
     jobs = [(MMSE(), kind, st, bits) for st in _histograms() for bits in (4, 8)]

@@ -117,14 +117,6 @@ def _recipe(target: str) -> omse.QuantConfig:
     )
 
 
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("target", ["int4", "int8"])
 def test_tiny_recipe_matches_the_recorded_values(target, two_threads):
     torch.manual_seed(0)
