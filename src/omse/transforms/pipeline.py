@@ -71,7 +71,7 @@ from ..core.granularity import PerTensor
 from ..core.stats import HistogramStats
 from ..distributed import all_max, broadcast, gather, is_main, run_checked, world
 from ..errors import CalibrationError, ConfigError, UnsupportedLayerError, model_forward_errors
-from ..nn.layers import WRAPPABLE, QuantizedLayer
+from ..nn.layers import WRAPPABLE, QuantizedLayer, quantized_layers
 from ..nn.ops import op_quantizers
 from ..runtime import name_list
 from ..runtime import progress as progress_bar
@@ -569,9 +569,6 @@ def _residuals(r: _Run) -> None:
     r.cal.corrections["residual_kernels"] = select_residuals(
         layers, stats, res.extra_mac_budget, res.criterion, res.max_terms, sens
     )
-    if r.cal.precision is not None:  # what the terms add to the file, beyond the plan's bytes
-        target = r.config.target
-        r.cal.precision.residual_bytes = sum(residual_bytes(q, target) for q in layers.values())
 
 
 def _reconstruct(r: _Run) -> None:
@@ -1065,6 +1062,10 @@ def quantize(
         if plan is None:
             break
     fresh.fallback = fallback or {}
+    if fresh.precision is not None:  # what residual terms (of any step) add beyond the plan
+        fresh.precision.residual_bytes = sum(
+            residual_bytes(q, config.target) for q in quantized_layers(qmodel).values()
+        )
     cal.__dict__.update(fresh.__dict__)
     skipped = {n for n, _ in qmodel.named_modules() if n and config.is_skipped(n)}
     cal.float_weights = functional.float_weights(qmodel, skipped)
