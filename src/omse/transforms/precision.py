@@ -176,36 +176,35 @@ TFLITE_CHANNEL_BYTES = 12
 zero point (TFLite's schema stores both per channel)."""
 
 
-def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
-    """Bytes of the layer's weights as the target writes them: codes (``bits`` bits packed two
-    to a byte for <= 4 bits on :data:`~omse.config.PACKED_INT4_TARGETS`, else one byte each), one
-    scale per kernel in the layer's ``scale_dtype`` (per-group scales counted per group; a
-    ``.tflite`` holds a float32 scale and an int64 zero point per channel) and an int32 bias."""
-    n = q.float_weight.numel()
+def _term_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
+    """Bytes of one weight term of the layer as the target writes it: codes (``bits`` bits packed
+    two to a byte for <= 4 bits on :data:`~omse.config.PACKED_INT4_TARGETS`, else one byte each)
+    and one scale per kernel in the layer's ``scale_dtype`` (per-group scales counted per group;
+    a ``.tflite`` holds a float32 scale and an int64 zero point per channel)."""
     code_bits = 4 if (bits <= 4 and target in PACKED_INT4_TARGETS) else 8
-    codes = math.ceil(n * code_bits / 8)
+    codes = math.ceil(q.float_weight.numel() * code_bits / 8)
     n_scales = q.cfg.granularity.to_slices(q.float_weight).shape[0]
     per_scale = SCALE_DTYPES[q.cfg.scale_dtype].itemsize
-    scale_bytes = n_scales * (TFLITE_CHANNEL_BYTES if target == "tflite" else per_scale)
+    return codes + n_scales * (TFLITE_CHANNEL_BYTES if target == "tflite" else per_scale)
+
+
+def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
+    """Bytes of the layer's weights as the target writes them: one term (:func:`_term_bytes`)
+    and an int32 bias."""
     bias = getattr(q.layer, "bias", None)
-    return codes + scale_bytes + (0 if bias is None else 4 * bias.numel())
+    return _term_bytes(q, bits, target) + (0 if bias is None else 4 * bias.numel())
 
 
 def residual_bytes(q: QuantizedLayer, target: str) -> int:
-    """Bytes a layer's terms past the first add to its ONNX file: on ``target="int4"`` each is an
-    INT4 tensor of the layer's whole weight shape (the kernels without a residual hold zeros) with
-    one scale per kernel in ``scale_dtype``; on ``"int8"`` the terms are one merged 8-bit kernel
+    """Bytes a layer's terms past the first add to its ONNX file: on ``target="int4"`` each is a
+    whole term of the layer's shape (:func:`_term_bytes`: the kernels without a residual hold
+    zeros); on ``"int8"`` the terms are one merged 8-bit kernel
     (:meth:`~omse.nn.layers.QuantizedLayer.merged_term`), which :func:`weight_bytes` counts at a
-    byte per code already; 0 for one term. (``omse.save`` packs only the kernels a residual term
-    selects, with a mask.)"""
-    if q.n_terms <= 1 or target not in PACKED_INT4_TARGETS or target == "tflite":
+    byte per code already, and ``"tflite"`` takes none under a budget; 0 for one term.
+    (``omse.save`` packs only the kernels a residual term selects, with a mask.)"""
+    if target != "int4":
         return 0
-    per_scale = SCALE_DTYPES[q.cfg.scale_dtype].itemsize  # as :func:`weight_bytes` counts
-    code_bits = 4 if q.w_grid.bits <= 4 else 8
-    return sum(
-        math.ceil(codes.numel() * code_bits / 8) + scale.numel() * per_scale
-        for codes, scale, _ in q.terms()[1:]
-    )
+    return (q.n_terms - 1) * _term_bytes(q, q.w_grid.bits, target)
 
 
 def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
