@@ -80,8 +80,8 @@ def _weights(r: dict) -> str:
     plan = r.get("precision")
     if plan and plan.get("bits"):
         bits = list(plan["bits"].values())
-        m = re.search(r"= ([0-9.]+)x", plan.get("summary", ""))
-        ratio = f", {m.group(1)}x" if m else ""
+        m = re.findall(r"= ([0-9.]+)x", plan.get("summary", ""))
+        ratio = f", {m[-1]}x" if m else ""  # the last: with the residual tensors where they add
         return f"{bits.count(4)} at 4, {bits.count(8)} at 8{ratio}"
     cfg = r.get("config") or {}
     if cfg.get("budget"):

@@ -350,6 +350,10 @@ def run_row(
         row["precision"] = {
             "summary": plan.summary(),
             "bytes_fraction": round(plan.bytes / max(plan.bytes_8bit, 1), 4),
+            # with the residual tensors (target int4): the file's weight bytes
+            "file_bytes_fraction": round(
+                (plan.bytes + plan.residual_bytes) / max(plan.bytes_8bit, 1), 4
+            ),
             "guard": plan.guard,
         }
     row["float_fallback"] = {n: round(db, 2) for n, db in cal.fallback.items()}

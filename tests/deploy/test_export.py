@@ -149,7 +149,9 @@ def test_graph_is_4bit_qdq(tmp_path):
         for t, (codes, _, _) in enumerate(ql.terms()):
             arr = onnx.numpy_helper.to_array(inits[f"{name}.w{t}.w_codes"]).astype(np.int64)
             assert arr.min() >= -8 and arr.max() <= 7
-            np.testing.assert_array_equal(arr, codes.numpy())
+            kernels = ql.term_kernels(t) if t else None  # a residual: its own kernels only
+            np.testing.assert_array_equal(arr, codes[kernels if t else slice(None)].numpy())
+    assert layers["pw"].term_kernels(1).tolist() == list(range(0, 16, 2))
     # no float weight is left for the quantized layers
     floats = [i for i in m.graph.initializer if i.data_type == TensorProto.FLOAT and i.dims]
     assert all(int(np.prod(i.dims)) <= 16 for i in floats)  # scales and biases only
@@ -205,6 +207,94 @@ def test_integer_form_is_bit_exact(tmp_path, act_bits, container):
     assert np.abs(sim - fake).max() <= 1e-5 * np.abs(fake).max()
 
 
+class BranchNet(nn.Module):
+    """One layer of each kind a residual branch is cut to its kernels for, and a grouped
+    convolution it is not (a kernel there needs its group's input channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.dw(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.up(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_residual_branches_hold_their_kernels_only(tmp_path, integer):
+    """A residual term on some kernels is written as those kernels alone (codes, scales, MACs),
+    its output scattered back to the layer's channels: onnxruntime still computes the
+    simulation (bit for bit in the integer form), and the file holds the bytes
+    :func:`~omse.transforms.precision.residual_bytes` counts; a grouped convolution keeps its
+    whole term."""
+    from onnx import numpy_helper
+
+    from omse.core.primitives import SCALE_DTYPES
+    from omse.transforms.precision import INDEX_BYTES, residual_bytes
+
+    torch.manual_seed(0)
+    net = BranchNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(net, _data(32, seed=1).split(8), QuantConfig.preset("fast", weight_bits=4))
+    layers = quantized_layers(q)
+    for ql in layers.values():  # a residual term on every third kernel of every layer
+        terms = quantize_weight_terms(ql.float_weight, ql.w_grid, ql.cfg.granularity, terms=2)
+        ql.set_weight_terms(terms, [torch.arange(ql.float_weight.shape[0]) % 3 == 0])
+    assert layers["grouped"].term_kernels(1) is None
+    for name in ("conv", "dw", "up", "fc"):
+        assert layers[name].term_kernels(1).tolist() == list(
+            range(0, layers[name].float_weight.shape[0], 3)
+        )
+    x = _data(16, seed=2)
+    with torch.no_grad():
+        fake = q(x).numpy()
+    if integer:
+        set_integer(q, True)
+    path = export_onnx(q, _data(1), tmp_path / "m.onnx", integer=integer, target="int4")
+    out, sim = _run(q, path, x)
+    if integer:
+        np.testing.assert_array_equal(out, sim)
+        assert np.abs(sim - fake).max() <= 1e-5 * np.abs(fake).max()
+    else:
+        assert np.abs(out - sim).max() <= _one_step(q) + 1e-5 * np.abs(sim).max()
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    per_scale = SCALE_DTYPES[QuantConfig().weights.scale_dtype].itemsize
+    for name, ql in layers.items():
+        codes = inits[f"{name}.w1.w_codes"]
+        kernels = ql.term_kernels(1)
+        assert codes.shape[0] == (ql.float_weight.shape[0] if kernels is None else len(kernels))
+        written = (codes.size + 1) // 2 + (
+            0 if integer else inits[f"{name}.w1.scale"].size * per_scale
+        )
+        if kernels is not None:  # the scatter's indices, and the depthwise input's
+            out = ql.float_weight.shape[0]
+            written += INDEX_BYTES * (out + (len(kernels) if name == "dw" else 0))
+        if not integer:
+            assert residual_bytes(ql, "int4") == written, name
+    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+    gathers = [n for n in m.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 5  # four scatters and the depthwise input's channels
+    index = [
+        inits[g.input[1]]
+        if g.input[1] in inits
+        else numpy_helper.to_array(consts[g.input[1]].attribute[0].t)
+        for g in gathers
+    ]
+    assert all(i.dtype == np.int64 for i in index)
+    assert sorted(i.size for i in index) == [3, 5, 6, 8, 8]  # dw's 3 inputs, fc 5, up 6, conv/dw 8
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Conv") == 2 * 3 and ops.count("ConvTranspose") == 2  # a branch per term
+
+
 def test_integer_form_graph(tmp_path):
     q = _quantized(QuantConfig.preset("fast", weight_bits=4, act_bits=4))
     m = to_onnx_model(q, _data(1), integer=True)
@@ -216,10 +306,11 @@ def test_integer_form_graph(tmp_path):
     for name, ql in layers.items():
         assert float(inits[f"{name}.act.unit_scale"]) == 1.0  # DQ to the codes themselves
         for t, (codes, _, _) in enumerate(ql.terms()):
+            kept = ql.term_kernels(t) if t else slice(None)  # a residual: its own kernels only
             assert float(inits[f"{name}.w{t}.scale"]) == 1.0
-            np.testing.assert_array_equal(inits[f"{name}.w{t}.w_codes"], codes.numpy())
+            np.testing.assert_array_equal(inits[f"{name}.w{t}.w_codes"], codes[kept].numpy())
             m_t = inits[f"{name}.w{t}.multiplier"]
-            np.testing.assert_array_equal(m_t, ql.multiplier(t).numpy())
+            np.testing.assert_array_equal(m_t, ql.multiplier(t)[kept].numpy())
     w = [i for i in m.graph.initializer if i.name.endswith("w_codes")]
     assert all(i.data_type == TensorProto.INT4 for i in w)
     with pytest.raises(OmseError, match="integer"):

@@ -93,3 +93,19 @@ def test_network_criterion_needs_the_sensitivities():
     stats = collect(q, layers, batches, Needs(patch_moments=True))
     with pytest.raises(ValueError, match="sensitivity"):
         select_residuals(layers, stats, 0.1, "network")
+
+
+def test_residual_kernels_stay_within_their_bytes():
+    """With a byte allowance (``target="int4"`` under a budget) the kernels' bytes, each layer's
+    once-per-term cost included, stay within it: here three kernels and one layer's scatter."""
+    model, batches = tiny_net(), tiny_batches()
+    q = _weights_only(model, batches)
+    layers = quantized_layers(q)
+    stats = collect(q, layers, batches, Needs(patch_moments=True))
+    cost = {n: (10.0, 7.0) for n in layers}
+    counts = select_residuals(layers, stats, 1.0, "output", 2, None, 37.0, cost)
+    spent = sum(10 * c + 7 for c in counts.values() if c)
+    assert 0 < spent <= 37
+    assert sum(counts.values()) == 3  # the first layer's 7 + 3 kernels fill the allowance
+    with pytest.raises(ValueError, match="together"):
+        select_residuals(layers, stats, 1.0, max_bytes=5.0)

@@ -7,7 +7,10 @@
   axis 0 (or one per-tensor scale); residual terms (``W ~ s1*Q1 + s2*Q2``) are separate integer
   tensors in separate branches of the same layer (the layer runs once per term, only the first
   branch carries the bias, and the branch outputs are added: by linearity this is the simulated
-  layer);
+  layer); a residual branch holds only the kernels that carry the term where the layer can
+  convolve them alone (``Gather`` of those channels of a depthwise layer's input, and
+  ``Concat`` with a zero channel + ``Gather`` to put its outputs back on the layer's channels),
+  so it costs the bytes and MACs of those kernels only;
 - every quantized layer's **input** goes through ``QuantizeLinear`` -> ``DequantizeLinear`` with
   the calibrated scale and the grid's own integer type, so saturation is the grid's range:
   ``UINT8``/``INT8`` zero points for 8-bit grids; for 4-bit grids the type is given by
@@ -139,6 +142,8 @@ INT8_WEIGHTS_KEY = "omse.int8_weights"
 Target = Literal["int4", "int8", "tflite"]
 ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
+ExportTerm = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""One weight term as the graph holds it: ``(codes, scale, kernels)`` (see :func:`_export_terms`)."""
 
 
 def weight_only(ql: QuantizedLayer) -> bool:
@@ -328,11 +333,25 @@ def _twin(ql: QuantizedLayer, idx: int, terms, integer: bool) -> TracedLayer:
     return cls(ql, idx, terms, integer)
 
 
-def _export_terms(ql: QuantizedLayer, target: Target) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The weight terms the graph holds: one merged 8-bit kernel for ``int8``, else every term."""
+def _export_terms(ql: QuantizedLayer, target: Target) -> list[ExportTerm]:
+    """The weight terms the graph holds, ``(codes, scale, kernels)``: one merged 8-bit kernel
+    for ``int8``; else every term, a residual term cut to the kernels that carry it where the
+    layer can convolve them alone (:meth:`~omse.nn.layers.QuantizedLayer.term_kernels`:
+    ``kernels`` their output channels, None for a whole term; a term no kernel carries is left
+    out)."""
     if target == "int8":
-        return [ql.merged_term()]
-    return [(q, s) for q, s, _ in ql.terms()]
+        return [(*ql.merged_term(), None)]
+    out = ql.float_weight.shape[0]
+    terms: list[ExportTerm] = []
+    for t, (q, s, _) in enumerate(ql.terms()):
+        idx = ql.term_kernels(t) if t else None
+        if idx is not None:
+            if idx.numel() == 0:
+                continue
+            q = q.index_select(0, idx)
+            s = s.index_select(0, idx) if s.dim() and s.shape[0] == out and out > 1 else s
+        terms.append((q, s, idx))
+    return terms
 
 
 class _Rewriter:
@@ -467,7 +486,7 @@ class _Rewriter:
 
     def weight_nodes(self, idx: int, term: int, y: str) -> list[onnx.NodeProto]:
         ql = self.layers[idx]
-        q, _ = self.terms[idx][term]
+        q = self.terms[idx][term][0]
         s = self.weight_scale(idx, term)
         if self._integer_layer(idx):  # the scale moves to the Mul after the layer
             s = np.array(1.0, dtype=np.float32)

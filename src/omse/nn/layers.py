@@ -456,6 +456,22 @@ class QuantizedLayer(nn.Module):
         """Kernels carrying a residual term, summed over terms >= 1."""
         return int(sum(int(m.sum()) for _, _, m in self.terms()[1:]))
 
+    def term_kernels(self, t: int) -> torch.Tensor | None:
+        """The output channels a writer that runs each term as its own branch
+        (``target="int4"``) convolves term ``t >= 1`` for: their indices (int64, ascending,
+        possibly none) where the layer can compute a subset of its kernels alone (a Linear, a
+        convolution or transposed convolution with ``groups == 1``, a depthwise convolution on
+        the same channels of its input); None where the whole term is written (other grouped
+        convolutions, or every kernel selected). Only those kernels' codes and scales are stored
+        then, and the branch's output is scattered back to the layer's channels."""
+        m = self.terms()[t][2]
+        if bool(m.all()):
+            return None
+        groups = getattr(self.layer, "groups", 1)
+        if groups != 1 and not is_depthwise(self.layer):
+            return None
+        return torch.nonzero(m).reshape(-1)
+
     def extra_macs(self) -> int:
         out = self.float_weight.shape[0]
         return self.macs * self.extra_kernels() // max(out, 1)

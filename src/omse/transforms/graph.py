@@ -127,9 +127,13 @@ class TracedLayer(nn.Module):
     """Stand-in for a :class:`QuantizedLayer` while tracing: marked input and output, and (with
     ``terms``) one branch per weight term, each marked.
 
-    ``terms``: the weight terms to write, ``[(codes, scale)]`` (``None``: the layer's weight as
-    it is, unmarked); ``integer``: the branches convolve integer codes and are rescaled by the
-    layer's multiplier (the arithmetic of :meth:`QuantizedLayer.integer_forward`).
+    ``terms``: the weight terms to write, ``[(codes, scale, kernels)]`` (``None``: the layer's
+    weight as it is, unmarked); ``kernels``: None for a whole term, else the output channels
+    the term's codes ``[len(kernels), ...]`` belong to (see
+    :meth:`QuantizedLayer.term_kernels`): the branch convolves those kernels alone (a
+    depthwise layer on those input channels) and scatters its output back to the layer's
+    channels, zeros elsewhere; ``integer``: the branches convolve integer codes and are rescaled
+    by the layer's multiplier (the arithmetic of :meth:`QuantizedLayer.integer_forward`).
     """
 
     def __init__(
@@ -145,14 +149,20 @@ class TracedLayer(nn.Module):
         self.layer = ql.layer
         self.integer = integer and ql.act_scale is not None and ql.a_grid is not None
         self.mark_weights = terms is not None
+        self.kernels: list[torch.Tensor | None] = [None]
         if terms is None:
             self.term_weights = [self.layer.weight.detach()]
         elif self.integer:  # integer codes in float containers, rescaled after the layer
-            self.term_weights = [q.to(torch.float32) for q, _ in terms]
+            self.term_weights = [q.to(torch.float32) for q, _, _ in terms]
         else:
-            self.term_weights = [(q.to(torch.float32) * s).to(torch.float32) for q, s in terms]
+            self.term_weights = [(q.to(torch.float32) * s).to(torch.float32) for q, s, _ in terms]
+        if terms is not None:
+            self.kernels = [k for _, _, k in terms]
+        # per cut term: the branch's output index of each of the layer's channels, or of the
+        # zero padded after its last (computed here: constants of the traced graph)
+        self.scatter_index = [None if k is None else _scatter_index(k, ql) for k in self.kernels]
         self.multipliers = (
-            [ql.act_scale.to(torch.float32) * s for _, s in terms] if self.integer else []
+            [ql.act_scale.to(torch.float32) * s for _, s, _ in terms] if self.integer else []
         )
         # the wrapped module reads self.weight/self.bias in its own forward; they become plain
         # attributes that each branch points at its marked term (the bias as the layer uses it)
@@ -183,17 +193,54 @@ class TracedLayer(nn.Module):
                 self.layer.weight = Marker.apply(w, w, "w", self.idx, t) if self.mark_weights else w
                 if had_bias:
                     self.layer.bias = self.bias if t == 0 and not self.integer else None
-                y = self.layer(x, *args, **kwargs)
+                kernels = self.kernels[t]
+                if kernels is None:
+                    y = self.layer(x, *args, **kwargs)
+                else:
+                    y = self._kernels_forward(x, kernels, args, kwargs)
                 if self.integer:
                     m = ql.per_output_channel(self.multipliers[t].reshape(-1))
                     y = Marker.apply(y, y * m, "mul", self.idx, t)
                     if t == 0 and had_bias:
                         y = y + ql.per_output_channel(self.bias)
+                if kernels is not None:
+                    y = self._scatter(y, self.scatter_index[t])
                 out = y if out is None else out + y
         finally:
             if had_bias:
                 self.layer.bias = self.bias
         return Marker.apply(out, ql.quantize_output(out), "out", self.idx, 0)
+
+    def _channel_axis(self) -> int:
+        return -1 if isinstance(self.layer, nn.Linear) else 1
+
+    def _kernels_forward(self, x, kernels: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """The layer's output on ``kernels`` only (its weight is already those kernels'): a
+        depthwise layer convolves the same channels of its input in as many groups."""
+        groups = getattr(self.layer, "groups", 1)
+        if groups == 1:
+            return self.layer(x, *args, **kwargs)
+        self.layer.groups = kernels.numel()
+        try:
+            return self.layer(x.index_select(1, kernels), *args, **kwargs)
+        finally:
+            self.layer.groups = groups
+
+    def _scatter(self, y: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """A branch's output on its kernels -> the layer's channels, zero elsewhere (a zero
+        channel padded on, then ``Gather`` at ``where``, see :func:`_scatter_index`)."""
+        if self._channel_axis() == -1:
+            return nn.functional.pad(y, (0, 1)).index_select(-1, where)
+        pad = [0, 0] * (y.dim() - 2) + [0, 1]  # (last dim first) ... the channel axis: +1
+        return nn.functional.pad(y, pad).index_select(1, where)
+
+
+def _scatter_index(kernels: torch.Tensor, ql: QuantizedLayer) -> torch.Tensor:
+    """``[out]`` int64: for each of the layer's channels, its position in ``kernels``, or
+    ``len(kernels)`` (the zero channel) where it has none."""
+    where = torch.full((ql.float_weight.shape[0],), kernels.numel(), dtype=torch.int64)
+    where[kernels] = torch.arange(kernels.numel())
+    return where
 
 
 def _find_op_module(model: nn.Module, example: tuple, message: str) -> str | None:

@@ -112,6 +112,8 @@ from .precision import (
     range_errors,
     relative_errors,
     residual_bytes,
+    residual_kernel_bytes,
+    residual_reserve,
     scaled_error,
     weight_bytes,
 )
@@ -460,8 +462,10 @@ def _precision(r: _Run) -> None:
     choosable layer (no override sets its ``weight_bits``; below 8 bits) at its ``weight_bits``
     or at 8 bits, by the estimated model-output error of each (one forward and backward pass),
     the plan the exact knapsack finds; a layer whose fewer bits would take as many bytes (every
-    layer on ``target="int8"``) takes 8 bits, without the pass. In the guard's later rounds the
-    plan is given."""
+    layer on ``target="int8"``) takes 8 bits, without the pass. On ``target="int4"`` with
+    residual tensors the widths leave :func:`~omse.transforms.precision.residual_reserve` of
+    the budget to them (:func:`_residuals` spends what the widths leave). In the guard's later
+    rounds the plan is given."""
     c, target = r.config, r.config.target
     plan = r.plan
     if plan is None:
@@ -498,7 +502,9 @@ def _precision(r: _Run) -> None:
             weight_bytes(r.layers[n], 8 if n in at8 else r.layers[n].cfg.weight_bits, target)
             for n in plan.fixed
         )
-        chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes)
+        if target == "int4" and c.residuals is not None:  # residual kernels paid from it too
+            plan.reserve = residual_reserve(plan, c.residuals.extra_mac_budget)
+        chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes - plan.reserve)
         if chosen is None or fixed_bytes + plan.chosen_bytes(chosen) > plan.budget_bytes:
             # below the smallest plan: the least error at the fewest bytes
             chosen = cheapest(plan.choices)
@@ -547,15 +553,24 @@ def _learned(r: _Run) -> None:
 def _residuals(r: _Run) -> None:
     """Residual kernels within the extra-MAC budget. Under a weight budget only the layers below
     8 bits compete (and only their patch moments are gathered): the budget is then a fraction of
-    those layers' MACs; an 8-bit layer's residual would buy next to nothing. ``target="tflite"``
-    under a byte budget takes none: a residual term is written as the layer's INT8 filter
-    (``k*Q1 + Q2``), which the byte budget already weighs against that layer's plain 8 bits."""
+    those layers' MACs; an 8-bit layer's residual would buy next to nothing. On
+    ``target="int4"`` (each term its own tensor) their bytes stay within what the plan's widths
+    leave of the byte budget too. ``target="tflite"`` under a byte budget takes none: a residual
+    term is written as the layer's INT8 filter (``k*Q1 + Q2``), which the byte budget already
+    weighs against that layer's plain 8 bits."""
     if r.config.target == "tflite" and r.cal.precision is not None:
         return
     layers = r.layers
     if r.cal.precision is not None:
         layers = {n: q for n, q in r.layers.items() if q.cfg.weight_bits < 8}
         if not layers:
+            return
+    plan, target = r.cal.precision, r.config.target
+    max_bytes = kernel_bytes = None
+    if plan is not None and target == "int4":  # written as their own tensors: within the budget
+        max_bytes = max(0, plan.budget_bytes - plan.bytes)
+        kernel_bytes = {n: residual_kernel_bytes(q, target) for n, q in layers.items()}
+        if not max_bytes:
             return
     stats = collect(
         r.qmodel, layers, r.batches, Needs(patch_moments=True), r.progress, "layer statistics"
@@ -567,8 +582,9 @@ def _residuals(r: _Run) -> None:
         sens = network_errors(r.qmodel, layers, r.batches, r.progress)
         r.cal.corrections["network_errors"] = sens
     r.cal.corrections["residual_kernels"] = select_residuals(
-        layers, stats, res.extra_mac_budget, res.criterion, res.max_terms, sens
-    )
+        layers, stats, res.extra_mac_budget, res.criterion, res.max_terms, sens,
+        max_bytes, kernel_bytes,
+    )  # fmt: skip
 
 
 def _reconstruct(r: _Run) -> None:
@@ -858,7 +874,7 @@ def _guard(r: _Run) -> PrecisionPlan | None:
     step = max(1, plan.bytes_8bit // 20)
     b = plan.budget_bytes + step
     while not last and b < plan.bytes_8bit:
-        chosen = choose(plan.choices, b - fixed)
+        chosen = choose(plan.choices, b - fixed - plan.reserve)
         if chosen is not None and ratio * (plan.estimated_error(chosen) - est8) <= allowed:
             bits = chosen
             break
@@ -870,6 +886,7 @@ def _guard(r: _Run) -> PrecisionPlan | None:
         budget_bytes=min(b, plan.bytes_8bit) if bits is not eight else plan.bytes_8bit,
         bytes_8bit=plan.bytes_8bit,
         guard=plan.guard,
+        reserve=plan.reserve,
     )
     n8 = sum(1 for v in grown.bits.values() if v >= 8)
     warnings.warn(

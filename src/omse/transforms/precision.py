@@ -46,7 +46,7 @@ from ..core.grids import Grid
 from ..core.primitives import SCALE_DTYPES, dequantize, fake_quantize
 from ..distributed import world
 from ..errors import model_forward_errors
-from ..nn.layers import QuantizedLayer, layer_weight, quantize_weight_terms
+from ..nn.layers import QuantizedLayer, is_depthwise, layer_weight, quantize_weight_terms
 from ..nn.ops import op_quantizers
 from .sensitivity import sum_in_batch_order
 from .statistics import float_outputs, run_model
@@ -56,6 +56,9 @@ __all__ = [
     "PrecisionPlan",
     "candidate_weight",
     "weight_bytes",
+    "residual_bytes",
+    "residual_kernel_bytes",
+    "residual_reserve",
     "output_errors",
     "activation_errors",
     "range_errors",
@@ -93,9 +96,13 @@ class PrecisionPlan:
     bytes: int = 0
     bytes_8bit: int = 0
     guard: list[dict] = field(default_factory=list)
+    reserve: int = 0
+    """Bytes of the budget held for residual kernels (``target="int4"`` with residual tensors:
+    :func:`residual_reserve`): the widths are chosen within ``budget_bytes - reserve``, and the
+    residual kernels within what the widths leave."""
     residual_bytes: int = 0
     """Bytes the residual terms the recipe added after the plan take in the target's ONNX file,
-    beyond :attr:`bytes` (:func:`residual_bytes`; the budget does not hold them)."""
+    beyond :attr:`bytes` (:func:`residual_bytes`)."""
 
     def estimated_error(self, bits: dict[str, int] | None = None) -> float:
         """Sum of the chosen candidates' estimated errors (``bits`` or the plan's)."""
@@ -123,8 +130,8 @@ class PrecisionPlan:
         if self.residual_bytes:
             total = self.bytes + self.residual_bytes
             line += (
-                f"; residual tensors add {self.residual_bytes:,} bytes in the ONNX file: "
-                f"{total:,} = {total / max(self.bytes_8bit, 1):.2f}x"
+                f"; with the residual tensors {total:,} bytes = "
+                f"{total / max(self.bytes_8bit, 1):.2f}x"
             )
         return line
 
@@ -176,14 +183,21 @@ TFLITE_CHANNEL_BYTES = 12
 zero point (TFLite's schema stores both per channel)."""
 
 
-def _term_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
+def _term_bytes(q: QuantizedLayer, bits: int, target: str, kernels: int | None = None) -> int:
     """Bytes of one weight term of the layer as the target writes it: codes (``bits`` bits packed
     two to a byte for <= 4 bits on :data:`~omse.config.PACKED_INT4_TARGETS`, else one byte each)
     and one scale per kernel in the layer's ``scale_dtype`` (per-group scales counted per group;
-    a ``.tflite`` holds a float32 scale and an int64 zero point per channel)."""
+    a ``.tflite`` holds a float32 scale and an int64 zero point per channel). ``kernels``: the
+    term holds that many of the layer's kernels only (default: all)."""
+    out = q.float_weight.shape[0]
+    kernels = out if kernels is None else kernels
     code_bits = 4 if (bits <= 4 and target in PACKED_INT4_TARGETS) else 8
-    codes = math.ceil(q.float_weight.numel() * code_bits / 8)
+    codes = math.ceil(q.float_weight.numel() // max(out, 1) * kernels * code_bits / 8)
     n_scales = q.cfg.granularity.to_slices(q.float_weight).shape[0]
+    if n_scales == out:
+        n_scales = kernels
+    elif n_scales > out:  # per group: as many per kernel
+        n_scales = n_scales // out * kernels
     per_scale = SCALE_DTYPES[q.cfg.scale_dtype].itemsize
     return codes + n_scales * (TFLITE_CHANNEL_BYTES if target == "tflite" else per_scale)
 
@@ -195,16 +209,52 @@ def weight_bytes(q: QuantizedLayer, bits: int, target: str) -> int:
     return _term_bytes(q, bits, target) + (0 if bias is None else 4 * bias.numel())
 
 
+INDEX_BYTES = 8
+"""Bytes per entry of the int64 ``Gather`` indices a residual branch of selected kernels adds."""
+
+
 def residual_bytes(q: QuantizedLayer, target: str) -> int:
-    """Bytes a layer's terms past the first add to its ONNX file: on ``target="int4"`` each is a
-    whole term of the layer's shape (:func:`_term_bytes`: the kernels without a residual hold
-    zeros); on ``"int8"`` the terms are one merged 8-bit kernel
+    """Bytes a layer's terms past the first add to its ONNX file. On ``target="int4"`` each is
+    its own branch (:mod:`omse.deploy.export`): the kernels that carry it
+    (:meth:`~omse.nn.layers.QuantizedLayer.term_kernels`: their codes and scales, plus the int64
+    indices that scatter the branch's output back to the layer's channels, and for a depthwise
+    layer those that gather its input channels), or a whole term of the layer's shape where the
+    layer cannot convolve a subset alone. On ``"int8"`` the terms are one merged 8-bit kernel
     (:meth:`~omse.nn.layers.QuantizedLayer.merged_term`), which :func:`weight_bytes` counts at a
-    byte per code already, and ``"tflite"`` takes none under a budget; 0 for one term.
-    (``omse.save`` packs only the kernels a residual term selects, with a mask.)"""
+    byte per code already, and ``"tflite"`` takes none under a budget; 0 for one term."""
     if target != "int4":
         return 0
-    return (q.n_terms - 1) * _term_bytes(q, q.w_grid.bits, target)
+    total = 0
+    out = q.float_weight.shape[0]
+    for t in range(1, q.n_terms):
+        idx = q.term_kernels(t)
+        if idx is None:
+            total += _term_bytes(q, q.w_grid.bits, target)
+        elif idx.numel():
+            k = idx.numel()
+            gathers = out + (k if is_depthwise(q.layer) else 0)
+            total += _term_bytes(q, q.w_grid.bits, target, k) + INDEX_BYTES * gathers
+    return total
+
+
+def residual_kernel_bytes(q: QuantizedLayer, target: str) -> tuple[float, float]:
+    """What a residual kernel of the layer adds to its ``target="int4"`` file (see
+    :func:`residual_bytes`): ``(per kernel, once per term)``: a kernel's codes, scale and (a
+    depthwise layer) input index; once, the scatter's indices (and a byte of packing). A layer
+    whose terms are written whole costs a whole term once, nothing per kernel."""
+    out = q.float_weight.shape[0]
+    groups = getattr(q.layer, "groups", 1)
+    if groups != 1 and not is_depthwise(q.layer):
+        return 0.0, float(_term_bytes(q, q.w_grid.bits, target))
+    per = _term_bytes(q, q.w_grid.bits, target) / max(out, 1)
+    per += INDEX_BYTES if is_depthwise(q.layer) else 0
+    return per, float(INDEX_BYTES * out + 1)
+
+
+def residual_reserve(plan: PrecisionPlan, share: float) -> int:
+    """Bytes of the budget the plan leaves for residual kernels: ``share`` (the residuals'
+    extra-MAC fraction) of the choosable layers' bytes at their fewest bits."""
+    return round(share * sum(min(c.bytes for c in cs) for cs in plan.choices.values()))
 
 
 def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:

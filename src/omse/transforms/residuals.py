@@ -47,13 +47,20 @@ def select_residuals(
     criterion: str = "output",
     max_terms: int = 2,
     sensitivity: dict[str, float] | None = None,
+    max_bytes: float | None = None,
+    kernel_bytes: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, int]:
     """Give residual tensors to the kernels that buy the most error reduction per extra MAC.
 
     Extra MACs stay within ``budget * sum(layer MACs)``. ``sensitivity`` (needed by, and only
     read with, ``criterion="network"``): each layer's model-output error with its weights alone
-    quantized. Returns the extra kernels per layer.
+    quantized. ``max_bytes``: the extra bytes stay within it too, a kernel of layer ``n``
+    costing ``kernel_bytes[n] = (per kernel, once per layer and term)`` (see
+    :func:`omse.transforms.precision.residual_kernel_bytes`); the kernels then go by error
+    reduced per share of both allowances. Returns the extra kernels per layer.
     """
+    if (max_bytes is None) != (kernel_bytes is None):
+        raise ValueError("max_bytes and kernel_bytes go together")
     if criterion == "network" and sensitivity is None:
         raise ValueError("criterion='network' needs each layer's sensitivity (network_errors)")
     layer_criterion = "output" if criterion == "network" else criterion
@@ -93,22 +100,32 @@ def select_residuals(
             acc = acc + dequantize(c, sc)
             err_t = _kernel_errors(q, stats.get(name), acc, layer_criterion)
             gain = (err_prev - err_t).clamp_min(0)
+            share = cost / max(allowance, 1e-300)
+            if kernel_bytes is not None:
+                share += kernel_bytes[name][0] / max(max_bytes, 1e-300)
             for k in torch.nonzero(gain > 0).squeeze(1).tolist():
-                cands.append((weight * float(gain[k]) / cost, name, t, k, cost))
+                cands.append((weight * float(gain[k]) / share, name, t, k, cost))
             err_prev = err_t
     cands.sort(key=lambda c: -c[0])
     chosen: dict[str, list[torch.Tensor]] = {
         n: [torch.zeros(q.float_weight.shape[0], dtype=torch.bool) for _ in range(max_terms - 1)]
         for n, q in layers.items()
     }
-    spent = 0.0
+    spent, spent_bytes = 0.0, 0.0
     for _, name, t, k, cost in cands:
         if spent + cost > allowance:
             continue
         if t > 1 and not chosen[name][t - 2][k]:
             continue  # a third term only on a kernel that has the second
+        extra = 0.0
+        if kernel_bytes is not None:
+            per, once = kernel_bytes[name]
+            extra = per + (0.0 if bool(chosen[name][t - 1].any()) else once)
+            if spent_bytes + extra > max_bytes:
+                continue
         chosen[name][t - 1][k] = True
         spent += cost
+        spent_bytes += extra
     counts = {}
     for name, q in layers.items():
         masks = chosen[name]
