@@ -1310,6 +1310,7 @@ def _precision_json(plan) -> dict[str, Any] | None:
         "budget_bytes": plan.budget_bytes,
         "bytes": plan.bytes,
         "bytes_8bit": plan.bytes_8bit,
+        "residual_share": plan.residual_share,
         "residual_bytes": plan.residual_bytes,
         "bits": plan.bits,
         "fixed": plan.fixed,

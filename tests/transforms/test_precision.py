@@ -23,6 +23,7 @@ from omse.nn.layers import QuantizedLayer, quantized_layers
 from omse.transforms.pipeline import Calibration, quantize
 from omse.transforms.precision import (
     Choice,
+    candidate_cost,
     candidate_weight,
     choose,
     output_errors,
@@ -34,12 +35,16 @@ from omse.transforms.precision import (
 from omse.transforms.sensitivity import network_errors
 
 
-def _brute(choices: dict[str, list[Choice]], budget: int):
-    """The least summed error over every plan within ``budget`` (None if none fits)."""
+def _brute(choices: dict[str, list[Choice]], budget: int, share: float = 0.0):
+    """The least summed error over every plan within ``budget`` (None if none fits); with
+    ``share``, a layer's narrower candidate costs ``1 + share`` times its bytes, rounded up."""
     names = list(choices)
     best = None
     for combo in itertools.product(*(choices[n] for n in names)):
-        if sum(c.bytes for c in combo) > budget:
+        cost = sum(
+            math.ceil(c.bytes * (1 + share)) if c.bits < 8 and share else c.bytes for c in combo
+        )
+        if cost > budget:
             continue
         err = sum(c.error for c in combo)
         if best is None or err < best[0] - 1e-12:
@@ -55,20 +60,25 @@ def _brute(choices: dict[str, list[Choice]], budget: int):
         max_size=7,
     ),
     st.integers(0, 300),
+    st.sampled_from([0.0, 0.1, 0.5]),
 )
-def test_choose_is_the_exact_optimum_with_one_byte_units(layers, budget):
+def test_choose_is_the_exact_optimum_with_one_byte_units(layers, budget, share):
+    """Against every plan enumerated; with ``share`` the 4-bit candidates are charged their
+    residual kernels' room (``candidate_cost``), the plan's cost within the budget."""
     choices = {
         f"l{i}": [Choice(4, lo, e_hi), Choice(8, lo + extra, e_hi * frac)]
         for i, (lo, extra, e_hi, frac) in enumerate(layers)
     }
-    got = choose(choices, budget, resolution=1 << 20)  # one-byte units: exact
-    want = _brute(choices, budget)
+    got = choose(choices, budget, resolution=1 << 20, share=share)  # one-byte units: exact
+    want = _brute(choices, budget, share)
     if want is None:
         assert got is None
         return
     assert got is not None
     err = sum(c.error for n, cs in choices.items() for c in cs if c.bits == got[n])
-    used = sum(c.bytes for n, cs in choices.items() for c in cs if c.bits == got[n])
+    used = sum(
+        candidate_cost(c, cs, share) for n, cs in choices.items() for c in cs if c.bits == got[n]
+    )
     assert used <= budget
     assert err == pytest.approx(want[0], rel=1e-9, abs=1e-12)
 
@@ -378,7 +388,8 @@ def test_the_report_writes_the_precision_table_and_front(tmp_path):
 def test_residual_bytes_are_what_the_onnx_file_adds(tmp_path, target):
     """The plan's ``residual_bytes``: on int4 each residual term is an INT4 tensor of the kernels
     that carry it (their scales counted as the plan counts scales) plus the indices that
-    scatter its output back, and the budget holds them: the widths leave a reserve, the residual
+    scatter its output back, and the budget holds them: a 4-bit layer is charged its residual
+    kernels' share when the widths are chosen, and the residual
     kernels stay within what the widths leave. On int8 the terms are one merged kernel, nothing
     beyond the plan's bytes. The summary says it."""
     import onnx
@@ -406,7 +417,15 @@ def test_residual_bytes_are_what_the_onnx_file_adds(tmp_path, target):
         assert all(residual_bytes(ql, "int8") == 0 for ql in two)
         return
     plan = cal.precision
-    assert plan.reserve > 0 and plan.bytes <= plan.budget_bytes - plan.reserve
+    low = [n for n, b in plan.bits.items() if b < 8]
+    assert low and plan.residual_share == QuantConfig().residuals.extra_mac_budget
+    charged = sum(
+        candidate_cost(c, plan.choices[n], plan.residual_share)
+        for n in plan.choices
+        for c in plan.choices[n]
+        if c.bits == plan.bits[n]
+    )
+    assert plan.bytes - plan.chosen_bytes() + charged <= plan.budget_bytes
     assert 0 < plan.residual_bytes <= plan.budget_bytes - plan.bytes
     path = omse.export_onnx(q, batches[0][:1], tmp_path / "q.onnx")
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}

@@ -113,7 +113,6 @@ from .precision import (
     relative_errors,
     residual_bytes,
     residual_kernel_bytes,
-    residual_reserve,
     scaled_error,
     weight_bytes,
 )
@@ -463,9 +462,9 @@ def _precision(r: _Run) -> None:
     or at 8 bits, by the estimated model-output error of each (one forward and backward pass),
     the plan the exact knapsack finds; a layer whose fewer bits would take as many bytes (every
     layer on ``target="int8"``) takes 8 bits, without the pass. On ``target="int4"`` with
-    residual tensors the widths leave :func:`~omse.transforms.precision.residual_reserve` of
-    the budget to them (:func:`_residuals` spends what the widths leave). In the guard's later
-    rounds the plan is given."""
+    residual tensors a layer below 8 bits is charged its residual kernels' share too (:attr:`~omse.transforms.precision.PrecisionPlan.residual_share`;
+    :func:`_residuals` spends what the widths leave). In the guard's later rounds the plan is
+    given."""
     c, target = r.config, r.config.target
     plan = r.plan
     if plan is None:
@@ -503,8 +502,8 @@ def _precision(r: _Run) -> None:
             for n in plan.fixed
         )
         if target == "int4" and c.residuals is not None:  # residual kernels paid from it too
-            plan.reserve = residual_reserve(plan, c.residuals.extra_mac_budget)
-        chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes - plan.reserve)
+            plan.residual_share = c.residuals.extra_mac_budget
+        chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes, share=plan.residual_share)
         if chosen is None or fixed_bytes + plan.chosen_bytes(chosen) > plan.budget_bytes:
             # below the smallest plan: the least error at the fewest bytes
             chosen = cheapest(plan.choices)
@@ -874,7 +873,7 @@ def _guard(r: _Run) -> PrecisionPlan | None:
     step = max(1, plan.bytes_8bit // 20)
     b = plan.budget_bytes + step
     while not last and b < plan.bytes_8bit:
-        chosen = choose(plan.choices, b - fixed - plan.reserve)
+        chosen = choose(plan.choices, b - fixed, share=plan.residual_share)
         if chosen is not None and ratio * (plan.estimated_error(chosen) - est8) <= allowed:
             bits = chosen
             break
@@ -886,7 +885,7 @@ def _guard(r: _Run) -> PrecisionPlan | None:
         budget_bytes=min(b, plan.bytes_8bit) if bits is not eight else plan.bytes_8bit,
         bytes_8bit=plan.bytes_8bit,
         guard=plan.guard,
-        reserve=plan.reserve,
+        residual_share=plan.residual_share,
     )
     n8 = sum(1 for v in grown.bits.values() if v >= 8)
     warnings.warn(

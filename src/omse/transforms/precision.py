@@ -58,7 +58,7 @@ __all__ = [
     "weight_bytes",
     "residual_bytes",
     "residual_kernel_bytes",
-    "residual_reserve",
+    "candidate_cost",
     "output_errors",
     "activation_errors",
     "range_errors",
@@ -96,10 +96,11 @@ class PrecisionPlan:
     bytes: int = 0
     bytes_8bit: int = 0
     guard: list[dict] = field(default_factory=list)
-    reserve: int = 0
-    """Bytes of the budget held for residual kernels (``target="int4"`` with residual tensors:
-    :func:`residual_reserve`): the widths are chosen within ``budget_bytes - reserve``, and the
-    residual kernels within what the widths leave."""
+    residual_share: float = 0.0
+    """Room for residual kernels in the budget (``target="int4"`` with residual tensors: the
+    residuals' ``extra_mac_budget``): the widths are chosen with a layer below 8 bits costing
+    ``1 + residual_share`` times its bytes (:func:`candidate_cost`), and the residual kernels
+    within what the widths leave of the budget."""
     residual_bytes: int = 0
     """Bytes the residual terms the recipe added after the plan take in the target's ONNX file,
     beyond :attr:`bytes` (:func:`residual_bytes`)."""
@@ -249,12 +250,6 @@ def residual_kernel_bytes(q: QuantizedLayer, target: str) -> tuple[float, float]
     per = _term_bytes(q, q.w_grid.bits, target) / max(out, 1)
     per += INDEX_BYTES if is_depthwise(q.layer) else 0
     return per, float(INDEX_BYTES * out + 1)
-
-
-def residual_reserve(plan: PrecisionPlan, share: float) -> int:
-    """Bytes of the budget the plan leaves for residual kernels: ``share`` (the residuals'
-    extra-MAC fraction) of the choosable layers' bytes at their fewest bits."""
-    return round(share * sum(min(c.bytes for c in cs) for cs in plan.choices.values()))
 
 
 def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
@@ -520,18 +515,21 @@ def scaled_error(
 
 
 def choose(
-    choices: dict[str, list[Choice]], budget: int, resolution: int = 32768
+    choices: dict[str, list[Choice]], budget: int, resolution: int = 32768, share: float = 0.0
 ) -> dict[str, int] | None:
     """One candidate per layer: the least summed error with the summed bytes ``<= budget``.
 
     Exact multiple-choice knapsack over bytes in units of ``max(1, ceil(budget / resolution))``
     (each cost rounded up to the unit, so the plan returned never exceeds ``budget``; with a
-    one-byte unit the optimum is exact). Ties go to the fewer bytes. ``None`` when even the
-    cheapest candidates exceed the budget. Returns ``{layer: bits}``.
+    one-byte unit the optimum is exact). ``share``: a candidate below its layer's widest costs
+    ``(1 + share)`` times its bytes, room for the residual kernels such a layer may take
+    (:func:`candidate_cost`). Ties go to the fewer bytes. ``None`` when even the cheapest
+    candidates exceed the budget. Returns ``{layer: bits}``.
     """
     names = list(choices)
     if not names:
         return {}
+    cost = {n: [candidate_cost(c, cs, share) for c in cs] for n, cs in choices.items()}
     unit = max(1, math.ceil(budget / resolution))
     cap = budget // unit
     inf = float("inf")
@@ -542,7 +540,7 @@ def choose(
         new = np.full(cap + 1, inf)
         pick = np.zeros(cap + 1, dtype=np.int16)
         for j, c in enumerate(choices[n]):
-            w = math.ceil(c.bytes / unit)
+            w = math.ceil(cost[n][j] / unit)
             if w > cap:
                 continue
             cand = np.full(cap + 1, inf)
@@ -557,10 +555,19 @@ def choose(
     end = int(np.flatnonzero(best == best[np.isfinite(best)].min())[0])
     out = {}
     for i in range(len(names) - 1, -1, -1):
-        c = choices[names[i]][int(picks[i, end])]
-        out[names[i]] = c.bits
-        end -= math.ceil(c.bytes / unit)
+        j = int(picks[i, end])
+        out[names[i]] = choices[names[i]][j].bits
+        end -= math.ceil(cost[names[i]][j] / unit)
     return out
+
+
+def candidate_cost(c: Choice, layer_choices: list[Choice], share: float = 0.0) -> int:
+    """What the knapsack charges for ``c``: its bytes, times ``1 + share`` when it is below
+    the widest of its layer's candidates (the layer may then take residual kernels of up to
+    ``share`` of its bytes; :func:`choose`)."""
+    if share and c.bits < max(x.bits for x in layer_choices):
+        return math.ceil(c.bytes * (1 + share))
+    return c.bytes
 
 
 def _squared(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> float:
