@@ -8,9 +8,9 @@
   tensors in separate branches of the same layer (the layer runs once per term, only the first
   branch carries the bias, and the branch outputs are added: by linearity this is the simulated
   layer); a residual branch holds only the kernels that carry the term where the layer can
-  convolve them alone (``Gather`` of those channels of a depthwise layer's input, and
-  ``Concat`` with a zero channel + ``Gather`` to put its outputs back on the layer's channels),
-  so it costs the bytes and MACs of those kernels only;
+  convolve them alone (``Gather`` of those channels of a depthwise layer's input, and a zero
+  channel ``Pad``-ded on + ``Gather`` to put its outputs back on the layer's channels), so it
+  costs the bytes and MACs of those kernels only;
 - every quantized layer's **input** goes through ``QuantizeLinear`` -> ``DequantizeLinear`` with
   the calibrated scale and the grid's own integer type, so saturation is the grid's range:
   ``UINT8``/``INT8`` zero points for 8-bit grids; for 4-bit grids the type is given by

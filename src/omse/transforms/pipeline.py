@@ -462,9 +462,9 @@ def _precision(r: _Run) -> None:
     or at 8 bits, by the estimated model-output error of each (one forward and backward pass),
     the plan the exact knapsack finds; a layer whose fewer bits would take as many bytes (every
     layer on ``target="int8"``) takes 8 bits, without the pass. On ``target="int4"`` with
-    residual tensors a layer below 8 bits is charged its residual kernels' share too (:attr:`~omse.transforms.precision.PrecisionPlan.residual_share`;
-    :func:`_residuals` spends what the widths leave). In the guard's later rounds the plan is
-    given."""
+    residual tensors a layer below 8 bits is charged its residual kernels' share too
+    (``PrecisionPlan.residual_share``; :func:`_residuals` spends what the widths leave). In the
+    guard's later rounds the plan is given."""
     c, target = r.config, r.config.target
     plan = r.plan
     if plan is None:
