@@ -456,19 +456,22 @@ class QuantizedLayer(nn.Module):
         """Kernels carrying a residual term, summed over terms >= 1."""
         return int(sum(int(m.sum()) for _, _, m in self.terms()[1:]))
 
+    def cuts_terms(self) -> bool:
+        """Whether the layer can compute a subset of its kernels alone (a Linear, a convolution
+        or transposed convolution with ``groups == 1``, a depthwise convolution on the same
+        channels of its input), so that a writer running each term as its own branch holds
+        only the kernels a residual term selects (:meth:`term_kernels`)."""
+        return getattr(self.layer, "groups", 1) == 1 or is_depthwise(self.layer)
+
     def term_kernels(self, t: int) -> torch.Tensor | None:
         """The output channels a writer that runs each term as its own branch
         (``target="int4"``) convolves term ``t >= 1`` for: their indices (int64, ascending,
-        possibly none) where the layer can compute a subset of its kernels alone (a Linear, a
-        convolution or transposed convolution with ``groups == 1``, a depthwise convolution on
-        the same channels of its input); None where the whole term is written (other grouped
-        convolutions, or every kernel selected). Only those kernels' codes and scales are stored
-        then, and the branch's output is scattered back to the layer's channels."""
+        possibly none) where the layer :meth:`cuts_terms`; None where the whole term is written
+        (other grouped convolutions, or every kernel selected). Only those kernels' codes and
+        scales are stored then, and the branch's output is scattered back to the layer's
+        channels."""
         m = self.terms()[t][2]
-        if bool(m.all()):
-            return None
-        groups = getattr(self.layer, "groups", 1)
-        if groups != 1 and not is_depthwise(self.layer):
+        if bool(m.all()) or not self.cuts_terms():
             return None
         return torch.nonzero(m).reshape(-1)
 

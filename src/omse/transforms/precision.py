@@ -226,16 +226,21 @@ def residual_bytes(q: QuantizedLayer, target: str) -> int:
     if target != "int4":
         return 0
     total = 0
-    out = q.float_weight.shape[0]
     for t in range(1, q.n_terms):
         idx = q.term_kernels(t)
         if idx is None:
             total += _term_bytes(q, q.w_grid.bits, target)
         elif idx.numel():
-            k = idx.numel()
-            gathers = out + (k if is_depthwise(q.layer) else 0)
-            total += _term_bytes(q, q.w_grid.bits, target, k) + INDEX_BYTES * gathers
+            total += _cut_term_bytes(q, target, idx.numel())
     return total
+
+
+def _cut_term_bytes(q: QuantizedLayer, target: str, k: int) -> int:
+    """Bytes of a residual term cut to ``k`` of the layer's kernels: their codes and scales,
+    the int64 indices that scatter the branch's output back to the layer's channels and, for a
+    depthwise layer, those that gather its ``k`` input channels."""
+    gathers = q.float_weight.shape[0] + (k if is_depthwise(q.layer) else 0)
+    return _term_bytes(q, q.w_grid.bits, target, k) + INDEX_BYTES * gathers
 
 
 def residual_kernel_bytes(q: QuantizedLayer, target: str) -> tuple[float, float]:
@@ -243,13 +248,12 @@ def residual_kernel_bytes(q: QuantizedLayer, target: str) -> tuple[float, float]
     :func:`residual_bytes`): ``(per kernel, once per term)``: a kernel's codes, scale and (a
     depthwise layer) input index; once, the scatter's indices (and a byte of packing). A layer
     whose terms are written whole costs a whole term once, nothing per kernel."""
-    out = q.float_weight.shape[0]
-    groups = getattr(q.layer, "groups", 1)
-    if groups != 1 and not is_depthwise(q.layer):
+    if not q.cuts_terms():
         return 0.0, float(_term_bytes(q, q.w_grid.bits, target))
-    per = _term_bytes(q, q.w_grid.bits, target) / max(out, 1)
-    per += INDEX_BYTES if is_depthwise(q.layer) else 0
-    return per, float(INDEX_BYTES * out + 1)
+    out = q.float_weight.shape[0]
+    once = _cut_term_bytes(q, target, 0)  # the scatter's indices
+    per = (_cut_term_bytes(q, target, out) - once) / max(out, 1)
+    return per, float(once + 1)  # + a byte of packing
 
 
 def _delta_output(q: QuantizedLayer, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
