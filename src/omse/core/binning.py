@@ -1,26 +1,36 @@
-"""The binning step of :meth:`omse.core.stats.HistogramStats.update`, compiled for the CPU (numba).
+"""The reading and binning steps of :meth:`omse.core.stats.HistogramStats.update`, compiled for
+the CPU (numba).
 
-One call does what the torch path does in six passes (a float64 copy, four reductions, a
-bincount and an ``index_add_``): per value, its bin ``floor(v / R * half) + half`` in float64
-(the torch path's operations, in its order, so the index is the same bit for bit), the bin's count
-and sum, and the four moments ``sum v``, ``sum v^2``, ``sum |v|``, ``sum v^4``.
+Two reads of the values, where the torch path takes a clamped copy, an ``aminmax``, four
+reductions, a float64 copy, a bincount and an ``index_add_``:
+
+1. :func:`scan_values`, one vectorised read: the extremes (from the values' bit patterns as
+   ordered integers: integer min/max reductions vectorise, float ones do not here), finiteness
+   (the largest magnitude's bit pattern) and the four moments ``sum v``, ``sum v^2``,
+   ``sum |v|``, ``sum v^4``, of the values clamped to ``[lo, hi]`` where a clamp is given (the
+   extremes of the clamped values are the clamped extremes: clamping is monotonic).
+2. :func:`bin_values`, once the range is known: per value, its bin ``floor(v / R * half) + half``
+   in float64 (the torch path's operations, in its order, so the index is the same bit for bit),
+   the bin's count and sum.
 
 - Counts are integers held in float64: exact, equal to the torch path's.
 - Per-bin sums are added in the values' order, one value at a time, as ``index_add_`` on a 1-D
   CPU tensor does: equal bit for bit (zeros, which leave a sum unchanged, are only counted: see
   :func:`_bins`).
-- The moments are summed in a second, vectorised loop (float additions reassociated into SIMD
-  lanes within blocks of :data:`_BLOCK` values, the blocks' sums then added in order): within float64 rounding of torch's pairwise sums (relative differences about ``1e-15``
-  measured up to ``2 * 10^7`` values), not bit for bit; the lanes depend on the CPU's vector
-  width, as torch's reductions do.
+- The moments are summed with float additions reassociated into SIMD lanes within blocks of
+  :data:`_BLOCK` values, the blocks' sums then added in order: within float64 rounding of torch's
+  pairwise sums (relative differences about ``1e-15`` measured up to ``2 * 10^7`` values), not
+  bit for bit; the lanes depend on the CPU's vector width, as torch's reductions do.
+- A clamp ``[lo, hi]`` (bounds in the values' dtype, as ``numpy.clip`` and ``torch.clamp`` round
+  them) is applied to each value as it is read, in its dtype: the values ``clip`` would give,
+  without the copy.
 
 :func:`absorb_bins` adds one histogram's bins to another's (:meth:`~omse.core.stats.
 HistogramStats.absorb`): the same float operations as the torch path, in place, without its
 temporary tensors (pairwise merges on range doubling, then one addition per bin).
 
 Values are read in their own dtype (float32 or float64: one compiled signature each, no float64
-copy) and widened exactly. Range, extremes and finiteness are the caller's
-(:meth:`~omse.core.stats.HistogramStats.update`, from ``torch.aminmax``) before the bins are read.
+copy) and widened exactly.
 """
 
 from __future__ import annotations
@@ -28,37 +38,91 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["bin_values", "absorb_bins"]
+__all__ = ["scan_values", "bin_values", "absorb_bins"]
 
 
 _BLOCK = 1 << 12  # values per partial sum of the moments
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _moments(v, moments):
-    """``sum v, sum v^2, sum |v|, sum v^4`` of ``v [n]`` added to ``moments [4]``: per block of
-    :data:`_BLOCK` values (SIMD lanes), then block by block in order (two levels, so the
-    rounding error stays about that of a pairwise sum)."""
-    n = v.shape[0]
+def _scan_block(w, bits, lo, hi, clamp, mask, shift, kmin, kmax):
+    """One block of :func:`scan_values`: ``(sum v, sum v^2, sum |v|, sum v^4, least key,
+    greatest key, largest magnitude's bit pattern)`` of ``w [n]`` (``bits``: ``w`` viewed as
+    signed integers of its width; ``mask`` all bits but the sign's, ``shift`` the sign bit's
+    position, ``kmin``/``kmax`` the integer type's greatest and least values). A value's key
+    ``b ^ ((b >> shift) & mask)`` orders as the value does (negative values' magnitude bits
+    reversed; ``-0.0`` just below ``+0.0``). The moments read the values clamped where
+    ``clamp``."""
+    s1 = s2 = sa = s4 = 0.0
+    amax = bits.dtype.type(0)
+    for i in range(w.shape[0]):
+        b = bits[i]
+        k = b ^ ((b >> shift) & mask)
+        kmin = min(kmin, k)
+        kmax = max(kmax, k)
+        amax = max(amax, b & mask)
+        y = w[i]
+        if clamp:
+            y = min(max(y, lo), hi)
+        x = np.float64(y)
+        x2 = x * x
+        s1 += x
+        s2 += x2
+        sa += abs(x)
+        s4 += x2 * x2
+    return s1, s2, sa, s4, kmin, kmax, amax
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan(v, bits, lo, hi, clamp, mask, shift, kmin, kmax, moments):
+    """:func:`_scan_block` over ``v`` block by block (blocks of :data:`_BLOCK` values, their
+    moments added in order: two levels, so the rounding error stays about that of a pairwise
+    sum); the moments are added to ``moments [4]``. Returns ``(least key, greatest key, largest
+    magnitude's bit pattern)``."""
     t1 = t2 = ta = t4 = 0.0
-    for lo in range(0, n, _BLOCK):
-        w = v[lo : lo + _BLOCK]  # a slice: the inner loop vectorises (an index range does not)
-        s1 = s2 = sa = s4 = 0.0
-        for i in range(w.shape[0]):
-            x = np.float64(w[i])
-            x2 = x * x
-            s1 += x
-            s2 += x2
-            sa += abs(x)
-            s4 += x2 * x2
+    amax = bits.dtype.type(0)
+    for i in range(0, v.shape[0], _BLOCK):
+        w, wb = v[i : i + _BLOCK], bits[i : i + _BLOCK]
+        s1, s2, sa, s4, kmin, kmax, m = _scan_block(w, wb, lo, hi, clamp, mask, shift, kmin, kmax)
         t1 += s1
         t2 += s2
         ta += sa
         t4 += s4
+        amax = max(amax, m)
     moments[0] += t1
     moments[1] += t2
     moments[2] += ta
     moments[3] += t4
+    return kmin, kmax, amax
+
+
+_INT = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+_INF_BITS = {np.dtype(np.float32): 0x7F800000, np.dtype(np.float64): 0x7FF0000000000000}
+
+
+def scan_values(v, clamp, moments):
+    """``(min, max, finite)`` of the values of ``v [n]`` (float32 or float64, contiguous, n >=
+    1) clamped to ``clamp = (lo, hi)`` where given (bounds rounded to ``v``'s dtype), in one
+    read; ``sum v, sum v^2, sum |v|, sum v^4`` of the same values added to ``moments [4]``.
+    ``finite`` is False when a value is NaN, or infinite without a clamp (a clamp takes an
+    infinity to its bound, as ``clip`` does; NaN stays NaN); the other results are then
+    meaningless."""
+    t = v.dtype.type
+    it = _INT[v.dtype]
+    nbits = 8 * v.dtype.itemsize
+    mask, shift = it((1 << (nbits - 1)) - 1), it(nbits - 1)
+    lo, hi = (t(clamp[0]), t(clamp[1])) if clamp is not None else (t(0), t(0))
+    info = np.iinfo(it)
+    kmin, kmax, amax = _scan(
+        v, v.view(it), lo, hi, clamp is not None, mask, shift, it(info.max), it(info.min), moments
+    )
+    inf = _INF_BITS[v.dtype]
+    finite = int(amax) <= inf if clamp is not None else int(amax) < inf
+    keys = np.array([kmin, kmax], dtype=it)
+    ext = (keys ^ ((keys >> shift) & mask)).view(v.dtype)
+    if clamp is not None:
+        ext = np.minimum(np.maximum(ext, lo), hi)
+    return float(ext[0]), float(ext[1]), finite
 
 
 _CHUNK = 2048  # values per index pass of the binning (its bin indices stay in the L1 cache)
@@ -66,15 +130,19 @@ _SPARE = 8  # extra slots the zeros' additions rotate over (no chain of stores o
 
 
 @numba.njit(cache=True, nogil=True)
-def _bins_serial(v, radius, counts, sums):
-    """Count and sum every value of ``v [n]`` into its bin of ``counts``/``sums [bins]`` over
-    ``[-radius, radius]``, one value at a time in order (no reassociation: exact bins). The
-    binning of commit 1a53d9c; :func:`_bins` falls back on it where its shortcuts do not hold."""
+def _bins_serial(v, radius, counts, sums, lo, hi, clamp):
+    """Count and sum every value of ``v [n]`` (clamped to ``[lo, hi]`` where ``clamp``) into its
+    bin of ``counts``/``sums [bins]`` over ``[-radius, radius]``, one value at a time in order
+    (no reassociation: exact bins). The binning of commit 1a53d9c; :func:`_bins` falls back on
+    it where its shortcuts do not hold."""
     bins = counts.shape[0]
     half = bins // 2
     fhalf = float(half)
     for i in range(v.shape[0]):
-        x = np.float64(v[i])
+        y = v[i]
+        if clamp:
+            y = min(max(y, lo), hi)
+        x = np.float64(y)
         # R and half are powers of two: x / R * half is exact (two steps, as the torch path)
         j = int(np.floor((x / radius) * fhalf)) + half
         j = min(max(j, 0), bins - 1)  # defensive, as the torch path's clamp
@@ -83,7 +151,7 @@ def _bins_serial(v, radius, counts, sums):
 
 
 @numba.njit(cache=True, nogil=True)
-def _bins(v, radius, counts, sums):
+def _bins(v, radius, counts, sums, lo, hi, clamp):
     """:func:`_bins_serial`'s counts and per-bin sums, bit for bit, faster: each bin's sum still
     adds its values one at a time in their order.
 
@@ -101,7 +169,7 @@ def _bins(v, radius, counts, sums):
     fhalf = float(half)
     inv = 1.0 / radius
     if not inv < np.inf or (sums[half] == 0.0 and np.signbit(sums[half])):
-        _bins_serial(v, radius, counts, sums)
+        _bins_serial(v, radius, counts, sums, lo, hi, clamp)
         return
     cnt = np.empty(bins + _SPARE)
     sm = np.empty(bins + _SPARE)
@@ -110,10 +178,15 @@ def _bins(v, radius, counts, sums):
     cnt[bins:] = 0.0
     sm[bins:] = 0.0
     idx = np.empty(_CHUNK, np.int32)
-    for lo in range(0, v.shape[0], _CHUNK):
-        w = v[lo : lo + _CHUNK]
+    xs = np.empty(_CHUNK)
+    for start in range(0, v.shape[0], _CHUNK):
+        w = v[start : start + _CHUNK]
         for i in range(w.shape[0]):
-            x = np.float64(w[i])
+            y = w[i]
+            if clamp:
+                y = min(max(y, lo), hi)
+            x = np.float64(y)
+            xs[i] = x
             j = np.int32(np.floor((x * inv) * fhalf)) + np.int32(
                 half
             )  # two steps, as the torch path
@@ -122,7 +195,7 @@ def _bins(v, radius, counts, sums):
         for i in range(w.shape[0]):
             j = idx[i]
             cnt[j] += 1.0
-            sm[j] += np.float64(w[i])
+            sm[j] += xs[i]
     counts[:] = cnt[:bins]
     sums[:] = sm[:bins]
     zeros = 0.0
@@ -131,13 +204,13 @@ def _bins(v, radius, counts, sums):
     counts[half] += zeros
 
 
-@numba.njit(cache=True, nogil=True)
-def bin_values(v, radius, counts, sums, moments):
-    """Add ``v [n]`` (float32 or float64, every ``|v| < radius``; ``radius`` a power of two > 0)
-    into ``counts [bins]`` and ``sums [bins]`` (float64, ``bins`` a power of two) over
-    ``[-radius, radius]``, and ``sum v, sum v^2, sum |v|, sum v^4`` into ``moments [4]``."""
-    _moments(v, moments)
-    _bins(v, radius, counts, sums)
+def bin_values(v, radius, counts, sums, clamp=None):
+    """Add ``v [n]`` (float32 or float64, contiguous; every value, clamped to ``clamp = (lo,
+    hi)`` where given, ``|v| < radius``; ``radius`` a power of two > 0) into ``counts [bins]``
+    and ``sums [bins]`` (float64, ``bins`` a power of two) over ``[-radius, radius]``."""
+    t = v.dtype.type
+    lo, hi = (t(clamp[0]), t(clamp[1])) if clamp is not None else (t(0), t(0))
+    _bins(v, radius, counts, sums, lo, hi, clamp is not None)
 
 
 @numba.njit(cache=True, nogil=True)
