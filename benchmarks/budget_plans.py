@@ -19,10 +19,15 @@ MACs, bias correction) unless said otherwise:
 - ``random@Bx#k``: the same config with every layer's ``weight_bits`` set by ``overrides``: a
   random assignment of layers to 4 or 8 bits whose weight bytes, counted as the budget counts
   them (:func:`omse.transforms.precision.weight_bytes`: packed codes, scales, int32 bias), are as
-  close as the draw gets to the chosen plan's bytes and never above them. With every layer's bits
-  fixed, the budget selects nothing, and the residual tensors are chosen exactly as for the
-  chosen plan (among the layers below 8 bits, 10% of their MACs): the two differ in which layers
-  are 4-bit and nothing else. Residual terms' bytes are not in the budget's count for either.
+  close as the draw gets to the chosen plan's widths' bytes and never above them. With every
+  layer's bits fixed, the budget selects nothing, and the residual tensors are chosen exactly as
+  for the chosen plan (among the layers below 8 bits, 10% of their MACs, their bytes within what
+  the widths leave of the budget): the two differ in which layers are 4-bit and nothing else.
+
+Bytes are the file's: every layer's weight bytes at its width plus its residual terms' bytes as
+the target writes them (:func:`omse.transforms.precision.residual_bytes`; on ``target="int4"``
+a cut term's kernels, scales and kernel indices), against every layer at 8 bits without
+residual tensors (``bytes_fraction``; ``weight_bytes`` and ``residual_bytes`` apart).
 - ``--lite-extra`` recipes (``NAME:k=v,...`` as in imagenet.py), e.g. the ``best`` preset at 0.6x.
 
 Reported: labelled top-1 with its 95% Wilson interval, top-1 agreement with FP32, weight bytes as
@@ -70,7 +75,7 @@ from heldout import (  # noqa: E402
 from omse.nn.layers import quantized_layers  # noqa: E402
 from omse.runtime import tune_allocator  # noqa: E402
 from omse.transforms import pipeline  # noqa: E402
-from omse.transforms.precision import output_errors, weight_bytes  # noqa: E402
+from omse.transforms.precision import output_errors, residual_bytes, weight_bytes  # noqa: E402
 from omse.zoo.labelled import (  # noqa: E402
     calibration_split,
     cifar_normalize,
@@ -93,13 +98,15 @@ def layer_bytes(q: torch.nn.Module, target: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def model_bytes(q: torch.nn.Module, target: str) -> tuple[dict[str, int], int, int]:
-    """``(bits per layer, weight bytes, weight bytes with every layer at 8 bits)``."""
+def model_bytes(q: torch.nn.Module, target: str) -> tuple[dict[str, int], int, int, int]:
+    """``(bits per layer, weight bytes, residual terms' bytes, weight bytes with every layer at
+    8 bits)``, as ``target`` writes them."""
     layers = quantized_layers(q)
     bits = {n: int(ql.cfg.weight_bits) for n, ql in layers.items()}
     used = sum(weight_bytes(ql, bits[n], target) for n, ql in layers.items())
+    extra = sum(residual_bytes(ql, target) for ql in layers.values())
     eight = sum(weight_bytes(ql, 8, target) for ql in layers.values())
-    return bits, used, eight
+    return bits, used, extra, eight
 
 
 def random_plan(
@@ -188,10 +195,11 @@ def run_recipe(model, calib, xe, ye, pre, batch, ref, desc, kw, probe_samples=No
         pipeline.PROBE_SAMPLES, pipeline.output_errors = old, old_errors
     r, _ = evaluate(q, xe, ye, pre, batch, desc, ref)
     target = info["config"]["target"]
-    bits, used, eight = model_bytes(q, target)
+    bits, used, extra, eight = model_bytes(q, target)
     sizes = layer_bytes(q, target)
-    out = {**info, **r, "bits": bits, "weight_bytes": used, "bytes_8bit": eight}
-    out["bytes_fraction"] = used / eight
+    out = {**info, **r, "bits": bits, "weight_bytes": used, "residual_bytes": extra}
+    out["bytes_8bit"] = eight
+    out["bytes_fraction"] = (used + extra) / eight  # the file's, residual tensors included
     out["layers_4bit"] = sum(1 for b in bits.values() if b <= 4)
     out["layers"] = len(bits)
     del q
@@ -219,7 +227,7 @@ def measure(args, model_key, budgets, draws, extras, head, rows) -> None:
         merge_rows(args.out, head, rows, KEY)
         print(
             f"{name} {row_name}: {pct(out)}, agreement {100 * out['agreement']:.1f}%, "
-            f"{out['bytes_fraction']:.3f}x of 8-bit bytes ({out['layers_4bit']}/{out['layers']} "
+            f"{out['bytes_fraction']:.3f}x of 8-bit bytes in the file ({out['layers_4bit']}/{out['layers']} "
             f"layers 4-bit), calib {out['calib_seconds']:.0f} s, "
             f"{time.perf_counter() - t0:.0f} s in all",
             flush=True,
@@ -289,7 +297,7 @@ def tables(result: dict) -> str:
     for model in sorted({r["model"] for r in rows}):
         rs = [r for r in rows if r["model"] == model]
         lines += [f"### {model}", "",
-                  "| row | weight bytes (x 8-bit) | 4-bit layers | top-1 % [95% CI] | agreement "
+                  "| row | file weight bytes (x 8-bit) | 4-bit layers | top-1 % [95% CI] | agreement "
                   "with FP32 | extra MACs | calib s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         order = {"fp32": 0, "uniform8": 1, "uniform4": 2, "chosen": 3, "replay": 4, "extra": 6}
         for r in sorted(
@@ -366,7 +374,9 @@ def plot(result: dict, path: Path) -> None:
                             label=r["row"])  # fmt: skip
             n = rs[0]["n"] if rs else 0
             ax.set_title(f"{model}: {n} held-out labelled images", fontsize=10)
-            ax.set_xlabel("weight bytes / 8-bit weight bytes (as the budget counts them)")
+            ax.set_xlabel(
+                "weight bytes in the file, residual tensors included / 8-bit weight bytes"
+            )
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
