@@ -384,6 +384,36 @@ def test_the_report_writes_the_precision_table_and_front(tmp_path):
     assert (tmp_path / "precision.png").stat().st_size > 1000
 
 
+def test_a_budget_between_the_smallest_plan_and_its_residual_share_keeps_the_rest():
+    """A budget the all-4-bit plan fits, but not once each layer is charged its residual share:
+    the plan is the all-4-bit one, without a word, and the residual kernels still take what the
+    budget leaves of it (as the same widths given through ``overrides`` do); below the plan's
+    own bytes the budget warns and becomes them, leaving no residual room."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    ).eval()  # fmt: skip
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    probe = Calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(net, batches, QuantConfig(budget=Budget(0.2, None)), calibration=probe)
+    least, eight = probe.precision.bytes, probe.precision.bytes_8bit
+    assert probe.precision.budget_bytes == least and probe.precision.residual_bytes == 0
+    share = QuantConfig().residuals.extra_mac_budget
+    between = (least + least * share / 2) / eight  # above the plan, below plan * (1 + share)
+    cal = Calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "below the smallest plan" warning
+        q = quantize(net, batches, QuantConfig(budget=Budget(between, None)), calibration=cal)
+    plan = cal.precision
+    assert set(plan.bits.values()) == {4} and plan.bytes == least
+    assert plan.budget_bytes == Budget(between, None).bytes_for(eight) > least
+    assert 0 < plan.residual_bytes <= plan.budget_bytes - plan.bytes
+    assert any(ql.n_terms == 2 for ql in quantized_layers(q).values())
+
+
 @pytest.mark.parametrize("target", ["int4", "int8"])
 def test_residual_bytes_are_what_the_onnx_file_adds(tmp_path, target):
     """The plan's ``residual_bytes``: on int4 each residual term is an INT4 tensor of the kernels

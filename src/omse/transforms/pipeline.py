@@ -505,17 +505,21 @@ def _precision(r: _Run) -> None:
             plan.residual_share = c.residuals.extra_mac_budget
         chosen = choose(plan.choices, plan.budget_bytes - fixed_bytes, share=plan.residual_share)
         if chosen is None or fixed_bytes + plan.chosen_bytes(chosen) > plan.budget_bytes:
-            # below the smallest plan: the least error at the fewest bytes
+            # no plan within the budget once each layer below 8 bits is charged its residual
+            # share: the least error at the fewest bytes, and what the budget leaves of it
+            # still goes to residual kernels; below even that plan's bytes the plan takes them
             chosen = cheapest(plan.choices)
             least = fixed_bytes + plan.chosen_bytes(chosen)
-            if target != "int8":  # int8 holds every width in 8 bits: no bytes to save
-                warnings.warn(
-                    f"weight budget {c.budget} ({plan.budget_bytes:,} bytes) is below the "
-                    f"smallest plan ({least:,} bytes = {least / max(plan.bytes_8bit, 1):.2f}x "
-                    "the 8-bit weights): the plan takes that",
-                    stacklevel=4,
-                )
-            plan.budget_bytes = least
+            if least > plan.budget_bytes:
+                if target != "int8":  # int8 holds every width in 8 bits: no bytes to save
+                    warnings.warn(
+                        f"weight budget {c.budget} ({plan.budget_bytes:,} bytes) is below the "
+                        f"smallest plan ({least:,} bytes = "
+                        f"{least / max(plan.bytes_8bit, 1):.2f}x the 8-bit weights): the plan "
+                        "takes that",
+                        stacklevel=4,
+                    )
+                plan.budget_bytes = least
         plan.bits = {
             n: 8 if n in at8 else chosen.get(n, q.cfg.weight_bits) for n, q in r.layers.items()
         }
