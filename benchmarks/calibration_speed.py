@@ -49,13 +49,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import detection  # noqa: E402
 from heldout import DEFAULT_DATA  # noqa: E402
+from kernels_1a53d9c import bins_1a53d9c, moments_1a53d9c  # noqa: E402
 from profiling import top  # noqa: E402
 
 import omse.transforms.pipeline as pipeline  # noqa: E402
@@ -74,46 +74,6 @@ MODELS = ZOO + DETECTORS
 
 
 # -- the implementation before this benchmark's change (commit 1a53d9c), for the old timing ------
-@numba.njit(cache=True, nogil=True)
-def _old_bins(v, radius, counts, sums):
-    bins = counts.shape[0]
-    half = bins // 2
-    fhalf = float(half)
-    for i in range(v.shape[0]):
-        x = np.float64(v[i])
-        j = int(np.floor((x / radius) * fhalf)) + half
-        j = min(max(j, 0), bins - 1)
-        counts[j] += 1.0
-        sums[j] += x
-
-
-_OLD_BLOCK = 1 << 12
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _old_moments(v, moments):
-    n = v.shape[0]
-    t1 = t2 = ta = t4 = 0.0
-    for lo in range(0, n, _OLD_BLOCK):
-        w = v[lo : lo + _OLD_BLOCK]
-        s1 = s2 = sa = s4 = 0.0
-        for i in range(w.shape[0]):
-            x = np.float64(w[i])
-            x2 = x * x
-            s1 += x
-            s2 += x2
-            sa += abs(x)
-            s4 += x2 * x2
-        t1 += s1
-        t2 += s2
-        ta += sa
-        t4 += s4
-    moments[0] += t1
-    moments[1] += t2
-    moments[2] += ta
-    moments[3] += t4
-
-
 def _old_update(self: HistogramStats, x: torch.Tensor, clamp=None) -> HistogramStats:
     v = x.detach().reshape(-1)
     if not v.is_floating_point():
@@ -134,8 +94,8 @@ def _old_update(self: HistogramStats, x: torch.Tensor, clamp=None) -> HistogramS
         v = v.to(torch.float32)
     a = v.resolve_conj().resolve_neg().contiguous().numpy()
     m = np.zeros(4)
-    _old_moments(a, m)
-    _old_bins(a, self.radius, self.counts.numpy(), self.sums.numpy())
+    moments_1a53d9c(a, m)
+    bins_1a53d9c(a, self.radius, self.counts.numpy(), self.sums.numpy())
     self.sum += float(m[0])
     self.sum_sq += float(m[1])
     self.sum_abs += float(m[2])

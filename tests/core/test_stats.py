@@ -3,10 +3,10 @@ moments, bounded memory and clear errors."""
 
 import math
 
-import numba
 import numpy as np
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -418,44 +418,8 @@ def test_update_equals_the_torch_reference_property(shapes, scales, dtype, nonne
 # -- the compiled kernels against the implementations they replaced ------------------------------
 
 
-@numba.njit(nogil=True, fastmath={"reassoc"})
-def _moments_1a53d9c(v, moments):
-    """``omse.core.binning._moments`` as of commit 1a53d9c, verbatim (unchanged since)."""
-    n = v.shape[0]
-    t1 = t2 = ta = t4 = 0.0
-    for lo in range(0, n, 1 << 12):
-        w = v[lo : lo + (1 << 12)]
-        s1 = s2 = sa = s4 = 0.0
-        for i in range(w.shape[0]):
-            x = np.float64(w[i])
-            x2 = x * x
-            s1 += x
-            s2 += x2
-            sa += abs(x)
-            s4 += x2 * x2
-        t1 += s1
-        t2 += s2
-        ta += sa
-        t4 += s4
-    moments[0] += t1
-    moments[1] += t2
-    moments[2] += ta
-    moments[3] += t4
-
-
-@numba.njit(nogil=True)
-def _bins_1a53d9c(v, radius, counts, sums):
-    """The serial binning loop of commit 1a53d9c, verbatim: every value, zeros included, one at
-    a time into its bin."""
-    bins = counts.shape[0]
-    half = bins // 2
-    fhalf = float(half)
-    for i in range(v.shape[0]):
-        x = np.float64(v[i])
-        j = int(np.floor((x / radius) * fhalf)) + half
-        j = min(max(j, 0), bins - 1)
-        counts[j] += 1.0
-        sums[j] += x
+_REF = load_benchmark("kernels_1a53d9c")  # the kernels of commit 1a53d9c, verbatim
+_moments_1a53d9c, _bins_1a53d9c = _REF.moments_1a53d9c, _REF.bins_1a53d9c
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -384,17 +384,23 @@ def test_the_report_writes_the_precision_table_and_front(tmp_path):
     assert (tmp_path / "precision.png").stat().st_size > 1000
 
 
-def test_a_budget_between_the_smallest_plan_and_its_residual_share_keeps_the_rest():
-    """A budget the all-4-bit plan fits, but not once each layer is charged its residual share:
-    the plan is the all-4-bit one, without a word, and the residual kernels still take what the
-    budget leaves of it (as the same widths given through ``overrides`` do); below the plan's
-    own bytes the budget warns and becomes them, leaving no residual room."""
+def _residual_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    """Two convolutions and a Linear layer, big enough for the recipe to buy residual terms,
+    and two calibration batches."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     ).eval()  # fmt: skip
-    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    return net, [torch.randn(8, 3, 8, 8) for _ in range(2)]
+
+
+def test_a_budget_between_the_smallest_plan_and_its_residual_share_keeps_the_rest():
+    """A budget the all-4-bit plan fits, but not once each layer is charged its residual share:
+    the plan is the all-4-bit one, without a word, and the residual kernels still take what the
+    budget leaves of it (as the same widths given through ``overrides`` do); below the plan's
+    own bytes the budget warns and becomes them, leaving no residual room."""
+    net, batches = _residual_net()
     probe = Calibration()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -428,12 +434,7 @@ def test_residual_bytes_are_what_the_onnx_file_adds(tmp_path, target):
     from omse.core.primitives import SCALE_DTYPES
     from omse.transforms.precision import INDEX_BYTES
 
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    ).eval()  # fmt: skip
-    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    net, batches = _residual_net()
     cal = Calibration()
     # on int8 every layer takes 8 bits under a budget (4 bits save no byte there): no budget
     budget = Budget(0.8, None) if target == "int4" else None
