@@ -23,12 +23,12 @@ MACs, bias correction) unless said otherwise:
   layer's bits fixed, the budget selects nothing, and the residual tensors are chosen exactly as
   for the chosen plan (among the layers below 8 bits, 10% of their MACs, their bytes within what
   the widths leave of the budget): the two differ in which layers are 4-bit and nothing else.
+- ``--lite-extra`` recipes (``NAME:k=v,...`` as in imagenet.py), e.g. the ``best`` preset at 0.6x.
 
 Bytes are the file's: every layer's weight bytes at its width plus its residual terms' bytes as
 the target writes them (:func:`omse.transforms.precision.residual_bytes`; on ``target="int4"``
 a cut term's kernels, scales and kernel indices), against every layer at 8 bits without
 residual tensors (``bytes_fraction``; ``weight_bytes`` and ``residual_bytes`` apart).
-- ``--lite-extra`` recipes (``NAME:k=v,...`` as in imagenet.py), e.g. the ``best`` preset at 0.6x.
 
 Reported: labelled top-1 with its 95% Wilson interval, top-1 agreement with FP32, weight bytes as
 a fraction of the 8-bit weight bytes; for random plans the median and range over draws.

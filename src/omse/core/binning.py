@@ -82,6 +82,7 @@ def _scan(v, bits, lo, hi, clamp, mask, shift, kmin, kmax, moments):
     t1 = t2 = ta = t4 = 0.0
     amax = bits.dtype.type(0)
     for i in range(0, v.shape[0], _BLOCK):
+        # slices: the block's loop vectorises (an index range does not)
         w, wb = v[i : i + _BLOCK], bits[i : i + _BLOCK]
         s1, s2, sa, s4, kmin, kmax, m = _scan_block(w, wb, lo, hi, clamp, mask, shift, kmin, kmax)
         t1 += s1

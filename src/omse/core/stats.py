@@ -11,8 +11,9 @@ on ``bins`` weighted points instead of every value seen. Memory is ``O(bins)``, 
 Speed: :meth:`HistogramStats.update` reads a CPU tensor in its own dtype with the compiled kernels
 of :mod:`omse.core.binning`: one vectorised read for the extremes, finiteness and moments of the
 (clamped) values, one for the bins (about 1.5 ns per value on one core, against about 20 for the
-torch path they replaced, which other devices still take). Both paths give the same counts and per-bin sums bit
-for bit (``tests/core/test_stats.py`` keeps the old one as the reference). The kernel runs on one
+torch path they replaced, which other devices still take). Both paths give the same counts and
+per-bin sums bit for bit (``tests/core/test_stats.py`` keeps the torch path as the reference, and
+checks the kernels against those of commit 1a53d9c, ``benchmarks/kernels_1a53d9c.py``). The kernel runs on one
 core per histogram; a calibration pass (:func:`omse.transforms.statistics.collect`) holds its
 updates in a :class:`DeferredBinning` block and bins a batch's histograms side by side on
 ``torch.get_num_threads()`` threads after its forward pass: bit for bit the same histograms, and
