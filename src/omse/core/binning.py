@@ -97,8 +97,18 @@ def _scan(v, bits, lo, hi, clamp, mask, shift, kmin, kmax, moments):
     return kmin, kmax, amax
 
 
-_INT = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
-_INF_BITS = {np.dtype(np.float32): 0x7F800000, np.dtype(np.float64): 0x7FF0000000000000}
+def _scan_constants(dtype, it, inf_bits: int) -> tuple:
+    """Per float dtype: its integer view type, sign-less mask, sign bit's position, the integer
+    type's greatest and least values (the keys' starting min and max) and +inf's bit pattern."""
+    nbits = 8 * np.dtype(dtype).itemsize
+    info = np.iinfo(it)
+    return it, it((1 << (nbits - 1)) - 1), it(nbits - 1), it(info.max), it(info.min), inf_bits
+
+
+_SCAN = {  # computed once: scan_values runs for every histogram update of a calibration pass
+    np.dtype(np.float32): _scan_constants(np.float32, np.int32, 0x7F800000),
+    np.dtype(np.float64): _scan_constants(np.float64, np.int64, 0x7FF0000000000000),
+}
 
 
 def scan_values(v, clamp, moments):
@@ -109,15 +119,11 @@ def scan_values(v, clamp, moments):
     infinity to its bound, as ``clip`` does; NaN stays NaN); the other results are then
     meaningless."""
     t = v.dtype.type
-    it = _INT[v.dtype]
-    nbits = 8 * v.dtype.itemsize
-    mask, shift = it((1 << (nbits - 1)) - 1), it(nbits - 1)
+    it, mask, shift, kmin0, kmax0, inf = _SCAN[v.dtype]
     lo, hi = (t(clamp[0]), t(clamp[1])) if clamp is not None else (t(0), t(0))
-    info = np.iinfo(it)
     kmin, kmax, amax = _scan(
-        v, v.view(it), lo, hi, clamp is not None, mask, shift, it(info.max), it(info.min), moments
+        v, v.view(it), lo, hi, clamp is not None, mask, shift, kmin0, kmax0, moments
     )
-    inf = _INF_BITS[v.dtype]
     finite = int(amax) <= inf if clamp is not None else int(amax) < inf
     keys = np.array([kmin, kmax], dtype=it)
     ext = (keys ^ ((keys >> shift) & mask)).view(v.dtype)
